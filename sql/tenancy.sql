@@ -1,0 +1,363 @@
+-- Tenancy: organizations, projects, environments, members, roles, permissions.
+--
+-- Every tenant table carries organization_id and every primary key, unique
+-- constraint and foreign key between tenant tables includes it, so the schema
+-- can be distributed by organization (Citus) and RLS has one column to check.
+
+CREATE TABLE flagship.organizations (
+    id          uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    slug        text        NOT NULL,
+    name        text        NOT NULL,
+    status      text        NOT NULL DEFAULT 'active',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT organizations_slug_key UNIQUE (slug),
+    CONSTRAINT organizations_slug_format CHECK (slug ~ '^[a-z0-9-]+$' AND length(slug) <= 63),
+    CONSTRAINT organizations_name_present CHECK (length(btrim(name)) > 0),
+    CONSTRAINT organizations_status_valid CHECK (status IN ('active', 'suspended'))
+);
+
+CREATE TABLE flagship.projects (
+    organization_id uuid        NOT NULL REFERENCES flagship.organizations (id) ON DELETE CASCADE,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text        NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT projects_key_unique UNIQUE (organization_id, key),
+    -- No '/' so that '<project>/<env>' names are unambiguous.
+    CONSTRAINT projects_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
+    CONSTRAINT projects_name_present CHECK (length(btrim(name)) > 0)
+);
+
+CREATE TABLE flagship.environments (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text        NOT NULL,
+    is_default      boolean     NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT environments_key_unique UNIQUE (organization_id, project_id, key),
+    -- Target of foreign keys that must also pin the project.
+    CONSTRAINT environments_project_unique UNIQUE (organization_id, project_id, id),
+    FOREIGN KEY (organization_id, project_id)
+        REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE,
+    CONSTRAINT environments_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
+    CONSTRAINT environments_name_present CHECK (length(btrim(name)) > 0)
+);
+CREATE UNIQUE INDEX environments_one_default_idx
+    ON flagship.environments (organization_id, project_id) WHERE is_default;
+-- Environment lookups by uuid alone (an API argument) must not scan.
+CREATE INDEX environments_id_idx ON flagship.environments (id);
+
+CREATE TABLE flagship.members (
+    organization_id uuid        NOT NULL REFERENCES flagship.organizations (id) ON DELETE CASCADE,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    user_key        text        NOT NULL,
+    name            text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT members_user_key_unique UNIQUE (organization_id, user_key),
+    CONSTRAINT members_user_key_present CHECK (length(btrim(user_key)) > 0)
+);
+
+-- Global reference data: the permission vocabulary, read-only to applications.
+CREATE TABLE flagship.permissions (
+    key         text    NOT NULL PRIMARY KEY,
+    description text    NOT NULL,
+    builtin     boolean NOT NULL DEFAULT false,
+    CONSTRAINT permissions_key_format CHECK (key ~ '^[a-z_]+:[a-z_]+$')
+);
+
+CREATE TABLE flagship.roles (
+    organization_id uuid        NOT NULL REFERENCES flagship.organizations (id) ON DELETE CASCADE,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text        NOT NULL,
+    builtin         boolean     NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT roles_key_unique UNIQUE (organization_id, key),
+    CONSTRAINT roles_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_-]*$')
+);
+
+CREATE TABLE flagship.role_permissions (
+    organization_id uuid NOT NULL,
+    role_id         uuid NOT NULL,
+    permission      text NOT NULL REFERENCES flagship.permissions (key) ON DELETE CASCADE,
+    PRIMARY KEY (organization_id, role_id, permission),
+    FOREIGN KEY (organization_id, role_id)
+        REFERENCES flagship.roles (organization_id, id) ON DELETE CASCADE
+);
+
+CREATE TABLE flagship.member_roles (
+    organization_id uuid NOT NULL,
+    member_id       uuid NOT NULL,
+    role_id         uuid NOT NULL,
+    PRIMARY KEY (organization_id, member_id, role_id),
+    FOREIGN KEY (organization_id, member_id)
+        REFERENCES flagship.members (organization_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, role_id)
+        REFERENCES flagship.roles (organization_id, id) ON DELETE CASCADE
+);
+CREATE INDEX member_roles_role_idx ON flagship.member_roles (organization_id, role_id);
+
+INSERT INTO flagship.permissions (key, description, builtin) VALUES
+    ('organization:read',  'Read the organization and its members', true),
+    ('organization:write', 'Rename the organization, manage members and roles', true),
+    ('projects:read',      'Read projects and environments', true),
+    ('projects:write',     'Create and change projects and environments', true),
+    ('features:read',      'Read flags and segments', true),
+    ('features:write',     'Create and change flags and segments', true),
+    ('plans:read',         'Read plans, metrics and customers', true),
+    ('plans:write',        'Create and change plans, metrics and customers', true),
+    ('usage:read',         'Read usage counters and the ledger', true),
+    ('usage:write',        'Record usage', true),
+    ('api_keys:read',      'List API keys', true),
+    ('api_keys:write',     'Issue and revoke API keys', true),
+    ('audit:read',         'Read the audit trail', true);
+
+-- Permissions granted to the roles every organization starts with.
+CREATE TABLE flagship.builtin_role_permissions (
+    role_key   text NOT NULL,
+    permission text NOT NULL REFERENCES flagship.permissions (key) ON DELETE CASCADE,
+    PRIMARY KEY (role_key, permission)
+);
+INSERT INTO flagship.builtin_role_permissions (role_key, permission)
+SELECT 'owner', key FROM flagship.permissions
+UNION ALL
+SELECT 'admin', key FROM flagship.permissions WHERE key <> 'organization:write'
+UNION ALL
+SELECT 'developer', key FROM flagship.permissions
+ WHERE key IN ('projects:read', 'features:read', 'features:write', 'plans:read',
+               'usage:read', 'usage:write', 'api_keys:read')
+UNION ALL
+SELECT 'viewer', key FROM flagship.permissions WHERE key LIKE '%:read' AND key <> 'audit:read';
+
+-- Rows created after installation are user data that pg_dump must keep; the
+-- built-in vocabulary is recreated by CREATE EXTENSION on restore.
+SELECT pg_catalog.pg_extension_config_dump('flagship.organizations', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.projects', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.environments', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.members', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.roles', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.role_permissions', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.member_roles', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.permissions', 'WHERE NOT builtin');
+
+-- Row-level security: a session sees only the organization named by its
+-- context (flagship.current_organization_id()); no context, no rows. The
+-- sub-select makes the planner evaluate the context once per query.
+ALTER TABLE flagship.organizations ENABLE ROW LEVEL SECURITY;
+ALTER TABLE flagship.organizations FORCE ROW LEVEL SECURITY;
+CREATE POLICY organizations_tenant ON flagship.organizations
+    USING (id = (SELECT flagship.current_organization_id()))
+    WITH CHECK (id = (SELECT flagship.current_organization_id()));
+
+DO $rls$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['projects', 'environments', 'members', 'roles',
+                             'role_permissions', 'member_roles']
+    LOOP
+        EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format(
+            'CREATE POLICY %I ON flagship.%I
+                 USING (organization_id = (SELECT flagship.current_organization_id()))
+                 WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
+            t || '_tenant', t);
+    END LOOP;
+END
+$rls$;
+
+GRANT SELECT ON flagship.permissions, flagship.builtin_role_permissions
+    TO flagship_admin, flagship_app, flagship_auditor;
+GRANT SELECT ON flagship.organizations, flagship.projects, flagship.environments,
+                flagship.members, flagship.roles, flagship.role_permissions,
+                flagship.member_roles
+    TO flagship_admin, flagship_app, flagship_auditor;
+GRANT UPDATE (name) ON flagship.organizations TO flagship_admin;
+GRANT INSERT, UPDATE, DELETE ON flagship.projects, flagship.environments,
+                                flagship.members, flagship.roles,
+                                flagship.role_permissions, flagship.member_roles
+    TO flagship_admin;
+
+CREATE FUNCTION flagship.create_organization(slug text, name text)
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_id uuid;
+BEGIN
+    IF slug IS NULL OR slug !~ '^[a-z0-9-]+$' OR length(slug) > 63 THEN
+        RAISE EXCEPTION 'organization slug "%" is invalid', slug
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'slug: 1 to 63 lowercase letters, digits and hyphens';
+    END IF;
+    IF name IS NULL OR length(btrim(name)) = 0 THEN
+        RAISE EXCEPTION 'organization name must not be empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
+        RAISE EXCEPTION 'organization slug "%" is already taken', slug
+            USING ERRCODE = 'unique_violation';
+    END IF;
+
+    INSERT INTO flagship.organizations (slug, name)
+    VALUES (create_organization.slug, create_organization.name)
+    RETURNING id INTO new_id;
+
+    INSERT INTO flagship.roles (organization_id, key, name, builtin)
+    SELECT new_id, r.key, initcap(r.key), true
+      FROM (VALUES ('owner'), ('admin'), ('developer'), ('viewer')) AS r (key);
+
+    INSERT INTO flagship.role_permissions (organization_id, role_id, permission)
+    SELECT new_id, r.id, b.permission
+      FROM flagship.roles r
+      JOIN flagship.builtin_role_permissions b ON b.role_key = r.key
+     WHERE r.organization_id = new_id;
+
+    RETURN new_id;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.create_organization(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.create_organization(text, text) TO flagship_admin;
+
+CREATE FUNCTION flagship.create_project(
+    organization_id uuid,
+    key text,
+    name text,
+    environments text[] DEFAULT '{development,staging,production}')
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_id uuid;
+    env_key text;
+    position int := 0;
+BEGIN
+    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
+        RAISE EXCEPTION 'organization "%" not found', create_project.organization_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'the organization must exist and match the session''s flagship.organization_id';
+    END IF;
+    IF key IS NULL OR key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(key) > 63 THEN
+        RAISE EXCEPTION 'project key "%" is invalid', key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'key: lowercase letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit';
+    END IF;
+    IF environments IS NULL OR cardinality(environments) = 0 THEN
+        RAISE EXCEPTION 'project "%" needs at least one environment', key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO flagship.projects (organization_id, key, name)
+    VALUES (create_project.organization_id, create_project.key, coalesce(create_project.name, create_project.key))
+    RETURNING id INTO new_id;
+
+    FOREACH env_key IN ARRAY environments LOOP
+        position := position + 1;
+        IF env_key IS NULL OR env_key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(env_key) > 63 THEN
+            RAISE EXCEPTION 'environment key "%" is invalid', env_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'environments[' || position || ']: lowercase letters, digits, ''_'', ''.'' and ''-''';
+        END IF;
+        -- The first environment listed is where evaluations without one land.
+        INSERT INTO flagship.environments (organization_id, project_id, key, name, is_default)
+        VALUES (create_project.organization_id, new_id, env_key, initcap(env_key), position = 1);
+    END LOOP;
+
+    RETURN new_id;
+END
+$fn$;
+
+-- Resolves a project uuid or key inside the session's organization (every
+-- visible organization when the session names none, e.g. a superuser's psql).
+CREATE FUNCTION flagship.resolve_project(project text)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found uuid[];
+    org uuid := flagship.current_organization_id();
+BEGIN
+    IF project IS NULL OR project = '' THEN
+        RAISE EXCEPTION 'project must be given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(p.id) INTO found
+      FROM flagship.projects p
+     WHERE (org IS NULL OR p.organization_id = org)
+       AND (p.key = project
+            OR (project ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                AND p.id = project::uuid));
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'project "%" not found', project USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(found) > 1 THEN
+        RAISE EXCEPTION 'project "%" is ambiguous: % organizations have it', project, cardinality(found)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'set flagship.organization_id or pass the project uuid';
+    END IF;
+    RETURN found[1];
+END
+$fn$;
+
+-- Resolves an environment uuid, '<project>/<env>' or '<org slug>/<project>/<env>'.
+CREATE FUNCTION flagship.resolve_environment(environment text)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found uuid[];
+    parts text[];
+    org uuid := flagship.current_organization_id();
+BEGIN
+    IF environment IS NULL OR environment = '' THEN
+        RAISE EXCEPTION 'environment must be given'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'pass ''<project>/<environment>'' or set flagship.environment';
+    END IF;
+    parts := string_to_array(environment, '/');
+    IF cardinality(parts) = 1
+       AND environment ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        SELECT array_agg(e.id) INTO found
+          FROM flagship.environments e
+         WHERE e.id = environment::uuid AND (org IS NULL OR e.organization_id = org);
+    ELSIF cardinality(parts) = 2 THEN
+        SELECT array_agg(e.id) INTO found
+          FROM flagship.environments e
+          JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
+         WHERE p.key = parts[1] AND e.key = parts[2]
+           AND (org IS NULL OR e.organization_id = org);
+    ELSIF cardinality(parts) = 3 THEN
+        SELECT array_agg(e.id) INTO found
+          FROM flagship.environments e
+          JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
+          JOIN flagship.organizations o ON o.id = e.organization_id
+         WHERE o.slug = parts[1] AND p.key = parts[2] AND e.key = parts[3]
+           AND (org IS NULL OR e.organization_id = org);
+    ELSE
+        RAISE EXCEPTION 'environment "%" is not a uuid, ''<project>/<env>'' or ''<org>/<project>/<env>''', environment
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'environment "%" not found', environment USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(found) > 1 THEN
+        RAISE EXCEPTION 'environment "%" is ambiguous: % organizations have it', environment, cardinality(found)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'set flagship.organization_id or use ''<org>/<project>/<env>''';
+    END IF;
+    RETURN found[1];
+END
+$fn$;

@@ -1,0 +1,135 @@
+//! The session context: which organization, environment and actor a call
+//! acts for, read from FlagShip's settings or from PostgREST/Supabase JWT
+//! claims. Anything unset, empty or malformed means "no organization", which
+//! RLS turns into "no rows" rather than an error.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
+
+static ORGANIZATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn register_settings() {
+    GucRegistry::define_string_guc(
+        c"flagship.organization_id",
+        c"Organization (uuid) this session acts for.",
+        c"Row-level security shows only this organization's rows. Unset, empty or not a uuid: no rows.",
+        &ORGANIZATION_ID,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flagship.environment",
+        c"Environment used when an evaluation names none.",
+        c"An environment uuid, '<project>/<env>' or '<org slug>/<project>/<env>'.",
+        &ENVIRONMENT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flagship.actor",
+        c"Who is making configuration changes, for the audit trail.",
+        c"Falls back to the JWT 'sub' claim, then to current_user.",
+        &ACTOR,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+fn setting_text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .and_then(|value| value.into_string().ok())
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// A claim from `request.jwt.claims`, as PostgREST and Supabase set it.
+fn jwt_claim(claim: &str) -> Option<String> {
+    // SAFETY: GetConfigOption with missing_ok returns NULL or a valid C string
+    // owned by the GUC machinery, which we copy before anything can change it.
+    let raw = unsafe {
+        let ptr = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
+        if ptr.is_null() {
+            return None;
+        }
+        CStr::from_ptr(ptr).to_string_lossy().into_owned()
+    };
+    if raw.trim().is_empty() {
+        return None;
+    }
+    let claims: serde_json::Value = serde_json::from_str(&raw).ok()?;
+    match claims.get(claim)? {
+        serde_json::Value::String(text) if !text.trim().is_empty() => Some(text.clone()),
+        _ => None,
+    }
+}
+
+pub fn organization_id() -> Option<pgrx::Uuid> {
+    let text = setting_text(&ORGANIZATION_ID).or_else(|| jwt_claim("org_id"))?;
+    let parsed = uuid::Uuid::parse_str(text.trim()).ok()?;
+    Some(pgrx::Uuid::from_bytes(*parsed.as_bytes()))
+}
+
+pub fn environment() -> Option<String> {
+    setting_text(&ENVIRONMENT)
+}
+
+/// The organization this session acts for, or NULL. RLS policies call it once
+/// per query (wrapped in a sub-select).
+#[pg_extern(stable, parallel_safe)]
+pub fn current_organization_id() -> Option<pgrx::Uuid> {
+    organization_id()
+}
+
+/// The actor recorded in the audit trail: `flagship.actor`, else the JWT
+/// `sub` claim, else the database user.
+#[pg_extern(stable, parallel_safe)]
+pub fn current_actor() -> String {
+    setting_text(&ACTOR)
+        .or_else(|| jwt_claim("sub"))
+        .unwrap_or_else(|| {
+            // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises.
+            unsafe {
+                let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+                CStr::from_ptr(name).to_string_lossy().into_owned()
+            }
+        })
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn organization_comes_from_setting_then_jwt() {
+        let org = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+        Spi::run(&format!("SET flagship.organization_id = '{org}'")).unwrap();
+        let found = Spi::get_one::<String>("SELECT flagship.current_organization_id()::text");
+        assert_eq!(found.unwrap().as_deref(), Some(org));
+
+        Spi::run("SET flagship.organization_id = ''").unwrap();
+        Spi::run(
+            r#"SET request.jwt.claims = '{"org_id": "11111111-2222-3333-4444-555555555555", "sub": "alice"}'"#,
+        )
+        .unwrap();
+        let found = Spi::get_one::<String>("SELECT flagship.current_organization_id()::text");
+        assert_eq!(
+            found.unwrap().as_deref(),
+            Some("11111111-2222-3333-4444-555555555555")
+        );
+        let actor = Spi::get_one::<String>("SELECT flagship.current_actor()");
+        assert_eq!(actor.unwrap().as_deref(), Some("alice"));
+    }
+
+    #[pg_test]
+    fn malformed_context_means_no_organization() {
+        Spi::run("SET flagship.organization_id = 'not-a-uuid'").unwrap();
+        Spi::run("SET request.jwt.claims = '{broken json'").unwrap();
+        let found = Spi::get_one::<pgrx::Uuid>("SELECT flagship.current_organization_id()");
+        assert_eq!(found.unwrap(), None);
+    }
+}

@@ -1,0 +1,549 @@
+//! Condition operators, compiled once when configuration is loaded: regexes
+//! built, semvers and timestamps parsed, numbers converted, so that matching
+//! a context does no parsing of the rule side.
+
+use regex::{Regex, RegexBuilder};
+use semver::Version;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    Eq,
+    Neq,
+    In,
+    NotIn,
+    Contains,
+    StartsWith,
+    EndsWith,
+    Matches,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    Before,
+    After,
+    SemverEq,
+    SemverGt,
+    SemverLt,
+    Exists,
+}
+
+impl Operator {
+    pub const NAMES: &'static [&'static str] = &[
+        "eq", "neq", "in", "not_in", "contains", "starts_with", "ends_with", "matches", "gt",
+        "gte", "lt", "lte", "before", "after", "semver_eq", "semver_gt", "semver_lt", "exists",
+    ];
+
+    pub fn parse(name: &str) -> Option<Operator> {
+        Some(match name {
+            "eq" => Operator::Eq,
+            "neq" => Operator::Neq,
+            "in" => Operator::In,
+            "not_in" => Operator::NotIn,
+            "contains" => Operator::Contains,
+            "starts_with" => Operator::StartsWith,
+            "ends_with" => Operator::EndsWith,
+            "matches" => Operator::Matches,
+            "gt" => Operator::Gt,
+            "gte" => Operator::Gte,
+            "lt" => Operator::Lt,
+            "lte" => Operator::Lte,
+            "before" => Operator::Before,
+            "after" => Operator::After,
+            "semver_eq" => Operator::SemverEq,
+            "semver_gt" => Operator::SemverGt,
+            "semver_lt" => Operator::SemverLt,
+            "exists" => Operator::Exists,
+            _ => return None,
+        })
+    }
+}
+
+/// The rule side of a condition, in the form matching needs.
+#[derive(Debug, Clone)]
+enum Operands {
+    /// eq, neq, in, not_in: strings (lower-cased when case-insensitive) and numbers.
+    Scalars(Vec<Scalar>),
+    /// contains, starts_with, ends_with.
+    Strings(Vec<String>),
+    Patterns(Vec<Regex>),
+    Number(f64),
+    /// Milliseconds since the Unix epoch.
+    Instant(i64),
+    Version(Version),
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar {
+    Text(String),
+    Number(f64),
+    Bool(bool),
+}
+
+/// One compiled condition. `attribute` is a dotted path into the context.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    pub attribute: String,
+    path: Vec<String>,
+    pub op: Operator,
+    pub negate: bool,
+    pub case_insensitive: bool,
+    operands: Operands,
+    /// The values as written, for export.
+    pub values: Vec<Value>,
+}
+
+impl PartialEq for Condition {
+    fn eq(&self, other: &Self) -> bool {
+        self.attribute == other.attribute
+            && self.op == other.op
+            && self.negate == other.negate
+            && self.case_insensitive == other.case_insensitive
+            && self.values == other.values
+    }
+}
+
+/// Accepts `1.2.3`, `v1.2.3`, and the short forms `1` and `1.2` that app
+/// versions often take, padding them with zeros.
+pub fn parse_version(text: &str) -> Option<Version> {
+    let text = text.trim();
+    let text = text.strip_prefix('v').unwrap_or(text);
+    if let Ok(version) = Version::parse(text) {
+        return Some(version);
+    }
+    let split_at = text.find(['-', '+']).unwrap_or(text.len());
+    let (core, rest) = text.split_at(split_at);
+    let padded = match core.split('.').count() {
+        1 => format!("{core}.0.0{rest}"),
+        2 => format!("{core}.0{rest}"),
+        _ => return None,
+    };
+    Version::parse(&padded).ok()
+}
+
+/// RFC 3339 timestamps, or numbers as seconds since the Unix epoch (what
+/// `extract(epoch from ...)` gives in SQL). Returns milliseconds.
+pub fn parse_instant(value: &Value) -> Option<i64> {
+    match value {
+        Value::String(text) => chrono::DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|instant| instant.timestamp_millis()),
+        Value::Number(number) => number
+            .as_f64()
+            .filter(|seconds| seconds.is_finite())
+            .map(|seconds| (seconds * 1000.0) as i64),
+        _ => None,
+    }
+}
+
+fn number_of(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(number) => number.as_f64(),
+        Value::String(text) => text.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+        _ => None,
+    }
+}
+
+impl Condition {
+    /// Compiles a condition, or says what is wrong with its values.
+    pub fn compile(
+        attribute: String,
+        op: Operator,
+        values: &[Value],
+        negate: bool,
+        case_insensitive: bool,
+    ) -> Result<Condition, String> {
+        let fold = |text: &str| {
+            if case_insensitive {
+                text.to_lowercase()
+            } else {
+                text.to_string()
+            }
+        };
+        let need_values = || {
+            if values.is_empty() {
+                Err(format!("operator \"{}\" needs at least one value", op_name(op)))
+            } else {
+                Ok(())
+            }
+        };
+        let single = || -> Result<&Value, String> {
+            match values {
+                [one] => Ok(one),
+                _ => Err(format!("operator \"{}\" takes exactly one value", op_name(op))),
+            }
+        };
+        let operands = match op {
+            Operator::Eq | Operator::Neq | Operator::In | Operator::NotIn => {
+                need_values()?;
+                let scalars = values
+                    .iter()
+                    .map(|value| match value {
+                        Value::String(text) => Ok(Scalar::Text(fold(text))),
+                        Value::Number(number) => number
+                            .as_f64()
+                            .map(Scalar::Number)
+                            .ok_or_else(|| "number out of range".to_string()),
+                        Value::Bool(flag) => Ok(Scalar::Bool(*flag)),
+                        _ => Err("values must be strings, numbers or booleans".to_string()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Operands::Scalars(scalars)
+            }
+            Operator::Contains | Operator::StartsWith | Operator::EndsWith => {
+                need_values()?;
+                let strings = values
+                    .iter()
+                    .map(|value| match value {
+                        Value::String(text) => Ok(fold(text)),
+                        _ => Err(format!("operator \"{}\" takes string values", op_name(op))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Operands::Strings(strings)
+            }
+            Operator::Matches => {
+                need_values()?;
+                let patterns = values
+                    .iter()
+                    .map(|value| match value {
+                        Value::String(pattern) => RegexBuilder::new(pattern)
+                            .case_insensitive(case_insensitive)
+                            .size_limit(1 << 20)
+                            .build()
+                            .map_err(|error| format!("invalid regular expression \"{pattern}\": {error}")),
+                        _ => Err("operator \"matches\" takes regular expressions as strings".to_string()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Operands::Patterns(patterns)
+            }
+            Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => {
+                let value = single()?;
+                match value {
+                    Value::Number(number) => Operands::Number(
+                        number.as_f64().ok_or_else(|| "number out of range".to_string())?,
+                    ),
+                    _ => return Err(format!("operator \"{}\" compares numbers", op_name(op))),
+                }
+            }
+            Operator::Before | Operator::After => {
+                let value = single()?;
+                Operands::Instant(parse_instant(value).ok_or_else(|| {
+                    format!(
+                        "operator \"{}\" takes an RFC 3339 timestamp or seconds since the epoch",
+                        op_name(op)
+                    )
+                })?)
+            }
+            Operator::SemverEq | Operator::SemverGt | Operator::SemverLt => {
+                let value = single()?;
+                let version = value.as_str().and_then(parse_version).ok_or_else(|| {
+                    format!("operator \"{}\" takes a semantic version such as \"1.2.3\"", op_name(op))
+                })?;
+                Operands::Version(version)
+            }
+            Operator::Exists => {
+                if !values.is_empty() {
+                    return Err("operator \"exists\" takes no values".to_string());
+                }
+                Operands::None
+            }
+        };
+        if case_insensitive
+            && !matches!(
+                op,
+                Operator::Eq
+                    | Operator::Neq
+                    | Operator::In
+                    | Operator::NotIn
+                    | Operator::Contains
+                    | Operator::StartsWith
+                    | Operator::EndsWith
+                    | Operator::Matches
+            )
+        {
+            return Err(format!(
+                "\"case_insensitive\" applies to string operators, not \"{}\"",
+                op_name(op)
+            ));
+        }
+        let path = attribute.split('.').map(str::to_string).collect();
+        Ok(Condition {
+            attribute,
+            path,
+            op,
+            negate,
+            case_insensitive,
+            operands,
+            values: values.to_vec(),
+        })
+    }
+
+    /// Looks the attribute up in the context: a top-level key of that exact
+    /// name first (so `"user.email"` may be flat), then the dotted path.
+    pub fn lookup<'a>(&self, context: &'a serde_json::Map<String, Value>) -> Option<&'a Value> {
+        lookup_path(context, &self.attribute, &self.path)
+    }
+
+    /// Whether the context satisfies the condition. A missing or null
+    /// attribute never matches, even negated, except for `exists`.
+    pub fn matches(&self, context: &serde_json::Map<String, Value>) -> bool {
+        let attribute = self.lookup(context).filter(|value| !value.is_null());
+        let Some(attribute) = attribute else {
+            return self.op == Operator::Exists && self.negate;
+        };
+        let outcome = match attribute {
+            // An array attribute (e.g. a user's groups) matches when any element does.
+            Value::Array(items) if self.op != Operator::Exists => {
+                items.iter().any(|item| self.matches_scalar(item))
+            }
+            _ => self.matches_scalar(attribute),
+        };
+        outcome != self.negate
+    }
+
+    fn text_of(&self, value: &Value) -> Option<String> {
+        let text = match value {
+            Value::String(text) => text.clone(),
+            Value::Number(number) => number.to_string(),
+            Value::Bool(flag) => flag.to_string(),
+            _ => return None,
+        };
+        Some(if self.case_insensitive { text.to_lowercase() } else { text })
+    }
+
+    fn equals_any(&self, value: &Value, scalars: &[Scalar]) -> bool {
+        scalars.iter().any(|scalar| match (scalar, value) {
+            (Scalar::Bool(expected), Value::Bool(actual)) => expected == actual,
+            (Scalar::Number(expected), _) => number_of(value) == Some(*expected),
+            (Scalar::Text(expected), Value::String(_) | Value::Number(_) | Value::Bool(_)) => {
+                self.text_of(value).as_deref() == Some(expected.as_str())
+            }
+            _ => false,
+        })
+    }
+
+    fn matches_scalar(&self, value: &Value) -> bool {
+        match (&self.operands, self.op) {
+            (Operands::Scalars(scalars), Operator::Eq | Operator::In) => self.equals_any(value, scalars),
+            (Operands::Scalars(scalars), Operator::Neq | Operator::NotIn) => {
+                !self.equals_any(value, scalars)
+            }
+            (Operands::Strings(needles), op) => {
+                let Some(text) = self.text_of(value) else {
+                    return false;
+                };
+                needles.iter().any(|needle| match op {
+                    Operator::Contains => text.contains(needle.as_str()),
+                    Operator::StartsWith => text.starts_with(needle.as_str()),
+                    _ => text.ends_with(needle.as_str()),
+                })
+            }
+            (Operands::Patterns(patterns), _) => match value {
+                Value::String(text) => patterns.iter().any(|pattern| pattern.is_match(text)),
+                _ => false,
+            },
+            (Operands::Number(bound), op) => match value {
+                Value::Number(_) | Value::String(_) => match number_of(value) {
+                    Some(actual) => match op {
+                        Operator::Gt => actual > *bound,
+                        Operator::Gte => actual >= *bound,
+                        Operator::Lt => actual < *bound,
+                        _ => actual <= *bound,
+                    },
+                    None => false,
+                },
+                _ => false,
+            },
+            (Operands::Instant(bound), op) => match parse_instant(value) {
+                Some(actual) if op == Operator::Before => actual < *bound,
+                Some(actual) => actual > *bound,
+                None => false,
+            },
+            (Operands::Version(bound), op) => {
+                match value.as_str().and_then(parse_version) {
+                    Some(actual) => {
+                        let ordering = actual.cmp_precedence(bound);
+                        match op {
+                            Operator::SemverEq => ordering.is_eq(),
+                            Operator::SemverGt => ordering.is_gt(),
+                            _ => ordering.is_lt(),
+                        }
+                    }
+                    None => false,
+                }
+            }
+            (Operands::None, _) => true,
+            (Operands::Scalars(_), _) => false,
+        }
+    }
+}
+
+pub fn lookup_path<'a>(
+    context: &'a serde_json::Map<String, Value>,
+    attribute: &str,
+    path: &[String],
+) -> Option<&'a Value> {
+    if let Some(value) = context.get(attribute) {
+        return Some(value);
+    }
+    if path.len() < 2 {
+        return None;
+    }
+    let mut current = context.get(&path[0])?;
+    for segment in &path[1..] {
+        current = current.as_object()?.get(segment)?;
+    }
+    Some(current)
+}
+
+pub fn op_name(op: Operator) -> &'static str {
+    Operator::NAMES[op as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn condition(op: &str, values: Value) -> Condition {
+        condition_with(op, values, false, false)
+    }
+
+    fn condition_with(op: &str, values: Value, negate: bool, ci: bool) -> Condition {
+        let values = values.as_array().cloned().unwrap_or_default();
+        Condition::compile("attr".into(), Operator::parse(op).unwrap(), &values, negate, ci).unwrap()
+    }
+
+    fn holds(condition: &Condition, attribute: Value) -> bool {
+        let context = json!({ "attr": attribute });
+        condition.matches(context.as_object().unwrap())
+    }
+
+    #[test]
+    fn names_line_up_with_variants() {
+        for name in Operator::NAMES {
+            assert_eq!(op_name(Operator::parse(name).unwrap()), *name);
+        }
+    }
+
+    #[test]
+    fn equality_operators() {
+        assert!(holds(&condition("eq", json!(["NO"])), json!("NO")));
+        assert!(!holds(&condition("eq", json!(["NO"])), json!("no")));
+        assert!(holds(&condition_with("eq", json!(["NO"]), false, true), json!("no")));
+        assert!(holds(&condition("neq", json!(["NO"])), json!("SE")));
+        assert!(holds(&condition("in", json!(["NO", "SE"])), json!("SE")));
+        assert!(!holds(&condition("in", json!(["NO", "SE"])), json!("DK")));
+        assert!(holds(&condition("not_in", json!(["NO", "SE"])), json!("DK")));
+        assert!(holds(&condition("eq", json!([42])), json!(42.0)));
+        assert!(holds(&condition("eq", json!([42])), json!("42")));
+        assert!(holds(&condition("eq", json!([true])), json!(true)));
+        assert!(!holds(&condition("eq", json!([true])), json!("yes")));
+        assert!(holds(&condition("eq", json!(["true"])), json!(true)));
+    }
+
+    #[test]
+    fn string_operators() {
+        assert!(holds(&condition("contains", json!(["@acme"])), json!("bob@acme.com")));
+        assert!(!holds(&condition("contains", json!(["@acme"])), json!("bob@ACME.com")));
+        assert!(holds(&condition_with("contains", json!(["@acme"]), false, true), json!("bob@ACME.com")));
+        assert!(holds(&condition("starts_with", json!(["bo"])), json!("bob")));
+        assert!(holds(&condition("ends_with", json!([".com", ".no"])), json!("x.no")));
+        assert!(!holds(&condition("ends_with", json!([".com"])), json!("x.org")));
+    }
+
+    #[test]
+    fn regex_operator() {
+        let pattern = condition("matches", json!(["^user-[0-9]+$"]));
+        assert!(holds(&pattern, json!("user-12")));
+        assert!(!holds(&pattern, json!("user-x")));
+        assert!(!holds(&pattern, json!(12)));
+        assert!(holds(&condition_with("matches", json!(["^ADMIN"]), false, true), json!("admin-1")));
+        let error = Condition::compile("a".into(), Operator::Matches, &[json!("(")], false, false)
+            .unwrap_err();
+        assert!(error.contains("invalid regular expression"), "{error}");
+    }
+
+    #[test]
+    fn numeric_operators() {
+        assert!(holds(&condition("gt", json!([10])), json!(11)));
+        assert!(!holds(&condition("gt", json!([10])), json!(10)));
+        assert!(holds(&condition("gte", json!([10])), json!(10)));
+        assert!(holds(&condition("lt", json!([10])), json!(9.5)));
+        assert!(holds(&condition("lte", json!([10])), json!("10")));
+        assert!(!holds(&condition("lt", json!([10])), json!("ten")));
+        assert!(!holds(&condition("lt", json!([10])), json!(true)));
+        assert!(Condition::compile("a".into(), Operator::Gt, &[json!("10")], false, false).is_err());
+        assert!(Condition::compile("a".into(), Operator::Gt, &[json!(1), json!(2)], false, false).is_err());
+    }
+
+    #[test]
+    fn timestamp_operators() {
+        let before = condition("before", json!(["2025-01-01T00:00:00Z"]));
+        assert!(holds(&before, json!("2024-12-31T23:59:59Z")));
+        assert!(!holds(&before, json!("2025-01-01T00:00:00Z")));
+        assert!(holds(&before, json!("2025-01-01T01:00:00+02:00")));
+        assert!(holds(&before, json!(1_700_000_000)));
+        assert!(!holds(&before, json!("yesterday")));
+        let after = condition("after", json!([1_700_000_000]));
+        assert!(holds(&after, json!("2024-01-01T00:00:00Z")));
+        assert!(Condition::compile("a".into(), Operator::After, &[json!("soon")], false, false).is_err());
+    }
+
+    #[test]
+    fn semver_operators() {
+        assert!(holds(&condition("semver_eq", json!(["1.2.0"])), json!("1.2")));
+        assert!(holds(&condition("semver_eq", json!(["1.2.3"])), json!("v1.2.3")));
+        assert!(holds(&condition("semver_gt", json!(["1.2.3"])), json!("1.10.0")));
+        assert!(!holds(&condition("semver_gt", json!(["1.2.3"])), json!("1.2.3-beta.1")));
+        assert!(holds(&condition("semver_lt", json!(["1.2.3"])), json!("1.2.3-beta.1")));
+        assert!(holds(&condition("semver_eq", json!(["1.2.3"])), json!("1.2.3+build.7")));
+        assert!(!holds(&condition("semver_lt", json!(["2.0.0"])), json!("not.a.version")));
+        assert!(Condition::compile("a".into(), Operator::SemverEq, &[json!("x")], false, false).is_err());
+    }
+
+    #[test]
+    fn exists_and_missing_attributes() {
+        let exists = condition("exists", json!([]));
+        assert!(holds(&exists, json!("anything")));
+        assert!(!holds(&exists, Value::Null));
+        let not_exists = condition_with("exists", json!([]), true, false);
+        assert!(not_exists.matches(json!({}).as_object().unwrap()));
+        // A missing attribute matches nothing, even negated.
+        let negated = condition_with("eq", json!(["x"]), true, false);
+        assert!(!negated.matches(json!({}).as_object().unwrap()));
+        assert!(!condition("neq", json!(["x"])).matches(json!({}).as_object().unwrap()));
+        assert!(negated.matches(json!({"attr": "y"}).as_object().unwrap()));
+    }
+
+    #[test]
+    fn negate_inverts() {
+        assert!(!holds(&condition_with("in", json!(["a"]), true, false), json!("a")));
+        assert!(holds(&condition_with("in", json!(["a"]), true, false), json!("b")));
+    }
+
+    #[test]
+    fn array_attributes_match_any_element() {
+        assert!(holds(&condition("in", json!(["beta"])), json!(["alpha", "beta"])));
+        assert!(!holds(&condition("in", json!(["gamma"])), json!(["alpha", "beta"])));
+    }
+
+    #[test]
+    fn dotted_paths_and_flat_keys() {
+        let c = Condition::compile("user.email".into(), Operator::EndsWith, &[json!("@acme.com")], false, false)
+            .unwrap();
+        assert!(c.matches(json!({"user": {"email": "a@acme.com"}}).as_object().unwrap()));
+        assert!(c.matches(json!({"user.email": "a@acme.com"}).as_object().unwrap()));
+        assert!(!c.matches(json!({"user": "a@acme.com"}).as_object().unwrap()));
+    }
+
+    #[test]
+    fn wrong_value_types_are_refused() {
+        assert!(Condition::compile("a".into(), Operator::In, &[], false, false).is_err());
+        assert!(Condition::compile("a".into(), Operator::In, &[json!({"x": 1})], false, false).is_err());
+        assert!(Condition::compile("a".into(), Operator::Contains, &[json!(1)], false, false).is_err());
+        assert!(Condition::compile("a".into(), Operator::Exists, &[json!(1)], false, false).is_err());
+        assert!(Condition::compile("a".into(), Operator::Gt, &[json!(1)], false, true).is_err());
+    }
+}

@@ -1,0 +1,595 @@
+//! The flag and segment documents of DESIGN.md: parsed from JSON, validated
+//! field by field, and turned into typed definitions. Every refusal names the
+//! path of the offending field so a DBA can find it in a large document.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use super::conditions::{Condition, Operator};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    /// Dotted path of the offending field, e.g. `environments.production.rules[0].serve`.
+    pub path: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+pub type Result<T> = std::result::Result<T, ValidationError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Boolean,
+    Percentage,
+    Plan,
+    Multivariate,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Boolean => "boolean",
+            Kind::Percentage => "percentage",
+            Kind::Plan => "plan",
+            Kind::Multivariate => "multivariate",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Kind> {
+        Some(match text {
+            "boolean" => Kind::Boolean,
+            "percentage" => Kind::Percentage,
+            "plan" => Kind::Plan,
+            "multivariate" => Kind::Multivariate,
+            _ => return None,
+        })
+    }
+}
+
+/// The flag-level part of a flag document (everything but `environments`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagDefinition {
+    pub key: String,
+    pub kind: Kind,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Sorted by variant name: the fixed order rollouts lay buckets out in.
+    pub variants: Vec<(String, Value)>,
+    pub off_variant: String,
+    pub prerequisites: Vec<Prerequisite>,
+    pub salt: Option<String>,
+    pub archived: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prerequisite {
+    pub flag: String,
+    pub variant: String,
+}
+
+/// One environment's configuration of a flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentConfig {
+    pub enabled: bool,
+    /// Variant name → subject keys served that variant.
+    pub targets: Vec<(String, Vec<String>)>,
+    pub rules: Vec<Rule>,
+    pub default: Option<Serve>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub id: String,
+    pub segment: Option<String>,
+    pub conditions: Vec<Condition>,
+    pub serve: Serve,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Serve {
+    Variant(String),
+    Rollout(Rollout),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Variant name and weight in thousandths of a percent, in variant order.
+    pub weights: Vec<(String, u32)>,
+    pub bucket_by: String,
+    pub salt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentDefinition {
+    pub key: String,
+    pub name: Option<String>,
+    pub included: Vec<String>,
+    pub excluded: Vec<String>,
+    pub conditions: Vec<Condition>,
+}
+
+/// A whole flag document as `put_flag` receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagDocument {
+    pub flag: FlagDefinition,
+    pub environments: BTreeMap<String, EnvironmentConfig>,
+}
+
+const FLAG_FIELDS: &[&str] = &[
+    "key",
+    "kind",
+    "name",
+    "description",
+    "variants",
+    "off_variant",
+    "prerequisites",
+    "salt",
+    "archived",
+    "environments",
+];
+const ENVIRONMENT_FIELDS: &[&str] = &["enabled", "targets", "rules", "default"];
+const RULE_FIELDS: &[&str] = &["id", "segment", "conditions", "serve"];
+const SERVE_FIELDS: &[&str] = &["variant", "rollout", "bucket_by", "salt"];
+const SEGMENT_FIELDS: &[&str] = &["key", "name", "description", "included", "excluded", "conditions"];
+const CONDITION_FIELDS: &[&str] = &["attribute", "op", "values", "value", "negate", "case_insensitive"];
+
+/// Keys of flags, segments and variants: what a URL or a log line can carry.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+fn object<'a>(value: &'a Value, path: &str) -> Result<&'a Map<String, Value>> {
+    value
+        .as_object()
+        .ok_or_else(|| ValidationError::new(path, "must be a JSON object"))
+}
+
+fn refuse_unknown_fields(map: &Map<String, Value>, allowed: &[&str], path: &str) -> Result<()> {
+    match map.keys().find(|field| !allowed.contains(&field.as_str())) {
+        Some(field) => Err(ValidationError::new(
+            join(path, field),
+            format!("unknown field; expected one of: {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn optional_string(map: &Map<String, Value>, field: &str, path: &str) -> Result<Option<String>> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(ValidationError::new(join(path, field), "must be a string")),
+    }
+}
+
+fn optional_bool(map: &Map<String, Value>, field: &str, path: &str) -> Result<Option<bool>> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(flag)) => Ok(Some(*flag)),
+        Some(_) => Err(ValidationError::new(join(path, field), "must be true or false")),
+    }
+}
+
+fn key_field(map: &Map<String, Value>, field: &str, path: &str) -> Result<String> {
+    let key = optional_string(map, field, path)?
+        .ok_or_else(|| ValidationError::new(join(path, field), "is required"))?;
+    if !is_valid_key(&key) {
+        return Err(ValidationError::new(
+            join(path, field),
+            format!("\"{key}\" is not a valid key (1 to 128 letters, digits, '-', '_' or '.')"),
+        ));
+    }
+    Ok(key)
+}
+
+fn string_list(value: Option<&Value>, path: &str) -> Result<Vec<String>> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                Value::String(text) => Ok(text.clone()),
+                Value::Number(number) => Ok(number.to_string()),
+                _ => Err(ValidationError::new(format!("{path}[{index}]"), "must be a string")),
+            })
+            .collect(),
+        Some(_) => Err(ValidationError::new(path, "must be an array of strings")),
+    }
+}
+
+/// Parses and validates a whole flag document.
+pub fn parse_flag_document(document: &Value) -> Result<FlagDocument> {
+    let map = object(document, "")?;
+    let flag = parse_flag_definition(document)?;
+    let mut environments = BTreeMap::new();
+    match map.get("environments") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(envs)) => {
+            for (env_key, config) in envs {
+                let path = format!("environments.{env_key}");
+                environments.insert(
+                    env_key.clone(),
+                    parse_environment_config(config, &flag.variants, &path)?,
+                );
+            }
+        }
+        Some(_) => {
+            return Err(ValidationError::new(
+                "environments",
+                "must be an object keyed by environment",
+            ))
+        }
+    }
+    Ok(FlagDocument { flag, environments })
+}
+
+/// Parses the flag-level fields; `environments`, if present, is left alone.
+pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
+    let map = object(document, "")?;
+    refuse_unknown_fields(map, FLAG_FIELDS, "")?;
+    let key = key_field(map, "key", "")?;
+    let kind = match optional_string(map, "kind", "")? {
+        None => Kind::Boolean,
+        Some(text) => Kind::parse(&text).ok_or_else(|| {
+            ValidationError::new(
+                "kind",
+                format!("unknown kind \"{text}\"; expected boolean, percentage, plan or multivariate"),
+            )
+        })?,
+    };
+
+    let variants: Vec<(String, Value)> = match map.get("variants") {
+        None | Some(Value::Null) => match kind {
+            Kind::Multivariate => {
+                return Err(ValidationError::new("variants", "is required for a multivariate flag"))
+            }
+            _ => vec![("off".into(), Value::Bool(false)), ("on".into(), Value::Bool(true))],
+        },
+        Some(Value::Object(entries)) => {
+            let mut variants: Vec<(String, Value)> =
+                entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            variants.sort_by(|a, b| a.0.cmp(&b.0));
+            variants
+        }
+        Some(_) => return Err(ValidationError::new("variants", "must be an object of name: value")),
+    };
+    if variants.is_empty() {
+        return Err(ValidationError::new("variants", "needs at least one variant"));
+    }
+    for (name, value) in &variants {
+        if !is_valid_key(name) {
+            return Err(ValidationError::new(
+                format!("variants.{name}"),
+                "is not a valid variant name (letters, digits, '-', '_' or '.')",
+            ));
+        }
+        if kind != Kind::Multivariate && !value.is_boolean() {
+            return Err(ValidationError::new(
+                format!("variants.{name}"),
+                format!("a {} flag's variants must be true or false", kind.as_str()),
+            ));
+        }
+    }
+
+    let off_variant = match optional_string(map, "off_variant", "")? {
+        Some(name) => name,
+        None if variants.iter().any(|(name, _)| name == "off") => "off".to_string(),
+        None => {
+            return Err(ValidationError::new(
+                "off_variant",
+                "is required when no variant is named \"off\"",
+            ))
+        }
+    };
+    if !variants.iter().any(|(name, _)| *name == off_variant) {
+        return Err(ValidationError::new(
+            "off_variant",
+            format!("\"{off_variant}\" is not one of the variants"),
+        ));
+    }
+
+    let prerequisites = match map.get("prerequisites") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let path = format!("prerequisites[{index}]");
+                let entry = object(item, &path)?;
+                refuse_unknown_fields(entry, &["flag", "variant"], &path)?;
+                let flag = key_field(entry, "flag", &path)?;
+                if flag == key {
+                    return Err(ValidationError::new(
+                        join(&path, "flag"),
+                        "a flag cannot be its own prerequisite",
+                    ));
+                }
+                let variant =
+                    optional_string(entry, "variant", &path)?.unwrap_or_else(|| "on".to_string());
+                Ok(Prerequisite { flag, variant })
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(ValidationError::new("prerequisites", "must be an array")),
+    };
+
+    Ok(FlagDefinition {
+        key,
+        kind,
+        name: optional_string(map, "name", "")?,
+        description: optional_string(map, "description", "")?,
+        variants,
+        off_variant,
+        prerequisites,
+        salt: optional_string(map, "salt", "")?,
+        archived: optional_bool(map, "archived", "")?.unwrap_or(false),
+    })
+}
+
+fn require_variant(variants: &[(String, Value)], name: &str, path: &str) -> Result<()> {
+    if variants.iter().any(|(known, _)| known == name) {
+        Ok(())
+    } else {
+        let known: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
+        Err(ValidationError::new(
+            path,
+            format!("unknown variant \"{name}\"; the flag has: {}", known.join(", ")),
+        ))
+    }
+}
+
+/// Parses one environment's configuration against the flag's variants.
+pub fn parse_environment_config(
+    config: &Value,
+    variants: &[(String, Value)],
+    path: &str,
+) -> Result<EnvironmentConfig> {
+    let map = object(config, path)?;
+    refuse_unknown_fields(map, ENVIRONMENT_FIELDS, path)?;
+    let enabled = optional_bool(map, "enabled", path)?.unwrap_or(false);
+
+    let mut targets = Vec::new();
+    let mut seen_targets = std::collections::HashMap::new();
+    match map.get("targets") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(entries)) => {
+            for (variant, keys) in entries {
+                let target_path = format!("{}.{variant}", join(path, "targets"));
+                require_variant(variants, variant, &target_path)?;
+                let keys = string_list(Some(keys), &target_path)?;
+                for subject in &keys {
+                    if let Some(other) = seen_targets.insert(subject.clone(), variant.clone()) {
+                        if other != *variant {
+                            return Err(ValidationError::new(
+                                target_path,
+                                format!("\"{subject}\" is also targeted to variant \"{other}\""),
+                            ));
+                        }
+                    }
+                }
+                targets.push((variant.clone(), keys));
+            }
+        }
+        Some(_) => {
+            return Err(ValidationError::new(
+                join(path, "targets"),
+                "must be an object of variant: [subject keys]",
+            ))
+        }
+    }
+
+    let mut rules = Vec::new();
+    match map.get("rules") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            let mut ids = std::collections::HashSet::new();
+            for (index, item) in items.iter().enumerate() {
+                let rule_path = format!("{}[{index}]", join(path, "rules"));
+                let rule = parse_rule(item, variants, &rule_path, index)?;
+                if !ids.insert(rule.id.clone()) {
+                    return Err(ValidationError::new(
+                        join(&rule_path, "id"),
+                        format!("duplicate rule id \"{}\"", rule.id),
+                    ));
+                }
+                rules.push(rule);
+            }
+        }
+        Some(_) => return Err(ValidationError::new(join(path, "rules"), "must be an array")),
+    }
+
+    let default = match map.get("default") {
+        None | Some(Value::Null) => None,
+        Some(serve) => Some(parse_serve(serve, variants, &join(path, "default"))?),
+    };
+    Ok(EnvironmentConfig { enabled, targets, rules, default })
+}
+
+fn parse_rule(value: &Value, variants: &[(String, Value)], path: &str, index: usize) -> Result<Rule> {
+    let map = object(value, path)?;
+    refuse_unknown_fields(map, RULE_FIELDS, path)?;
+    let id = match optional_string(map, "id", path)? {
+        Some(id) if is_valid_key(&id) => id,
+        Some(id) => {
+            return Err(ValidationError::new(
+                join(path, "id"),
+                format!("\"{id}\" is not a valid rule id"),
+            ))
+        }
+        None => format!("rule-{index}"),
+    };
+    let segment = match optional_string(map, "segment", path)? {
+        Some(segment) if !is_valid_key(&segment) => {
+            return Err(ValidationError::new(
+                join(path, "segment"),
+                format!("\"{segment}\" is not a valid segment key"),
+            ))
+        }
+        other => other,
+    };
+    let conditions = parse_conditions(map.get("conditions"), &join(path, "conditions"))?;
+    if segment.is_none() && conditions.is_empty() {
+        return Err(ValidationError::new(
+            path,
+            "a rule needs a segment or at least one condition",
+        ));
+    }
+    let serve = map
+        .get("serve")
+        .ok_or_else(|| ValidationError::new(join(path, "serve"), "is required"))?;
+    let serve = parse_serve(serve, variants, &join(path, "serve"))?;
+    Ok(Rule { id, segment, conditions, serve })
+}
+
+/// `{"variant": "on"}` or `{"rollout": {"on": 25, "off": 75}, "bucket_by": ..., "salt": ...}`.
+pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> Result<Serve> {
+    let map = object(value, path)?;
+    refuse_unknown_fields(map, SERVE_FIELDS, path)?;
+    match (map.get("variant"), map.get("rollout")) {
+        (Some(_), Some(_)) => Err(ValidationError::new(
+            path,
+            "give either \"variant\" or \"rollout\", not both",
+        )),
+        (Some(Value::String(name)), None) => {
+            require_variant(variants, name, &join(path, "variant"))?;
+            Ok(Serve::Variant(name.clone()))
+        }
+        (Some(_), None) => Err(ValidationError::new(join(path, "variant"), "must be a string")),
+        (None, Some(rollout)) => {
+            let rollout_path = join(path, "rollout");
+            let entries = object(rollout, &rollout_path)?;
+            let mut weights = Vec::new();
+            let mut total = 0u32;
+            for (variant, weight) in entries {
+                let weight_path = format!("{rollout_path}.{variant}");
+                require_variant(variants, variant, &weight_path)?;
+                let weight = weight
+                    .as_f64()
+                    .and_then(crate::bucketing::weight_from_percent)
+                    .ok_or_else(|| {
+                        ValidationError::new(
+                            &weight_path,
+                            "must be a percentage from 0 to 100 with at most three decimals",
+                        )
+                    })?;
+                total += weight;
+                weights.push((variant.clone(), weight));
+            }
+            if total != crate::bucketing::BUCKETS {
+                return Err(ValidationError::new(
+                    rollout_path,
+                    format!("weights sum to {}%, not 100%", f64::from(total) / 1000.0),
+                ));
+            }
+            // Lay buckets out in the flag's variant order, independent of how
+            // the document happened to list them.
+            weights.sort_by_key(|(name, _)| variants.iter().position(|(known, _)| known == name));
+            let bucket_by = match optional_string(map, "bucket_by", path)? {
+                Some(attribute) if attribute.trim().is_empty() => {
+                    return Err(ValidationError::new(join(path, "bucket_by"), "must not be empty"))
+                }
+                Some(attribute) => attribute,
+                None => "targeting_key".to_string(),
+            };
+            Ok(Serve::Rollout(Rollout { weights, bucket_by, salt: optional_string(map, "salt", path)? }))
+        }
+        (None, None) => Err(ValidationError::new(
+            path,
+            "needs \"variant\" or \"rollout\"",
+        )),
+    }
+}
+
+pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Condition>> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| parse_condition(item, &format!("{path}[{index}]")))
+            .collect(),
+        Some(_) => Err(ValidationError::new(path, "must be an array of conditions")),
+    }
+}
+
+fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
+    let map = object(value, path)?;
+    refuse_unknown_fields(map, CONDITION_FIELDS, path)?;
+    let attribute = optional_string(map, "attribute", path)?
+        .filter(|attribute| !attribute.trim().is_empty())
+        .ok_or_else(|| ValidationError::new(join(path, "attribute"), "is required"))?;
+    let op_name = optional_string(map, "op", path)?
+        .ok_or_else(|| ValidationError::new(join(path, "op"), "is required"))?;
+    let op = Operator::parse(&op_name).ok_or_else(|| {
+        ValidationError::new(
+            join(path, "op"),
+            format!(
+                "unknown operator \"{op_name}\"; valid operators: {}",
+                Operator::NAMES.join(", ")
+            ),
+        )
+    })?;
+    let values = match (map.get("values"), map.get("value")) {
+        (Some(_), Some(_)) => {
+            return Err(ValidationError::new(path, "give \"values\" or \"value\", not both"))
+        }
+        (Some(Value::Array(values)), None) => values.clone(),
+        (Some(_), None) => return Err(ValidationError::new(join(path, "values"), "must be an array")),
+        (None, Some(single)) => vec![single.clone()],
+        (None, None) => Vec::new(),
+    };
+    let case_insensitive = optional_bool(map, "case_insensitive", path)?.unwrap_or(false);
+    let negate = optional_bool(map, "negate", path)?.unwrap_or(false);
+    Condition::compile(attribute, op, &values, negate, case_insensitive)
+        .map_err(|message| ValidationError::new(join(path, "values"), message))
+}
+
+pub fn parse_segment(document: &Value) -> Result<SegmentDefinition> {
+    let map = object(document, "")?;
+    refuse_unknown_fields(map, SEGMENT_FIELDS, "")?;
+    Ok(SegmentDefinition {
+        key: key_field(map, "key", "")?,
+        name: optional_string(map, "name", "")?,
+        included: string_list(map.get("included"), "included")?,
+        excluded: string_list(map.get("excluded"), "excluded")?,
+        conditions: parse_conditions(map.get("conditions"), "conditions")?,
+    })
+}
+
+impl EnvironmentConfig {
+    /// Segments this configuration refers to, for existence checks on write.
+    pub fn segment_keys(&self) -> Vec<&str> {
+        self.rules.iter().filter_map(|rule| rule.segment.as_deref()).collect()
+    }
+}

@@ -1,0 +1,455 @@
+//! Compiled configuration of one environment and the evaluation of flags
+//! against a context. The order of evaluation is: archived or missing flag,
+//! context check, environment switch, prerequisites, plan entitlement,
+//! individual targets, rules in order, default.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::conditions::{lookup_path, Condition};
+use super::document::{EnvironmentConfig, FlagDefinition, Kind, Serve, SegmentDefinition};
+use crate::bucketing;
+
+/// How deep prerequisite chains may go; writes refuse cycles, this guards
+/// evaluation against anything that slipped past them.
+const MAX_PREREQUISITE_DEPTH: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Static,
+    Default,
+    TargetingMatch,
+    Split,
+    Disabled,
+    PrerequisiteFailed,
+    NotEntitled,
+    Error,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Static => "STATIC",
+            Reason::Default => "DEFAULT",
+            Reason::TargetingMatch => "TARGETING_MATCH",
+            Reason::Split => "SPLIT",
+            Reason::Disabled => "DISABLED",
+            Reason::PrerequisiteFailed => "PREREQUISITE_FAILED",
+            Reason::NotEntitled => "NOT_ENTITLED",
+            Reason::Error => "ERROR",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    FlagNotFound,
+    EnvironmentNotFound,
+    InvalidContext,
+    TypeMismatch,
+    General,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::FlagNotFound => "FLAG_NOT_FOUND",
+            ErrorCode::EnvironmentNotFound => "ENVIRONMENT_NOT_FOUND",
+            ErrorCode::InvalidContext => "INVALID_CONTEXT",
+            ErrorCode::TypeMismatch => "TYPE_MISMATCH",
+            ErrorCode::General => "GENERAL",
+        }
+    }
+}
+
+/// The outcome of one evaluation, shaped like OpenFeature's resolution details.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    pub key: String,
+    pub value: Value,
+    pub variant: Option<String>,
+    pub reason: Reason,
+    pub rule: Option<String>,
+    pub error: Option<(ErrorCode, String)>,
+}
+
+impl Resolution {
+    pub fn error(key: &str, code: ErrorCode, message: impl Into<String>) -> Resolution {
+        Resolution {
+            key: key.to_string(),
+            value: Value::Null,
+            variant: None,
+            reason: Reason::Error,
+            rule: None,
+            error: Some((code, message.into())),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut out = Map::with_capacity(7);
+        out.insert("key".into(), Value::String(self.key.clone()));
+        out.insert("value".into(), self.value.clone());
+        out.insert(
+            "variant".into(),
+            self.variant.clone().map(Value::String).unwrap_or(Value::Null),
+        );
+        out.insert("reason".into(), Value::String(self.reason.as_str().into()));
+        if let Some(rule) = &self.rule {
+            out.insert("rule".into(), Value::String(rule.clone()));
+        }
+        if let Some((code, message)) = &self.error {
+            out.insert("error_code".into(), Value::String(code.as_str().into()));
+            out.insert("error_message".into(), Value::String(message.clone()));
+        }
+        Value::Object(out)
+    }
+
+    /// The boolean reading `flagship_enabled` gives: only a true value is on.
+    pub fn is_enabled(&self) -> bool {
+        self.value == Value::Bool(true)
+    }
+}
+
+/// Answers whether a customer's plan or overrides grant a plan-kind flag.
+pub trait Entitlements {
+    fn grants(&self, customer: &str, flag: &str) -> bool;
+}
+
+/// Until plans are connected, nobody is entitled to anything.
+pub struct NoEntitlements;
+
+impl Entitlements for NoEntitlements {
+    fn grants(&self, _customer: &str, _flag: &str) -> bool {
+        false
+    }
+}
+
+#[derive(Debug)]
+enum CompiledServe {
+    Variant(usize),
+    Rollout {
+        /// (variant index, weight) in the flag's variant order.
+        slots: Vec<(usize, u32)>,
+        weights: Vec<u32>,
+        bucket_by: BucketBy,
+        salt: String,
+    },
+}
+
+#[derive(Debug)]
+enum BucketBy {
+    TargetingKey,
+    Attribute(String, Vec<String>),
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    id: String,
+    segment: Option<String>,
+    conditions: Vec<Condition>,
+    serve: CompiledServe,
+}
+
+#[derive(Debug)]
+struct CompiledEnvironment {
+    enabled: bool,
+    targets: HashMap<String, usize>,
+    rules: Vec<CompiledRule>,
+    default: CompiledServe,
+    /// No targets and no rules: the answer does not depend on the context.
+    is_static: bool,
+}
+
+#[derive(Debug)]
+struct CompiledFlag {
+    key: String,
+    kind: Kind,
+    variants: Vec<(String, Value)>,
+    off: usize,
+    prerequisites: Vec<(String, String)>,
+    archived: bool,
+    environment: Option<CompiledEnvironment>,
+}
+
+#[derive(Debug)]
+struct CompiledSegment {
+    included: std::collections::HashSet<String>,
+    excluded: std::collections::HashSet<String>,
+    conditions: Vec<Condition>,
+}
+
+/// Everything needed to evaluate every flag of one environment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    flags: HashMap<String, CompiledFlag>,
+    /// Flag keys in a stable order, for evaluate_all.
+    order: Vec<String>,
+    segments: HashMap<String, CompiledSegment>,
+}
+
+fn variant_index(variants: &[(String, Value)], name: &str) -> usize {
+    variants
+        .iter()
+        .position(|(known, _)| known == name)
+        .expect("validated documents only name known variants")
+}
+
+fn compile_serve(serve: &Serve, variants: &[(String, Value)], default_salt: &str) -> CompiledServe {
+    match serve {
+        Serve::Variant(name) => CompiledServe::Variant(variant_index(variants, name)),
+        Serve::Rollout(rollout) => {
+            let slots: Vec<(usize, u32)> = rollout
+                .weights
+                .iter()
+                .map(|(name, weight)| (variant_index(variants, name), *weight))
+                .collect();
+            let bucket_by = match rollout.bucket_by.as_str() {
+                "targeting_key" | "key" => BucketBy::TargetingKey,
+                attribute => BucketBy::Attribute(
+                    attribute.to_string(),
+                    attribute.split('.').map(str::to_string).collect(),
+                ),
+            };
+            CompiledServe::Rollout {
+                weights: slots.iter().map(|(_, weight)| *weight).collect(),
+                slots,
+                bucket_by,
+                salt: rollout.salt.clone().unwrap_or_else(|| default_salt.to_string()),
+            }
+        }
+    }
+}
+
+fn compile_environment(flag: &FlagDefinition, config: &EnvironmentConfig) -> CompiledEnvironment {
+    let salt = flag.salt.clone().unwrap_or_else(|| flag.key.clone());
+    let mut targets = HashMap::new();
+    for (variant, keys) in &config.targets {
+        let index = variant_index(&flag.variants, variant);
+        for key in keys {
+            targets.insert(key.clone(), index);
+        }
+    }
+    let rules: Vec<CompiledRule> = config
+        .rules
+        .iter()
+        .map(|rule| CompiledRule {
+            id: rule.id.clone(),
+            segment: rule.segment.clone(),
+            conditions: rule.conditions.clone(),
+            serve: compile_serve(&rule.serve, &flag.variants, &salt),
+        })
+        .collect();
+    let default = match &config.default {
+        Some(serve) => compile_serve(serve, &flag.variants, &salt),
+        // An enabled boolean flag with nothing else configured is on.
+        None => CompiledServe::Variant(
+            flag.variants
+                .iter()
+                .position(|(name, _)| name == "on")
+                .unwrap_or_else(|| variant_index(&flag.variants, &flag.off_variant)),
+        ),
+    };
+    CompiledEnvironment {
+        enabled: config.enabled,
+        is_static: targets.is_empty() && rules.is_empty(),
+        targets,
+        rules,
+        default,
+    }
+}
+
+impl Snapshot {
+    /// Compiles validated definitions. `flags` pairs each flag with its
+    /// configuration in this environment, if it has one.
+    pub fn compile(
+        flags: Vec<(FlagDefinition, Option<EnvironmentConfig>)>,
+        segments: Vec<SegmentDefinition>,
+    ) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for segment in segments {
+            snapshot.segments.insert(
+                segment.key.clone(),
+                CompiledSegment {
+                    included: segment.included.into_iter().collect(),
+                    excluded: segment.excluded.into_iter().collect(),
+                    conditions: segment.conditions,
+                },
+            );
+        }
+        for (flag, config) in flags {
+            let compiled = CompiledFlag {
+                key: flag.key.clone(),
+                kind: flag.kind,
+                off: variant_index(&flag.variants, &flag.off_variant),
+                prerequisites: flag
+                    .prerequisites
+                    .iter()
+                    .map(|p| (p.flag.clone(), p.variant.clone()))
+                    .collect(),
+                archived: flag.archived,
+                environment: config.as_ref().map(|config| compile_environment(&flag, config)),
+                variants: flag.variants,
+            };
+            snapshot.order.push(compiled.key.clone());
+            snapshot.flags.insert(compiled.key.clone(), compiled);
+        }
+        snapshot.order.sort();
+        snapshot
+    }
+
+    /// Keys of every flag that is not archived, sorted.
+    pub fn live_flag_keys(&self) -> impl Iterator<Item = &str> {
+        self.order
+            .iter()
+            .filter(|key| !self.flags[key.as_str()].archived)
+            .map(String::as_str)
+    }
+
+    pub fn evaluate(&self, flag_key: &str, context: &Value, entitlements: &dyn Entitlements) -> Resolution {
+        self.evaluate_at_depth(flag_key, context, entitlements, 0)
+    }
+
+    fn evaluate_at_depth(
+        &self,
+        flag_key: &str,
+        context: &Value,
+        entitlements: &dyn Entitlements,
+        depth: usize,
+    ) -> Resolution {
+        let Some(flag) = self.flags.get(flag_key) else {
+            return Resolution::error(flag_key, ErrorCode::FlagNotFound, format!("flag \"{flag_key}\" not found"));
+        };
+        if flag.archived {
+            return Resolution::error(flag_key, ErrorCode::FlagNotFound, format!("flag \"{flag_key}\" is archived"));
+        }
+        let Value::Object(attributes) = context else {
+            let mut resolution = flag.serve_index(flag.off, Reason::Error, None);
+            resolution.error = Some((ErrorCode::InvalidContext, "context must be a JSON object".into()));
+            return resolution;
+        };
+        let Some(environment) = flag.environment.as_ref().filter(|env| env.enabled) else {
+            return flag.serve_index(flag.off, Reason::Disabled, None);
+        };
+
+        for (prerequisite, wanted) in &flag.prerequisites {
+            let met = depth < MAX_PREREQUISITE_DEPTH && {
+                let outcome = self.evaluate_at_depth(prerequisite, context, entitlements, depth + 1);
+                outcome.error.is_none() && outcome.variant.as_deref() == Some(wanted.as_str())
+            };
+            if !met {
+                return flag.serve_index(flag.off, Reason::PrerequisiteFailed, Some(prerequisite.clone()));
+            }
+        }
+
+        if flag.kind == Kind::Plan {
+            let customer = attributes.get("customer").and_then(scalar_text);
+            let entitled = customer.is_some_and(|customer| entitlements.grants(&customer, &flag.key));
+            if !entitled {
+                return flag.serve_index(flag.off, Reason::NotEntitled, None);
+            }
+        }
+
+        let targeting_key = targeting_key(attributes);
+        if let Some(key) = &targeting_key {
+            if let Some(&index) = environment.targets.get(key.as_str()) {
+                return flag.serve_index(index, Reason::TargetingMatch, Some("targets".into()));
+            }
+        }
+
+        for rule in &environment.rules {
+            if !self.rule_matches(rule, attributes, targeting_key.as_deref()) {
+                continue;
+            }
+            match &rule.serve {
+                CompiledServe::Variant(index) => {
+                    return flag.serve_index(*index, Reason::TargetingMatch, Some(rule.id.clone()));
+                }
+                rollout => {
+                    // Without a value to bucket by, a rollout rule cannot place
+                    // the subject: it falls through to the next rule.
+                    if let Some(index) = pick_slot(rollout, attributes, targeting_key.as_deref()) {
+                        return flag.serve_index(index, Reason::Split, Some(rule.id.clone()));
+                    }
+                }
+            }
+        }
+
+        match &environment.default {
+            CompiledServe::Variant(index) => {
+                let reason = if environment.is_static { Reason::Static } else { Reason::Default };
+                flag.serve_index(*index, reason, None)
+            }
+            rollout => match pick_slot(rollout, attributes, targeting_key.as_deref()) {
+                Some(index) => flag.serve_index(index, Reason::Split, None),
+                None => flag.serve_index(flag.off, Reason::Default, None),
+            },
+        }
+    }
+
+    fn rule_matches(&self, rule: &CompiledRule, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> bool {
+        if let Some(segment) = &rule.segment {
+            if !self.in_segment(segment, attributes, targeting_key) {
+                return false;
+            }
+        }
+        rule.conditions.iter().all(|condition| condition.matches(attributes))
+    }
+
+    fn in_segment(&self, key: &str, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> bool {
+        let Some(segment) = self.segments.get(key) else {
+            return false;
+        };
+        if let Some(subject) = targeting_key {
+            if segment.excluded.contains(subject) {
+                return false;
+            }
+            if segment.included.contains(subject) {
+                return true;
+            }
+        }
+        !segment.conditions.is_empty() && segment.conditions.iter().all(|c| c.matches(attributes))
+    }
+}
+
+impl CompiledFlag {
+    fn serve_index(&self, index: usize, reason: Reason, rule: Option<String>) -> Resolution {
+        let (variant, value) = &self.variants[index];
+        Resolution {
+            key: self.key.clone(),
+            value: value.clone(),
+            variant: Some(variant.clone()),
+            reason,
+            rule,
+            error: None,
+        }
+    }
+}
+
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// The subject's identity: `targeting_key`, else `key`.
+pub fn targeting_key(attributes: &Map<String, Value>) -> Option<String> {
+    attributes
+        .get("targeting_key")
+        .and_then(scalar_text)
+        .or_else(|| attributes.get("key").and_then(scalar_text))
+}
+
+fn pick_slot(serve: &CompiledServe, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> Option<usize> {
+    let CompiledServe::Rollout { slots, weights, bucket_by, salt } = serve else {
+        return None;
+    };
+    let value = match bucket_by {
+        BucketBy::TargetingKey => targeting_key?.to_string(),
+        BucketBy::Attribute(name, path) => scalar_text(lookup_path(attributes, name, path)?)?,
+    };
+    let bucket = bucketing::bucket(salt, &value);
+    bucketing::slot_for(bucket, weights).map(|slot| slots[slot].0)
+}

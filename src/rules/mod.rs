@@ -1,0 +1,13 @@
+//! The pure rule engine: flag and segment documents, condition operators,
+//! compiled environments and evaluation. No PostgreSQL here, so all of it is
+//! tested with plain `cargo test`.
+
+pub mod conditions;
+pub mod document;
+pub mod engine;
+
+#[cfg(test)]
+mod tests;
+
+pub use document::{parse_flag_definition, parse_flag_document, parse_segment, ValidationError};
+pub use engine::{Entitlements, NoEntitlements, Reason, Resolution, Snapshot};
