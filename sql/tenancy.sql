@@ -311,7 +311,36 @@ BEGIN
 END
 $fn$;
 
--- Resolves an environment uuid, '<project>/<env>' or '<org slug>/<project>/<env>'.
+-- The environments a name could mean: an environment uuid, '<project>/<env>'
+-- or '<org slug>/<project>/<env>', inside the session's organization (every
+-- visible organization when the session names none). Never raises, so
+-- evaluation can answer ENVIRONMENT_NOT_FOUND instead.
+CREATE FUNCTION flagship.environment_candidates(environment text)
+RETURNS uuid[]
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH parts AS (
+        SELECT string_to_array(environment, '/') AS part,
+               flagship.current_organization_id() AS org,
+               CASE WHEN environment ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                    THEN environment::uuid END AS id
+    )
+    SELECT coalesce(array_agg(e.id ORDER BY e.id), '{}')
+      FROM parts, flagship.environments e
+      JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
+      JOIN flagship.organizations o ON o.id = e.organization_id
+     WHERE (parts.org IS NULL OR e.organization_id = parts.org)
+       AND CASE cardinality(parts.part)
+             WHEN 1 THEN e.id = parts.id
+             WHEN 2 THEN p.key = parts.part[1] AND e.key = parts.part[2]
+             WHEN 3 THEN o.slug = parts.part[1] AND p.key = parts.part[2] AND e.key = parts.part[3]
+             ELSE false
+           END
+$fn$;
+
+-- Resolves an environment name to its uuid, or raises 22023 naming it.
 CREATE FUNCTION flagship.resolve_environment(environment text)
 RETURNS uuid
 LANGUAGE plpgsql
@@ -320,39 +349,17 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     found uuid[];
-    parts text[];
-    org uuid := flagship.current_organization_id();
 BEGIN
     IF environment IS NULL OR environment = '' THEN
         RAISE EXCEPTION 'environment must be given'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'pass ''<project>/<environment>'' or set flagship.environment';
     END IF;
-    parts := string_to_array(environment, '/');
-    IF cardinality(parts) = 1
-       AND environment ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
-        SELECT array_agg(e.id) INTO found
-          FROM flagship.environments e
-         WHERE e.id = environment::uuid AND (org IS NULL OR e.organization_id = org);
-    ELSIF cardinality(parts) = 2 THEN
-        SELECT array_agg(e.id) INTO found
-          FROM flagship.environments e
-          JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
-         WHERE p.key = parts[1] AND e.key = parts[2]
-           AND (org IS NULL OR e.organization_id = org);
-    ELSIF cardinality(parts) = 3 THEN
-        SELECT array_agg(e.id) INTO found
-          FROM flagship.environments e
-          JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
-          JOIN flagship.organizations o ON o.id = e.organization_id
-         WHERE o.slug = parts[1] AND p.key = parts[2] AND e.key = parts[3]
-           AND (org IS NULL OR e.organization_id = org);
-    ELSE
-        RAISE EXCEPTION 'environment "%" is not a uuid, ''<project>/<env>'' or ''<org>/<project>/<env>''', environment
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF found IS NULL THEN
-        RAISE EXCEPTION 'environment "%" not found', environment USING ERRCODE = 'invalid_parameter_value';
+    found := flagship.environment_candidates(environment);
+    IF cardinality(found) = 0 THEN
+        RAISE EXCEPTION 'environment "%" not found', environment
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'name it by uuid, ''<project>/<env>'' or ''<org slug>/<project>/<env>''';
     ELSIF cardinality(found) > 1 THEN
         RAISE EXCEPTION 'environment "%" is ambiguous: % organizations have it', environment, cardinality(found)
             USING ERRCODE = 'invalid_parameter_value',

@@ -6,7 +6,11 @@ use pgrx::prelude::*;
 
 /// Raises `invalid_parameter_value` (22023) naming what was wrong and where.
 pub fn invalid_parameter(message: impl Into<String>, hint: Option<&str>) -> ! {
-    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, hint)
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        hint,
+    )
 }
 
 pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: Option<&str>) -> ! {

@@ -10,8 +10,11 @@ use pgrx::prelude::*;
 pub mod bucketing;
 pub mod rules;
 
+mod cache;
 mod context;
 mod errors;
+mod evaluation;
+mod flags;
 mod tenancy;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -22,10 +25,22 @@ extension_sql_file!(
     name = "tenancy",
     requires = ["bootstrap", context::current_organization_id]
 );
+extension_sql_file!(
+    "../sql/flags.sql",
+    name = "flags",
+    requires = [
+        "tenancy",
+        flags::validate_flag,
+        flags::validate_flag_environment,
+        flags::validate_segment,
+        cache::invalidate_cache
+    ]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     context::register_settings();
+    cache::register_callbacks();
 }
 
 /// Required by `cargo pgrx test`.

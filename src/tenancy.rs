@@ -31,9 +31,10 @@ mod tests {
     fn version_matches_the_crate() {
         let found = Spi::get_one::<String>("SELECT flagship.version()").unwrap();
         assert_eq!(found.as_deref(), Some(env!("CARGO_PKG_VERSION")));
-        let installed =
-            Spi::get_one::<String>("SELECT extversion FROM pg_extension WHERE extname = 'flagship'")
-                .unwrap();
+        let installed = Spi::get_one::<String>(
+            "SELECT extversion FROM pg_extension WHERE extname = 'flagship'",
+        )
+        .unwrap();
         assert_eq!(installed.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     }
 
@@ -42,7 +43,10 @@ mod tests {
         let org = Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('acme', 'Acme')")
             .unwrap()
             .unwrap();
-        Spi::run(&format!("SELECT flagship.create_project('{org}', 'shop', 'Shop')")).unwrap();
+        Spi::run(&format!(
+            "SELECT flagship.create_project('{org}', 'shop', 'Shop')"
+        ))
+        .unwrap();
         let envs = Spi::get_one::<String>(
             "SELECT string_agg(key || ':' || is_default, ',' ORDER BY created_at, key) \
              FROM flagship.environments",
@@ -72,7 +76,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            sqlstate_of(&format!("PERFORM flagship.create_project('{org}', 'a/b', 'x')")).as_deref(),
+            sqlstate_of(&format!(
+                "PERFORM flagship.create_project('{org}', 'a/b', 'x')"
+            ))
+            .as_deref(),
             Some("22023")
         );
         assert_eq!(
@@ -96,11 +103,17 @@ mod tests {
         let org = Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('acme', 'Acme')")
             .unwrap()
             .unwrap();
-        Spi::run(&format!("SELECT flagship.create_project('{org}', 'shop', 'Shop')")).unwrap();
+        Spi::run(&format!(
+            "SELECT flagship.create_project('{org}', 'shop', 'Shop')"
+        ))
+        .unwrap();
         Spi::run("DELETE FROM flagship.projects WHERE key = 'shop'").unwrap();
         let left = Spi::get_one::<i64>("SELECT count(*) FROM flagship.environments").unwrap();
         assert_eq!(left, Some(0));
-        Spi::run(&format!("DELETE FROM flagship.organizations WHERE id = '{org}'")).unwrap();
+        Spi::run(&format!(
+            "DELETE FROM flagship.organizations WHERE id = '{org}'"
+        ))
+        .unwrap();
         let roles = Spi::get_one::<i64>("SELECT count(*) FROM flagship.roles").unwrap();
         assert_eq!(roles, Some(0));
     }
@@ -110,7 +123,10 @@ mod tests {
         let org = Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('acme', 'Acme')")
             .unwrap()
             .unwrap();
-        Spi::run(&format!("SELECT flagship.create_project('{org}', 'shop', 'Shop')")).unwrap();
+        Spi::run(&format!(
+            "SELECT flagship.create_project('{org}', 'shop', 'Shop')"
+        ))
+        .unwrap();
         let by_id = Spi::get_one::<String>(
             "SELECT id::text FROM flagship.environments WHERE key = 'production'",
         )
@@ -123,10 +139,17 @@ mod tests {
             .unwrap();
             assert_eq!(found.as_deref(), Some(by_id.as_str()), "resolving {name}");
         }
-        for unknown in ["shop/nope", "nope/production", "x/y/z/w", "other/shop/production"] {
+        for unknown in [
+            "shop/nope",
+            "nope/production",
+            "x/y/z/w",
+            "other/shop/production",
+        ] {
             assert_eq!(
-                sqlstate_of(&format!("PERFORM flagship.resolve_environment('{unknown}')"))
-                    .as_deref(),
+                sqlstate_of(&format!(
+                    "PERFORM flagship.resolve_environment('{unknown}')"
+                ))
+                .as_deref(),
                 Some("22023"),
                 "resolving {unknown}"
             );
@@ -152,16 +175,23 @@ mod tests {
              SELECT current_setting('flagship_test.message')",
         )
         .unwrap();
-        assert!(message.unwrap().contains("\"shop/production\" is ambiguous"));
+        assert!(message
+            .unwrap()
+            .contains("\"shop/production\" is ambiguous"));
         // Naming the organization settles it.
         Spi::run(
-            "SELECT set_config('flagship.organization_id', id::text, true) \
-             FROM flagship.organizations WHERE slug = 'globex'",
+            "SELECT set_config('flagship.organization_id', \
+             (SELECT id::text FROM flagship.organizations WHERE slug = 'globex'), true)",
         )
         .unwrap();
-        let org = Spi::get_one::<String>(
+        let resolved = Spi::get_one::<String>(
+            "SELECT flagship.resolve_environment('shop/production')::text",
+        )
+        .unwrap();
+        let org = Spi::get_one_with_args::<String>(
             "SELECT o.slug FROM flagship.environments e JOIN flagship.organizations o \
-             ON o.id = e.organization_id WHERE e.id = flagship.resolve_environment('shop/production')",
+             ON o.id = e.organization_id WHERE e.id::text = $1",
+            &[resolved.into()],
         )
         .unwrap();
         assert_eq!(org.as_deref(), Some("globex"));
@@ -172,11 +202,18 @@ mod tests {
         let a = Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('acme', 'Acme')")
             .unwrap()
             .unwrap();
-        let b = Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('globex', 'Globex')")
-            .unwrap()
-            .unwrap();
-        Spi::run(&format!("SELECT flagship.create_project('{a}', 'shop', 'Shop')")).unwrap();
-        Spi::run(&format!("SELECT flagship.create_project('{b}', 'shop', 'Shop')")).unwrap();
+        let b =
+            Spi::get_one::<pgrx::Uuid>("SELECT flagship.create_organization('globex', 'Globex')")
+                .unwrap()
+                .unwrap();
+        Spi::run(&format!(
+            "SELECT flagship.create_project('{a}', 'shop', 'Shop')"
+        ))
+        .unwrap();
+        Spi::run(&format!(
+            "SELECT flagship.create_project('{b}', 'shop', 'Shop')"
+        ))
+        .unwrap();
         Spi::run("CREATE ROLE flagship_test_admin NOLOGIN IN ROLE flagship_admin").unwrap();
         Spi::run("SET LOCAL ROLE flagship_test_admin").unwrap();
 
@@ -186,7 +223,13 @@ mod tests {
                 .unwrap()
         };
         // No context: no rows anywhere.
-        for table in ["organizations", "projects", "environments", "roles", "role_permissions"] {
+        for table in [
+            "organizations",
+            "projects",
+            "environments",
+            "roles",
+            "role_permissions",
+        ] {
             assert_eq!(count(table), 0, "{table} without context");
         }
         Spi::run(&format!("SET LOCAL flagship.organization_id = '{a}'")).unwrap();

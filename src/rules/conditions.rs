@@ -30,8 +30,24 @@ pub enum Operator {
 
 impl Operator {
     pub const NAMES: &'static [&'static str] = &[
-        "eq", "neq", "in", "not_in", "contains", "starts_with", "ends_with", "matches", "gt",
-        "gte", "lt", "lte", "before", "after", "semver_eq", "semver_gt", "semver_lt", "exists",
+        "eq",
+        "neq",
+        "in",
+        "not_in",
+        "contains",
+        "starts_with",
+        "ends_with",
+        "matches",
+        "gt",
+        "gte",
+        "lt",
+        "lte",
+        "before",
+        "after",
+        "semver_eq",
+        "semver_gt",
+        "semver_lt",
+        "exists",
     ];
 
     pub fn parse(name: &str) -> Option<Operator> {
@@ -163,7 +179,10 @@ impl Condition {
         };
         let need_values = || {
             if values.is_empty() {
-                Err(format!("operator \"{}\" needs at least one value", op_name(op)))
+                Err(format!(
+                    "operator \"{}\" needs at least one value",
+                    op_name(op)
+                ))
             } else {
                 Ok(())
             }
@@ -171,7 +190,10 @@ impl Condition {
         let single = || -> Result<&Value, String> {
             match values {
                 [one] => Ok(one),
-                _ => Err(format!("operator \"{}\" takes exactly one value", op_name(op))),
+                _ => Err(format!(
+                    "operator \"{}\" takes exactly one value",
+                    op_name(op)
+                )),
             }
         };
         let operands = match op {
@@ -204,24 +226,30 @@ impl Condition {
             }
             Operator::Matches => {
                 need_values()?;
-                let patterns = values
-                    .iter()
-                    .map(|value| match value {
-                        Value::String(pattern) => RegexBuilder::new(pattern)
-                            .case_insensitive(case_insensitive)
-                            .size_limit(1 << 20)
-                            .build()
-                            .map_err(|error| format!("invalid regular expression \"{pattern}\": {error}")),
-                        _ => Err("operator \"matches\" takes regular expressions as strings".to_string()),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let patterns =
+                    values
+                        .iter()
+                        .map(|value| match value {
+                            Value::String(pattern) => RegexBuilder::new(pattern)
+                                .case_insensitive(case_insensitive)
+                                .size_limit(1 << 20)
+                                .build()
+                                .map_err(|error| {
+                                    format!("invalid regular expression \"{pattern}\": {error}")
+                                }),
+                            _ => Err("operator \"matches\" takes regular expressions as strings"
+                                .to_string()),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
                 Operands::Patterns(patterns)
             }
             Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => {
                 let value = single()?;
                 match value {
                     Value::Number(number) => Operands::Number(
-                        number.as_f64().ok_or_else(|| "number out of range".to_string())?,
+                        number
+                            .as_f64()
+                            .ok_or_else(|| "number out of range".to_string())?,
                     ),
                     _ => return Err(format!("operator \"{}\" compares numbers", op_name(op))),
                 }
@@ -238,7 +266,10 @@ impl Condition {
             Operator::SemverEq | Operator::SemverGt | Operator::SemverLt => {
                 let value = single()?;
                 let version = value.as_str().and_then(parse_version).ok_or_else(|| {
-                    format!("operator \"{}\" takes a semantic version such as \"1.2.3\"", op_name(op))
+                    format!(
+                        "operator \"{}\" takes a semantic version such as \"1.2.3\"",
+                        op_name(op)
+                    )
                 })?;
                 Operands::Version(version)
             }
@@ -309,7 +340,11 @@ impl Condition {
             Value::Bool(flag) => flag.to_string(),
             _ => return None,
         };
-        Some(if self.case_insensitive { text.to_lowercase() } else { text })
+        Some(if self.case_insensitive {
+            text.to_lowercase()
+        } else {
+            text
+        })
     }
 
     fn equals_any(&self, value: &Value, scalars: &[Scalar]) -> bool {
@@ -325,7 +360,9 @@ impl Condition {
 
     fn matches_scalar(&self, value: &Value) -> bool {
         match (&self.operands, self.op) {
-            (Operands::Scalars(scalars), Operator::Eq | Operator::In) => self.equals_any(value, scalars),
+            (Operands::Scalars(scalars), Operator::Eq | Operator::In) => {
+                self.equals_any(value, scalars)
+            }
             (Operands::Scalars(scalars), Operator::Neq | Operator::NotIn) => {
                 !self.equals_any(value, scalars)
             }
@@ -360,19 +397,17 @@ impl Condition {
                 Some(actual) => actual > *bound,
                 None => false,
             },
-            (Operands::Version(bound), op) => {
-                match value.as_str().and_then(parse_version) {
-                    Some(actual) => {
-                        let ordering = actual.cmp_precedence(bound);
-                        match op {
-                            Operator::SemverEq => ordering.is_eq(),
-                            Operator::SemverGt => ordering.is_gt(),
-                            _ => ordering.is_lt(),
-                        }
+            (Operands::Version(bound), op) => match value.as_str().and_then(parse_version) {
+                Some(actual) => {
+                    let ordering = actual.cmp_precedence(bound);
+                    match op {
+                        Operator::SemverEq => ordering.is_eq(),
+                        Operator::SemverGt => ordering.is_gt(),
+                        _ => ordering.is_lt(),
                     }
-                    None => false,
                 }
-            }
+                None => false,
+            },
             (Operands::None, _) => true,
             (Operands::Scalars(_), _) => false,
         }
@@ -412,7 +447,14 @@ mod tests {
 
     fn condition_with(op: &str, values: Value, negate: bool, ci: bool) -> Condition {
         let values = values.as_array().cloned().unwrap_or_default();
-        Condition::compile("attr".into(), Operator::parse(op).unwrap(), &values, negate, ci).unwrap()
+        Condition::compile(
+            "attr".into(),
+            Operator::parse(op).unwrap(),
+            &values,
+            negate,
+            ci,
+        )
+        .unwrap()
     }
 
     fn holds(condition: &Condition, attribute: Value) -> bool {
@@ -431,11 +473,17 @@ mod tests {
     fn equality_operators() {
         assert!(holds(&condition("eq", json!(["NO"])), json!("NO")));
         assert!(!holds(&condition("eq", json!(["NO"])), json!("no")));
-        assert!(holds(&condition_with("eq", json!(["NO"]), false, true), json!("no")));
+        assert!(holds(
+            &condition_with("eq", json!(["NO"]), false, true),
+            json!("no")
+        ));
         assert!(holds(&condition("neq", json!(["NO"])), json!("SE")));
         assert!(holds(&condition("in", json!(["NO", "SE"])), json!("SE")));
         assert!(!holds(&condition("in", json!(["NO", "SE"])), json!("DK")));
-        assert!(holds(&condition("not_in", json!(["NO", "SE"])), json!("DK")));
+        assert!(holds(
+            &condition("not_in", json!(["NO", "SE"])),
+            json!("DK")
+        ));
         assert!(holds(&condition("eq", json!([42])), json!(42.0)));
         assert!(holds(&condition("eq", json!([42])), json!("42")));
         assert!(holds(&condition("eq", json!([true])), json!(true)));
@@ -445,12 +493,30 @@ mod tests {
 
     #[test]
     fn string_operators() {
-        assert!(holds(&condition("contains", json!(["@acme"])), json!("bob@acme.com")));
-        assert!(!holds(&condition("contains", json!(["@acme"])), json!("bob@ACME.com")));
-        assert!(holds(&condition_with("contains", json!(["@acme"]), false, true), json!("bob@ACME.com")));
-        assert!(holds(&condition("starts_with", json!(["bo"])), json!("bob")));
-        assert!(holds(&condition("ends_with", json!([".com", ".no"])), json!("x.no")));
-        assert!(!holds(&condition("ends_with", json!([".com"])), json!("x.org")));
+        assert!(holds(
+            &condition("contains", json!(["@acme"])),
+            json!("bob@acme.com")
+        ));
+        assert!(!holds(
+            &condition("contains", json!(["@acme"])),
+            json!("bob@ACME.com")
+        ));
+        assert!(holds(
+            &condition_with("contains", json!(["@acme"]), false, true),
+            json!("bob@ACME.com")
+        ));
+        assert!(holds(
+            &condition("starts_with", json!(["bo"])),
+            json!("bob")
+        ));
+        assert!(holds(
+            &condition("ends_with", json!([".com", ".no"])),
+            json!("x.no")
+        ));
+        assert!(!holds(
+            &condition("ends_with", json!([".com"])),
+            json!("x.org")
+        ));
     }
 
     #[test]
@@ -459,7 +525,10 @@ mod tests {
         assert!(holds(&pattern, json!("user-12")));
         assert!(!holds(&pattern, json!("user-x")));
         assert!(!holds(&pattern, json!(12)));
-        assert!(holds(&condition_with("matches", json!(["^ADMIN"]), false, true), json!("admin-1")));
+        assert!(holds(
+            &condition_with("matches", json!(["^ADMIN"]), false, true),
+            json!("admin-1")
+        ));
         let error = Condition::compile("a".into(), Operator::Matches, &[json!("(")], false, false)
             .unwrap_err();
         assert!(error.contains("invalid regular expression"), "{error}");
@@ -474,8 +543,17 @@ mod tests {
         assert!(holds(&condition("lte", json!([10])), json!("10")));
         assert!(!holds(&condition("lt", json!([10])), json!("ten")));
         assert!(!holds(&condition("lt", json!([10])), json!(true)));
-        assert!(Condition::compile("a".into(), Operator::Gt, &[json!("10")], false, false).is_err());
-        assert!(Condition::compile("a".into(), Operator::Gt, &[json!(1), json!(2)], false, false).is_err());
+        assert!(
+            Condition::compile("a".into(), Operator::Gt, &[json!("10")], false, false).is_err()
+        );
+        assert!(Condition::compile(
+            "a".into(),
+            Operator::Gt,
+            &[json!(1), json!(2)],
+            false,
+            false
+        )
+        .is_err());
     }
 
     #[test]
@@ -488,19 +566,46 @@ mod tests {
         assert!(!holds(&before, json!("yesterday")));
         let after = condition("after", json!([1_700_000_000]));
         assert!(holds(&after, json!("2024-01-01T00:00:00Z")));
-        assert!(Condition::compile("a".into(), Operator::After, &[json!("soon")], false, false).is_err());
+        assert!(
+            Condition::compile("a".into(), Operator::After, &[json!("soon")], false, false)
+                .is_err()
+        );
     }
 
     #[test]
     fn semver_operators() {
-        assert!(holds(&condition("semver_eq", json!(["1.2.0"])), json!("1.2")));
-        assert!(holds(&condition("semver_eq", json!(["1.2.3"])), json!("v1.2.3")));
-        assert!(holds(&condition("semver_gt", json!(["1.2.3"])), json!("1.10.0")));
-        assert!(!holds(&condition("semver_gt", json!(["1.2.3"])), json!("1.2.3-beta.1")));
-        assert!(holds(&condition("semver_lt", json!(["1.2.3"])), json!("1.2.3-beta.1")));
-        assert!(holds(&condition("semver_eq", json!(["1.2.3"])), json!("1.2.3+build.7")));
-        assert!(!holds(&condition("semver_lt", json!(["2.0.0"])), json!("not.a.version")));
-        assert!(Condition::compile("a".into(), Operator::SemverEq, &[json!("x")], false, false).is_err());
+        assert!(holds(
+            &condition("semver_eq", json!(["1.2.0"])),
+            json!("1.2")
+        ));
+        assert!(holds(
+            &condition("semver_eq", json!(["1.2.3"])),
+            json!("v1.2.3")
+        ));
+        assert!(holds(
+            &condition("semver_gt", json!(["1.2.3"])),
+            json!("1.10.0")
+        ));
+        assert!(!holds(
+            &condition("semver_gt", json!(["1.2.3"])),
+            json!("1.2.3-beta.1")
+        ));
+        assert!(holds(
+            &condition("semver_lt", json!(["1.2.3"])),
+            json!("1.2.3-beta.1")
+        ));
+        assert!(holds(
+            &condition("semver_eq", json!(["1.2.3"])),
+            json!("1.2.3+build.7")
+        ));
+        assert!(!holds(
+            &condition("semver_lt", json!(["2.0.0"])),
+            json!("not.a.version")
+        ));
+        assert!(
+            Condition::compile("a".into(), Operator::SemverEq, &[json!("x")], false, false)
+                .is_err()
+        );
     }
 
     #[test]
@@ -519,21 +624,43 @@ mod tests {
 
     #[test]
     fn negate_inverts() {
-        assert!(!holds(&condition_with("in", json!(["a"]), true, false), json!("a")));
-        assert!(holds(&condition_with("in", json!(["a"]), true, false), json!("b")));
+        assert!(!holds(
+            &condition_with("in", json!(["a"]), true, false),
+            json!("a")
+        ));
+        assert!(holds(
+            &condition_with("in", json!(["a"]), true, false),
+            json!("b")
+        ));
     }
 
     #[test]
     fn array_attributes_match_any_element() {
-        assert!(holds(&condition("in", json!(["beta"])), json!(["alpha", "beta"])));
-        assert!(!holds(&condition("in", json!(["gamma"])), json!(["alpha", "beta"])));
+        assert!(holds(
+            &condition("in", json!(["beta"])),
+            json!(["alpha", "beta"])
+        ));
+        assert!(!holds(
+            &condition("in", json!(["gamma"])),
+            json!(["alpha", "beta"])
+        ));
     }
 
     #[test]
     fn dotted_paths_and_flat_keys() {
-        let c = Condition::compile("user.email".into(), Operator::EndsWith, &[json!("@acme.com")], false, false)
-            .unwrap();
-        assert!(c.matches(json!({"user": {"email": "a@acme.com"}}).as_object().unwrap()));
+        let c = Condition::compile(
+            "user.email".into(),
+            Operator::EndsWith,
+            &[json!("@acme.com")],
+            false,
+            false,
+        )
+        .unwrap();
+        assert!(c.matches(
+            json!({"user": {"email": "a@acme.com"}})
+                .as_object()
+                .unwrap()
+        ));
         assert!(c.matches(json!({"user.email": "a@acme.com"}).as_object().unwrap()));
         assert!(!c.matches(json!({"user": "a@acme.com"}).as_object().unwrap()));
     }
@@ -541,9 +668,15 @@ mod tests {
     #[test]
     fn wrong_value_types_are_refused() {
         assert!(Condition::compile("a".into(), Operator::In, &[], false, false).is_err());
-        assert!(Condition::compile("a".into(), Operator::In, &[json!({"x": 1})], false, false).is_err());
-        assert!(Condition::compile("a".into(), Operator::Contains, &[json!(1)], false, false).is_err());
-        assert!(Condition::compile("a".into(), Operator::Exists, &[json!(1)], false, false).is_err());
+        assert!(
+            Condition::compile("a".into(), Operator::In, &[json!({"x": 1})], false, false).is_err()
+        );
+        assert!(
+            Condition::compile("a".into(), Operator::Contains, &[json!(1)], false, false).is_err()
+        );
+        assert!(
+            Condition::compile("a".into(), Operator::Exists, &[json!(1)], false, false).is_err()
+        );
         assert!(Condition::compile("a".into(), Operator::Gt, &[json!(1)], false, true).is_err());
     }
 }

@@ -18,7 +18,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ValidationError { path: path.into(), message: message.into() }
+        ValidationError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -149,8 +152,22 @@ const FLAG_FIELDS: &[&str] = &[
 const ENVIRONMENT_FIELDS: &[&str] = &["enabled", "targets", "rules", "default"];
 const RULE_FIELDS: &[&str] = &["id", "segment", "conditions", "serve"];
 const SERVE_FIELDS: &[&str] = &["variant", "rollout", "bucket_by", "salt"];
-const SEGMENT_FIELDS: &[&str] = &["key", "name", "description", "included", "excluded", "conditions"];
-const CONDITION_FIELDS: &[&str] = &["attribute", "op", "values", "value", "negate", "case_insensitive"];
+const SEGMENT_FIELDS: &[&str] = &[
+    "key",
+    "name",
+    "description",
+    "included",
+    "excluded",
+    "conditions",
+];
+const CONDITION_FIELDS: &[&str] = &[
+    "attribute",
+    "op",
+    "values",
+    "value",
+    "negate",
+    "case_insensitive",
+];
 
 /// Keys of flags, segments and variants: what a URL or a log line can carry.
 pub fn is_valid_key(key: &str) -> bool {
@@ -197,7 +214,10 @@ fn optional_bool(map: &Map<String, Value>, field: &str, path: &str) -> Result<Op
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(flag)) => Ok(Some(*flag)),
-        Some(_) => Err(ValidationError::new(join(path, field), "must be true or false")),
+        Some(_) => Err(ValidationError::new(
+            join(path, field),
+            "must be true or false",
+        )),
     }
 }
 
@@ -222,7 +242,10 @@ fn string_list(value: Option<&Value>, path: &str) -> Result<Vec<String>> {
             .map(|(index, item)| match item {
                 Value::String(text) => Ok(text.clone()),
                 Value::Number(number) => Ok(number.to_string()),
-                _ => Err(ValidationError::new(format!("{path}[{index}]"), "must be a string")),
+                _ => Err(ValidationError::new(
+                    format!("{path}[{index}]"),
+                    "must be a string",
+                )),
             })
             .collect(),
         Some(_) => Err(ValidationError::new(path, "must be an array of strings")),
@@ -265,7 +288,9 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
         Some(text) => Kind::parse(&text).ok_or_else(|| {
             ValidationError::new(
                 "kind",
-                format!("unknown kind \"{text}\"; expected boolean, percentage, plan or multivariate"),
+                format!(
+                    "unknown kind \"{text}\"; expected boolean, percentage, plan or multivariate"
+                ),
             )
         })?,
     };
@@ -273,20 +298,36 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
     let variants: Vec<(String, Value)> = match map.get("variants") {
         None | Some(Value::Null) => match kind {
             Kind::Multivariate => {
-                return Err(ValidationError::new("variants", "is required for a multivariate flag"))
+                return Err(ValidationError::new(
+                    "variants",
+                    "is required for a multivariate flag",
+                ))
             }
-            _ => vec![("off".into(), Value::Bool(false)), ("on".into(), Value::Bool(true))],
+            _ => vec![
+                ("off".into(), Value::Bool(false)),
+                ("on".into(), Value::Bool(true)),
+            ],
         },
         Some(Value::Object(entries)) => {
-            let mut variants: Vec<(String, Value)> =
-                entries.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut variants: Vec<(String, Value)> = entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             variants.sort_by(|a, b| a.0.cmp(&b.0));
             variants
         }
-        Some(_) => return Err(ValidationError::new("variants", "must be an object of name: value")),
+        Some(_) => {
+            return Err(ValidationError::new(
+                "variants",
+                "must be an object of name: value",
+            ))
+        }
     };
     if variants.is_empty() {
-        return Err(ValidationError::new("variants", "needs at least one variant"));
+        return Err(ValidationError::new(
+            "variants",
+            "needs at least one variant",
+        ));
     }
     for (name, value) in &variants {
         if !is_valid_key(name) {
@@ -364,7 +405,10 @@ fn require_variant(variants: &[(String, Value)], name: &str, path: &str) -> Resu
         let known: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
         Err(ValidationError::new(
             path,
-            format!("unknown variant \"{name}\"; the flag has: {}", known.join(", ")),
+            format!(
+                "unknown variant \"{name}\"; the flag has: {}",
+                known.join(", ")
+            ),
         ))
     }
 }
@@ -426,17 +470,32 @@ pub fn parse_environment_config(
                 rules.push(rule);
             }
         }
-        Some(_) => return Err(ValidationError::new(join(path, "rules"), "must be an array")),
+        Some(_) => {
+            return Err(ValidationError::new(
+                join(path, "rules"),
+                "must be an array",
+            ))
+        }
     }
 
     let default = match map.get("default") {
         None | Some(Value::Null) => None,
         Some(serve) => Some(parse_serve(serve, variants, &join(path, "default"))?),
     };
-    Ok(EnvironmentConfig { enabled, targets, rules, default })
+    Ok(EnvironmentConfig {
+        enabled,
+        targets,
+        rules,
+        default,
+    })
 }
 
-fn parse_rule(value: &Value, variants: &[(String, Value)], path: &str, index: usize) -> Result<Rule> {
+fn parse_rule(
+    value: &Value,
+    variants: &[(String, Value)],
+    path: &str,
+    index: usize,
+) -> Result<Rule> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, RULE_FIELDS, path)?;
     let id = match optional_string(map, "id", path)? {
@@ -469,7 +528,12 @@ fn parse_rule(value: &Value, variants: &[(String, Value)], path: &str, index: us
         .get("serve")
         .ok_or_else(|| ValidationError::new(join(path, "serve"), "is required"))?;
     let serve = parse_serve(serve, variants, &join(path, "serve"))?;
-    Ok(Rule { id, segment, conditions, serve })
+    Ok(Rule {
+        id,
+        segment,
+        conditions,
+        serve,
+    })
 }
 
 /// `{"variant": "on"}` or `{"rollout": {"on": 25, "off": 75}, "bucket_by": ..., "salt": ...}`.
@@ -485,7 +549,10 @@ pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> R
             require_variant(variants, name, &join(path, "variant"))?;
             Ok(Serve::Variant(name.clone()))
         }
-        (Some(_), None) => Err(ValidationError::new(join(path, "variant"), "must be a string")),
+        (Some(_), None) => Err(ValidationError::new(
+            join(path, "variant"),
+            "must be a string",
+        )),
         (None, Some(rollout)) => {
             let rollout_path = join(path, "rollout");
             let entries = object(rollout, &rollout_path)?;
@@ -517,12 +584,19 @@ pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> R
             weights.sort_by_key(|(name, _)| variants.iter().position(|(known, _)| known == name));
             let bucket_by = match optional_string(map, "bucket_by", path)? {
                 Some(attribute) if attribute.trim().is_empty() => {
-                    return Err(ValidationError::new(join(path, "bucket_by"), "must not be empty"))
+                    return Err(ValidationError::new(
+                        join(path, "bucket_by"),
+                        "must not be empty",
+                    ))
                 }
                 Some(attribute) => attribute,
                 None => "targeting_key".to_string(),
             };
-            Ok(Serve::Rollout(Rollout { weights, bucket_by, salt: optional_string(map, "salt", path)? }))
+            Ok(Serve::Rollout(Rollout {
+                weights,
+                bucket_by,
+                salt: optional_string(map, "salt", path)?,
+            }))
         }
         (None, None) => Err(ValidationError::new(
             path,
@@ -562,10 +636,18 @@ fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
     })?;
     let values = match (map.get("values"), map.get("value")) {
         (Some(_), Some(_)) => {
-            return Err(ValidationError::new(path, "give \"values\" or \"value\", not both"))
+            return Err(ValidationError::new(
+                path,
+                "give \"values\" or \"value\", not both",
+            ))
         }
         (Some(Value::Array(values)), None) => values.clone(),
-        (Some(_), None) => return Err(ValidationError::new(join(path, "values"), "must be an array")),
+        (Some(_), None) => {
+            return Err(ValidationError::new(
+                join(path, "values"),
+                "must be an array",
+            ))
+        }
         (None, Some(single)) => vec![single.clone()],
         (None, None) => Vec::new(),
     };
@@ -590,6 +672,9 @@ pub fn parse_segment(document: &Value) -> Result<SegmentDefinition> {
 impl EnvironmentConfig {
     /// Segments this configuration refers to, for existence checks on write.
     pub fn segment_keys(&self) -> Vec<&str> {
-        self.rules.iter().filter_map(|rule| rule.segment.as_deref()).collect()
+        self.rules
+            .iter()
+            .filter_map(|rule| rule.segment.as_deref())
+            .collect()
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::conditions::{lookup_path, Condition};
-use super::document::{EnvironmentConfig, FlagDefinition, Kind, Serve, SegmentDefinition};
+use super::document::{EnvironmentConfig, FlagDefinition, Kind, SegmentDefinition, Serve};
 use crate::bucketing;
 
 /// How deep prerequisite chains may go; writes refuse cycles, this guards
@@ -92,7 +92,10 @@ impl Resolution {
         out.insert("value".into(), self.value.clone());
         out.insert(
             "variant".into(),
-            self.variant.clone().map(Value::String).unwrap_or(Value::Null),
+            self.variant
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
         );
         out.insert("reason".into(), Value::String(self.reason.as_str().into()));
         if let Some(rule) = &self.rule {
@@ -215,7 +218,10 @@ fn compile_serve(serve: &Serve, variants: &[(String, Value)], default_salt: &str
                 weights: slots.iter().map(|(_, weight)| *weight).collect(),
                 slots,
                 bucket_by,
-                salt: rollout.salt.clone().unwrap_or_else(|| default_salt.to_string()),
+                salt: rollout
+                    .salt
+                    .clone()
+                    .unwrap_or_else(|| default_salt.to_string()),
             }
         }
     }
@@ -288,7 +294,9 @@ impl Snapshot {
                     .map(|p| (p.flag.clone(), p.variant.clone()))
                     .collect(),
                 archived: flag.archived,
-                environment: config.as_ref().map(|config| compile_environment(&flag, config)),
+                environment: config
+                    .as_ref()
+                    .map(|config| compile_environment(&flag, config)),
                 variants: flag.variants,
             };
             snapshot.order.push(compiled.key.clone());
@@ -306,7 +314,12 @@ impl Snapshot {
             .map(String::as_str)
     }
 
-    pub fn evaluate(&self, flag_key: &str, context: &Value, entitlements: &dyn Entitlements) -> Resolution {
+    pub fn evaluate(
+        &self,
+        flag_key: &str,
+        context: &Value,
+        entitlements: &dyn Entitlements,
+    ) -> Resolution {
         self.evaluate_at_depth(flag_key, context, entitlements, 0)
     }
 
@@ -318,14 +331,25 @@ impl Snapshot {
         depth: usize,
     ) -> Resolution {
         let Some(flag) = self.flags.get(flag_key) else {
-            return Resolution::error(flag_key, ErrorCode::FlagNotFound, format!("flag \"{flag_key}\" not found"));
+            return Resolution::error(
+                flag_key,
+                ErrorCode::FlagNotFound,
+                format!("flag \"{flag_key}\" not found"),
+            );
         };
         if flag.archived {
-            return Resolution::error(flag_key, ErrorCode::FlagNotFound, format!("flag \"{flag_key}\" is archived"));
+            return Resolution::error(
+                flag_key,
+                ErrorCode::FlagNotFound,
+                format!("flag \"{flag_key}\" is archived"),
+            );
         }
         let Value::Object(attributes) = context else {
             let mut resolution = flag.serve_index(flag.off, Reason::Error, None);
-            resolution.error = Some((ErrorCode::InvalidContext, "context must be a JSON object".into()));
+            resolution.error = Some((
+                ErrorCode::InvalidContext,
+                "context must be a JSON object".into(),
+            ));
             return resolution;
         };
         let Some(environment) = flag.environment.as_ref().filter(|env| env.enabled) else {
@@ -334,17 +358,23 @@ impl Snapshot {
 
         for (prerequisite, wanted) in &flag.prerequisites {
             let met = depth < MAX_PREREQUISITE_DEPTH && {
-                let outcome = self.evaluate_at_depth(prerequisite, context, entitlements, depth + 1);
+                let outcome =
+                    self.evaluate_at_depth(prerequisite, context, entitlements, depth + 1);
                 outcome.error.is_none() && outcome.variant.as_deref() == Some(wanted.as_str())
             };
             if !met {
-                return flag.serve_index(flag.off, Reason::PrerequisiteFailed, Some(prerequisite.clone()));
+                return flag.serve_index(
+                    flag.off,
+                    Reason::PrerequisiteFailed,
+                    Some(prerequisite.clone()),
+                );
             }
         }
 
         if flag.kind == Kind::Plan {
             let customer = attributes.get("customer").and_then(scalar_text);
-            let entitled = customer.is_some_and(|customer| entitlements.grants(&customer, &flag.key));
+            let entitled =
+                customer.is_some_and(|customer| entitlements.grants(&customer, &flag.key));
             if !entitled {
                 return flag.serve_index(flag.off, Reason::NotEntitled, None);
             }
@@ -377,7 +407,11 @@ impl Snapshot {
 
         match &environment.default {
             CompiledServe::Variant(index) => {
-                let reason = if environment.is_static { Reason::Static } else { Reason::Default };
+                let reason = if environment.is_static {
+                    Reason::Static
+                } else {
+                    Reason::Default
+                };
                 flag.serve_index(*index, reason, None)
             }
             rollout => match pick_slot(rollout, attributes, targeting_key.as_deref()) {
@@ -387,16 +421,28 @@ impl Snapshot {
         }
     }
 
-    fn rule_matches(&self, rule: &CompiledRule, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> bool {
+    fn rule_matches(
+        &self,
+        rule: &CompiledRule,
+        attributes: &Map<String, Value>,
+        targeting_key: Option<&str>,
+    ) -> bool {
         if let Some(segment) = &rule.segment {
             if !self.in_segment(segment, attributes, targeting_key) {
                 return false;
             }
         }
-        rule.conditions.iter().all(|condition| condition.matches(attributes))
+        rule.conditions
+            .iter()
+            .all(|condition| condition.matches(attributes))
     }
 
-    fn in_segment(&self, key: &str, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> bool {
+    fn in_segment(
+        &self,
+        key: &str,
+        attributes: &Map<String, Value>,
+        targeting_key: Option<&str>,
+    ) -> bool {
         let Some(segment) = self.segments.get(key) else {
             return false;
         };
@@ -442,8 +488,18 @@ pub fn targeting_key(attributes: &Map<String, Value>) -> Option<String> {
         .or_else(|| attributes.get("key").and_then(scalar_text))
 }
 
-fn pick_slot(serve: &CompiledServe, attributes: &Map<String, Value>, targeting_key: Option<&str>) -> Option<usize> {
-    let CompiledServe::Rollout { slots, weights, bucket_by, salt } = serve else {
+fn pick_slot(
+    serve: &CompiledServe,
+    attributes: &Map<String, Value>,
+    targeting_key: Option<&str>,
+) -> Option<usize> {
+    let CompiledServe::Rollout {
+        slots,
+        weights,
+        bucket_by,
+        salt,
+    } = serve
+    else {
         return None;
     };
     let value = match bucket_by {

@@ -15,7 +15,10 @@ fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
             (parsed.flag, config)
         })
         .collect();
-    let segments = segments.iter().map(|doc| parse_segment(doc).unwrap()).collect();
+    let segments = segments
+        .iter()
+        .map(|doc| parse_segment(doc).unwrap())
+        .collect();
     Snapshot::compile(flags, segments)
 }
 
@@ -55,29 +58,62 @@ fn beta_segment() -> Value {
 fn targets_rules_segments_and_default_in_order() {
     let s = snapshot(&[checkout()], &[beta_segment()], "production");
     let on = eval(&s, "new-checkout", json!({"targeting_key": "user-1"}));
-    assert_eq!((on.value.clone(), on.reason, on.rule.as_deref()), (json!(true), Reason::TargetingMatch, Some("targets")));
-    let off = eval(&s, "new-checkout", json!({"targeting_key": "user-2", "country": "NO", "plan": "enterprise"}));
-    assert_eq!(off.variant.as_deref(), Some("off"), "individual targets win over rules");
+    assert_eq!(
+        (on.value.clone(), on.reason, on.rule.as_deref()),
+        (json!(true), Reason::TargetingMatch, Some("targets"))
+    );
+    let off = eval(
+        &s,
+        "new-checkout",
+        json!({"targeting_key": "user-2", "country": "NO", "plan": "enterprise"}),
+    );
+    assert_eq!(
+        off.variant.as_deref(),
+        Some("off"),
+        "individual targets win over rules"
+    );
 
-    let rule = eval(&s, "new-checkout", json!({"targeting_key": "u", "country": "SE", "plan": "enterprise"}));
+    let rule = eval(
+        &s,
+        "new-checkout",
+        json!({"targeting_key": "u", "country": "SE", "plan": "enterprise"}),
+    );
     assert_eq!(rule.reason, Reason::TargetingMatch);
     assert_eq!(rule.rule.as_deref(), Some("nordic-enterprise"));
     assert_eq!(rule.value, json!(true));
 
     let half = eval(&s, "new-checkout", json!({"targeting_key": "tester-1"}));
-    assert_eq!((half.reason, half.rule.as_deref()), (Reason::Split, Some("beta")));
+    assert_eq!(
+        (half.reason, half.rule.as_deref()),
+        (Reason::Split, Some("beta"))
+    );
 
-    let by_condition = eval(&s, "new-checkout", json!({"key": "x", "email": "x@beta.io"}));
+    let by_condition = eval(
+        &s,
+        "new-checkout",
+        json!({"key": "x", "email": "x@beta.io"}),
+    );
     assert_eq!(by_condition.rule.as_deref(), Some("beta"));
-    let excluded = eval(&s, "new-checkout", json!({"key": "user-9", "email": "x@beta.io"}));
-    assert_eq!((excluded.reason, excluded.rule), (Reason::Split, None), "excluded falls to the default");
+    let excluded = eval(
+        &s,
+        "new-checkout",
+        json!({"key": "user-9", "email": "x@beta.io"}),
+    );
+    assert_eq!(
+        (excluded.reason, excluded.rule),
+        (Reason::Split, None),
+        "excluded falls to the default"
+    );
 }
 
 #[test]
 fn disabled_environment_serves_off() {
     let s = snapshot(&[checkout()], &[beta_segment()], "staging");
     let r = eval(&s, "new-checkout", json!({"targeting_key": "user-1"}));
-    assert_eq!((r.value, r.reason, r.variant.as_deref()), (json!(false), Reason::Disabled, Some("off")));
+    assert_eq!(
+        (r.value, r.reason, r.variant.as_deref()),
+        (json!(false), Reason::Disabled, Some("off"))
+    );
     // An environment the document does not mention is off too.
     let s = snapshot(&[checkout()], &[], "development");
     assert_eq!(eval(&s, "new-checkout", json!({})).reason, Reason::Disabled);
@@ -96,20 +132,33 @@ fn static_and_default_reasons() {
     let r = eval(&s, "f", json!({}));
     assert_eq!((r.value, r.reason), (json!(false), Reason::Default));
     let r = eval(&s, "f", json!({"a": 1}));
-    assert_eq!((r.value, r.reason, r.rule.as_deref()), (json!(true), Reason::TargetingMatch, Some("rule-0")));
+    assert_eq!(
+        (r.value, r.reason, r.rule.as_deref()),
+        (json!(true), Reason::TargetingMatch, Some("rule-0"))
+    );
 }
 
 #[test]
 fn error_codes() {
-    let s = snapshot(&[checkout(), json!({"key": "old", "archived": true})], &[], "production");
+    let s = snapshot(
+        &[checkout(), json!({"key": "old", "archived": true})],
+        &[],
+        "production",
+    );
     let missing = eval(&s, "nope", json!({}));
-    assert_eq!((missing.reason, missing.value.clone()), (Reason::Error, Value::Null));
+    assert_eq!(
+        (missing.reason, missing.value.clone()),
+        (Reason::Error, Value::Null)
+    );
     assert_eq!(missing.error.as_ref().unwrap().0, ErrorCode::FlagNotFound);
     assert_eq!(missing.to_json()["error_code"], json!("FLAG_NOT_FOUND"));
     let archived = eval(&s, "old", json!({}));
     assert_eq!(archived.error.unwrap().0, ErrorCode::FlagNotFound);
     let bad = eval(&s, "new-checkout", json!([1, 2]));
-    assert_eq!((bad.reason, bad.value.clone()), (Reason::Error, json!(false)));
+    assert_eq!(
+        (bad.reason, bad.value.clone()),
+        (Reason::Error, json!(false))
+    );
     assert_eq!(bad.error.unwrap().0, ErrorCode::InvalidContext);
     assert_eq!(s.live_flag_keys().collect::<Vec<_>>(), vec!["new-checkout"]);
 }
@@ -137,10 +186,20 @@ fn prerequisites_gate_the_flag() {
     let r = eval(&s, "checkout", json!({"country": "NO"}));
     assert_eq!((r.value, r.reason), (json!(true), Reason::Static));
     let r = eval(&s, "checkout", json!({"country": "SE"}));
-    assert_eq!((r.value, r.reason, r.rule.as_deref()), (json!(false), Reason::PrerequisiteFailed, Some("payments-v2")));
+    assert_eq!(
+        (r.value, r.reason, r.rule.as_deref()),
+        (
+            json!(false),
+            Reason::PrerequisiteFailed,
+            Some("payments-v2")
+        )
+    );
     let orphan = json!({"key": "orphan", "prerequisites": [{"flag": "gone"}], "environments": {"p": {"enabled": true}}});
     let s = snapshot(&[orphan], &[], "p");
-    assert_eq!(eval(&s, "orphan", json!({})).reason, Reason::PrerequisiteFailed);
+    assert_eq!(
+        eval(&s, "orphan", json!({})).reason,
+        Reason::PrerequisiteFailed
+    );
 }
 
 #[test]
@@ -160,7 +219,8 @@ impl Entitlements for Grants {
 
 #[test]
 fn plan_flags_need_an_entitlement() {
-    let reports = json!({"key": "reports", "kind": "plan", "environments": {"p": {"enabled": true}}});
+    let reports =
+        json!({"key": "reports", "kind": "plan", "environments": {"p": {"enabled": true}}});
     let s = snapshot(&[reports], &[], "p");
     let r = eval(&s, "reports", json!({"customer": "acme"}));
     assert_eq!((r.value, r.reason), (json!(false), Reason::NotEntitled));
@@ -179,7 +239,12 @@ fn rollout_flag(weights: Value) -> Snapshot {
 
 fn share(s: &Snapshot, variant: &str) -> f64 {
     let hits = (0..20_000)
-        .filter(|i| eval(s, "exp", json!({"targeting_key": format!("user-{i}")})).variant.as_deref() == Some(variant))
+        .filter(|i| {
+            eval(s, "exp", json!({"targeting_key": format!("user-{i}")}))
+                .variant
+                .as_deref()
+                == Some(variant)
+        })
         .count();
     hits as f64 / 20_000.0
 }
@@ -229,21 +294,41 @@ fn buckets_are_sticky_and_follow_bucket_by_and_salt() {
     let s = rollout_flag(json!({"a": 33.333, "b": 33.333, "c": 33.334}));
     let first = eval(&s, "exp", json!({"targeting_key": "user-7"}));
     for _ in 0..10 {
-        assert_eq!(eval(&s, "exp", json!({"targeting_key": "user-7", "other": 1})).variant, first.variant);
+        assert_eq!(
+            eval(&s, "exp", json!({"targeting_key": "user-7", "other": 1})).variant,
+            first.variant
+        );
     }
     let by_org = json!({"key": "org-exp", "environments": {"p": {"enabled": true,
         "default": {"rollout": {"on": 50, "off": 50}, "bucket_by": "org.id", "salt": "s1"}}}});
     let s = snapshot(&[by_org], &[], "p");
     let variants: std::collections::HashSet<_> = (0..50)
-        .map(|i| eval(&s, "org-exp", json!({"targeting_key": format!("u{i}"), "org": {"id": "o-1"}})).variant)
+        .map(|i| {
+            eval(
+                &s,
+                "org-exp",
+                json!({"targeting_key": format!("u{i}"), "org": {"id": "o-1"}}),
+            )
+            .variant
+        })
         .collect();
     assert_eq!(variants.len(), 1, "one organization, one bucket");
     let expected_bucket = crate::bucketing::bucket("s1", "o-1");
-    let expected = if expected_bucket < 50_000 { "off" } else { "on" };
-    assert_eq!(variants.into_iter().next().unwrap().as_deref(), Some(expected));
+    let expected = if expected_bucket < 50_000 {
+        "off"
+    } else {
+        "on"
+    };
+    assert_eq!(
+        variants.into_iter().next().unwrap().as_deref(),
+        Some(expected)
+    );
     // Without the attribute, the default rollout serves the off variant.
     let r = eval(&s, "org-exp", json!({"targeting_key": "u"}));
-    assert_eq!((r.variant.as_deref(), r.reason), (Some("off"), Reason::Default));
+    assert_eq!(
+        (r.variant.as_deref(), r.reason),
+        (Some("off"), Reason::Default)
+    );
 }
 
 #[test]
@@ -266,34 +351,66 @@ fn refusal(doc: Value) -> String {
 
 #[test]
 fn validation_names_the_field() {
-    let e = refusal(json!({"key": "f", "environments": {"production": {"rules": [
+    let e = refusal(
+        json!({"key": "f", "environments": {"production": {"rules": [
         {"conditions": [{"attribute": "a", "op": "eq", "values": ["x"]}, {"attribute": "b", "op": "lolwut", "values": []}],
-         "serve": {"variant": "on"}}]}}}));
-    assert!(e.starts_with("environments.production.rules[0].conditions[1].op: unknown operator \"lolwut\""), "{e}");
+         "serve": {"variant": "on"}}]}}}),
+    );
+    assert!(
+        e.starts_with(
+            "environments.production.rules[0].conditions[1].op: unknown operator \"lolwut\""
+        ),
+        "{e}"
+    );
 
-    let e = refusal(json!({"key": "f", "environments": {"p": {"default": {"rollout": {"on": 30, "off": 60}}}}}));
-    assert_eq!(e, "environments.p.default.rollout: weights sum to 90%, not 100%");
+    let e = refusal(
+        json!({"key": "f", "environments": {"p": {"default": {"rollout": {"on": 30, "off": 60}}}}}),
+    );
+    assert_eq!(
+        e,
+        "environments.p.default.rollout: weights sum to 90%, not 100%"
+    );
 
     let e = refusal(json!({"key": "f", "environments": {"p": {"default": {"variant": "maybe"}}}}));
-    assert!(e.starts_with("environments.p.default.variant: unknown variant \"maybe\""), "{e}");
+    assert!(
+        e.starts_with("environments.p.default.variant: unknown variant \"maybe\""),
+        "{e}"
+    );
 
     let e = refusal(json!({"key": "f", "environments": {"p": {"targets": {"purple": ["u"]}}}}));
-    assert!(e.starts_with("environments.p.targets.purple: unknown variant"), "{e}");
+    assert!(
+        e.starts_with("environments.p.targets.purple: unknown variant"),
+        "{e}"
+    );
 
     assert!(refusal(json!({"kind": "boolean"})).starts_with("key: is required"));
     assert!(refusal(json!({"key": "has space"})).starts_with("key:"));
     assert!(refusal(json!({"key": "f", "kind": "ternary"})).starts_with("kind: unknown kind"));
     assert!(refusal(json!({"key": "f", "colour": "red"})).starts_with("colour: unknown field"));
-    assert!(refusal(json!({"key": "f", "variants": {"on": "yes", "off": "no"}})).starts_with("variants.off:"));
-    assert!(refusal(json!({"key": "f", "kind": "multivariate"})).starts_with("variants: is required"));
-    assert!(refusal(json!({"key": "f", "kind": "multivariate", "variants": {"a": 1}})).starts_with("off_variant:"));
-    assert!(refusal(json!({"key": "f", "prerequisites": [{"flag": "f"}]})).contains("own prerequisite"));
+    assert!(
+        refusal(json!({"key": "f", "variants": {"on": "yes", "off": "no"}}))
+            .starts_with("variants.off:")
+    );
+    assert!(
+        refusal(json!({"key": "f", "kind": "multivariate"})).starts_with("variants: is required")
+    );
+    assert!(
+        refusal(json!({"key": "f", "kind": "multivariate", "variants": {"a": 1}}))
+            .starts_with("off_variant:")
+    );
+    assert!(
+        refusal(json!({"key": "f", "prerequisites": [{"flag": "f"}]})).contains("own prerequisite")
+    );
     assert!(refusal(json!({"key": "f", "environments": {"p": {"default": {"rollout": {"on": 12.3456, "off": 87.6544}}}}}))
         .contains("at most three decimals"));
-    assert!(refusal(json!({"key": "f", "environments": {"p": {"rules": [{"serve": {"variant": "on"}}]}}}))
-        .contains("needs a segment or at least one condition"));
-    assert!(refusal(json!({"key": "f", "environments": {"p": {"targets": {"on": ["u"], "off": ["u"]}}}}))
-        .contains("also targeted"));
+    assert!(refusal(
+        json!({"key": "f", "environments": {"p": {"rules": [{"serve": {"variant": "on"}}]}}})
+    )
+    .contains("needs a segment or at least one condition"));
+    assert!(refusal(
+        json!({"key": "f", "environments": {"p": {"targets": {"on": ["u"], "off": ["u"]}}}})
+    )
+    .contains("also targeted"));
     assert!(refusal(json!({"key": "f", "environments": {"p": {"rules": [
         {"id": "r", "conditions": [{"attribute": "a", "op": "exists"}], "serve": {"variant": "on"}},
         {"id": "r", "conditions": [{"attribute": "a", "op": "exists"}], "serve": {"variant": "on"}}]}}}))

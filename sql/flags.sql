@@ -1,0 +1,505 @@
+-- Flags, their per-environment configuration, and segments.
+--
+-- Both put_flag and plain INSERT/UPDATE go through the same Rust validators
+-- (flagship.validate_flag, validate_flag_environment, validate_segment), called
+-- from BEFORE triggers, so no path can store a document the engine refuses.
+
+CREATE TABLE flagship.features (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    kind            text        NOT NULL DEFAULT 'boolean',
+    name            text,
+    description     text,
+    variants        jsonb       NOT NULL DEFAULT '{"on": true, "off": false}',
+    off_variant     text        NOT NULL DEFAULT 'off',
+    prerequisites   jsonb       NOT NULL DEFAULT '[]',
+    salt            text,
+    archived        boolean     NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT features_key_unique UNIQUE (organization_id, project_id, key),
+    CONSTRAINT features_project_unique UNIQUE (organization_id, project_id, id),
+    FOREIGN KEY (organization_id, project_id)
+        REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
+);
+
+CREATE TABLE flagship.feature_rules (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    feature_id      uuid        NOT NULL,
+    environment_id  uuid        NOT NULL,
+    enabled         boolean     NOT NULL DEFAULT false,
+    targets         jsonb       NOT NULL DEFAULT '{}',
+    rules           jsonb       NOT NULL DEFAULT '[]',
+    default_serve   jsonb,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, feature_id, environment_id),
+    FOREIGN KEY (organization_id, project_id, feature_id)
+        REFERENCES flagship.features (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, environment_id)
+        REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
+);
+CREATE INDEX feature_rules_environment_idx ON flagship.feature_rules (organization_id, environment_id);
+
+CREATE TABLE flagship.segments (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text,
+    description     text,
+    included        jsonb       NOT NULL DEFAULT '[]',
+    excluded        jsonb       NOT NULL DEFAULT '[]',
+    conditions      jsonb       NOT NULL DEFAULT '[]',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT segments_key_unique UNIQUE (organization_id, project_id, key),
+    FOREIGN KEY (organization_id, project_id)
+        REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
+);
+
+SELECT pg_catalog.pg_extension_config_dump('flagship.features', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.feature_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('flagship.segments', '');
+
+DO $rls$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['features', 'feature_rules', 'segments'] LOOP
+        EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format(
+            'CREATE POLICY %I ON flagship.%I
+                 USING (organization_id = (SELECT flagship.current_organization_id()))
+                 WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
+            t || '_tenant', t);
+    END LOOP;
+END
+$rls$;
+
+GRANT SELECT ON flagship.features, flagship.feature_rules, flagship.segments
+    TO flagship_admin, flagship_app, flagship_auditor;
+GRANT INSERT, UPDATE, DELETE ON flagship.features, flagship.feature_rules, flagship.segments
+    TO flagship_admin;
+
+-- Validation on every write path ------------------------------------------
+
+CREATE FUNCTION flagship.features_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    prerequisite jsonb;
+    target record;
+    cycle text[];
+BEGIN
+    -- Fill the defaults the document format implies (variants, off variant).
+    SELECT * INTO target FROM jsonb_populate_record(NEW, flagship.validate_flag(
+        to_jsonb(NEW) - '{organization_id,project_id,id,created_at,updated_at}'::text[]));
+    NEW.variants := target.variants;
+    NEW.off_variant := target.off_variant;
+    NEW.prerequisites := target.prerequisites;
+    NEW.updated_at := now();
+
+    FOR prerequisite IN SELECT * FROM jsonb_array_elements(NEW.prerequisites) LOOP
+        SELECT f.key, f.variants INTO target
+          FROM flagship.features f
+         WHERE f.organization_id = NEW.organization_id AND f.project_id = NEW.project_id
+           AND f.key = prerequisite->>'flag';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', NEW.key, prerequisite->>'flag'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create the prerequisite flag first';
+        END IF;
+        IF NOT target.variants ? (prerequisite->>'variant') THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
+                NEW.key, prerequisite->>'flag', prerequisite->>'variant'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    -- Refuse a prerequisite chain that leads back to this flag.
+    WITH RECURSIVE chain (key, path) AS (
+        SELECT p->>'flag', ARRAY[NEW.key, p->>'flag']
+          FROM jsonb_array_elements(NEW.prerequisites) p
+        UNION ALL
+        SELECT p->>'flag', chain.path || (p->>'flag')
+          FROM chain
+          JOIN flagship.features f
+            ON f.organization_id = NEW.organization_id AND f.project_id = NEW.project_id
+           AND f.key = chain.key AND f.id IS DISTINCT FROM NEW.id
+         CROSS JOIN LATERAL jsonb_array_elements(f.prerequisites) p
+         WHERE chain.key <> NEW.key AND cardinality(chain.path) < 64
+    )
+    SELECT path INTO cycle FROM chain WHERE key = NEW.key LIMIT 1;
+    IF cycle IS NOT NULL THEN
+        RAISE EXCEPTION 'flag "%": prerequisites: cycle %', NEW.key, array_to_string(cycle, ' -> ')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER features_validate BEFORE INSERT OR UPDATE ON flagship.features
+    FOR EACH ROW EXECUTE FUNCTION flagship.features_validate();
+
+-- Changing a flag's variants must not strand a configuration that serves a
+-- variant the flag no longer has.
+CREATE FUNCTION flagship.features_revalidate_rules() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config record;
+BEGIN
+    FOR config IN
+        SELECT r.*, e.key AS environment_key
+          FROM flagship.feature_rules r
+          JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
+         WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
+    LOOP
+        PERFORM flagship.validate_flag_environment(
+            NEW.key, NEW.variants, config.environment_key,
+            jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
+                               'rules', config.rules, 'default', config.default_serve));
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER features_revalidate_rules AFTER UPDATE OF variants ON flagship.features
+    FOR EACH ROW EXECUTE FUNCTION flagship.features_revalidate_rules();
+
+CREATE FUNCTION flagship.feature_rules_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    feature record;
+    environment_key text;
+    segment_key text;
+BEGIN
+    SELECT f.key, f.variants INTO feature
+      FROM flagship.features f
+     WHERE f.organization_id = NEW.organization_id AND f.id = NEW.feature_id;
+    SELECT e.key INTO environment_key
+      FROM flagship.environments e
+     WHERE e.organization_id = NEW.organization_id AND e.id = NEW.environment_id;
+    -- Unknown feature or environment: the foreign keys report it.
+    IF feature.key IS NULL OR environment_key IS NULL THEN
+        RETURN NEW;
+    END IF;
+    FOR segment_key IN
+        SELECT s FROM unnest(flagship.validate_flag_environment(
+            feature.key, feature.variants, environment_key,
+            jsonb_build_object('enabled', NEW.enabled, 'targets', NEW.targets,
+                               'rules', NEW.rules, 'default', NEW.default_serve))) s
+    LOOP
+        IF NOT EXISTS (SELECT FROM flagship.segments s
+                        WHERE s.organization_id = NEW.organization_id
+                          AND s.project_id = NEW.project_id AND s.key = segment_key) THEN
+            RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
+                feature.key, environment_key, segment_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create it with flagship.put_segment first';
+        END IF;
+    END LOOP;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER feature_rules_validate BEFORE INSERT OR UPDATE ON flagship.feature_rules
+    FOR EACH ROW EXECUTE FUNCTION flagship.feature_rules_validate();
+
+CREATE FUNCTION flagship.segments_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM flagship.validate_segment(
+        to_jsonb(NEW) - '{organization_id,project_id,id,created_at,updated_at}'::text[]);
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER segments_validate BEFORE INSERT OR UPDATE ON flagship.segments
+    FOR EACH ROW EXECUTE FUNCTION flagship.segments_validate();
+
+-- A segment that rules still use cannot disappear from under them.
+CREATE FUNCTION flagship.segments_guard_delete() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    user_flag text;
+BEGIN
+    SELECT f.key INTO user_flag
+      FROM flagship.feature_rules r
+      JOIN flagship.features f ON f.organization_id = r.organization_id AND f.id = r.feature_id
+     CROSS JOIN LATERAL jsonb_array_elements(r.rules) rule
+     WHERE r.organization_id = OLD.organization_id AND r.project_id = OLD.project_id
+       AND rule->>'segment' = OLD.key
+     LIMIT 1;
+    IF user_flag IS NOT NULL THEN
+        RAISE EXCEPTION 'segment "%" is used by flag "%"', OLD.key, user_flag
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN OLD;
+END
+$fn$;
+
+CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
+    FOR EACH ROW EXECUTE FUNCTION flagship.segments_guard_delete();
+
+-- Cache invalidation: any change to what evaluation reads marks every
+-- backend's compiled configuration stale (at once here, at commit elsewhere).
+CREATE FUNCTION flagship.configuration_changed() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM flagship.invalidate_cache('flagship.features'::regclass);
+    RETURN NULL;
+END
+$fn$;
+
+DO $inval$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['organizations', 'projects', 'environments', 'features',
+                             'feature_rules', 'segments'] LOOP
+        EXECUTE format(
+            'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
+                 FOR EACH STATEMENT EXECUTE FUNCTION flagship.configuration_changed()',
+            t || '_invalidate_cache', t);
+    END LOOP;
+END
+$inval$;
+
+-- Documents -----------------------------------------------------------------
+
+-- Drops the keys whose value is JSON null, at the top level only.
+CREATE FUNCTION flagship.jsonb_without_nulls(document jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(jsonb_object_agg(key, value), '{}')
+      FROM jsonb_each(document) WHERE jsonb_typeof(value) <> 'null'
+$fn$;
+
+CREATE FUNCTION flagship.flag_document(feature flagship.features) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(
+               to_jsonb(feature) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
+           || jsonb_build_object('environments', coalesce((
+               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(jsonb_build_object(
+                          'enabled', r.enabled, 'targets', r.targets,
+                          'rules', r.rules, 'default', r.default_serve)))
+                 FROM flagship.feature_rules r
+                 JOIN flagship.environments e
+                   ON e.organization_id = r.organization_id AND e.id = r.environment_id
+                WHERE r.organization_id = feature.organization_id AND r.feature_id = feature.id),
+               '{}'))
+$fn$;
+
+CREATE FUNCTION flagship.segment_document(segment flagship.segments) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(
+               to_jsonb(segment) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
+$fn$;
+
+CREATE FUNCTION flagship.put_segment(project text, definition jsonb)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    segment_id uuid;
+BEGIN
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.validate_segment(definition);
+    INSERT INTO flagship.segments AS s
+        (organization_id, project_id, key, name, description, included, excluded, conditions)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key',
+            definition->>'name', definition->>'description',
+            coalesce(definition->'included', '[]'), coalesce(definition->'excluded', '[]'),
+            coalesce(definition->'conditions', '[]'))
+    ON CONFLICT ON CONSTRAINT segments_key_unique DO UPDATE
+       SET name = EXCLUDED.name, description = EXCLUDED.description,
+           included = EXCLUDED.included, excluded = EXCLUDED.excluded,
+           conditions = EXCLUDED.conditions
+    RETURNING s.id INTO segment_id;
+    RETURN segment_id;
+END
+$fn$;
+
+CREATE FUNCTION flagship.put_flag(project text, definition jsonb)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    normalized jsonb;
+    saved_feature uuid;
+    environment_key text;
+    config jsonb;
+    saved_environment uuid;
+BEGIN
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    -- Validate the whole document first, so errors name paths in it.
+    normalized := flagship.validate_flag(definition);
+
+    INSERT INTO flagship.features AS f
+        (organization_id, project_id, key, kind, name, description, variants,
+         off_variant, prerequisites, salt, archived)
+    VALUES (project_row.organization_id, project_row.id, normalized->>'key',
+            normalized->>'kind', normalized->>'name', normalized->>'description',
+            normalized->'variants', normalized->>'off_variant', normalized->'prerequisites',
+            normalized->>'salt', (normalized->>'archived')::boolean)
+    ON CONFLICT ON CONSTRAINT features_key_unique DO UPDATE
+       SET kind = EXCLUDED.kind, name = EXCLUDED.name, description = EXCLUDED.description,
+           variants = EXCLUDED.variants, off_variant = EXCLUDED.off_variant,
+           prerequisites = EXCLUDED.prerequisites, salt = EXCLUDED.salt,
+           archived = EXCLUDED.archived
+    RETURNING f.id INTO saved_feature;
+
+    -- A document with "environments" is the whole truth about them: the
+    -- environments it leaves out lose their configuration (and so are off).
+    IF definition ? 'environments' THEN
+        FOR environment_key, config IN SELECT * FROM jsonb_each(coalesce(definition->'environments', '{}')) LOOP
+            SELECT e.id INTO saved_environment
+              FROM flagship.environments e
+             WHERE e.organization_id = project_row.organization_id
+               AND e.project_id = project_row.id AND e.key = environment_key;
+            IF saved_environment IS NULL THEN
+                RAISE EXCEPTION 'flag "%": environments.%: project "%" has no such environment',
+                    normalized->>'key', environment_key, project_row.key
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            INSERT INTO flagship.feature_rules AS r
+                (organization_id, project_id, feature_id, environment_id, enabled, targets, rules, default_serve)
+            VALUES (project_row.organization_id, project_row.id, saved_feature, saved_environment,
+                    coalesce((config->>'enabled')::boolean, false),
+                    coalesce(config->'targets', '{}'), coalesce(config->'rules', '[]'),
+                    config->'default')
+            ON CONFLICT ON CONSTRAINT feature_rules_pkey DO UPDATE
+               SET enabled = EXCLUDED.enabled, targets = EXCLUDED.targets,
+                   rules = EXCLUDED.rules, default_serve = EXCLUDED.default_serve;
+        END LOOP;
+        DELETE FROM flagship.feature_rules r
+         USING flagship.environments e
+         WHERE r.organization_id = project_row.organization_id AND r.feature_id = saved_feature
+           AND e.organization_id = r.organization_id AND e.id = r.environment_id
+           AND NOT (coalesce(definition->'environments', '{}') ? e.key);
+    END IF;
+    RETURN saved_feature;
+END
+$fn$;
+
+-- Everything evaluation needs for one environment, in one document.
+CREATE FUNCTION flagship.environment_snapshot(environment_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'flags', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'definition', to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[],
+                       'config', CASE WHEN r.feature_id IS NOT NULL THEN jsonb_build_object(
+                                     'enabled', r.enabled, 'targets', r.targets,
+                                     'rules', r.rules, 'default', r.default_serve) END))
+              FROM flagship.features f
+              LEFT JOIN flagship.feature_rules r
+                ON r.organization_id = f.organization_id AND r.feature_id = f.id
+               AND r.environment_id = e.id
+             WHERE f.organization_id = e.organization_id AND f.project_id = e.project_id), '[]'),
+        'segments', coalesce((
+            SELECT jsonb_agg(to_jsonb(s) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
+              FROM flagship.segments s
+             WHERE s.organization_id = e.organization_id AND s.project_id = e.project_id), '[]'))
+      FROM flagship.environments e
+     WHERE e.id = environment_id
+$fn$;
+
+CREATE FUNCTION flagship.export_project(project text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'format', 'flagship.project/1',
+        'project', jsonb_build_object('key', p.key, 'name', p.name),
+        'environments', (SELECT jsonb_agg(jsonb_build_object('key', e.key, 'name', e.name,
+                                                              'is_default', e.is_default)
+                                          ORDER BY NOT e.is_default, e.created_at, e.key)
+                           FROM flagship.environments e
+                          WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
+        'segments', coalesce((SELECT jsonb_agg(flagship.segment_document(s) ORDER BY s.key)
+                                FROM flagship.segments s
+                               WHERE s.organization_id = p.organization_id AND s.project_id = p.id), '[]'),
+        'flags', coalesce((SELECT jsonb_agg(flagship.flag_document(f) ORDER BY f.key)
+                             FROM flagship.features f
+                            WHERE f.organization_id = p.organization_id AND f.project_id = p.id), '[]'))
+      FROM flagship.projects p
+     WHERE p.id = flagship.resolve_project(project)
+$fn$;
+
+CREATE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_project uuid;
+    item jsonb;
+    pending jsonb[];
+    still_pending jsonb[];
+BEGIN
+    IF document IS NULL OR jsonb_typeof(document->'project') <> 'object' THEN
+        RAISE EXCEPTION 'import_project: "project" must be an object with key and name'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    new_project := flagship.create_project(
+        organization_id, document->'project'->>'key', document->'project'->>'name',
+        coalesce((SELECT array_agg(e->>'key' ORDER BY ordinality)
+                    FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
+                 '{development,staging,production}'));
+    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'segments', '[]')) LOOP
+        PERFORM flagship.put_segment(new_project::text, item);
+    END LOOP;
+    -- Prerequisites must exist before the flags that name them.
+    SELECT coalesce(array_agg(f), '{}') INTO pending
+      FROM jsonb_array_elements(coalesce(document->'flags', '[]')) f;
+    WHILE cardinality(pending) > 0 LOOP
+        still_pending := '{}';
+        FOREACH item IN ARRAY pending LOOP
+            IF EXISTS (SELECT FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
+                        WHERE NOT EXISTS (SELECT FROM flagship.features f
+                                           WHERE f.organization_id = import_project.organization_id
+                                             AND f.project_id = new_project AND f.key = p->>'flag')) THEN
+                still_pending := still_pending || item;
+            ELSE
+                PERFORM flagship.put_flag(new_project::text, item);
+            END IF;
+        END LOOP;
+        IF cardinality(still_pending) = cardinality(pending) THEN
+            -- Nothing moved: let put_flag report the missing prerequisite.
+            PERFORM flagship.put_flag(new_project::text, pending[1]);
+        END IF;
+        pending := still_pending;
+    END LOOP;
+    RETURN new_project;
+END
+$fn$;

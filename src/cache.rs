@@ -1,0 +1,142 @@
+//! Per-backend cache of compiled environments.
+//!
+//! Writes to configuration tables fire a statement trigger that calls
+//! `CacheInvalidateRelcacheByRelid` on `flagship.features`. PostgreSQL
+//! delivers that invalidation to the writing backend at its next command
+//! (so it sees its own uncommitted change) and to every other backend once
+//! the write commits; our one relcache callback then bumps a generation
+//! counter and every compiled environment built before it is discarded.
+//! An abort (of a transaction or a savepoint) bumps the counter too, since
+//! this backend may have compiled rows that no longer exist.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+
+use crate::rules::Snapshot;
+
+/// Above this many compiled environments, start over rather than grow.
+const MAX_ENTRIES: usize = 256;
+
+thread_local! {
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    static WATCHED_RELATION: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static ENTRIES: RefCell<HashMap<CacheKey, Entry>> = RefCell::new(HashMap::new());
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// Row-level security depends on who asks and for which organization.
+    pub user: pg_sys::Oid,
+    pub organization: Option<[u8; 16]>,
+    pub environment: String,
+}
+
+/// What an environment name resolved to when it was cached.
+#[derive(Clone)]
+pub enum Resolved {
+    Found(Rc<Snapshot>),
+    NotFound(String),
+}
+
+struct Entry {
+    generation: u64,
+    resolved: Resolved,
+}
+
+pub fn generation() -> u64 {
+    GENERATION.with(Cell::get)
+}
+
+fn bump() {
+    GENERATION.with(|generation| generation.set(generation.get().wrapping_add(1)));
+}
+
+pub fn lookup(key: &CacheKey) -> Option<Resolved> {
+    let current = generation();
+    ENTRIES.with(|entries| {
+        entries
+            .borrow()
+            .get(key)
+            .filter(|entry| entry.generation == current)
+            .map(|entry| entry.resolved.clone())
+    })
+}
+
+/// Stores what was built, stamped with the generation observed *before*
+/// building, so an invalidation that arrived meanwhile makes it stale.
+pub fn store(key: CacheKey, built_at: u64, resolved: Resolved, watched: pg_sys::Oid) {
+    WATCHED_RELATION.with(|relation| relation.set(watched));
+    ENTRIES.with(|entries| {
+        let mut entries = entries.borrow_mut();
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.retain(|_, entry| entry.generation == generation());
+        entries.insert(
+            key,
+            Entry {
+                generation: built_at,
+                resolved,
+            },
+        );
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // InvalidOid means "everything" (e.g. after an invalidation queue overflow).
+    if relid == pg_sys::InvalidOid || relid == WATCHED_RELATION.with(Cell::get) {
+        bump();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT
+        || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+    {
+        bump();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction_event(
+    event: pg_sys::SubXactEvent::Type,
+    _subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        bump();
+    }
+}
+
+/// Registers the one relcache callback this library uses (a backend has
+/// only ten slots, shared by every extension) and the abort callbacks.
+pub fn register_callbacks() {
+    // SAFETY: called once from _PG_init, in the backend's main thread.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+        pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_event), std::ptr::null_mut());
+    }
+}
+
+/// Called by the statement triggers on configuration tables. Takes the
+/// relation to invalidate so the trigger names it (`'flagship.features'::regclass`).
+#[pg_extern(volatile, parallel_unsafe)]
+pub fn invalidate_cache(relation: pg_sys::Oid) {
+    // SAFETY: registers a relcache invalidation for the current transaction;
+    // PostgreSQL sends it to other backends at commit and drops it on abort.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
+    bump();
+}

@@ -1,0 +1,482 @@
+//! `flagship_evaluate` and friends: resolve the environment, fetch its
+//! compiled configuration from the backend cache (compiling it on a miss),
+//! and run the pure engine. Evaluation answers problems with an ERROR
+//! result instead of raising, so it is safe in WHERE clauses and policies.
+
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+
+use crate::cache::{self, CacheKey, Resolved};
+use crate::context;
+use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
+use crate::rules::engine::ErrorCode;
+use crate::rules::{NoEntitlements, Resolution, Snapshot};
+
+/// The compiled configuration of the named environment (or of the session's
+/// `flagship.environment`), or why there is none.
+fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, String)> {
+    let name = match environment.map(str::trim).filter(|name| !name.is_empty()) {
+        Some(name) => name.to_string(),
+        None => context::environment().ok_or_else(|| {
+            (
+                ErrorCode::EnvironmentNotFound,
+                "no environment given: pass one or set flagship.environment".to_string(),
+            )
+        })?,
+    };
+    // Pick up other sessions' committed changes even inside a long
+    // transaction; cheap when the invalidation queue holds nothing new.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    let key = CacheKey {
+        user: unsafe { pg_sys::GetUserId() },
+        organization: context::organization_id().map(|id| *id.as_bytes()),
+        environment: name,
+    };
+    let resolved = match cache::lookup(&key) {
+        Some(resolved) => resolved,
+        None => {
+            let built_at = cache::generation();
+            let (watched, resolved) = load(&key.environment);
+            cache::store(key, built_at, resolved.clone(), watched);
+            resolved
+        }
+    };
+    match resolved {
+        Resolved::Found(snapshot) => Ok(snapshot),
+        Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
+    }
+}
+
+fn load(environment: &str) -> (pg_sys::Oid, Resolved) {
+    let (watched, candidates) = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT 'flagship.features'::regclass::oid, flagship.environment_candidates($1)",
+                Some(1),
+                &[environment.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+            row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
+        ))
+    })
+    .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"));
+
+    let environment_id = match candidates.as_slice() {
+        [one] => *one,
+        [] => {
+            return (
+                watched,
+                Resolved::NotFound(format!("environment \"{environment}\" not found")),
+            )
+        }
+        many => {
+            return (
+                watched,
+                Resolved::NotFound(format!(
+                    "environment \"{environment}\" is ambiguous: {} organizations have it",
+                    many.len()
+                )),
+            )
+        }
+    };
+    let document = Spi::get_one_with_args::<JsonB>(
+        "SELECT flagship.environment_snapshot($1)",
+        &[environment_id.into()],
+    )
+    .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"))
+    .map(|document| document.0)
+    .unwrap_or(Value::Null);
+    (watched, Resolved::Found(Rc::new(compile(&document))))
+}
+
+/// Compiles the stored, already validated documents of one environment.
+fn compile(document: &Value) -> Snapshot {
+    let empty = Vec::new();
+    let flags = document
+        .get("flags")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|item| {
+            let definition = parse_flag_definition(item.get("definition")?).ok()?;
+            let config = match item.get("config") {
+                Some(config) if !config.is_null() => {
+                    Some(parse_environment_config(config, &definition.variants, "").ok()?)
+                }
+                _ => None,
+            };
+            Some((definition, config))
+        })
+        .collect();
+    let segments = document
+        .get("segments")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|segment| parse_segment(segment).ok())
+        .collect();
+    Snapshot::compile(flags, segments)
+}
+
+fn resolve(flag_key: Option<&str>, context: &Value, environment: Option<&str>) -> Resolution {
+    let Some(flag_key) = flag_key else {
+        return Resolution::error("", ErrorCode::FlagNotFound, "flag key is NULL");
+    };
+    match snapshot_for(environment) {
+        Ok(snapshot) => snapshot.evaluate(flag_key, context, &NoEntitlements),
+        Err((code, message)) => Resolution::error(flag_key, code, message),
+    }
+}
+
+fn context_value(context: Option<JsonB>) -> Value {
+    context
+        .map(|context| context.0)
+        .unwrap_or_else(|| Value::Object(Map::new()))
+}
+
+/// Evaluates one flag for a context. Never raises for a missing flag,
+/// environment or a malformed context: the result says what went wrong.
+#[pg_extern(stable, parallel_safe)]
+pub fn flagship_evaluate(
+    flag_key: Option<&str>,
+    context: default!(Option<JsonB>, "'{}'"),
+    environment: default!(Option<&str>, "NULL"),
+) -> JsonB {
+    JsonB(resolve(flag_key, &context_value(context), environment).to_json())
+}
+
+/// True when the flag's value for this context is `true`; false for every
+/// other value and every error. Meant for WHERE clauses, views and policies.
+#[pg_extern(stable, parallel_safe)]
+pub fn flagship_enabled(
+    flag_key: Option<&str>,
+    context: default!(Option<JsonB>, "'{}'"),
+    environment: default!(Option<&str>, "NULL"),
+) -> bool {
+    resolve(flag_key, &context_value(context), environment).is_enabled()
+}
+
+/// Every live flag of the environment for one context: `{key: details}`,
+/// what a client SDK needs to bootstrap.
+#[pg_extern(stable, parallel_safe)]
+pub fn flagship_evaluate_all(
+    context: default!(Option<JsonB>, "'{}'"),
+    environment: default!(Option<&str>, "NULL"),
+) -> JsonB {
+    let context = context_value(context);
+    let snapshot = match snapshot_for(environment) {
+        Ok(snapshot) => snapshot,
+        Err((code, message)) => {
+            let mut out = Map::new();
+            out.insert("error_code".into(), Value::String(code.as_str().into()));
+            out.insert("error_message".into(), Value::String(message));
+            return JsonB(Value::Object(out));
+        }
+    };
+    let out: Map<String, Value> = snapshot
+        .live_flag_keys()
+        .map(|key| {
+            (
+                key.to_string(),
+                snapshot.evaluate(key, &context, &NoEntitlements).to_json(),
+            )
+        })
+        .collect();
+    JsonB(Value::Object(out))
+}
+
+/// The bucket (0..99 999) a subject falls in under a salt: lets other
+/// clients and DBAs check the frozen bucketing mapping.
+#[pg_extern(immutable, parallel_safe, strict)]
+pub fn bucket(salt: &str, value: &str) -> i32 {
+    crate::bucketing::bucket(salt, value) as i32
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run(
+            "SELECT set_config('flagship.organization_id', \
+                 flagship.create_organization('acme', 'Acme')::text, true); \
+             SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop'); \
+             SET LOCAL flagship.environment = 'shop/production'",
+        )
+        .unwrap();
+    }
+
+    fn put_flag(document: &str) {
+        Spi::run(&format!(
+            "SELECT flagship.put_flag('shop', $doc${document}$doc$)"
+        ))
+        .unwrap();
+    }
+
+    fn text(sql: &str) -> String {
+        Spi::get_one::<String>(sql).unwrap().unwrap_or_default()
+    }
+
+    /// The SQLSTATE and message a statement fails with, run in a savepoint.
+    fn failure(sql: &str) -> (String, String) {
+        let outcome = text(&format!(
+            "DO $do$ BEGIN {sql}; PERFORM set_config('flagship_test.failure', 'none|', true); \
+             EXCEPTION WHEN OTHERS THEN \
+               PERFORM set_config('flagship_test.failure', SQLSTATE || '|' || SQLERRM, true); END $do$; \
+             SELECT current_setting('flagship_test.failure')"
+        ));
+        let (code, message) = outcome.split_once('|').unwrap();
+        (code.to_string(), message.to_string())
+    }
+
+    fn reason(flag: &str, context: &str) -> String {
+        text(&format!(
+            "SELECT flagship.flagship_evaluate('{flag}', '{context}') ->> 'reason'"
+        ))
+    }
+
+    #[pg_test]
+    fn evaluates_with_targets_rules_and_default() {
+        setup();
+        put_flag(
+            r#"{"key": "new-checkout", "environments": {"production": {"enabled": true,
+                "targets": {"on": ["user-1"]},
+                "rules": [{"id": "nordic", "conditions": [{"attribute": "country", "op": "in", "values": ["NO", "SE"]}],
+                           "serve": {"variant": "on"}}],
+                "default": {"variant": "off"}}}}"#,
+        );
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate('new-checkout', '{\"targeting_key\": \"user-1\"}')::text"),
+            r#"{"key": "new-checkout", "rule": "targets", "value": true, "reason": "TARGETING_MATCH", "variant": "on"}"#
+        );
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate('new-checkout', '{\"country\": \"SE\"}') ->> 'rule'"),
+            "nordic"
+        );
+        assert_eq!(reason("new-checkout", "{\"country\": \"DK\"}"), "DEFAULT");
+        // Usable in WHERE clauses.
+        let count = Spi::get_one::<i64>(
+            "SELECT count(*) FROM (VALUES ('NO'), ('SE'), ('DK')) AS c (country) \
+             WHERE flagship.flagship_enabled('new-checkout', jsonb_build_object('country', country))",
+        )
+        .unwrap();
+        assert_eq!(count, Some(2));
+        // An explicit environment wins over the session's.
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate('new-checkout', '{}', 'acme/shop/staging') ->> 'reason'"),
+            "DISABLED"
+        );
+    }
+
+    #[pg_test]
+    fn errors_are_answered_not_raised() {
+        setup();
+        put_flag(r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#);
+        let missing = text("SELECT flagship.flagship_evaluate('nope')::text");
+        assert!(
+            missing.contains("\"error_code\": \"FLAG_NOT_FOUND\""),
+            "{missing}"
+        );
+        let no_env =
+            text("SELECT flagship.flagship_evaluate('f', '{}', 'shop/nowhere') ->> 'error_code'");
+        assert_eq!(no_env, "ENVIRONMENT_NOT_FOUND");
+        Spi::run("SET LOCAL flagship.environment = ''").unwrap();
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate('f') ->> 'error_code'"),
+            "ENVIRONMENT_NOT_FOUND"
+        );
+        assert_eq!(
+            text(
+                "SELECT flagship.flagship_evaluate('f', '[1]', 'shop/production') ->> 'error_code'"
+            ),
+            "INVALID_CONTEXT"
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flagship.flagship_enabled(NULL, NULL, 'shop/production')")
+                .unwrap(),
+            Some(false)
+        );
+        let all = text("SELECT flagship.flagship_evaluate_all('{}', 'nope/nope') ->> 'error_code'");
+        assert_eq!(all, "ENVIRONMENT_NOT_FOUND");
+    }
+
+    #[pg_test]
+    fn kill_switch_and_archiving() {
+        setup();
+        put_flag(r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#);
+        assert_eq!(reason("f", "{}"), "STATIC");
+        Spi::run(
+            "UPDATE flagship.feature_rules SET enabled = false \
+             WHERE feature_id = (SELECT id FROM flagship.features WHERE key = 'f')",
+        )
+        .unwrap();
+        assert_eq!(reason("f", "{}"), "DISABLED");
+        Spi::run("UPDATE flagship.features SET archived = true WHERE key = 'f'").unwrap();
+        assert_eq!(reason("f", "{}"), "ERROR");
+        assert_eq!(text("SELECT flagship.flagship_evaluate_all()::text"), "{}");
+    }
+
+    #[pg_test]
+    fn own_changes_are_seen_and_rollback_restores() {
+        setup();
+        put_flag(r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#);
+        assert_eq!(reason("f", "{}"), "STATIC");
+        // A subtransaction that changes the flag, reads it, then rolls back.
+        let inside = text(
+            r#"DO $do$ BEGIN
+                 PERFORM flagship.put_flag('shop', '{"key": "f", "environments": {"production": {"enabled": false}}}');
+                 RAISE EXCEPTION '%', flagship.flagship_evaluate('f') ->> 'reason';
+               EXCEPTION WHEN raise_exception THEN
+                 PERFORM set_config('flagship_test.inside', SQLERRM, true);
+               END $do$;
+               SELECT current_setting('flagship_test.inside')"#,
+        );
+        assert_eq!(inside, "DISABLED", "own uncommitted change");
+        assert_eq!(reason("f", "{}"), "STATIC", "rolled back");
+    }
+
+    #[pg_test]
+    fn prerequisites_and_plan_flags() {
+        setup();
+        put_flag(
+            r#"{"key": "payments", "environments": {"production": {"enabled": true,
+                "rules": [{"conditions": [{"attribute": "country", "op": "eq", "values": ["NO"]}], "serve": {"variant": "on"}}],
+                "default": {"variant": "off"}}}}"#,
+        );
+        put_flag(
+            r#"{"key": "checkout", "prerequisites": [{"flag": "payments"}],
+                "environments": {"production": {"enabled": true}}}"#,
+        );
+        assert_eq!(reason("checkout", "{\"country\": \"NO\"}"), "STATIC");
+        assert_eq!(
+            reason("checkout", "{\"country\": \"SE\"}"),
+            "PREREQUISITE_FAILED"
+        );
+        put_flag(
+            r#"{"key": "reports", "kind": "plan", "environments": {"production": {"enabled": true}}}"#,
+        );
+        assert_eq!(
+            reason("reports", "{\"customer\": \"acme\"}"),
+            "NOT_ENTITLED"
+        );
+    }
+
+    #[pg_test]
+    fn bad_documents_are_refused_and_nothing_is_written() {
+        setup();
+        put_flag(
+            r#"{"key": "base", "environments": {"production": {"enabled": true, "default": {"variant": "on"}}}}"#,
+        );
+        let cases = [
+            (
+                r#"{"key": "f", "environments": {"production": {"rules": [{"conditions": [{"attribute": "a", "op": "lolwut", "values": [1]}], "serve": {"variant": "on"}}]}}}"#,
+                "environments.production.rules[0].conditions[0].op: unknown operator \"lolwut\"",
+            ),
+            (
+                r#"{"key": "f", "environments": {"production": {"default": {"rollout": {"on": 60, "off": 60}}}}}"#,
+                "environments.production.default.rollout: weights sum to 120%, not 100%",
+            ),
+            (
+                r#"{"key": "f", "environments": {"production": {"default": {"variant": "blue"}}}}"#,
+                "environments.production.default.variant: unknown variant \"blue\"",
+            ),
+            (
+                r#"{"key": "f", "environments": {"moon": {"enabled": true}}}"#,
+                "environments.moon: project \"shop\" has no such environment",
+            ),
+            (
+                r#"{"key": "f", "prerequisites": [{"flag": "ghost"}]}"#,
+                "prerequisites: unknown flag \"ghost\"",
+            ),
+            (
+                r#"{"key": "f", "environments": {"production": {"rules": [{"segment": "ghosts", "serve": {"variant": "on"}}]}}}"#,
+                "unknown segment \"ghosts\"",
+            ),
+        ];
+        for (document, expected) in cases {
+            let (code, message) = failure(&format!(
+                "PERFORM flagship.put_flag('shop', $doc${document}$doc$)"
+            ));
+            assert_eq!(code, "22023", "{document}: {message}");
+            assert!(
+                message.contains(expected),
+                "{message} should contain {expected}"
+            );
+        }
+        // A cycle through prerequisites.
+        put_flag(r#"{"key": "a", "prerequisites": [{"flag": "base"}]}"#);
+        let (code, message) = failure(
+            r#"PERFORM flagship.put_flag('shop', '{"key": "base", "prerequisites": [{"flag": "a"}]}')"#,
+        );
+        assert_eq!(code, "22023");
+        assert!(message.contains("cycle base -> a -> base"), "{message}");
+        // Plain SQL writes meet the same validator.
+        let (code, message) = failure(
+            "UPDATE flagship.feature_rules SET rules = '[{\"conditions\": [{\"attribute\": \"a\", \"op\": \"nope\"}], \"serve\": {\"variant\": \"on\"}}]'",
+        );
+        assert_eq!(code, "22023");
+        assert!(message.contains("unknown operator \"nope\""), "{message}");
+        let (code, _) = failure(
+            "INSERT INTO flagship.features (organization_id, project_id, key, kind) \
+             SELECT organization_id, id, 'bad', 'ternary' FROM flagship.projects",
+        );
+        assert_eq!(code, "22023");
+        let (code, message) = failure("UPDATE flagship.features SET variants = '{\"yes\": true, \"no\": false}', off_variant = 'no' WHERE key = 'base'");
+        assert_eq!(code, "22023", "{message}");
+        // Nothing of the refused documents was written.
+        assert_eq!(
+            text("SELECT string_agg(key, ',' ORDER BY key) FROM flagship.features"),
+            "a,base"
+        );
+        assert_eq!(reason("base", "{}"), "STATIC");
+    }
+
+    #[pg_test]
+    fn export_then_import_reproduces_evaluations() {
+        setup();
+        Spi::run(r#"SELECT flagship.put_segment('shop', '{"key": "beta", "included": ["u-1"]}')"#)
+            .unwrap();
+        put_flag(r#"{"key": "base", "environments": {"production": {"enabled": true}}}"#);
+        put_flag(
+            r#"{"key": "exp", "kind": "multivariate", "variants": {"a": 1, "b": {"x": [2]}}, "off_variant": "a",
+                "prerequisites": [{"flag": "base"}],
+                "environments": {"production": {"enabled": true,
+                   "rules": [{"id": "beta", "segment": "beta", "serve": {"variant": "b"}}],
+                   "default": {"rollout": {"a": 37.5, "b": 62.5}, "salt": "s"}}}}"#,
+        );
+        let exported = text("SELECT flagship.export_project('shop')::text");
+        let before = text(
+            "SELECT string_agg(flagship.flagship_evaluate('exp', jsonb_build_object('targeting_key', 'u-' || i))::text, ';' ORDER BY i) \
+             FROM generate_series(1, 200) i",
+        );
+        Spi::run(&format!(
+            "SELECT set_config('flagship.organization_id', flagship.create_organization('other', 'Other')::text, true); \
+             SELECT flagship.import_project(flagship.current_organization_id(), $doc${exported}$doc$)"
+        ))
+        .unwrap();
+        let after = text(
+            "SELECT string_agg(flagship.flagship_evaluate('exp', jsonb_build_object('targeting_key', 'u-' || i))::text, ';' ORDER BY i) \
+             FROM generate_series(1, 200) i",
+        );
+        assert_eq!(before, after);
+        assert!(before.contains("\"rule\": \"beta\""));
+        assert_eq!(
+            text("SELECT flagship.export_project('shop')::text"),
+            exported
+        );
+    }
+
+    #[pg_test]
+    fn bucket_function_matches_the_published_vectors() {
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT flagship.bucket('new-checkout', 'user-1')").unwrap(),
+            Some(31_778)
+        );
+    }
+}

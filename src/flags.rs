@@ -1,0 +1,91 @@
+//! The validators behind every write of flags and segments. put_flag and the
+//! BEFORE triggers on the tables call them, so one piece of code decides what
+//! a valid document is, whichever way it arrives.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Map, Value};
+
+use crate::errors::invalid_parameter;
+use crate::rules::document::{parse_environment_config, parse_flag_document, parse_segment};
+use crate::rules::ValidationError;
+
+fn refuse(subject: &str, key: Option<&str>, error: ValidationError) -> ! {
+    let hint = error
+        .message
+        .contains("unknown operator")
+        .then_some("see the list of condition operators in the README");
+    match key {
+        Some(key) => invalid_parameter(format!("{subject} \"{key}\": {error}"), hint),
+        None => invalid_parameter(format!("{subject}: {error}"), hint),
+    }
+}
+
+fn document_key(document: &Value) -> Option<&str> {
+    document.get("key").and_then(Value::as_str)
+}
+
+/// Validates a flag document (environments included) and returns its
+/// flag-level fields with every default filled in. Raises 22023 naming the
+/// offending field.
+#[pg_extern(immutable, parallel_safe)]
+pub fn validate_flag(definition: JsonB) -> JsonB {
+    let document = definition.0;
+    let parsed = parse_flag_document(&document)
+        .unwrap_or_else(|error| refuse("flag", document_key(&document), error));
+    let flag = parsed.flag;
+    let variants: Map<String, Value> = flag.variants.into_iter().collect();
+    let prerequisites: Vec<Value> = flag
+        .prerequisites
+        .iter()
+        .map(|p| json!({"flag": p.flag, "variant": p.variant}))
+        .collect();
+    JsonB(json!({
+        "key": flag.key,
+        "kind": flag.kind.as_str(),
+        "name": flag.name,
+        "description": flag.description,
+        "variants": variants,
+        "off_variant": flag.off_variant,
+        "prerequisites": prerequisites,
+        "salt": flag.salt,
+        "archived": flag.archived,
+    }))
+}
+
+/// Validates one environment's configuration of a flag against its
+/// variants; returns the segments it refers to so the caller can check they
+/// exist.
+#[pg_extern(immutable, parallel_safe)]
+pub fn validate_flag_environment(
+    flag_key: &str,
+    variants: JsonB,
+    environment_key: &str,
+    config: JsonB,
+) -> Vec<String> {
+    let mut variants: Vec<(String, Value)> = match variants.0 {
+        Value::Object(map) => map.into_iter().collect(),
+        _ => invalid_parameter(
+            format!("flag \"{flag_key}\": variants must be an object"),
+            None,
+        ),
+    };
+    variants.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = format!("environments.{environment_key}");
+    let parsed = parse_environment_config(&config.0, &variants, &path)
+        .unwrap_or_else(|error| refuse("flag", Some(flag_key), error));
+    parsed
+        .segment_keys()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Validates a segment document. Raises 22023 naming the offending field.
+#[pg_extern(immutable, parallel_safe)]
+pub fn validate_segment(definition: JsonB) -> bool {
+    let document = definition.0;
+    parse_segment(&document)
+        .unwrap_or_else(|error| refuse("segment", document_key(&document), error));
+    true
+}
