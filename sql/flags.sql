@@ -94,7 +94,6 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    prerequisite jsonb;
     target record;
     cycle text[];
 BEGIN
@@ -105,23 +104,6 @@ BEGIN
     NEW.off_variant := target.off_variant;
     NEW.prerequisites := target.prerequisites;
     NEW.updated_at := now();
-
-    FOR prerequisite IN SELECT * FROM jsonb_array_elements(NEW.prerequisites) LOOP
-        SELECT f.key, f.variants INTO target
-          FROM flagship.features f
-         WHERE f.organization_id = NEW.organization_id AND f.project_id = NEW.project_id
-           AND f.key = prerequisite->>'flag';
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', NEW.key, prerequisite->>'flag'
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'create the prerequisite flag first';
-        END IF;
-        IF NOT target.variants ? (prerequisite->>'variant') THEN
-            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
-                NEW.key, prerequisite->>'flag', prerequisite->>'variant'
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-    END LOOP;
 
     -- Refuse a prerequisite chain that leads back to this flag.
     WITH RECURSIVE chain (key, path) AS (
@@ -182,7 +164,6 @@ AS $fn$
 DECLARE
     feature record;
     environment_key text;
-    segment_key text;
 BEGIN
     SELECT f.key, f.variants INTO feature
       FROM flagship.features f
@@ -194,21 +175,10 @@ BEGIN
     IF feature.key IS NULL OR environment_key IS NULL THEN
         RETURN NEW;
     END IF;
-    FOR segment_key IN
-        SELECT s FROM unnest(flagship.validate_flag_environment(
-            feature.key, feature.variants, environment_key,
-            jsonb_build_object('enabled', NEW.enabled, 'targets', NEW.targets,
-                               'rules', NEW.rules, 'default', NEW.default_serve))) s
-    LOOP
-        IF NOT EXISTS (SELECT FROM flagship.segments s
-                        WHERE s.organization_id = NEW.organization_id
-                          AND s.project_id = NEW.project_id AND s.key = segment_key) THEN
-            RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
-                feature.key, environment_key, segment_key
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'create it with flagship.put_segment first';
-        END IF;
-    END LOOP;
+    PERFORM flagship.validate_flag_environment(
+        feature.key, feature.variants, environment_key,
+        jsonb_build_object('enabled', NEW.enabled, 'targets', NEW.targets,
+                           'rules', NEW.rules, 'default', NEW.default_serve));
     NEW.updated_at := now();
     RETURN NEW;
 END
@@ -354,6 +324,9 @@ AS $fn$
 DECLARE
     project_row flagship.projects;
     normalized jsonb;
+    prerequisite jsonb;
+    prerequisite_variants jsonb;
+    segment_key text;
     saved_feature uuid;
     environment_key text;
     config jsonb;
@@ -362,6 +335,38 @@ BEGIN
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     -- Validate the whole document first, so errors name paths in it.
     normalized := flagship.validate_flag(definition);
+    -- References to other rows are checked here rather than in the table
+    -- triggers, so that pg_restore may load tables in any order.
+    FOR prerequisite IN SELECT * FROM jsonb_array_elements(normalized->'prerequisites') LOOP
+        SELECT f.variants INTO prerequisite_variants
+          FROM flagship.features f
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = prerequisite->>'flag';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', normalized->>'key', prerequisite->>'flag'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create the prerequisite flag first';
+        ELSIF NOT prerequisite_variants ? (prerequisite->>'variant') THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
+                normalized->>'key', prerequisite->>'flag', prerequisite->>'variant'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    FOR environment_key, segment_key IN
+        SELECT env.key, rule->>'segment'
+          FROM jsonb_each(coalesce(definition->'environments', '{}')) env
+         CROSS JOIN LATERAL jsonb_array_elements(coalesce(env.value->'rules', '[]')) rule
+         WHERE rule ? 'segment'
+    LOOP
+        IF NOT EXISTS (SELECT FROM flagship.segments s
+                        WHERE s.organization_id = project_row.organization_id
+                          AND s.project_id = project_row.id AND s.key = segment_key) THEN
+            RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
+                normalized->>'key', environment_key, segment_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create it with flagship.put_segment first';
+        END IF;
+    END LOOP;
 
     INSERT INTO flagship.features AS f
         (organization_id, project_id, key, kind, name, description, variants,

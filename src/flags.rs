@@ -54,15 +54,14 @@ pub fn validate_flag(definition: JsonB) -> JsonB {
 }
 
 /// Validates one environment's configuration of a flag against its
-/// variants; returns the segments it refers to so the caller can check they
-/// exist.
+/// variants. Raises 22023 naming the offending field.
 #[pg_extern(immutable, parallel_safe)]
 pub fn validate_flag_environment(
     flag_key: &str,
     variants: JsonB,
     environment_key: &str,
     config: JsonB,
-) -> Vec<String> {
+) -> bool {
     let mut variants: Vec<(String, Value)> = match variants.0 {
         Value::Object(map) => map.into_iter().collect(),
         _ => invalid_parameter(
@@ -72,13 +71,9 @@ pub fn validate_flag_environment(
     };
     variants.sort_by(|a, b| a.0.cmp(&b.0));
     let path = format!("environments.{environment_key}");
-    let parsed = parse_environment_config(&config.0, &variants, &path)
+    parse_environment_config(&config.0, &variants, &path)
         .unwrap_or_else(|error| refuse("flag", Some(flag_key), error));
-    parsed
-        .segment_keys()
-        .into_iter()
-        .map(str::to_string)
-        .collect()
+    true
 }
 
 /// Validates a segment document. Raises 22023 naming the offending field.

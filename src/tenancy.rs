@@ -184,10 +184,9 @@ mod tests {
              (SELECT id::text FROM flagship.organizations WHERE slug = 'globex'), true)",
         )
         .unwrap();
-        let resolved = Spi::get_one::<String>(
-            "SELECT flagship.resolve_environment('shop/production')::text",
-        )
-        .unwrap();
+        let resolved =
+            Spi::get_one::<String>("SELECT flagship.resolve_environment('shop/production')::text")
+                .unwrap();
         let org = Spi::get_one_with_args::<String>(
             "SELECT o.slug FROM flagship.environments e JOIN flagship.organizations o \
              ON o.id = e.organization_id WHERE e.id::text = $1",

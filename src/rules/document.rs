@@ -668,13 +668,3 @@ pub fn parse_segment(document: &Value) -> Result<SegmentDefinition> {
         conditions: parse_conditions(map.get("conditions"), "conditions")?,
     })
 }
-
-impl EnvironmentConfig {
-    /// Segments this configuration refers to, for existence checks on write.
-    pub fn segment_keys(&self) -> Vec<&str> {
-        self.rules
-            .iter()
-            .filter_map(|rule| rule.segment.as_deref())
-            .collect()
-    }
-}

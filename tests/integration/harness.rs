@@ -1,0 +1,86 @@
+//! Starts (once per test binary) the PostgreSQL server of pgrx's test
+//! framework and hands out fresh connections to it.
+
+use std::sync::Once;
+
+use postgres::Client;
+
+static SERVER: Once = Once::new();
+
+/// A new connection, as the cluster's superuser, to the test database.
+pub fn connect() -> Client {
+    SERVER.call_once(|| {
+        // Running any #[pg_test] installs the extension, starts the server
+        // and creates the database; this one has no side effects.
+        pgrx_tests::run_test(
+            "bucket_function_matches_the_published_vectors",
+            None,
+            vec![],
+        )
+        .expect("starting the test server");
+    });
+    let (client, _session) = pgrx_tests::client().expect("connecting to the test server");
+    client
+}
+
+/// A name no other test (or earlier run against the same server) uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates an organization with a project `shop` (development, staging,
+/// production) and returns its id and slug.
+pub fn organization(client: &mut Client, prefix: &str) -> (String, String) {
+    let slug = unique(prefix);
+    let id: String = client
+        .query_one(
+            "SELECT flagship.create_organization($1, $1)::text",
+            &[&slug],
+        )
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "SELECT flagship.create_project($1::text::uuid, 'shop', 'Shop')",
+            &[&id],
+        )
+        .unwrap();
+    (id, slug)
+}
+
+pub fn put_flag(client: &mut Client, organization: &str, document: &str) {
+    client
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{organization}'; \
+             SELECT flagship.put_flag('shop', $doc${document}$doc$)"
+        ))
+        .unwrap();
+}
+
+pub fn text(client: &mut Client, sql: &str) -> String {
+    client
+        .query_one(sql, &[])
+        .unwrap()
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default()
+}
+
+/// The SQLSTATE a statement fails with, or "none".
+pub fn sqlstate(client: &mut Client, sql: &str) -> String {
+    client.batch_execute("SAVEPOINT probe").unwrap();
+    let outcome = match client.batch_execute(sql) {
+        Ok(()) => "none".to_string(),
+        Err(error) => error
+            .code()
+            .map(|code| code.code().to_string())
+            .unwrap_or_else(|| format!("no sqlstate: {error}")),
+    };
+    client.batch_execute("ROLLBACK TO SAVEPOINT probe").unwrap();
+    outcome
+}

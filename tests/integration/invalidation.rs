@@ -1,0 +1,89 @@
+//! The per-backend cache of compiled flags must follow the database exactly:
+//! another session's commit is seen by the next call, its uncommitted or
+//! rolled-back changes never are.
+
+use crate::harness::{connect, organization, put_flag, text};
+
+const ON: &str = r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#;
+const OFF: &str = r#"{"key": "f", "environments": {"production": {"enabled": false}}}"#;
+
+fn reason(client: &mut postgres::Client) -> String {
+    text(
+        client,
+        "SELECT flagship.flagship_evaluate('f') ->> 'reason'",
+    )
+}
+
+#[test]
+fn another_sessions_commit_is_seen_by_the_next_call() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "inval");
+    put_flag(&mut writer, &org, ON);
+    reader
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+        ))
+        .unwrap();
+    assert_eq!(reason(&mut reader), "STATIC");
+
+    writer.batch_execute("BEGIN").unwrap();
+    put_flag(&mut writer, &org, OFF);
+    assert_eq!(reason(&mut reader), "STATIC", "uncommitted change leaked");
+    writer.batch_execute("COMMIT").unwrap();
+    assert_eq!(reason(&mut reader), "DISABLED", "committed change not seen");
+
+    // Inside an open READ COMMITTED transaction the next statement sees it too.
+    reader.batch_execute("BEGIN").unwrap();
+    assert_eq!(reason(&mut reader), "DISABLED");
+    put_flag(&mut writer, &org, ON);
+    assert_eq!(reason(&mut reader), "STATIC");
+    reader.batch_execute("COMMIT").unwrap();
+}
+
+#[test]
+fn a_rollback_restores_the_old_configuration_everywhere() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "rollback");
+    put_flag(&mut writer, &org, ON);
+    for client in [&mut writer, &mut reader] {
+        client
+            .batch_execute(&format!(
+                "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+            ))
+            .unwrap();
+    }
+    assert_eq!(reason(&mut reader), "STATIC");
+
+    writer.batch_execute("BEGIN").unwrap();
+    put_flag(&mut writer, &org, OFF);
+    assert_eq!(reason(&mut writer), "DISABLED", "own change not seen");
+    writer.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        reason(&mut writer),
+        "STATIC",
+        "writer kept a rolled-back config"
+    );
+    assert_eq!(reason(&mut reader), "STATIC");
+}
+
+#[test]
+fn many_sessions_converge_after_a_change() {
+    let mut writer = connect();
+    let (org, _) = organization(&mut writer, "converge");
+    put_flag(&mut writer, &org, ON);
+    let mut readers: Vec<_> = (0..4).map(|_| connect()).collect();
+    for reader in &mut readers {
+        reader
+            .batch_execute(&format!(
+                "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+            ))
+            .unwrap();
+        assert_eq!(reason(reader), "STATIC");
+    }
+    put_flag(&mut writer, &org, OFF);
+    for reader in &mut readers {
+        assert_eq!(reason(reader), "DISABLED");
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests against a real PostgreSQL server with the extension
+//! installed, using several connections at once: cache invalidation across
+//! sessions, rollback, isolation between organizations, dump and restore.
+//!
+//! Run them with the README's test command, or one of them with
+//! `cargo pgrx test pg15 --runas postgres --pgdata /tmp/fs-pg <name>`.
+
+mod dump_restore;
+mod harness;
+mod invalidation;
+mod isolation;
