@@ -52,16 +52,11 @@ fn dump_and_restore_keep_rows_and_evaluations() {
     let port = text(&mut su, "SELECT current_setting('port')");
     let user = text(&mut su, "SELECT current_user::text");
     let source = text(&mut su, "SELECT current_database()::text");
-    let bindir = String::from_utf8(
-        Command::new("pg_config")
-            .arg("--bindir")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    // The server's own binaries, whatever is first on PATH.
+    let bindir = text(
+        &mut su,
+        "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
+    );
     let target = unique("restored").replace('-', "_");
     let dump = std::env::temp_dir().join(format!("{target}.dump"));
 
