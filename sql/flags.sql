@@ -66,21 +66,8 @@ SELECT pg_catalog.pg_extension_config_dump('flagship.features', '');
 SELECT pg_catalog.pg_extension_config_dump('flagship.feature_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('flagship.segments', '');
 
-DO $rls$
-DECLARE
-    t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['features', 'feature_rules', 'segments'] LOOP
-        EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format(
-            'CREATE POLICY %I ON flagship.%I
-                 USING (organization_id = (SELECT flagship.current_organization_id()))
-                 WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
-            t || '_tenant', t);
-    END LOOP;
-END
-$rls$;
+SELECT flagship.isolate_tenant_table(t)
+  FROM unnest(ARRAY['features', 'feature_rules', 'segments']) AS t;
 
 GRANT SELECT ON flagship.features, flagship.feature_rules, flagship.segments
     TO flagship_admin, flagship_app, flagship_auditor;

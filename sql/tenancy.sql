@@ -157,23 +157,27 @@ CREATE POLICY organizations_tenant ON flagship.organizations
     USING (id = (SELECT flagship.current_organization_id()))
     WITH CHECK (id = (SELECT flagship.current_organization_id()));
 
-DO $rls$
-DECLARE
-    t text;
+-- Every tenant table gets the same isolation: RLS enabled and forced, one
+-- policy for every command. Later tables call this too.
+CREATE FUNCTION flagship.isolate_tenant_table(table_name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
 BEGIN
-    FOREACH t IN ARRAY ARRAY['projects', 'environments', 'members', 'roles',
-                             'role_permissions', 'member_roles']
-    LOOP
-        EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format(
-            'CREATE POLICY %I ON flagship.%I
-                 USING (organization_id = (SELECT flagship.current_organization_id()))
-                 WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
-            t || '_tenant', t);
-    END LOOP;
+    EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', table_name);
+    EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', table_name);
+    EXECUTE format(
+        'CREATE POLICY %I ON flagship.%I
+             USING (organization_id = (SELECT flagship.current_organization_id()))
+             WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
+        table_name || '_tenant', table_name);
 END
-$rls$;
+$fn$;
+REVOKE ALL ON FUNCTION flagship.isolate_tenant_table(text) FROM PUBLIC;
+
+SELECT flagship.isolate_tenant_table(t)
+  FROM unnest(ARRAY['projects', 'environments', 'members', 'roles',
+                    'role_permissions', 'member_roles']) AS t;
 
 GRANT SELECT ON flagship.permissions, flagship.builtin_role_permissions
     TO flagship_admin, flagship_app, flagship_auditor;
