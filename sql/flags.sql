@@ -69,6 +69,16 @@ SELECT pg_catalog.pg_extension_config_dump('flagship.segments', '');
 SELECT flagship.isolate_tenant_table(t)
   FROM unnest(ARRAY['features', 'feature_rules', 'segments']) AS t;
 
+-- A feature_rules row as the environment object of a flag document: the one
+-- shape the validator, the cache loader and export all read.
+CREATE FUNCTION flagship.environment_config(config flagship.feature_rules) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
+                              'rules', config.rules, 'default', config.default_serve)
+$fn$;
+
 GRANT SELECT ON flagship.features, flagship.feature_rules, flagship.segments
     TO flagship_admin, flagship_app, flagship_auditor;
 GRANT INSERT, UPDATE, DELETE ON flagship.features, flagship.feature_rules, flagship.segments
@@ -127,15 +137,13 @@ DECLARE
     config record;
 BEGIN
     FOR config IN
-        SELECT r.*, e.key AS environment_key
+        SELECT flagship.environment_config(r) AS document, e.key AS environment_key
           FROM flagship.feature_rules r
           JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
          WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
     LOOP
         PERFORM flagship.validate_flag_environment(
-            NEW.key, NEW.variants, config.environment_key,
-            jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
-                               'rules', config.rules, 'default', config.default_serve));
+            NEW.key, NEW.variants, config.environment_key, config.document);
     END LOOP;
     RETURN NULL;
 END
@@ -163,9 +171,7 @@ BEGIN
         RETURN NEW;
     END IF;
     PERFORM flagship.validate_flag_environment(
-        feature.key, feature.variants, environment_key,
-        jsonb_build_object('enabled', NEW.enabled, 'targets', NEW.targets,
-                           'rules', NEW.rules, 'default', NEW.default_serve));
+        feature.key, feature.variants, environment_key, flagship.environment_config(NEW));
     NEW.updated_at := now();
     RETURN NEW;
 END
@@ -259,9 +265,7 @@ AS $fn$
     SELECT flagship.jsonb_without_nulls(
                to_jsonb(feature) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
            || jsonb_build_object('environments', coalesce((
-               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(jsonb_build_object(
-                          'enabled', r.enabled, 'targets', r.targets,
-                          'rules', r.rules, 'default', r.default_serve)))
+               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(flagship.environment_config(r)))
                  FROM flagship.feature_rules r
                  JOIN flagship.environments e
                    ON e.organization_id = r.organization_id AND e.id = r.environment_id
@@ -411,9 +415,8 @@ AS $fn$
         'flags', coalesce((
             SELECT jsonb_agg(jsonb_build_object(
                        'definition', to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[],
-                       'config', CASE WHEN r.feature_id IS NOT NULL THEN jsonb_build_object(
-                                     'enabled', r.enabled, 'targets', r.targets,
-                                     'rules', r.rules, 'default', r.default_serve) END))
+                       'config', CASE WHEN r.feature_id IS NOT NULL
+                                      THEN flagship.environment_config(r) END))
               FROM flagship.features f
               LEFT JOIN flagship.feature_rules r
                 ON r.organization_id = f.organization_id AND r.feature_id = f.id

@@ -7,6 +7,15 @@ use crate::harness::{connect, organization, put_flag, text};
 const ON: &str = r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#;
 const OFF: &str = r#"{"key": "f", "environments": {"production": {"enabled": false}}}"#;
 
+/// Points a session at the organization's `shop/production`.
+fn use_production(client: &mut postgres::Client, org: &str) {
+    client
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+        ))
+        .unwrap();
+}
+
 fn reason(client: &mut postgres::Client) -> String {
     text(
         client,
@@ -20,11 +29,7 @@ fn another_sessions_commit_is_seen_by_the_next_call() {
     let mut reader = connect();
     let (org, _) = organization(&mut writer, "inval");
     put_flag(&mut writer, &org, ON);
-    reader
-        .batch_execute(&format!(
-            "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
-        ))
-        .unwrap();
+    use_production(&mut reader, &org);
     assert_eq!(reason(&mut reader), "STATIC");
 
     writer.batch_execute("BEGIN").unwrap();
@@ -48,11 +53,7 @@ fn a_rollback_restores_the_old_configuration_everywhere() {
     let (org, _) = organization(&mut writer, "rollback");
     put_flag(&mut writer, &org, ON);
     for client in [&mut writer, &mut reader] {
-        client
-            .batch_execute(&format!(
-                "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
-            ))
-            .unwrap();
+        use_production(client, &org);
     }
     assert_eq!(reason(&mut reader), "STATIC");
 
@@ -75,11 +76,7 @@ fn many_sessions_converge_after_a_change() {
     put_flag(&mut writer, &org, ON);
     let mut readers: Vec<_> = (0..4).map(|_| connect()).collect();
     for reader in &mut readers {
-        reader
-            .batch_execute(&format!(
-                "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
-            ))
-            .unwrap();
+        use_production(reader, &org);
         assert_eq!(reason(reader), "STATIC");
     }
     put_flag(&mut writer, &org, OFF);
