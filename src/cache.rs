@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use pgrx::prelude::*;
 
+use crate::context::RawIdentity;
 use crate::rules::Snapshot;
 
 /// Above this many compiled environments, start over rather than grow.
@@ -44,6 +45,52 @@ pub enum Resolved {
 struct Entry {
     generation: u64,
     resolved: Resolved,
+}
+
+/// The last identity a call resolved and what it resolved to: most
+/// sessions evaluate in one environment under one identity, so most calls
+/// end here with a few byte comparisons instead of a hashed lookup.
+struct Recent {
+    generation: u64,
+    user: pg_sys::Oid,
+    organization: Vec<u8>,
+    claims: Vec<u8>,
+    environment: Vec<u8>,
+    resolved: Resolved,
+}
+
+thread_local! {
+    static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
+}
+
+pub fn recall(identity: &RawIdentity) -> Option<Resolved> {
+    let current = generation();
+    RECENT.with(|recent| {
+        recent
+            .borrow()
+            .as_ref()
+            .filter(|recent| {
+                recent.generation == current
+                    && recent.user == identity.user
+                    && recent.organization == identity.organization
+                    && recent.claims == identity.claims
+                    && recent.environment == identity.environment
+            })
+            .map(|recent| recent.resolved.clone())
+    })
+}
+
+pub fn remember(identity: &RawIdentity, built_at: u64, resolved: Resolved) {
+    RECENT.with(|recent| {
+        *recent.borrow_mut() = Some(Recent {
+            generation: built_at,
+            user: identity.user,
+            organization: identity.organization.to_vec(),
+            claims: identity.claims.to_vec(),
+            environment: identity.environment.to_vec(),
+            resolved,
+        })
+    });
 }
 
 pub fn generation() -> u64 {

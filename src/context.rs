@@ -67,6 +67,64 @@ fn jwt_claim(claim: &str) -> Option<String> {
     }
 }
 
+/// The raw text of a string setting, borrowed from the GUC machinery: valid
+/// until the setting changes, which cannot happen inside one function call.
+fn setting_bytes(setting: &GucSetting<Option<CString>>) -> &'static [u8] {
+    // SAFETY: the GUC machinery keeps the current value alive until the next
+    // assignment; callers use the slice within one call and copy to keep it.
+    unsafe {
+        let raw = *setting.as_ptr();
+        if raw.is_null() {
+            &[]
+        } else {
+            CStr::from_ptr(raw).to_bytes()
+        }
+    }
+}
+
+/// Everything the session's identity for evaluation is derived from, as
+/// raw borrowed text, so a per-call cache can tell without parsing or
+/// allocating whether it changed since the last call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawIdentity<'a> {
+    pub user: pg_sys::Oid,
+    pub organization: &'a [u8],
+    /// Only read when `organization` is empty, as the fallback is.
+    pub claims: &'a [u8],
+    pub environment: &'a [u8],
+}
+
+impl RawIdentity<'_> {
+    /// The identity of this call; `environment` is the explicit argument,
+    /// if any, else `flagship.environment`.
+    pub fn current(environment: Option<&str>) -> RawIdentity<'_> {
+        let organization = setting_bytes(&ORGANIZATION_ID);
+        let claims = if organization.is_empty() {
+            // SAFETY: as for setting_bytes; GetConfigOption returns NULL or
+            // the setting's current value.
+            unsafe {
+                let raw = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
+                if raw.is_null() {
+                    &[][..]
+                } else {
+                    CStr::from_ptr(raw).to_bytes()
+                }
+            }
+        } else {
+            &[]
+        };
+        RawIdentity {
+            // SAFETY: GetUserId only returns a backend global.
+            user: unsafe { crate::unguarded::GetUserId() },
+            organization,
+            claims,
+            environment: environment
+                .map(str::as_bytes)
+                .unwrap_or_else(|| setting_bytes(&ENVIRONMENT)),
+        }
+    }
+}
+
 pub fn organization_id() -> Option<pgrx::Uuid> {
     let text = setting_text(&ORGANIZATION_ID).or_else(|| jwt_claim("org_id"))?;
     let parsed = uuid::Uuid::parse_str(text.trim()).ok()?;

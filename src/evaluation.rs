@@ -7,10 +7,12 @@ use std::rc::Rc;
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::cache::{self, CacheKey, Resolved};
-use crate::context;
+use crate::context::{self, RawIdentity};
+use crate::jsonb::{Builder, BuiltJsonb, JsonbArg};
+use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
 use crate::rules::engine::ErrorCode;
 use crate::rules::{NoEntitlements, Resolution, Snapshot};
@@ -18,7 +20,28 @@ use crate::rules::{NoEntitlements, Resolution, Snapshot};
 /// The compiled configuration of the named environment (or of the session's
 /// `flagship.environment`), or why there is none.
 fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, String)> {
-    let name = match environment.map(str::trim).filter(|name| !name.is_empty()) {
+    // Pick up other sessions' committed changes even inside a long
+    // transaction; cheap when the invalidation queue holds nothing new.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
+    let identity = RawIdentity::current(explicit);
+    let resolved = match cache::recall(&identity) {
+        Some(resolved) => resolved,
+        None => {
+            let built_at = cache::generation();
+            let resolved = lookup_or_load(explicit)?;
+            cache::remember(&identity, built_at, resolved.clone());
+            resolved
+        }
+    };
+    match resolved {
+        Resolved::Found(snapshot) => Ok(snapshot),
+        Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
+    }
+}
+
+fn lookup_or_load(explicit: Option<&str>) -> Result<Resolved, (ErrorCode, String)> {
+    let name = match explicit {
         Some(name) => name.to_string(),
         None => context::environment().ok_or_else(|| {
             (
@@ -27,15 +50,12 @@ fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, S
             )
         })?,
     };
-    // Pick up other sessions' committed changes even inside a long
-    // transaction; cheap when the invalidation queue holds nothing new.
-    unsafe { pg_sys::AcceptInvalidationMessages() };
     let key = CacheKey {
         user: unsafe { pg_sys::GetUserId() },
         organization: context::organization_id().map(|id| *id.as_bytes()),
         environment: name,
     };
-    let resolved = match cache::lookup(&key) {
+    Ok(match cache::lookup(&key) {
         Some(resolved) => resolved,
         None => {
             let built_at = cache::generation();
@@ -43,11 +63,7 @@ fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, S
             cache::store(key, built_at, resolved.clone(), watched);
             resolved
         }
-    };
-    match resolved {
-        Resolved::Found(snapshot) => Ok(snapshot),
-        Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
-    }
+    })
 }
 
 fn load(environment: &str) -> (pg_sys::Oid, Resolved) {
@@ -123,20 +139,69 @@ fn compile(document: &Value) -> Snapshot {
     Snapshot::compile(flags, segments)
 }
 
-fn resolve(flag_key: Option<&str>, context: &Value, environment: Option<&str>) -> Resolution {
-    let Some(flag_key) = flag_key else {
-        return Resolution::error("", ErrorCode::FlagNotFound, "flag key is NULL");
-    };
-    match snapshot_for(environment) {
-        Ok(snapshot) => snapshot.evaluate(flag_key, context, &NoEntitlements),
-        Err((code, message)) => Resolution::error(flag_key, code, message),
+/// The top-level context keys the rules can read, taken from the `jsonb`
+/// argument; the rest of the document is never converted.
+struct Extracted<'k> {
+    entries: Vec<(&'k str, Value)>,
+}
+
+impl<'k> Extracted<'k> {
+    fn from(context: &JsonbArg, keys: &'k [String]) -> Extracted<'k> {
+        Extracted {
+            entries: keys
+                .iter()
+                .filter_map(|key| Some((key.as_str(), context.get(key)?)))
+                .collect(),
+        }
     }
 }
 
-fn context_value(context: Option<JsonB>) -> Value {
-    context
-        .map(|context| context.0)
-        .unwrap_or_else(|| Value::Object(Map::new()))
+impl Attributes for Extracted<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.entries
+            .iter()
+            .find(|(known, _)| *known == key)
+            .map(|(_, value)| value)
+    }
+}
+
+/// Evaluates one flag and hands the resolution, which borrows from the
+/// compiled snapshot, to `answer`.
+fn resolve<R>(
+    flag_key: Option<&str>,
+    context: Option<&JsonbArg>,
+    environment: Option<&str>,
+    answer: impl FnOnce(&Resolution) -> R,
+) -> R {
+    let Some(flag_key) = flag_key else {
+        return answer(&Resolution::error(
+            "",
+            ErrorCode::FlagNotFound,
+            "flag key is NULL",
+        ));
+    };
+    let snapshot = match snapshot_for(environment) {
+        Ok(snapshot) => snapshot,
+        Err((code, message)) => return answer(&Resolution::error(flag_key, code, message)),
+    };
+    let resolution = match context {
+        // A missing context counts as an empty object.
+        None => snapshot.evaluate_attributes(
+            flag_key,
+            Some(&Extracted {
+                entries: Vec::new(),
+            }),
+            &NoEntitlements,
+        ),
+        Some(context) if !context.is_object() => {
+            snapshot.evaluate_attributes(flag_key, None, &NoEntitlements)
+        }
+        Some(context) => {
+            let extracted = Extracted::from(context, snapshot.context_keys(flag_key));
+            snapshot.evaluate_attributes(flag_key, Some(&extracted), &NoEntitlements)
+        }
+    };
+    answer(&resolution)
 }
 
 /// Evaluates one flag for a context. Never raises for a missing flag,
@@ -144,10 +209,14 @@ fn context_value(context: Option<JsonB>) -> Value {
 #[pg_extern(stable, parallel_safe)]
 pub fn flagship_evaluate(
     flag_key: Option<&str>,
-    context: default!(Option<JsonB>, "'{}'"),
+    context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
-) -> JsonB {
-    JsonB(resolve(flag_key, &context_value(context), environment).to_json())
+) -> BuiltJsonb {
+    resolve(flag_key, context.as_ref(), environment, |resolution| {
+        let mut result = Builder::new();
+        result.resolution(resolution);
+        result.finish()
+    })
 }
 
 /// True when the flag's value for this context is `true`; false for every
@@ -155,39 +224,58 @@ pub fn flagship_evaluate(
 #[pg_extern(stable, parallel_safe)]
 pub fn flagship_enabled(
     flag_key: Option<&str>,
-    context: default!(Option<JsonB>, "'{}'"),
+    context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> bool {
-    resolve(flag_key, &context_value(context), environment).is_enabled()
+    resolve(flag_key, context.as_ref(), environment, |resolution| {
+        resolution.is_enabled()
+    })
 }
 
 /// Every live flag of the environment for one context: `{key: details}`,
 /// what a client SDK needs to bootstrap.
 #[pg_extern(stable, parallel_safe)]
 pub fn flagship_evaluate_all(
-    context: default!(Option<JsonB>, "'{}'"),
+    context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
-) -> JsonB {
-    let context = context_value(context);
-    let snapshot = match snapshot_for(environment) {
-        Ok(snapshot) => snapshot,
-        Err((code, message)) => {
-            let mut out = Map::new();
-            out.insert("error_code".into(), Value::String(code.as_str().into()));
-            out.insert("error_message".into(), Value::String(message));
-            return JsonB(Value::Object(out));
+) -> BuiltJsonb {
+    let mut result = Builder::new();
+    result.begin_object();
+    match snapshot_for(environment) {
+        Ok(snapshot) => {
+            // One conversion of everything any flag reads, not one per flag.
+            let mut keys: Vec<String> = snapshot
+                .live_flag_keys()
+                .flat_map(|key| snapshot.context_keys(key).iter().cloned())
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let extracted = context
+                .as_ref()
+                .filter(|context| context.is_object())
+                .map(|context| Extracted::from(context, &keys));
+            let empty = Extracted {
+                entries: Vec::new(),
+            };
+            let attributes: Option<&dyn Attributes> = match (&context, &extracted) {
+                (None, _) => Some(&empty),
+                (Some(_), Some(extracted)) => Some(extracted),
+                (Some(_), None) => None,
+            };
+            for key in snapshot.live_flag_keys() {
+                result.key(key);
+                result.resolution(&snapshot.evaluate_attributes(key, attributes, &NoEntitlements));
+            }
         }
-    };
-    let out: Map<String, Value> = snapshot
-        .live_flag_keys()
-        .map(|key| {
-            (
-                key.to_string(),
-                snapshot.evaluate(key, &context, &NoEntitlements).to_json(),
-            )
-        })
-        .collect();
-    JsonB(Value::Object(out))
+        Err((code, message)) => {
+            result.key("error_code");
+            result.string_value(code.as_str());
+            result.key("error_message");
+            result.string_value(&message);
+        }
+    }
+    result.end_object();
+    result.finish()
 }
 
 /// The bucket (0..99 999) a subject falls in under a salt: lets other
@@ -470,6 +558,53 @@ mod tests {
             text("SELECT flagship.export_project('shop')::text"),
             exported
         );
+    }
+
+    #[pg_test]
+    fn results_and_contexts_keep_every_json_type() {
+        setup();
+        put_flag(
+            r#"{"key": "cfg", "kind": "multivariate", "off_variant": "small",
+                "variants": {"small": {"limit": 10, "ratio": 0.25, "tags": ["a", null, true]}, "big": 1000},
+                "environments": {"production": {"enabled": true,
+                   "rules": [{"id": "adults", "conditions": [{"attribute": "user.age", "op": "gte", "values": [18]}],
+                              "serve": {"variant": "big"}},
+                             {"id": "named", "conditions": [{"attribute": "name", "op": "eq", "values": ["Åse ✓"]}],
+                              "serve": {"variant": "big"}}],
+                   "default": {"variant": "small"}}}}"#,
+        );
+        assert_eq!(
+            text("SELECT (flagship.flagship_evaluate('cfg') -> 'value')::text"),
+            r#"{"tags": ["a", null, true], "limit": 10, "ratio": 0.25}"#
+        );
+        // Nested objects, numbers and non-ASCII text in the context, read
+        // from a stored row (short varlena header) and from a literal.
+        Spi::run(
+            r#"CREATE TEMP TABLE contexts (c jsonb);
+               INSERT INTO contexts VALUES ('{"user": {"age": 30}}'), ('{"user": {"age": 12.5}}'),
+                                           ('{"name": "Åse ✓"}'), ('{"user": "flat"}')"#,
+        )
+        .unwrap();
+        assert_eq!(
+            text("SELECT string_agg(coalesce(flagship.flagship_evaluate('cfg', c) ->> 'rule', '-'), ',') FROM contexts"),
+            "adults,-,named,-"
+        );
+        assert_eq!(
+            text(
+                r#"SELECT flagship.flagship_evaluate('cfg', '{"user": {"age": 18}}') ->> 'value'"#
+            ),
+            "1000"
+        );
+        // Raw scalars and arrays are not objects.
+        for context in ["'3'", "'\"x\"'", "'[]'", "'null'"] {
+            assert_eq!(
+                text(&format!(
+                    "SELECT flagship.flagship_evaluate('cfg', {context}) ->> 'error_code'"
+                )),
+                "INVALID_CONTEXT",
+                "{context}"
+            );
+        }
     }
 
     #[pg_test]

@@ -15,7 +15,9 @@ mod context;
 mod errors;
 mod evaluation;
 mod flags;
+mod jsonb;
 mod tenancy;
+mod unguarded;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -4,6 +4,8 @@
 
 use regex::{Regex, RegexBuilder};
 use semver::Version;
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +97,18 @@ enum Scalar {
     Text(String),
     Number(f64),
     Bool(bool),
+}
+
+/// Where conditions read context attributes from: a JSON object, or only
+/// the keys a caller extracted from a larger document.
+pub trait Attributes {
+    fn get(&self, key: &str) -> Option<&Value>;
+}
+
+impl Attributes for serde_json::Map<String, Value> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        serde_json::Map::get(self, key)
+    }
 }
 
 /// One compiled condition. `attribute` is a dotted path into the context.
@@ -310,15 +324,21 @@ impl Condition {
         })
     }
 
+    /// The top-level context keys this condition may read: the attribute as
+    /// a flat key, and the head of its dotted path.
+    pub fn context_keys(&self) -> [&str; 2] {
+        [self.attribute.as_str(), self.path[0].as_str()]
+    }
+
     /// Looks the attribute up in the context: a top-level key of that exact
     /// name first (so `"user.email"` may be flat), then the dotted path.
-    pub fn lookup<'a>(&self, context: &'a serde_json::Map<String, Value>) -> Option<&'a Value> {
+    pub fn lookup<'a>(&self, context: &'a dyn Attributes) -> Option<&'a Value> {
         lookup_path(context, &self.attribute, &self.path)
     }
 
     /// Whether the context satisfies the condition. A missing or null
     /// attribute never matches, even negated, except for `exists`.
-    pub fn matches(&self, context: &serde_json::Map<String, Value>) -> bool {
+    pub fn matches(&self, context: &dyn Attributes) -> bool {
         let attribute = self.lookup(context).filter(|value| !value.is_null());
         let Some(attribute) = attribute else {
             return self.op == Operator::Exists && self.negate;
@@ -333,15 +353,15 @@ impl Condition {
         outcome != self.negate
     }
 
-    fn text_of(&self, value: &Value) -> Option<String> {
+    fn text_of<'v>(&self, value: &'v Value) -> Option<Cow<'v, str>> {
         let text = match value {
-            Value::String(text) => text.clone(),
-            Value::Number(number) => number.to_string(),
-            Value::Bool(flag) => flag.to_string(),
+            Value::String(text) => Cow::Borrowed(text.as_str()),
+            Value::Number(number) => Cow::Owned(number.to_string()),
+            Value::Bool(flag) => Cow::Borrowed(if *flag { "true" } else { "false" }),
             _ => return None,
         };
         Some(if self.case_insensitive {
-            text.to_lowercase()
+            Cow::Owned(text.to_lowercase())
         } else {
             text
         })
@@ -415,7 +435,7 @@ impl Condition {
 }
 
 pub fn lookup_path<'a>(
-    context: &'a serde_json::Map<String, Value>,
+    context: &'a dyn Attributes,
     attribute: &str,
     path: &[String],
 ) -> Option<&'a Value> {

@@ -3,11 +3,13 @@
 //! context check, environment switch, prerequisites, plan entitlement,
 //! individual targets, rules in order, default.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
+use rustc_hash::FxBuildHasher;
 use serde_json::{Map, Value};
 
-use super::conditions::{lookup_path, Condition};
+use super::conditions::{lookup_path, Attributes, Condition};
 use super::document::{EnvironmentConfig, FlagDefinition, Kind, SegmentDefinition, Serve};
 use crate::bucketing;
 
@@ -63,22 +65,26 @@ impl ErrorCode {
     }
 }
 
-/// The outcome of one evaluation, shaped like OpenFeature's resolution details.
+static NULL: Value = Value::Null;
+
+/// The outcome of one evaluation, shaped like OpenFeature's resolution
+/// details. It borrows from the compiled snapshot, so answering costs no
+/// allocation unless something went wrong.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Resolution {
-    pub key: String,
-    pub value: Value,
-    pub variant: Option<String>,
+pub struct Resolution<'a> {
+    pub key: &'a str,
+    pub value: &'a Value,
+    pub variant: Option<&'a str>,
     pub reason: Reason,
-    pub rule: Option<String>,
+    pub rule: Option<&'a str>,
     pub error: Option<(ErrorCode, String)>,
 }
 
-impl Resolution {
-    pub fn error(key: &str, code: ErrorCode, message: impl Into<String>) -> Resolution {
+impl<'a> Resolution<'a> {
+    pub fn error(key: &'a str, code: ErrorCode, message: impl Into<String>) -> Resolution<'a> {
         Resolution {
-            key: key.to_string(),
-            value: Value::Null,
+            key,
+            value: &NULL,
             variant: None,
             reason: Reason::Error,
             rule: None,
@@ -88,18 +94,17 @@ impl Resolution {
 
     pub fn to_json(&self) -> Value {
         let mut out = Map::with_capacity(7);
-        out.insert("key".into(), Value::String(self.key.clone()));
+        out.insert("key".into(), Value::String(self.key.to_string()));
         out.insert("value".into(), self.value.clone());
         out.insert(
             "variant".into(),
             self.variant
-                .clone()
-                .map(Value::String)
+                .map(|variant| Value::String(variant.to_string()))
                 .unwrap_or(Value::Null),
         );
         out.insert("reason".into(), Value::String(self.reason.as_str().into()));
         if let Some(rule) = &self.rule {
-            out.insert("rule".into(), Value::String(rule.clone()));
+            out.insert("rule".into(), Value::String(rule.to_string()));
         }
         if let Some((code, message)) = &self.error {
             out.insert("error_code".into(), Value::String(code.as_str().into()));
@@ -110,7 +115,7 @@ impl Resolution {
 
     /// The boolean reading `flagship_enabled` gives: only a true value is on.
     pub fn is_enabled(&self) -> bool {
-        self.value == Value::Bool(true)
+        *self.value == Value::Bool(true)
     }
 }
 
@@ -157,7 +162,7 @@ struct CompiledRule {
 #[derive(Debug)]
 struct CompiledEnvironment {
     enabled: bool,
-    targets: HashMap<String, usize>,
+    targets: HashMap<String, usize, FxBuildHasher>,
     rules: Vec<CompiledRule>,
     default: CompiledServe,
     /// No targets and no rules: the answer does not depend on the context.
@@ -173,22 +178,26 @@ struct CompiledFlag {
     prerequisites: Vec<(String, String)>,
     archived: bool,
     environment: Option<CompiledEnvironment>,
+    /// Every top-level context key an evaluation of this flag may read,
+    /// prerequisites and segments included, so callers can hand the engine
+    /// only those instead of converting the whole context.
+    context_keys: Vec<String>,
 }
 
 #[derive(Debug)]
 struct CompiledSegment {
-    included: std::collections::HashSet<String>,
-    excluded: std::collections::HashSet<String>,
+    included: HashSet<String, FxBuildHasher>,
+    excluded: HashSet<String, FxBuildHasher>,
     conditions: Vec<Condition>,
 }
 
 /// Everything needed to evaluate every flag of one environment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    flags: HashMap<String, CompiledFlag>,
+    flags: HashMap<String, CompiledFlag, FxBuildHasher>,
     /// Flag keys in a stable order, for evaluate_all.
     order: Vec<String>,
-    segments: HashMap<String, CompiledSegment>,
+    segments: HashMap<String, CompiledSegment, FxBuildHasher>,
 }
 
 fn variant_index(variants: &[(String, Value)], name: &str) -> usize {
@@ -229,7 +238,7 @@ fn compile_serve(serve: &Serve, variants: &[(String, Value)], default_salt: &str
 
 fn compile_environment(flag: &FlagDefinition, config: &EnvironmentConfig) -> CompiledEnvironment {
     let salt = flag.salt.clone().unwrap_or_else(|| flag.key.clone());
-    let mut targets = HashMap::new();
+    let mut targets = HashMap::default();
     for (variant, keys) in &config.targets {
         let index = variant_index(&flag.variants, variant);
         for key in keys {
@@ -298,12 +307,85 @@ impl Snapshot {
                     .as_ref()
                     .map(|config| compile_environment(&flag, config)),
                 variants: flag.variants,
+                context_keys: Vec::new(),
             };
             snapshot.order.push(compiled.key.clone());
             snapshot.flags.insert(compiled.key.clone(), compiled);
         }
         snapshot.order.sort();
+        let keys: Vec<(String, Vec<String>)> = snapshot
+            .order
+            .iter()
+            .map(|key| (key.clone(), snapshot.collect_context_keys(key)))
+            .collect();
+        for (key, context_keys) in keys {
+            if let Some(flag) = snapshot.flags.get_mut(&key) {
+                flag.context_keys = context_keys;
+            }
+        }
         snapshot
+    }
+
+    fn collect_context_keys(&self, flag_key: &str) -> Vec<String> {
+        let mut keys: Vec<&str> = vec!["targeting_key", "key"];
+        let mut pending = vec![(flag_key, 0)];
+        let mut visited: Vec<&str> = Vec::new();
+        while let Some((key, depth)) = pending.pop() {
+            if visited.contains(&key) || depth > MAX_PREREQUISITE_DEPTH {
+                continue;
+            }
+            visited.push(key);
+            let Some(flag) = self.flags.get(key) else {
+                continue;
+            };
+            if flag.kind == Kind::Plan {
+                keys.push("customer");
+            }
+            for (prerequisite, _) in &flag.prerequisites {
+                pending.push((prerequisite, depth + 1));
+            }
+            let Some(environment) = &flag.environment else {
+                continue;
+            };
+            let serves = environment
+                .rules
+                .iter()
+                .map(|rule| &rule.serve)
+                .chain([&environment.default]);
+            for serve in serves {
+                if let CompiledServe::Rollout {
+                    bucket_by: BucketBy::Attribute(attribute, path),
+                    ..
+                } = serve
+                {
+                    keys.push(attribute);
+                    keys.push(&path[0]);
+                }
+            }
+            for rule in &environment.rules {
+                let segment_conditions = rule
+                    .segment
+                    .as_ref()
+                    .and_then(|segment| self.segments.get(segment))
+                    .map(|segment| segment.conditions.as_slice())
+                    .unwrap_or_default();
+                for condition in rule.conditions.iter().chain(segment_conditions) {
+                    keys.extend(condition.context_keys());
+                }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys.into_iter().map(str::to_string).collect()
+    }
+
+    /// The top-level context keys evaluating `flag_key` may read; empty for
+    /// an unknown flag.
+    pub fn context_keys(&self, flag_key: &str) -> &[String] {
+        self.flags
+            .get(flag_key)
+            .map(|flag| flag.context_keys.as_slice())
+            .unwrap_or_default()
     }
 
     /// Keys of every flag that is not archived, sorted.
@@ -314,22 +396,36 @@ impl Snapshot {
             .map(String::as_str)
     }
 
-    pub fn evaluate(
-        &self,
-        flag_key: &str,
+    /// Evaluates with a JSON context; anything but an object is
+    /// INVALID_CONTEXT.
+    pub fn evaluate<'a>(
+        &'a self,
+        flag_key: &'a str,
         context: &Value,
         entitlements: &dyn Entitlements,
-    ) -> Resolution {
-        self.evaluate_at_depth(flag_key, context, entitlements, 0)
+    ) -> Resolution<'a> {
+        let attributes = context.as_object().map(|map| map as &dyn Attributes);
+        self.evaluate_at_depth(flag_key, attributes, entitlements, 0)
     }
 
-    fn evaluate_at_depth(
-        &self,
-        flag_key: &str,
-        context: &Value,
+    /// Evaluates with any attribute source; `None` stands for a context
+    /// that is not an object.
+    pub fn evaluate_attributes<'a>(
+        &'a self,
+        flag_key: &'a str,
+        attributes: Option<&dyn Attributes>,
+        entitlements: &dyn Entitlements,
+    ) -> Resolution<'a> {
+        self.evaluate_at_depth(flag_key, attributes, entitlements, 0)
+    }
+
+    fn evaluate_at_depth<'a>(
+        &'a self,
+        flag_key: &'a str,
+        attributes: Option<&dyn Attributes>,
         entitlements: &dyn Entitlements,
         depth: usize,
-    ) -> Resolution {
+    ) -> Resolution<'a> {
         let Some(flag) = self.flags.get(flag_key) else {
             return Resolution::error(
                 flag_key,
@@ -344,7 +440,7 @@ impl Snapshot {
                 format!("flag \"{flag_key}\" is archived"),
             );
         }
-        let Value::Object(attributes) = context else {
+        let Some(attributes) = attributes else {
             let mut resolution = flag.serve_index(flag.off, Reason::Error, None);
             resolution.error = Some((
                 ErrorCode::InvalidContext,
@@ -359,15 +455,11 @@ impl Snapshot {
         for (prerequisite, wanted) in &flag.prerequisites {
             let met = depth < MAX_PREREQUISITE_DEPTH && {
                 let outcome =
-                    self.evaluate_at_depth(prerequisite, context, entitlements, depth + 1);
-                outcome.error.is_none() && outcome.variant.as_deref() == Some(wanted.as_str())
+                    self.evaluate_at_depth(prerequisite, Some(attributes), entitlements, depth + 1);
+                outcome.error.is_none() && outcome.variant == Some(wanted.as_str())
             };
             if !met {
-                return flag.serve_index(
-                    flag.off,
-                    Reason::PrerequisiteFailed,
-                    Some(prerequisite.clone()),
-                );
+                return flag.serve_index(flag.off, Reason::PrerequisiteFailed, Some(prerequisite));
             }
         }
 
@@ -382,8 +474,8 @@ impl Snapshot {
 
         let targeting_key = targeting_key(attributes);
         if let Some(key) = &targeting_key {
-            if let Some(&index) = environment.targets.get(key.as_str()) {
-                return flag.serve_index(index, Reason::TargetingMatch, Some("targets".into()));
+            if let Some(&index) = environment.targets.get(key.as_ref()) {
+                return flag.serve_index(index, Reason::TargetingMatch, Some("targets"));
             }
         }
 
@@ -393,13 +485,13 @@ impl Snapshot {
             }
             match &rule.serve {
                 CompiledServe::Variant(index) => {
-                    return flag.serve_index(*index, Reason::TargetingMatch, Some(rule.id.clone()));
+                    return flag.serve_index(*index, Reason::TargetingMatch, Some(&rule.id));
                 }
                 rollout => {
                     // Without a value to bucket by, a rollout rule cannot place
                     // the subject: it falls through to the next rule.
                     if let Some(index) = pick_slot(rollout, attributes, targeting_key.as_deref()) {
-                        return flag.serve_index(index, Reason::Split, Some(rule.id.clone()));
+                        return flag.serve_index(index, Reason::Split, Some(&rule.id));
                     }
                 }
             }
@@ -424,7 +516,7 @@ impl Snapshot {
     fn rule_matches(
         &self,
         rule: &CompiledRule,
-        attributes: &Map<String, Value>,
+        attributes: &dyn Attributes,
         targeting_key: Option<&str>,
     ) -> bool {
         if let Some(segment) = &rule.segment {
@@ -440,7 +532,7 @@ impl Snapshot {
     fn in_segment(
         &self,
         key: &str,
-        attributes: &Map<String, Value>,
+        attributes: &dyn Attributes,
         targeting_key: Option<&str>,
     ) -> bool {
         let Some(segment) = self.segments.get(key) else {
@@ -459,12 +551,17 @@ impl Snapshot {
 }
 
 impl CompiledFlag {
-    fn serve_index(&self, index: usize, reason: Reason, rule: Option<String>) -> Resolution {
+    fn serve_index<'a>(
+        &'a self,
+        index: usize,
+        reason: Reason,
+        rule: Option<&'a str>,
+    ) -> Resolution<'a> {
         let (variant, value) = &self.variants[index];
         Resolution {
-            key: self.key.clone(),
-            value: value.clone(),
-            variant: Some(variant.clone()),
+            key: &self.key,
+            value,
+            variant: Some(variant),
             reason,
             rule,
             error: None,
@@ -472,16 +569,16 @@ impl CompiledFlag {
     }
 }
 
-fn scalar_text(value: &Value) -> Option<String> {
+fn scalar_text(value: &Value) -> Option<Cow<'_, str>> {
     match value {
-        Value::String(text) => Some(text.clone()),
-        Value::Number(number) => Some(number.to_string()),
+        Value::String(text) => Some(Cow::Borrowed(text)),
+        Value::Number(number) => Some(Cow::Owned(number.to_string())),
         _ => None,
     }
 }
 
 /// The subject's identity: `targeting_key`, else `key`.
-pub fn targeting_key(attributes: &Map<String, Value>) -> Option<String> {
+pub fn targeting_key(attributes: &dyn Attributes) -> Option<Cow<'_, str>> {
     attributes
         .get("targeting_key")
         .and_then(scalar_text)
@@ -490,7 +587,7 @@ pub fn targeting_key(attributes: &Map<String, Value>) -> Option<String> {
 
 fn pick_slot(
     serve: &CompiledServe,
-    attributes: &Map<String, Value>,
+    attributes: &dyn Attributes,
     targeting_key: Option<&str>,
 ) -> Option<usize> {
     let CompiledServe::Rollout {
@@ -503,7 +600,7 @@ fn pick_slot(
         return None;
     };
     let value = match bucket_by {
-        BucketBy::TargetingKey => targeting_key?.to_string(),
+        BucketBy::TargetingKey => Cow::Borrowed(targeting_key?),
         BucketBy::Attribute(name, path) => scalar_text(lookup_path(attributes, name, path)?)?,
     };
     let bucket = bucketing::bucket(salt, &value);

@@ -22,7 +22,7 @@ fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
     Snapshot::compile(flags, segments)
 }
 
-fn eval(snapshot: &Snapshot, key: &str, context: Value) -> Resolution {
+fn eval<'a>(snapshot: &'a Snapshot, key: &'a str, context: Value) -> Resolution<'a> {
     snapshot.evaluate(key, &context, &NoEntitlements)
 }
 
@@ -59,7 +59,7 @@ fn targets_rules_segments_and_default_in_order() {
     let s = snapshot(&[checkout()], &[beta_segment()], "production");
     let on = eval(&s, "new-checkout", json!({"targeting_key": "user-1"}));
     assert_eq!(
-        (on.value.clone(), on.reason, on.rule.as_deref()),
+        (on.value.clone(), on.reason, on.rule),
         (json!(true), Reason::TargetingMatch, Some("targets"))
     );
     let off = eval(
@@ -68,7 +68,7 @@ fn targets_rules_segments_and_default_in_order() {
         json!({"targeting_key": "user-2", "country": "NO", "plan": "enterprise"}),
     );
     assert_eq!(
-        off.variant.as_deref(),
+        off.variant,
         Some("off"),
         "individual targets win over rules"
     );
@@ -79,21 +79,18 @@ fn targets_rules_segments_and_default_in_order() {
         json!({"targeting_key": "u", "country": "SE", "plan": "enterprise"}),
     );
     assert_eq!(rule.reason, Reason::TargetingMatch);
-    assert_eq!(rule.rule.as_deref(), Some("nordic-enterprise"));
-    assert_eq!(rule.value, json!(true));
+    assert_eq!(rule.rule, Some("nordic-enterprise"));
+    assert_eq!(*rule.value, json!(true));
 
     let half = eval(&s, "new-checkout", json!({"targeting_key": "tester-1"}));
-    assert_eq!(
-        (half.reason, half.rule.as_deref()),
-        (Reason::Split, Some("beta"))
-    );
+    assert_eq!((half.reason, half.rule), (Reason::Split, Some("beta")));
 
     let by_condition = eval(
         &s,
         "new-checkout",
         json!({"key": "x", "email": "x@beta.io"}),
     );
-    assert_eq!(by_condition.rule.as_deref(), Some("beta"));
+    assert_eq!(by_condition.rule, Some("beta"));
     let excluded = eval(
         &s,
         "new-checkout",
@@ -111,7 +108,7 @@ fn disabled_environment_serves_off() {
     let s = snapshot(&[checkout()], &[beta_segment()], "staging");
     let r = eval(&s, "new-checkout", json!({"targeting_key": "user-1"}));
     assert_eq!(
-        (r.value, r.reason, r.variant.as_deref()),
+        (r.value.clone(), r.reason, r.variant),
         (json!(false), Reason::Disabled, Some("off"))
     );
     // An environment the document does not mention is off too.
@@ -124,16 +121,16 @@ fn static_and_default_reasons() {
     let flag = json!({"key": "f", "environments": {"p": {"enabled": true}}});
     let s = snapshot(&[flag], &[], "p");
     let r = eval(&s, "f", json!({}));
-    assert_eq!((r.value, r.reason), (json!(true), Reason::Static));
+    assert_eq!((r.value.clone(), r.reason), (json!(true), Reason::Static));
     let flag = json!({"key": "f", "environments": {"p": {"enabled": true,
         "rules": [{"conditions": [{"attribute": "a", "op": "exists"}], "serve": {"variant": "on"}}],
         "default": {"variant": "off"}}}});
     let s = snapshot(&[flag], &[], "p");
     let r = eval(&s, "f", json!({}));
-    assert_eq!((r.value, r.reason), (json!(false), Reason::Default));
+    assert_eq!((r.value.clone(), r.reason), (json!(false), Reason::Default));
     let r = eval(&s, "f", json!({"a": 1}));
     assert_eq!(
-        (r.value, r.reason, r.rule.as_deref()),
+        (r.value.clone(), r.reason, r.rule),
         (json!(true), Reason::TargetingMatch, Some("rule-0"))
     );
 }
@@ -184,10 +181,10 @@ fn prerequisites_gate_the_flag() {
         "environments": {"p": {"enabled": true}}});
     let s = snapshot(&[payments, checkout], &[], "p");
     let r = eval(&s, "checkout", json!({"country": "NO"}));
-    assert_eq!((r.value, r.reason), (json!(true), Reason::Static));
+    assert_eq!((r.value.clone(), r.reason), (json!(true), Reason::Static));
     let r = eval(&s, "checkout", json!({"country": "SE"}));
     assert_eq!(
-        (r.value, r.reason, r.rule.as_deref()),
+        (r.value.clone(), r.reason, r.rule),
         (
             json!(false),
             Reason::PrerequisiteFailed,
@@ -223,9 +220,12 @@ fn plan_flags_need_an_entitlement() {
         json!({"key": "reports", "kind": "plan", "environments": {"p": {"enabled": true}}});
     let s = snapshot(&[reports], &[], "p");
     let r = eval(&s, "reports", json!({"customer": "acme"}));
-    assert_eq!((r.value, r.reason), (json!(false), Reason::NotEntitled));
+    assert_eq!(
+        (r.value.clone(), r.reason),
+        (json!(false), Reason::NotEntitled)
+    );
     let r = s.evaluate("reports", &json!({"customer": "acme"}), &Grants("acme"));
-    assert_eq!((r.value, r.reason), (json!(true), Reason::Static));
+    assert_eq!((r.value.clone(), r.reason), (json!(true), Reason::Static));
     let r = s.evaluate("reports", &json!({}), &Grants("acme"));
     assert_eq!(r.reason, Reason::NotEntitled);
 }
@@ -240,10 +240,7 @@ fn rollout_flag(weights: Value) -> Snapshot {
 fn share(s: &Snapshot, variant: &str) -> f64 {
     let hits = (0..20_000)
         .filter(|i| {
-            eval(s, "exp", json!({"targeting_key": format!("user-{i}")}))
-                .variant
-                .as_deref()
-                == Some(variant)
+            eval(s, "exp", json!({"targeting_key": format!("user-{i}")})).variant == Some(variant)
         })
         .count();
     hits as f64 / 20_000.0
@@ -319,16 +316,10 @@ fn buckets_are_sticky_and_follow_bucket_by_and_salt() {
     } else {
         "on"
     };
-    assert_eq!(
-        variants.into_iter().next().unwrap().as_deref(),
-        Some(expected)
-    );
+    assert_eq!(variants.into_iter().next().unwrap(), Some(expected));
     // Without the attribute, the default rollout serves the off variant.
     let r = eval(&s, "org-exp", json!({"targeting_key": "u"}));
-    assert_eq!(
-        (r.variant.as_deref(), r.reason),
-        (Some("off"), Reason::Default)
-    );
+    assert_eq!((r.variant, r.reason), (Some("off"), Reason::Default));
 }
 
 #[test]

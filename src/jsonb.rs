@@ -1,0 +1,311 @@
+//! `jsonb` in and out of evaluation without a text round trip.
+//!
+//! pgrx's `JsonB` prints every argument to text and parses it again, and
+//! does the reverse for results. Evaluation reads a handful of top-level
+//! keys of the context and answers with a small object, so it borrows the
+//! argument's binary container, looks up only the keys the rules need, and
+//! builds its result with `pushJsonbValue`.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::mem::MaybeUninit;
+
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::datum::Datum;
+use pgrx::direct_function_call_as_datum;
+use pgrx::nullable::Nullable;
+use pgrx::pg_sys::{self, jbvType, JsonbIteratorToken as Token};
+use pgrx::prelude::*;
+use serde_json::{Number, Value};
+
+use crate::rules::Resolution;
+
+/// A `jsonb` argument, detoasted but not converted.
+pub struct JsonbArg {
+    jsonb: *mut pg_sys::Jsonb,
+}
+
+impl JsonbArg {
+    fn root(&self) -> *mut pg_sys::JsonbContainer {
+        // SAFETY: `jsonb` is a detoasted Jsonb that lives for the call.
+        unsafe { std::ptr::addr_of_mut!((*self.jsonb).root) }
+    }
+
+    /// A JSON object at the top (not an array, not a raw scalar).
+    pub fn is_object(&self) -> bool {
+        // SAFETY: every jsonb has at least its root header.
+        let header = unsafe { (*self.root()).header };
+        header & pg_sys::JB_FOBJECT != 0
+    }
+
+    /// The value of one top-level key of an object, converted; None when
+    /// absent or when the argument is not an object.
+    pub fn get(&self, key: &str) -> Option<Value> {
+        if !self.is_object() {
+            return None;
+        }
+        let mut found = MaybeUninit::<pg_sys::JsonbValue>::uninit();
+        // SAFETY: the root is an object container; the key is passed with its
+        // length, so it need not be NUL-terminated; the result is either NULL
+        // or `found`, whose string points into the container.
+        unsafe {
+            let result = crate::unguarded::getKeyJsonValueFromContainer(
+                self.root(),
+                key.as_ptr().cast::<c_char>(),
+                key.len() as c_int,
+                found.as_mut_ptr(),
+            );
+            result.as_ref().map(|value| to_value(value))
+        }
+    }
+}
+
+/// Converts one looked-up value. Nested containers are rare in contexts and
+/// take the text path.
+unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
+    match value.type_ {
+        jbvType::jbvString => {
+            let string = value.val.string;
+            let bytes = std::slice::from_raw_parts(string.val.cast::<u8>(), string.len as usize);
+            Value::String(if database_is_utf8() {
+                // SAFETY: PostgreSQL validated the text against the UTF-8
+                // database encoding when the jsonb was built.
+                std::str::from_utf8_unchecked(bytes).to_owned()
+            } else {
+                String::from_utf8_lossy(bytes).into_owned()
+            })
+        }
+        jbvType::jbvBool => Value::Bool(value.val.boolean),
+        jbvType::jbvNumeric => {
+            let text = pg_sys::numeric_normalize(value.val.numeric);
+            let text = CStr::from_ptr(text).to_string_lossy();
+            text.parse::<Number>()
+                .ok()
+                .or_else(|| text.parse::<f64>().ok().and_then(Number::from_f64))
+                .map(Value::Number)
+                .unwrap_or(Value::Null)
+        }
+        jbvType::jbvBinary => {
+            let binary = value.val.binary;
+            let text = CStr::from_ptr(pg_sys::JsonbToCString(
+                std::ptr::null_mut(),
+                binary.data,
+                binary.len,
+            ));
+            serde_json::from_str(&text.to_string_lossy()).unwrap_or(Value::Null)
+        }
+        _ => Value::Null,
+    }
+}
+
+thread_local! {
+    static DATABASE_IS_UTF8: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
+fn database_is_utf8() -> bool {
+    DATABASE_IS_UTF8.with(|cell| {
+        // SAFETY: GetDatabaseEncoding reads a backend global.
+        *cell.get_or_init(|| unsafe {
+            pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32
+        })
+    })
+}
+
+impl FromDatum for JsonbArg {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<JsonbArg> {
+        if is_null {
+            return None;
+        }
+        // The container needs a plain 4-byte header; a value that already has
+        // one (anything built in memory) is used in place, without the
+        // guarded call, and only short, compressed or external values are
+        // detoasted into a copy.
+        let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
+        let jsonb = if pgrx::varlena::varatt_is_4b_u(varlena) {
+            varlena
+        } else {
+            pg_sys::pg_detoast_datum(varlena)
+        }
+        .cast::<pg_sys::Jsonb>();
+        Some(JsonbArg { jsonb })
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for JsonbArg {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        arg.unbox_arg_using_from_datum()
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        arg.unbox_arg_using_from_datum().into()
+    }
+}
+
+impl_sql_translatable!(JsonbArg, arg_only = "jsonb");
+
+/// A `jsonb` result built in place.
+pub struct BuiltJsonb(pg_sys::Datum);
+
+unsafe impl BoxRet for BuiltJsonb {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        fcinfo.return_raw_datum(self.0)
+    }
+}
+
+impl_sql_translatable!(BuiltJsonb, "jsonb");
+
+/// Accumulates tokens with `pushJsonbValue`. Strings are referenced, not
+/// copied, until `finish`, so everything pushed must outlive the builder.
+pub struct Builder {
+    state: *mut pg_sys::JsonbParseState,
+    result: *mut pg_sys::JsonbValue,
+}
+
+impl Builder {
+    pub fn new() -> Builder {
+        Builder {
+            state: std::ptr::null_mut(),
+            result: std::ptr::null_mut(),
+        }
+    }
+
+    fn push(&mut self, token: Token::Type, value: Option<pg_sys::JsonbValue>) {
+        let mut value = value;
+        let pointer = value
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |value| value as *mut _);
+        // SAFETY: pushJsonbValue copies the scalar struct; its string data
+        // is borrowed from Rust values the caller keeps alive until finish.
+        self.result = unsafe { pg_sys::pushJsonbValue(&mut self.state, token, pointer) };
+    }
+
+    pub fn begin_object(&mut self) {
+        self.push(Token::WJB_BEGIN_OBJECT, None);
+    }
+
+    pub fn end_object(&mut self) {
+        self.push(Token::WJB_END_OBJECT, None);
+    }
+
+    pub fn key(&mut self, key: &str) {
+        self.push(Token::WJB_KEY, Some(string(key)));
+    }
+
+    pub fn string_value(&mut self, text: &str) {
+        self.push(Token::WJB_VALUE, Some(string(text)));
+    }
+
+    pub fn value(&mut self, value: &Value) {
+        self.any(value, Token::WJB_VALUE);
+    }
+
+    fn any(&mut self, value: &Value, token: Token::Type) {
+        match value {
+            Value::Object(map) => {
+                self.begin_object();
+                for (key, item) in map {
+                    self.key(key);
+                    self.any(item, Token::WJB_VALUE);
+                }
+                self.end_object();
+            }
+            Value::Array(items) => {
+                self.push(Token::WJB_BEGIN_ARRAY, None);
+                for item in items {
+                    self.any(item, Token::WJB_ELEM);
+                }
+                self.push(Token::WJB_END_ARRAY, None);
+            }
+            scalar => self.push(token, Some(scalar_value(scalar))),
+        }
+    }
+
+    /// Adds `key: resolution` details with the shape DESIGN.md fixes.
+    pub fn resolution(&mut self, resolution: &Resolution) {
+        self.begin_object();
+        self.key("key");
+        self.string_value(resolution.key);
+        self.key("value");
+        self.value(resolution.value);
+        self.key("variant");
+        match &resolution.variant {
+            Some(variant) => self.string_value(variant),
+            None => self.value(&Value::Null),
+        }
+        self.key("reason");
+        self.string_value(resolution.reason.as_str());
+        if let Some(rule) = &resolution.rule {
+            self.key("rule");
+            self.string_value(rule);
+        }
+        if let Some((code, message)) = &resolution.error {
+            self.key("error_code");
+            self.string_value(code.as_str());
+            self.key("error_message");
+            self.string_value(message);
+        }
+        self.end_object();
+    }
+
+    pub fn finish(self) -> BuiltJsonb {
+        assert!(!self.result.is_null(), "an empty jsonb builder");
+        // SAFETY: `result` is the completed top-level value pushJsonbValue
+        // returned on the last END token.
+        let jsonb = unsafe { pg_sys::JsonbValueToJsonb(self.result) };
+        BuiltJsonb(pg_sys::Datum::from(jsonb))
+    }
+}
+
+fn string(text: &str) -> pg_sys::JsonbValue {
+    pg_sys::JsonbValue {
+        type_: jbvType::jbvString,
+        val: pg_sys::JsonbValue__bindgen_ty_1 {
+            string: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
+                len: text.len() as c_int,
+                val: text.as_ptr().cast_mut().cast::<c_char>(),
+            },
+        },
+    }
+}
+
+fn scalar_value(value: &Value) -> pg_sys::JsonbValue {
+    match value {
+        Value::String(text) => string(text),
+        Value::Bool(flag) => pg_sys::JsonbValue {
+            type_: jbvType::jbvBool,
+            val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: *flag },
+        },
+        Value::Number(number) => {
+            let text = CString::new(number.to_string()).expect("numbers have no NUL");
+            // SAFETY: numeric_in parses a valid numeric literal into a new
+            // palloc'd Numeric.
+            let numeric = unsafe {
+                direct_function_call_as_datum(
+                    pg_sys::numeric_in,
+                    &[
+                        Some(pg_sys::Datum::from(text.as_ptr())),
+                        Some(pg_sys::Datum::from(pg_sys::InvalidOid)),
+                        Some(pg_sys::Datum::from(-1i32)),
+                    ],
+                )
+            }
+            .expect("numeric_in returns a value");
+            pg_sys::JsonbValue {
+                type_: jbvType::jbvNumeric,
+                val: pg_sys::JsonbValue__bindgen_ty_1 {
+                    numeric: numeric.cast_mut_ptr(),
+                },
+            }
+        }
+        _ => pg_sys::JsonbValue {
+            type_: jbvType::jbvNull,
+            val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: false },
+        },
+    }
+}
