@@ -3,6 +3,7 @@
 //! and run the pure engine. Evaluation answers problems with an ERROR
 //! result instead of raising, so it is safe in WHERE clauses and policies.
 
+use std::cell::OnceCell;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -11,6 +12,7 @@ use serde_json::Value;
 
 use crate::cache::{self, CacheKey, Resolved};
 use crate::context::{self, RawIdentity};
+use crate::encoded;
 use crate::jsonb::{Builder, BuiltJsonb, JsonbArg};
 use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
@@ -139,29 +141,39 @@ fn compile(document: &Value) -> Snapshot {
     Snapshot::compile(flags, segments)
 }
 
-/// The top-level context keys the rules can read, taken from the `jsonb`
-/// argument; the rest of the document is never converted.
-struct Extracted<'k> {
-    entries: Vec<(&'k str, Value)>,
+/// The top-level context keys the rules can read, converted from the
+/// `jsonb` argument on first use: a rule that fails on its first condition
+/// never pays for the attributes of its second, and the rest of the
+/// document is never converted at all.
+struct Extracted<'k, 'c> {
+    context: Option<&'c JsonbArg>,
+    entries: Vec<(&'k str, OnceCell<Option<Value>>)>,
 }
 
-impl<'k> Extracted<'k> {
-    fn from(context: &JsonbArg, keys: &'k [String]) -> Extracted<'k> {
+impl<'k, 'c> Extracted<'k, 'c> {
+    fn from(context: &'c JsonbArg, keys: &'k [String]) -> Extracted<'k, 'c> {
         Extracted {
+            context: Some(context),
             entries: keys
                 .iter()
-                .filter_map(|key| Some((key.as_str(), context.get(key)?)))
+                .map(|key| (key.as_str(), OnceCell::new()))
                 .collect(),
+        }
+    }
+
+    fn empty() -> Extracted<'k, 'c> {
+        Extracted {
+            context: None,
+            entries: Vec::new(),
         }
     }
 }
 
-impl Attributes for Extracted<'_> {
+impl Attributes for Extracted<'_, '_> {
     fn get(&self, key: &str) -> Option<&Value> {
-        self.entries
-            .iter()
-            .find(|(known, _)| *known == key)
-            .map(|(_, value)| value)
+        let context = self.context?;
+        let (known, value) = self.entries.iter().find(|(known, _)| *known == key)?;
+        value.get_or_init(|| context.get(known)).as_ref()
     }
 }
 
@@ -171,28 +183,19 @@ fn resolve<R>(
     flag_key: Option<&str>,
     context: Option<&JsonbArg>,
     environment: Option<&str>,
-    answer: impl FnOnce(&Resolution) -> R,
+    answer: impl FnOnce(&Resolution, Option<&Rc<Snapshot>>) -> R,
 ) -> R {
     let Some(flag_key) = flag_key else {
-        return answer(&Resolution::error(
-            "",
-            ErrorCode::FlagNotFound,
-            "flag key is NULL",
-        ));
+        let resolution = Resolution::error("", ErrorCode::FlagNotFound, "flag key is NULL");
+        return answer(&resolution, None);
     };
     let snapshot = match snapshot_for(environment) {
         Ok(snapshot) => snapshot,
-        Err((code, message)) => return answer(&Resolution::error(flag_key, code, message)),
+        Err((code, message)) => return answer(&Resolution::error(flag_key, code, message), None),
     };
     let resolution = match context {
         // A missing context counts as an empty object.
-        None => snapshot.evaluate_attributes(
-            flag_key,
-            Some(&Extracted {
-                entries: Vec::new(),
-            }),
-            &NoEntitlements,
-        ),
+        None => snapshot.evaluate_attributes(flag_key, Some(&Extracted::empty()), &NoEntitlements),
         Some(context) if !context.is_object() => {
             snapshot.evaluate_attributes(flag_key, None, &NoEntitlements)
         }
@@ -201,7 +204,7 @@ fn resolve<R>(
             snapshot.evaluate_attributes(flag_key, Some(&extracted), &NoEntitlements)
         }
     };
-    answer(&resolution)
+    answer(&resolution, Some(&snapshot))
 }
 
 /// Evaluates one flag for a context. Never raises for a missing flag,
@@ -212,11 +215,19 @@ pub fn flagship_evaluate(
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
-    resolve(flag_key, context.as_ref(), environment, |resolution| {
-        let mut result = Builder::new();
-        result.resolution(resolution);
-        result.finish()
-    })
+    resolve(
+        flag_key,
+        context.as_ref(),
+        environment,
+        |resolution, snapshot| match snapshot {
+            Some(snapshot) => encoded::encode(snapshot, resolution),
+            None => {
+                let mut result = Builder::new();
+                result.resolution(resolution);
+                result.finish()
+            }
+        },
+    )
 }
 
 /// True when the flag's value for this context is `true`; false for every
@@ -227,7 +238,7 @@ pub fn flagship_enabled(
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> bool {
-    resolve(flag_key, context.as_ref(), environment, |resolution| {
+    resolve(flag_key, context.as_ref(), environment, |resolution, _| {
         resolution.is_enabled()
     })
 }
@@ -254,9 +265,7 @@ pub fn flagship_evaluate_all(
                 .as_ref()
                 .filter(|context| context.is_object())
                 .map(|context| Extracted::from(context, &keys));
-            let empty = Extracted {
-                entries: Vec::new(),
-            };
+            let empty = Extracted::empty();
             let attributes: Option<&dyn Attributes> = match (&context, &extracted) {
                 (None, _) => Some(&empty),
                 (Some(_), Some(extracted)) => Some(extracted),

@@ -152,6 +152,28 @@ impl_sql_translatable!(JsonbArg, arg_only = "jsonb");
 /// A `jsonb` result built in place.
 pub struct BuiltJsonb(pg_sys::Datum);
 
+impl BuiltJsonb {
+    /// The complete varlena, header included, to keep beyond this call.
+    pub fn to_bytes(&self) -> Box<[u8]> {
+        let varlena = self.0.cast_mut_ptr::<pg_sys::varlena>();
+        // SAFETY: the datum is a jsonb we built, with a plain 4-byte header.
+        unsafe {
+            let size = pgrx::varlena::varsize_4b(varlena);
+            std::slice::from_raw_parts(varlena.cast::<u8>(), size).into()
+        }
+    }
+
+    /// A fresh copy, in the current memory context, of bytes `to_bytes` kept.
+    pub fn from_bytes(bytes: &[u8]) -> BuiltJsonb {
+        // SAFETY: palloc returns at least `len` writable bytes, or raises.
+        unsafe {
+            let copy = pg_sys::palloc(bytes.len()).cast::<u8>();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
+            BuiltJsonb(pg_sys::Datum::from(copy))
+        }
+    }
+}
+
 unsafe impl BoxRet for BuiltJsonb {
     unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
         fcinfo.return_raw_datum(self.0)

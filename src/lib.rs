@@ -12,6 +12,7 @@ pub mod rules;
 
 mod cache;
 mod context;
+mod encoded;
 mod errors;
 mod evaluation;
 mod flags;

@@ -17,7 +17,7 @@ use crate::bucketing;
 /// evaluation against anything that slipped past them.
 const MAX_PREREQUISITE_DEPTH: usize = 16;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     Static,
     Default,
