@@ -24,6 +24,11 @@ const MAX_ENTRIES: usize = 256;
 thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
     static WATCHED_RELATION: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Customers, subscriptions and plans change far more often than flags,
+    /// so they stamp a cache of their own, invalidated through
+    /// `flagship.customers`, and leave compiled flags alone.
+    static ENTITLEMENT_GENERATION: Cell<u64> = const { Cell::new(0) };
+    static WATCHED_ENTITLEMENTS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static ENTRIES: RefCell<HashMap<CacheKey, Entry>> = RefCell::new(HashMap::new());
 }
 
@@ -38,7 +43,8 @@ pub struct CacheKey {
 /// What an environment name resolved to when it was cached.
 #[derive(Clone)]
 pub enum Resolved {
-    Found(Rc<Snapshot>),
+    /// The environment's compiled flags and its id.
+    Found(Rc<Snapshot>, pgrx::Uuid),
     NotFound(String),
 }
 
@@ -99,6 +105,32 @@ pub fn generation() -> u64 {
 
 fn bump() {
     GENERATION.with(|generation| generation.set(generation.get().wrapping_add(1)));
+    bump_entitlements();
+}
+
+fn bump_entitlements() {
+    ENTITLEMENT_GENERATION.with(|generation| generation.set(generation.get().wrapping_add(1)));
+}
+
+pub fn entitlement_generation() -> u64 {
+    ENTITLEMENT_GENERATION.with(Cell::get)
+}
+
+/// Remembers which relation's invalidations stale the entitlement cache.
+pub fn watch_entitlements(relation: pg_sys::Oid) {
+    WATCHED_ENTITLEMENTS.with(|watched| watched.set(relation));
+}
+
+/// Stales what depends on `relation`: entitlements alone for their
+/// relation, everything for the flags' relation or InvalidOid ("everything
+/// changed", e.g. after an invalidation queue overflow), nothing otherwise.
+fn bump_for(relation: pg_sys::Oid) {
+    let entitlements = WATCHED_ENTITLEMENTS.with(Cell::get);
+    if relation != pg_sys::InvalidOid && relation == entitlements {
+        bump_entitlements();
+    } else if relation == pg_sys::InvalidOid || relation == WATCHED_RELATION.with(Cell::get) {
+        bump();
+    }
 }
 
 pub fn lookup(key: &CacheKey) -> Option<Resolved> {
@@ -135,9 +167,7 @@ pub fn store(key: CacheKey, built_at: u64, resolved: Resolved, watched: pg_sys::
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     // InvalidOid means "everything" (e.g. after an invalidation queue overflow).
-    if relid == pg_sys::InvalidOid || relid == WATCHED_RELATION.with(Cell::get) {
-        bump();
-    }
+    bump_for(relid);
 }
 
 #[pg_guard]
@@ -185,5 +215,5 @@ pub fn invalidate_cache(relation: pg_sys::Oid) {
     // SAFETY: registers a relcache invalidation for the current transaction;
     // PostgreSQL sends it to other backends at commit and drops it on abort.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
-    bump();
+    bump_for(relation);
 }

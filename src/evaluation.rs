@@ -13,15 +13,18 @@ use serde_json::Value;
 use crate::cache::{self, CacheKey, Resolved};
 use crate::context::{self, RawIdentity};
 use crate::encoded;
+use crate::entitlements::{self, Customer, EnvironmentEntitlements};
 use crate::jsonb::{Builder, BuiltJsonb, JsonbArg};
 use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
 use crate::rules::engine::ErrorCode;
-use crate::rules::{NoEntitlements, Resolution, Snapshot};
+use crate::rules::{Resolution, Snapshot};
 
 /// The compiled configuration of the named environment (or of the session's
 /// `flagship.environment`), or why there is none.
-fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, String)> {
+fn snapshot_for(
+    environment: Option<&str>,
+) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
     // Pick up other sessions' committed changes even inside a long
     // transaction; cheap when the invalidation queue holds nothing new.
     unsafe { pg_sys::AcceptInvalidationMessages() };
@@ -37,7 +40,7 @@ fn snapshot_for(environment: Option<&str>) -> Result<Rc<Snapshot>, (ErrorCode, S
         }
     };
     match resolved {
-        Resolved::Found(snapshot) => Ok(snapshot),
+        Resolved::Found(snapshot, environment_id) => Ok((snapshot, environment_id)),
         Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
     }
 }
@@ -109,7 +112,10 @@ fn load(environment: &str) -> (pg_sys::Oid, Resolved) {
     .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"))
     .map(|document| document.0)
     .unwrap_or(Value::Null);
-    (watched, Resolved::Found(Rc::new(compile(&document))))
+    (
+        watched,
+        Resolved::Found(Rc::new(compile(&document)), environment_id),
+    )
 }
 
 /// Compiles the stored, already validated documents of one environment.
@@ -148,24 +154,60 @@ fn compile(document: &Value) -> Snapshot {
 struct Extracted<'k, 'c> {
     context: Option<&'c JsonbArg>,
     entries: Vec<(&'k str, OnceCell<Option<Value>>)>,
+    environment: pgrx::Uuid,
+    /// The customer named by the context's `customer`, for `customer.*`.
+    customer: OnceCell<Option<Rc<Customer>>>,
 }
 
 impl<'k, 'c> Extracted<'k, 'c> {
-    fn from(context: &'c JsonbArg, keys: &'k [String]) -> Extracted<'k, 'c> {
+    fn from(
+        context: &'c JsonbArg,
+        keys: &'k [String],
+        environment: pgrx::Uuid,
+    ) -> Extracted<'k, 'c> {
         Extracted {
             context: Some(context),
             entries: keys
                 .iter()
                 .map(|key| (key.as_str(), OnceCell::new()))
                 .collect(),
+            environment,
+            customer: OnceCell::new(),
         }
     }
 
-    fn empty() -> Extracted<'k, 'c> {
+    fn empty(environment: pgrx::Uuid) -> Extracted<'k, 'c> {
         Extracted {
             context: None,
             entries: Vec::new(),
+            environment,
+            customer: OnceCell::new(),
         }
+    }
+
+    /// `customer.<path>` from the attributes stored with the customer.
+    fn customer_attribute(&self, path: &str) -> Option<&Value> {
+        let customer = self
+            .customer
+            .get_or_init(|| {
+                let key = match self.get("customer")? {
+                    Value::String(key) => key.clone(),
+                    Value::Number(number) => number.to_string(),
+                    _ => return None,
+                };
+                entitlements::customer(self.environment, &key)
+            })
+            .as_ref()?;
+        let attributes = customer.attributes.as_object()?;
+        if let Some(value) = attributes.get(path) {
+            return Some(value);
+        }
+        let mut segments = path.split('.');
+        let mut current = attributes.get(segments.next()?)?;
+        for segment in segments {
+            current = current.as_object()?.get(segment)?;
+        }
+        Some(current)
     }
 }
 
@@ -173,7 +215,11 @@ impl Attributes for Extracted<'_, '_> {
     fn get(&self, key: &str) -> Option<&Value> {
         let context = self.context?;
         let (known, value) = self.entries.iter().find(|(known, _)| *known == key)?;
-        value.get_or_init(|| context.get(known)).as_ref()
+        let found = value.get_or_init(|| context.get(known)).as_ref();
+        if found.is_some() {
+            return found;
+        }
+        self.customer_attribute(key.strip_prefix("customer.")?)
     }
 }
 
@@ -189,19 +235,27 @@ fn resolve<R>(
         let resolution = Resolution::error("", ErrorCode::FlagNotFound, "flag key is NULL");
         return answer(&resolution, None);
     };
-    let snapshot = match snapshot_for(environment) {
-        Ok(snapshot) => snapshot,
+    let (snapshot, environment_id) = match snapshot_for(environment) {
+        Ok(found) => found,
         Err((code, message)) => return answer(&Resolution::error(flag_key, code, message), None),
+    };
+    let entitlements = EnvironmentEntitlements {
+        environment: environment_id,
     };
     let resolution = match context {
         // A missing context counts as an empty object.
-        None => snapshot.evaluate_attributes(flag_key, Some(&Extracted::empty()), &NoEntitlements),
+        None => snapshot.evaluate_attributes(
+            flag_key,
+            Some(&Extracted::empty(environment_id)),
+            &entitlements,
+        ),
         Some(context) if !context.is_object() => {
-            snapshot.evaluate_attributes(flag_key, None, &NoEntitlements)
+            snapshot.evaluate_attributes(flag_key, None, &entitlements)
         }
         Some(context) => {
-            let extracted = Extracted::from(context, snapshot.context_keys(flag_key));
-            snapshot.evaluate_attributes(flag_key, Some(&extracted), &NoEntitlements)
+            let extracted =
+                Extracted::from(context, snapshot.context_keys(flag_key), environment_id);
+            snapshot.evaluate_attributes(flag_key, Some(&extracted), &entitlements)
         }
     };
     answer(&resolution, Some(&snapshot))
@@ -253,7 +307,10 @@ pub fn flagship_evaluate_all(
     let mut result = Builder::new();
     result.begin_object();
     match snapshot_for(environment) {
-        Ok(snapshot) => {
+        Ok((snapshot, environment_id)) => {
+            let entitlements = EnvironmentEntitlements {
+                environment: environment_id,
+            };
             // One conversion of everything any flag reads, not one per flag.
             let mut keys: Vec<String> = snapshot
                 .live_flag_keys()
@@ -264,8 +321,8 @@ pub fn flagship_evaluate_all(
             let extracted = context
                 .as_ref()
                 .filter(|context| context.is_object())
-                .map(|context| Extracted::from(context, &keys));
-            let empty = Extracted::empty();
+                .map(|context| Extracted::from(context, &keys, environment_id));
+            let empty = Extracted::empty(environment_id);
             let attributes: Option<&dyn Attributes> = match (&context, &extracted) {
                 (None, _) => Some(&empty),
                 (Some(_), Some(extracted)) => Some(extracted),
@@ -273,7 +330,7 @@ pub fn flagship_evaluate_all(
             };
             for key in snapshot.live_flag_keys() {
                 result.key(key);
-                result.resolution(&snapshot.evaluate_attributes(key, attributes, &NoEntitlements));
+                result.resolution(&snapshot.evaluate_attributes(key, attributes, &entitlements));
             }
         }
         Err((code, message)) => {

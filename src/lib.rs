@@ -1,24 +1,27 @@
 //! FlagShip: feature flags, plan entitlements, usage limits, API keys and an
 //! audit trail inside PostgreSQL.
 //!
-//! The pure core (`rules`, `bucketing`) knows nothing of PostgreSQL and is
+//! The pure core (`rules`, `bucketing`, `periods`) knows nothing of PostgreSQL and is
 //! tested with plain `cargo test`; the other modules are the thin pgrx shell
 //! around it. Tables, policies and grants live in `sql/`.
 
 use pgrx::prelude::*;
 
 pub mod bucketing;
+pub mod periods;
 pub mod rules;
 
 mod cache;
 mod context;
 mod encoded;
+mod entitlements;
 mod errors;
 mod evaluation;
 mod flags;
 mod jsonb;
 mod tenancy;
 mod unguarded;
+mod usage;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -39,6 +42,12 @@ extension_sql_file!(
         cache::invalidate_cache
     ]
 );
+extension_sql_file!(
+    "../sql/usage.sql",
+    name = "usage",
+    requires = ["flags", usage::usage_period_start, usage::usage_period_end]
+);
+extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -1,0 +1,100 @@
+-- A project as one document, and back: flags, segments, metrics, plans and
+-- customers. export_project then import_project into an empty organization
+-- reproduces the same evaluations and limits (usage itself is not exported:
+-- it is data, kept by pg_dump, not configuration).
+
+CREATE FUNCTION flagship.export_project(project text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'format', 'flagship.project/1',
+        'project', jsonb_build_object('key', p.key, 'name', p.name),
+        'environments', (SELECT jsonb_agg(jsonb_build_object('key', e.key, 'name', e.name,
+                                                              'is_default', e.is_default)
+                                          ORDER BY NOT e.is_default, e.created_at, e.key)
+                           FROM flagship.environments e
+                          WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
+        'segments', coalesce((SELECT jsonb_agg(flagship.segment_document(s) ORDER BY s.key)
+                                FROM flagship.segments s
+                               WHERE s.organization_id = p.organization_id AND s.project_id = p.id), '[]'),
+        'flags', coalesce((SELECT jsonb_agg(flagship.flag_document(f) ORDER BY f.key)
+                             FROM flagship.features f
+                            WHERE f.organization_id = p.organization_id AND f.project_id = p.id), '[]'),
+        'metrics', coalesce((SELECT jsonb_agg(flagship.metric_document(m) ORDER BY m.key)
+                               FROM flagship.metrics m
+                              WHERE m.organization_id = p.organization_id AND m.project_id = p.id), '[]'),
+        'plans', coalesce((SELECT jsonb_agg(flagship.plan_document(pl) ORDER BY pl.key)
+                             FROM flagship.plans pl
+                            WHERE pl.organization_id = p.organization_id AND pl.project_id = p.id), '[]'),
+        'customers', coalesce((SELECT jsonb_agg(flagship.customer_document(c) || jsonb_build_object('environment', e.key)
+                                                ORDER BY e.key, c.external_key)
+                                 FROM flagship.customers c
+                                 JOIN flagship.environments e
+                                   ON e.organization_id = c.organization_id AND e.id = c.environment_id
+                                WHERE c.organization_id = p.organization_id AND c.project_id = p.id), '[]'))
+      FROM flagship.projects p
+     WHERE p.id = flagship.resolve_project(project)
+$fn$;
+
+CREATE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_project uuid;
+    item jsonb;
+    pending jsonb[];
+    still_pending jsonb[];
+BEGIN
+    IF document IS NULL OR jsonb_typeof(document->'project') <> 'object' THEN
+        RAISE EXCEPTION 'import_project: "project" must be an object with key and name'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    new_project := flagship.create_project(
+        organization_id, document->'project'->>'key', document->'project'->>'name',
+        coalesce((SELECT array_agg(e->>'key' ORDER BY ordinality)
+                    FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
+                 '{development,staging,production}'));
+    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'segments', '[]')) LOOP
+        PERFORM flagship.put_segment(new_project::text, item);
+    END LOOP;
+    -- Prerequisites must exist before the flags that name them.
+    SELECT coalesce(array_agg(f), '{}') INTO pending
+      FROM jsonb_array_elements(coalesce(document->'flags', '[]')) f;
+    WHILE cardinality(pending) > 0 LOOP
+        still_pending := '{}';
+        FOREACH item IN ARRAY pending LOOP
+            IF EXISTS (SELECT FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
+                        WHERE NOT EXISTS (SELECT FROM flagship.features f
+                                           WHERE f.organization_id = import_project.organization_id
+                                             AND f.project_id = new_project AND f.key = p->>'flag')) THEN
+                still_pending := still_pending || item;
+            ELSE
+                PERFORM flagship.put_flag(new_project::text, item);
+            END IF;
+        END LOOP;
+        IF cardinality(still_pending) = cardinality(pending) THEN
+            -- Nothing moved: let put_flag report the missing prerequisite.
+            PERFORM flagship.put_flag(new_project::text, pending[1]);
+        END IF;
+        pending := still_pending;
+    END LOOP;
+    -- Plans name flags and metrics; customers name plans and metrics.
+    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'metrics', '[]')) LOOP
+        PERFORM flagship.put_metric(new_project::text, item);
+    END LOOP;
+    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'plans', '[]')) LOOP
+        PERFORM flagship.put_plan(new_project::text, item);
+    END LOOP;
+    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'customers', '[]')) LOOP
+        PERFORM flagship.put_customer(
+            coalesce((SELECT e.id::text FROM flagship.environments e
+                       WHERE e.organization_id = import_project.organization_id
+                         AND e.project_id = new_project AND e.key = item->>'environment'),
+                     coalesce(item->>'environment', 'customer without "environment"')),
+            item - 'environment');
+    END LOOP;
+    RETURN new_project;
+END
+$fn$;

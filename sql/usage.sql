@@ -1,0 +1,852 @@
+-- Plans, entitlements, customers and metered usage.
+--
+-- Configuration (metrics, plans, plan_features, usage_limits, customers,
+-- subscriptions, overrides) follows the same tenancy rules as flags. Usage
+-- lives in two tables: usage_counters, one row per customer and metric
+-- holding the current period's total (what limit checks read and lock), and
+-- usage_ledger, an append-only history of every consumption (billing export
+-- and idempotency).
+--
+-- Locking design. A consumption is one conditional UPDATE of the counter
+-- row: the row lock it takes serialises consumers of the same customer and
+-- metric until commit, which is exactly what makes the limit exact, and
+-- nothing else is locked, so different customers never wait for each
+-- other. An idempotency key takes a transaction-scoped advisory lock on its
+-- hash first, so a duplicate racing the first call waits for it to commit
+-- and then replays its answer. The ledger has no foreign keys on purpose:
+-- a foreign-key check would take a share lock on the hot customer row in
+-- every transaction.
+
+CREATE TABLE flagship.metrics (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text,
+    unit            text,
+    aggregation     text        NOT NULL DEFAULT 'sum',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT metrics_key_unique UNIQUE (organization_id, project_id, key),
+    CONSTRAINT metrics_project_unique UNIQUE (organization_id, project_id, id),
+    CONSTRAINT metrics_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
+    CONSTRAINT metrics_aggregation_valid CHECK (aggregation IN ('sum', 'gauge')),
+    FOREIGN KEY (organization_id, project_id)
+        REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
+);
+
+CREATE TABLE flagship.plans (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    key             text        NOT NULL,
+    name            text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT plans_key_unique UNIQUE (organization_id, project_id, key),
+    CONSTRAINT plans_project_unique UNIQUE (organization_id, project_id, id),
+    CONSTRAINT plans_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
+    FOREIGN KEY (organization_id, project_id)
+        REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
+);
+
+-- Features are named by key, like prerequisites, so that tables restore in
+-- any order; put_plan checks that the flag exists.
+CREATE TABLE flagship.plan_features (
+    organization_id uuid    NOT NULL,
+    project_id      uuid    NOT NULL,
+    plan_id         uuid    NOT NULL,
+    feature_key     text    NOT NULL,
+    enabled         boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (organization_id, plan_id, feature_key),
+    FOREIGN KEY (organization_id, project_id, plan_id)
+        REFERENCES flagship.plans (organization_id, project_id, id) ON DELETE CASCADE
+);
+
+-- The terms of one limit: shared by plan limits and customer overrides.
+CREATE TABLE flagship.usage_limits (
+    organization_id uuid   NOT NULL,
+    project_id      uuid   NOT NULL,
+    plan_id         uuid   NOT NULL,
+    metric_id       uuid   NOT NULL,
+    usage_limit     bigint,
+    period          text   NOT NULL DEFAULT 'month',
+    enforcement     text   NOT NULL DEFAULT 'hard',
+    PRIMARY KEY (organization_id, plan_id, metric_id),
+    CONSTRAINT usage_limits_limit_valid CHECK (usage_limit IS NULL OR usage_limit >= 0),
+    CONSTRAINT usage_limits_period_valid
+        CHECK (period IN ('none', 'hour', 'day', 'week', 'month', 'billing_month')),
+    CONSTRAINT usage_limits_enforcement_valid CHECK (enforcement IN ('hard', 'soft')),
+    FOREIGN KEY (organization_id, project_id, plan_id)
+        REFERENCES flagship.plans (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, project_id, id) ON DELETE CASCADE
+);
+
+CREATE TABLE flagship.customers (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    environment_id  uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    external_key    text        NOT NULL,
+    name            text,
+    attributes      jsonb       NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT customers_key_unique UNIQUE (organization_id, environment_id, external_key),
+    CONSTRAINT customers_project_unique UNIQUE (organization_id, project_id, id),
+    CONSTRAINT customers_key_present
+        CHECK (length(btrim(external_key)) > 0 AND length(external_key) <= 200),
+    CONSTRAINT customers_attributes_object CHECK (jsonb_typeof(attributes) = 'object'),
+    FOREIGN KEY (organization_id, project_id, environment_id)
+        REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
+);
+
+-- Usage calls find customers by environment and key alone.
+CREATE INDEX customers_environment_key ON flagship.customers (environment_id, external_key);
+
+-- A customer's current subscription (one at a time).
+CREATE TABLE flagship.subscriptions (
+    organization_id uuid        NOT NULL,
+    project_id      uuid        NOT NULL,
+    customer_id     uuid        NOT NULL,
+    plan_id         uuid        NOT NULL,
+    status          text        NOT NULL DEFAULT 'active',
+    trial_ends_at   timestamptz,
+    billing_anchor  timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, customer_id),
+    CONSTRAINT subscriptions_status_valid CHECK (status IN ('active', 'trialing', 'canceled')),
+    CONSTRAINT subscriptions_trial_has_end CHECK (status <> 'trialing' OR trial_ends_at IS NOT NULL),
+    FOREIGN KEY (organization_id, project_id, customer_id)
+        REFERENCES flagship.customers (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, plan_id)
+        REFERENCES flagship.plans (organization_id, project_id, id)
+);
+
+-- Add-ons and exceptions for one customer, on top of (or instead of) the plan.
+CREATE TABLE flagship.customer_feature_overrides (
+    organization_id uuid    NOT NULL,
+    customer_id     uuid    NOT NULL,
+    feature_key     text    NOT NULL,
+    enabled         boolean NOT NULL,
+    PRIMARY KEY (organization_id, customer_id, feature_key),
+    FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE
+);
+
+CREATE TABLE flagship.customer_limit_overrides (
+    organization_id uuid   NOT NULL,
+    project_id      uuid   NOT NULL,
+    customer_id     uuid   NOT NULL,
+    metric_id       uuid   NOT NULL,
+    usage_limit     bigint,
+    period          text   NOT NULL DEFAULT 'month',
+    enforcement     text   NOT NULL DEFAULT 'hard',
+    PRIMARY KEY (organization_id, customer_id, metric_id),
+    CONSTRAINT customer_limit_overrides_limit_valid CHECK (usage_limit IS NULL OR usage_limit >= 0),
+    CONSTRAINT customer_limit_overrides_period_valid
+        CHECK (period IN ('none', 'hour', 'day', 'week', 'month', 'billing_month')),
+    CONSTRAINT customer_limit_overrides_enforcement_valid CHECK (enforcement IN ('hard', 'soft')),
+    FOREIGN KEY (organization_id, project_id, customer_id)
+        REFERENCES flagship.customers (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, project_id, id) ON DELETE CASCADE
+);
+
+-- The current period's total per customer and metric. `period_start` is
+-- NULL for limits that never reset; a row whose period_start is older than
+-- the current period's counts as zero (lazy rollover).
+CREATE TABLE flagship.usage_counters (
+    organization_id uuid        NOT NULL,
+    customer_id     uuid        NOT NULL,
+    metric_id       uuid        NOT NULL,
+    period_start    timestamptz,
+    used            bigint      NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, customer_id, metric_id),
+    FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, id) ON DELETE CASCADE
+);
+
+CREATE SEQUENCE flagship.usage_ledger_id_seq;
+CREATE TABLE flagship.usage_ledger (
+    organization_id uuid        NOT NULL,
+    id              bigint      NOT NULL DEFAULT nextval('flagship.usage_ledger_id_seq'),
+    customer_id     uuid        NOT NULL,
+    metric_id       uuid        NOT NULL,
+    kind            text        NOT NULL,
+    amount          bigint      NOT NULL,
+    used_after      bigint      NOT NULL,
+    period_start    timestamptz,
+    idempotency_key text,
+    result          jsonb       NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT usage_ledger_kind_valid CHECK (kind IN ('record', 'set'))
+);
+ALTER SEQUENCE flagship.usage_ledger_id_seq OWNED BY flagship.usage_ledger.id;
+CREATE UNIQUE INDEX usage_ledger_idempotency
+    ON flagship.usage_ledger (organization_id, customer_id, metric_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX usage_ledger_customer_time
+    ON flagship.usage_ledger (organization_id, customer_id, recorded_at);
+
+-- The ledger is history: nobody edits it.
+CREATE FUNCTION flagship.usage_ledger_append_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'usage_ledger is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$fn$;
+CREATE TRIGGER usage_ledger_append_only BEFORE UPDATE OR DELETE ON flagship.usage_ledger
+    FOR EACH ROW EXECUTE FUNCTION flagship.usage_ledger_append_only();
+CREATE TRIGGER usage_ledger_no_truncate BEFORE TRUNCATE ON flagship.usage_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION flagship.usage_ledger_append_only();
+
+-- One statement per table: each call updates the pg_extension row.
+DO $dump$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+                             'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides',
+                             'usage_counters', 'usage_ledger', 'usage_ledger_id_seq'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(('flagship.' || t)::regclass, '');
+    END LOOP;
+END
+$dump$;
+
+SELECT flagship.isolate_tenant_table(t)
+  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+                    'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides',
+                    'usage_counters', 'usage_ledger']) AS t;
+
+GRANT SELECT ON flagship.metrics, flagship.plans, flagship.plan_features, flagship.usage_limits,
+                flagship.customers, flagship.subscriptions, flagship.customer_feature_overrides,
+                flagship.customer_limit_overrides, flagship.usage_counters, flagship.usage_ledger
+    TO flagship_admin, flagship_app, flagship_auditor;
+GRANT INSERT, UPDATE, DELETE ON flagship.metrics, flagship.plans, flagship.plan_features,
+                                flagship.usage_limits, flagship.customers, flagship.subscriptions,
+                                flagship.customer_feature_overrides,
+                                flagship.customer_limit_overrides
+    TO flagship_admin;
+-- Consuming usage is the application's job; the ledger only grows.
+GRANT INSERT, UPDATE ON flagship.usage_counters TO flagship_app, flagship_admin;
+GRANT INSERT ON flagship.usage_ledger TO flagship_app, flagship_admin;
+GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_admin;
+
+-- Plan-kind flags read customers, subscriptions, plans and overrides: any
+-- change there marks every backend's cached entitlements stale.
+CREATE FUNCTION flagship.entitlements_changed() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM flagship.invalidate_cache('flagship.customers'::regclass);
+    RETURN NULL;
+END
+$fn$;
+
+DO $inval$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['plans', 'plan_features', 'customers', 'subscriptions',
+                             'customer_feature_overrides'] LOOP
+        EXECUTE format(
+            'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
+                 FOR EACH STATEMENT EXECUTE FUNCTION flagship.entitlements_changed()',
+            t || '_invalidate_entitlements', t);
+    END LOOP;
+END
+$inval$;
+
+-- Documents ------------------------------------------------------------------
+
+-- Raises 22023 naming the field when `value` is not what `expected` says.
+CREATE FUNCTION flagship.refuse(field text, message text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION '%: %', field, message USING ERRCODE = 'invalid_parameter_value';
+END
+$fn$;
+
+CREATE FUNCTION flagship.require_object(document jsonb, field text, allowed text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    unknown text;
+BEGIN
+    IF document IS NULL OR jsonb_typeof(document) <> 'object' THEN
+        PERFORM flagship.refuse(field, 'must be a JSON object');
+    END IF;
+    SELECT k INTO unknown FROM jsonb_object_keys(document) k WHERE k <> ALL (allowed) LIMIT 1;
+    IF unknown IS NOT NULL THEN
+        PERFORM flagship.refuse(field, format('unknown field "%s"', unknown));
+    END IF;
+END
+$fn$;
+
+-- Validates one limit specification ({"limit", "period", "enforcement"}) and
+-- returns it with defaults filled in: sums reset monthly, gauges never.
+CREATE FUNCTION flagship.limit_terms(spec jsonb, field text, aggregation text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    limit_value jsonb;
+    period text;
+    enforcement text;
+BEGIN
+    PERFORM flagship.require_object(spec, field, '{limit,period,enforcement}');
+    limit_value := coalesce(spec->'limit', 'null');
+    IF jsonb_typeof(limit_value) NOT IN ('null', 'number')
+       OR (jsonb_typeof(limit_value) = 'number'
+           AND (limit_value::numeric < 0 OR limit_value::numeric <> trunc(limit_value::numeric)
+                OR limit_value::numeric > 9000000000000000000)) THEN
+        PERFORM flagship.refuse(field || '.limit', 'must be a non-negative integer, or null for unlimited');
+    END IF;
+    period := coalesce(spec->>'period', CASE WHEN aggregation = 'gauge' THEN 'none' ELSE 'month' END);
+    IF period NOT IN ('none', 'hour', 'day', 'week', 'month', 'billing_month') THEN
+        PERFORM flagship.refuse(field || '.period',
+            format('unknown period "%s" (none, hour, day, week, month, billing_month)', period));
+    END IF;
+    enforcement := coalesce(spec->>'enforcement', 'hard');
+    IF enforcement NOT IN ('hard', 'soft') THEN
+        PERFORM flagship.refuse(field || '.enforcement', format('must be hard or soft, not "%s"', enforcement));
+    END IF;
+    RETURN jsonb_build_object('limit', limit_value, 'period', period, 'enforcement', enforcement);
+END
+$fn$;
+
+CREATE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    target_project uuid := flagship.resolve_project(project);
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
+    IF coalesce(definition->>'key', '') !~ '^[a-z0-9][a-z0-9_.-]*$' THEN
+        PERFORM flagship.refuse('key', 'must be lowercase letters, digits, ".", "_" or "-"');
+    END IF;
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum or gauge');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
+    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
+           coalesce(definition->>'aggregation', 'sum')
+      FROM flagship.projects p WHERE p.id = target_project
+    ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
+       SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
+           updated_at = now()
+    RETURNING m.id INTO saved;
+    RETURN saved;
+END
+$fn$;
+
+CREATE FUNCTION flagship.put_plan(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    saved uuid;
+    item record;
+    metric_row flagship.metrics;
+    terms jsonb;
+BEGIN
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
+    IF coalesce(definition->>'key', '') !~ '^[a-z0-9][a-z0-9_.-]*$' THEN
+        PERFORM flagship.refuse('key', 'must be lowercase letters, digits, ".", "_" or "-"');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name')
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+    RETURNING p.id INTO saved;
+
+    DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
+    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'features', '{}')) LOOP
+        IF jsonb_typeof(item.value) <> 'boolean' THEN
+            PERFORM flagship.refuse('features.' || item.key, 'must be true or false');
+        END IF;
+        IF NOT EXISTS (SELECT FROM flagship.features f
+                        WHERE f.organization_id = project_row.organization_id
+                          AND f.project_id = project_row.id AND f.key = item.key) THEN
+            PERFORM flagship.refuse('features.' || item.key, format('unknown flag "%s"', item.key));
+        END IF;
+        INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+        VALUES (project_row.organization_id, project_row.id, saved, item.key, item.value::boolean);
+    END LOOP;
+
+    DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
+    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'limits', '{}')) LOOP
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = project_row.organization_id AND m.project_id = project_row.id
+           AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse('limits.' || item.key, format('unknown metric "%s"', item.key));
+        END IF;
+        terms := flagship.limit_terms(item.value, 'limits.' || item.key, metric_row.aggregation);
+        INSERT INTO flagship.usage_limits
+            (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+        VALUES (project_row.organization_id, project_row.id, saved, metric_row.id,
+                (terms->>'limit')::bigint, terms->>'period', terms->>'enforcement');
+    END LOOP;
+    RETURN saved;
+END
+$fn$;
+
+CREATE FUNCTION flagship.put_customer(environment text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    environment_row flagship.environments;
+    plan_row flagship.plans;
+    metric_row flagship.metrics;
+    saved uuid;
+    item record;
+    terms jsonb;
+    new_status text;
+    new_trial_end timestamptz;
+    new_anchor timestamptz;
+BEGIN
+    SELECT * INTO environment_row FROM flagship.environments e
+     WHERE e.id = flagship.resolve_environment(environment);
+    PERFORM flagship.require_object(definition, 'customer',
+        '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes}');
+    IF jsonb_typeof(definition->'key') IS DISTINCT FROM 'string' OR btrim(definition->>'key') = '' THEN
+        PERFORM flagship.refuse('key', 'must be a non-empty string');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'attributes', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('attributes', 'must be a JSON object');
+    END IF;
+    PERFORM flagship.require_object(coalesce(definition->'overrides', '{}'), 'overrides', '{features,limits}');
+    new_status := coalesce(definition->>'status', 'active');
+    IF new_status NOT IN ('active', 'trialing', 'canceled') THEN
+        PERFORM flagship.refuse('status', format('must be active, trialing or canceled, not "%s"', new_status));
+    END IF;
+    BEGIN
+        new_trial_end := (definition->>'trial_ends_at')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('trial_ends_at', 'must be a timestamp');
+    END;
+    BEGIN
+        new_anchor := (definition->>'billing_anchor')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('billing_anchor', 'must be a timestamp');
+    END;
+    IF new_status = 'trialing' AND new_trial_end IS NULL THEN
+        PERFORM flagship.refuse('trial_ends_at', 'is required while trialing');
+    END IF;
+    IF definition ? 'plan' THEN
+        SELECT * INTO plan_row FROM flagship.plans p
+         WHERE p.organization_id = environment_row.organization_id
+           AND p.project_id = environment_row.project_id AND p.key = definition->>'plan';
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse('plan', format('unknown plan "%s"', definition->>'plan'));
+        END IF;
+    END IF;
+
+    INSERT INTO flagship.customers AS c
+        (organization_id, project_id, environment_id, external_key, name, attributes)
+    VALUES (environment_row.organization_id, environment_row.project_id, environment_row.id,
+            definition->>'key', definition->>'name', coalesce(definition->'attributes', '{}'))
+    ON CONFLICT ON CONSTRAINT customers_key_unique DO UPDATE
+       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = now()
+    RETURNING c.id INTO saved;
+
+    IF plan_row.id IS NULL THEN
+        DELETE FROM flagship.subscriptions s
+         WHERE s.organization_id = environment_row.organization_id AND s.customer_id = saved;
+    ELSE
+        INSERT INTO flagship.subscriptions AS s
+            (organization_id, project_id, customer_id, plan_id, status, trial_ends_at, billing_anchor)
+        VALUES (environment_row.organization_id, environment_row.project_id, saved, plan_row.id,
+                new_status, new_trial_end, coalesce(new_anchor, now()))
+        ON CONFLICT (organization_id, customer_id) DO UPDATE
+           SET plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
+               trial_ends_at = EXCLUDED.trial_ends_at,
+               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = now();
+    END IF;
+
+    DELETE FROM flagship.customer_feature_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'overrides'->'features', '{}')) LOOP
+        IF jsonb_typeof(item.value) <> 'boolean' THEN
+            PERFORM flagship.refuse('overrides.features.' || item.key, 'must be true or false');
+        END IF;
+        IF NOT EXISTS (SELECT FROM flagship.features f
+                        WHERE f.organization_id = environment_row.organization_id
+                          AND f.project_id = environment_row.project_id AND f.key = item.key) THEN
+            PERFORM flagship.refuse('overrides.features.' || item.key, format('unknown flag "%s"', item.key));
+        END IF;
+        INSERT INTO flagship.customer_feature_overrides (organization_id, customer_id, feature_key, enabled)
+        VALUES (environment_row.organization_id, saved, item.key, item.value::boolean);
+    END LOOP;
+
+    DELETE FROM flagship.customer_limit_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'overrides'->'limits', '{}')) LOOP
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = environment_row.organization_id
+           AND m.project_id = environment_row.project_id AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse('overrides.limits.' || item.key, format('unknown metric "%s"', item.key));
+        END IF;
+        terms := flagship.limit_terms(item.value, 'overrides.limits.' || item.key, metric_row.aggregation);
+        INSERT INTO flagship.customer_limit_overrides
+            (organization_id, project_id, customer_id, metric_id, usage_limit, period, enforcement)
+        VALUES (environment_row.organization_id, environment_row.project_id, saved, metric_row.id,
+                (terms->>'limit')::bigint, terms->>'period', terms->>'enforcement');
+    END LOOP;
+    RETURN saved;
+END
+$fn$;
+
+CREATE FUNCTION flagship.metric_document(metric flagship.metrics) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', metric.key, 'name', metric.name, 'unit', metric.unit, 'aggregation', metric.aggregation))
+$fn$;
+
+CREATE FUNCTION flagship.limit_document(usage_limit bigint, period text, enforcement text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object('limit', usage_limit, 'period', period, 'enforcement', enforcement)
+$fn$;
+
+CREATE FUNCTION flagship.plan_document(plan flagship.plans) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', plan.key, 'name', plan.name,
+        'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
+                                FROM flagship.plan_features f
+                               WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
+        'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
+                              FROM flagship.usage_limits l
+                              JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}')))
+$fn$;
+
+CREATE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', customer.external_key, 'name', customer.name,
+        'plan', p.key, 'status', s.status, 'trial_ends_at', s.trial_ends_at,
+        'billing_anchor', s.billing_anchor,
+        'overrides', jsonb_build_object(
+            'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
+                                    FROM flagship.customer_feature_overrides o
+                                   WHERE o.organization_id = customer.organization_id
+                                     AND o.customer_id = customer.id), '{}'),
+            'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
+                                  FROM flagship.customer_limit_overrides o
+                                  JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
+                                 WHERE o.organization_id = customer.organization_id
+                                   AND o.customer_id = customer.id), '{}')),
+        'attributes', customer.attributes))
+      FROM (SELECT) AS one
+      LEFT JOIN flagship.subscriptions s
+        ON s.organization_id = customer.organization_id AND s.customer_id = customer.id
+      LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
+$fn$;
+
+-- What plan-kind flags need to know about one customer, for the evaluation
+-- cache: whether its subscription is live (and until when), the features
+-- its plan and overrides grant, and its attributes.
+CREATE FUNCTION flagship.customer_entitlements(environment_id uuid, external_key text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'status', s.status,
+        'trial_ends_at', extract(epoch FROM s.trial_ends_at),
+        'features', coalesce((
+            SELECT jsonb_agg(k.feature_key) FROM (
+                SELECT f.feature_key FROM flagship.plan_features f
+                 WHERE f.organization_id = c.organization_id AND f.plan_id = s.plan_id AND f.enabled
+                   AND NOT EXISTS (SELECT FROM flagship.customer_feature_overrides o
+                                    WHERE o.organization_id = c.organization_id AND o.customer_id = c.id
+                                      AND o.feature_key = f.feature_key AND NOT o.enabled)
+                UNION
+                SELECT o.feature_key FROM flagship.customer_feature_overrides o
+                 WHERE o.organization_id = c.organization_id AND o.customer_id = c.id AND o.enabled) k), '[]'),
+        'attributes', c.attributes)
+      FROM flagship.customers c
+      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
+     WHERE c.environment_id = customer_entitlements.environment_id AND c.external_key = customer_entitlements.external_key
+$fn$;
+
+-- Limits ----------------------------------------------------------------------
+
+CREATE TYPE flagship.usage_terms AS (
+    organization_id uuid,
+    customer_id     uuid,
+    metric_id       uuid,
+    aggregation     text,
+    reason          text,
+    usage_limit     bigint,
+    period          text,
+    enforcement     text,
+    period_start    timestamptz,
+    resets_at       timestamptz
+);
+
+-- Everything a limit decision needs, in one query: the customer, metric,
+-- subscription and the limit that applies (a customer override wins over
+-- the plan). `reason` is set when there is nothing to consume against.
+CREATE FUNCTION flagship.usage_terms(customer text, metric text, environment text)
+RETURNS flagship.usage_terms
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+    target_environment uuid := flagship.resolve_environment(coalesce(environment, current_setting('flagship.environment', true)));
+    facts record;
+    terms flagship.usage_terms;
+BEGIN
+    SELECT c.organization_id, c.id AS customer_id, m.id AS metric_id, m.aggregation,
+           s.status, s.trial_ends_at, s.billing_anchor, s.plan_id,
+           coalesce(o.metric_id, l.metric_id) IS NOT NULL AS has_limit,
+           CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END AS usage_limit,
+           coalesce(o.period, l.period) AS period,
+           coalesce(o.enforcement, l.enforcement) AS enforcement,
+           c.id IS NOT NULL AS has_customer, m.id IS NOT NULL AS has_metric
+      INTO facts
+      FROM (SELECT) AS one
+      LEFT JOIN flagship.customers c
+        ON c.environment_id = target_environment AND c.external_key = usage_terms.customer
+      LEFT JOIN flagship.metrics m
+        ON m.organization_id = c.organization_id AND m.project_id = c.project_id AND m.key = usage_terms.metric
+      LEFT JOIN flagship.subscriptions s
+        ON s.organization_id = c.organization_id AND s.customer_id = c.id
+      LEFT JOIN flagship.customer_limit_overrides o
+        ON o.organization_id = c.organization_id AND o.customer_id = c.id AND o.metric_id = m.id
+      LEFT JOIN flagship.usage_limits l
+        ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id;
+    terms.organization_id := facts.organization_id;
+    terms.customer_id := facts.customer_id;
+    terms.metric_id := facts.metric_id;
+    terms.aggregation := facts.aggregation;
+    IF NOT facts.has_customer THEN
+        terms.reason := 'CUSTOMER_NOT_FOUND';
+    ELSIF NOT facts.has_metric THEN
+        terms.reason := 'METRIC_NOT_FOUND';
+    ELSIF facts.status IS NULL OR facts.status = 'canceled'
+          OR (facts.status = 'trialing' AND facts.trial_ends_at <= now()) THEN
+        terms.reason := 'SUBSCRIPTION_INACTIVE';
+    ELSIF NOT facts.has_limit THEN
+        terms.reason := 'NOT_ENTITLED';
+    ELSE
+        terms.usage_limit := facts.usage_limit;
+        terms.period := facts.period;
+        terms.enforcement := facts.enforcement;
+        terms.period_start := flagship.usage_period_start(facts.period, now(), facts.billing_anchor);
+        terms.resets_at := flagship.usage_period_end(facts.period, now(), facts.billing_anchor);
+    END IF;
+    RETURN terms;
+END
+$fn$;
+
+CREATE FUNCTION flagship.usage_result(terms flagship.usage_terms, allowed boolean, used bigint, reason text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $fn$
+    SELECT jsonb_build_object(
+        'allowed', allowed,
+        'limit', terms.usage_limit,
+        'used', used,
+        'remaining', CASE WHEN terms.usage_limit IS NOT NULL THEN greatest(terms.usage_limit - used, 0) END,
+        'period_start', terms.period_start,
+        'resets_at', terms.resets_at,
+        'enforcement', terms.enforcement,
+        'reason', reason)
+$fn$;
+
+CREATE FUNCTION flagship.check_amount(amount bigint, field text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+BEGIN
+    IF amount IS NULL OR amount < 0 OR amount > 1000000000000 THEN
+        RAISE EXCEPTION '%: must be between 0 and 1000000000000, got %', field, coalesce(amount::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$fn$;
+
+-- The period's usage so far: a counter from an earlier period counts as zero.
+CREATE FUNCTION flagship.current_usage(terms flagship.usage_terms) RETURNS bigint
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT coalesce((SELECT CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END
+                       FROM flagship.usage_counters c
+                      WHERE c.organization_id = terms.organization_id AND c.customer_id = terms.customer_id
+                        AND c.metric_id = terms.metric_id), 0)
+$fn$;
+
+CREATE FUNCTION flagship.check_usage_limit(customer text, metric text, amount bigint DEFAULT 1,
+                                           environment text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+    terms flagship.usage_terms;
+    used bigint;
+BEGIN
+    PERFORM flagship.check_amount(amount, 'amount');
+    terms := flagship.usage_terms(customer, metric, environment);
+    IF terms.reason IS NOT NULL THEN
+        RETURN flagship.usage_result(terms, false, 0, terms.reason);
+    END IF;
+    used := flagship.current_usage(terms);
+    IF terms.usage_limit IS NULL THEN
+        RETURN flagship.usage_result(terms, true, used, 'UNLIMITED');
+    ELSIF used + amount <= terms.usage_limit THEN
+        RETURN flagship.usage_result(terms, true, used, 'WITHIN_LIMIT');
+    END IF;
+    RETURN flagship.usage_result(terms, terms.enforcement = 'soft', used, 'LIMIT_EXCEEDED')
+           || jsonb_build_object('over_limit', true);
+END
+$fn$;
+
+CREATE FUNCTION flagship.record_usage(customer text, metric text, amount bigint DEFAULT 1,
+                                      idempotency_key text DEFAULT NULL, environment text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    terms flagship.usage_terms;
+    used_after bigint;
+    replayed jsonb;
+    result jsonb;
+BEGIN
+    PERFORM flagship.check_amount(amount, 'amount');
+    IF length(idempotency_key) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'idempotency_key: must be 1 to 200 characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    terms := flagship.usage_terms(customer, metric, environment);
+    IF terms.reason IS NOT NULL THEN
+        RETURN flagship.usage_result(terms, false, 0, terms.reason);
+    END IF;
+
+    IF idempotency_key IS NOT NULL THEN
+        -- A duplicate racing the first call waits here until it commits or
+        -- rolls back, then finds (or does not find) its ledger row.
+        PERFORM pg_advisory_xact_lock(hashtextextended(
+            terms.customer_id::text || '/' || terms.metric_id::text || '/' || idempotency_key, 0));
+        SELECT l.result INTO replayed FROM flagship.usage_ledger l
+         WHERE l.organization_id = terms.organization_id AND l.customer_id = terms.customer_id
+           AND l.metric_id = terms.metric_id AND l.idempotency_key = record_usage.idempotency_key;
+        IF FOUND THEN
+            RETURN replayed || jsonb_build_object('replayed', true);
+        END IF;
+    END IF;
+
+    FOR attempt IN 1..2 LOOP
+        UPDATE flagship.usage_counters c
+           SET used = CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END + amount,
+               period_start = terms.period_start,
+               updated_at = now()
+         WHERE c.organization_id = terms.organization_id AND c.customer_id = terms.customer_id
+           AND c.metric_id = terms.metric_id
+           AND (terms.usage_limit IS NULL OR terms.enforcement = 'soft'
+                OR CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END
+                   + amount <= terms.usage_limit)
+        RETURNING c.used INTO used_after;
+        EXIT WHEN FOUND;
+        -- Either the hard limit denies, or the counter does not exist yet.
+        INSERT INTO flagship.usage_counters (organization_id, customer_id, metric_id, period_start, used)
+        VALUES (terms.organization_id, terms.customer_id, terms.metric_id, terms.period_start, 0)
+        ON CONFLICT DO NOTHING;
+        EXIT WHEN NOT FOUND;
+    END LOOP;
+
+    IF used_after IS NULL THEN
+        RETURN flagship.usage_result(terms, false, flagship.current_usage(terms), 'LIMIT_EXCEEDED');
+    END IF;
+    result := flagship.usage_result(
+        terms, true, used_after,
+        CASE WHEN terms.usage_limit IS NULL THEN 'UNLIMITED'
+             WHEN used_after <= terms.usage_limit THEN 'WITHIN_LIMIT'
+             ELSE 'LIMIT_EXCEEDED' END);
+    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'soft' THEN
+        result := result || jsonb_build_object('over_limit', used_after > terms.usage_limit);
+    END IF;
+    INSERT INTO flagship.usage_ledger
+        (organization_id, customer_id, metric_id, kind, amount, used_after, period_start, idempotency_key, result)
+    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, 'record', amount, used_after,
+            terms.period_start, idempotency_key, result);
+    RETURN result;
+END
+$fn$;
+
+CREATE FUNCTION flagship.set_usage(customer text, metric text, value bigint, environment text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    terms flagship.usage_terms;
+    result jsonb;
+BEGIN
+    PERFORM flagship.check_amount(value, 'value');
+    terms := flagship.usage_terms(customer, metric, environment);
+    IF terms.reason IS NOT NULL THEN
+        RETURN flagship.usage_result(terms, false, 0, terms.reason);
+    END IF;
+    IF terms.aggregation <> 'gauge' THEN
+        RAISE EXCEPTION 'metric: "%" is a sum; set_usage is for gauge metrics', metric
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'use record_usage to add to a sum';
+    END IF;
+    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'hard' AND value > terms.usage_limit THEN
+        RETURN flagship.usage_result(terms, false, flagship.current_usage(terms), 'LIMIT_EXCEEDED');
+    END IF;
+    INSERT INTO flagship.usage_counters AS c (organization_id, customer_id, metric_id, period_start, used)
+    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, terms.period_start, value)
+    ON CONFLICT (organization_id, customer_id, metric_id) DO UPDATE
+       SET used = EXCLUDED.used, period_start = EXCLUDED.period_start, updated_at = now();
+    result := flagship.usage_result(
+        terms, true, value,
+        CASE WHEN terms.usage_limit IS NULL THEN 'UNLIMITED'
+             WHEN value <= terms.usage_limit THEN 'WITHIN_LIMIT'
+             ELSE 'LIMIT_EXCEEDED' END);
+    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'soft' THEN
+        result := result || jsonb_build_object('over_limit', value > terms.usage_limit);
+    END IF;
+    INSERT INTO flagship.usage_ledger
+        (organization_id, customer_id, metric_id, kind, amount, used_after, period_start, result)
+    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, 'set', value, value,
+            terms.period_start, result);
+    RETURN result;
+END
+$fn$;
