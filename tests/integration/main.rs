@@ -9,3 +9,4 @@ mod dump_restore;
 mod harness;
 mod invalidation;
 mod isolation;
+mod usage;
