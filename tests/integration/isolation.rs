@@ -7,18 +7,25 @@ use postgres::Client;
 
 use crate::harness::{connect, organization, put_flag, sqlstate, text, unique};
 
-const TENANT_TABLES: &[&str] = &[
-    "organizations",
-    "projects",
-    "environments",
-    "members",
-    "roles",
-    "role_permissions",
-    "member_roles",
-    "features",
-    "feature_rules",
-    "segments",
-];
+/// Every table of the schema that carries an organization: new tables join
+/// the matrix without anyone remembering to add them.
+fn tenant_tables(client: &mut Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT c.relname::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'flagship' AND c.relkind = 'r'
+                AND (c.relname = 'organizations'
+                     OR EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
+                                   AND a.attname = 'organization_id' AND NOT a.attisdropped))
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
 
 fn tenant_column(table: &str) -> &'static str {
     if table == "organizations" {
@@ -60,6 +67,15 @@ fn fixture() -> Fixture {
             org,
             r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#,
         );
+        // Plans, customers and usage, so that every tenant table has rows.
+        su.batch_execute(
+            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}}}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro",
+                   "overrides": {"features": {"f": true}, "limits": {"calls": {"limit": 9}}}}');
+               SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');"#,
+        )
+        .unwrap();
     }
     let admin_role = unique("iso_admin").replace('-', "_");
     let app_role = unique("iso_app").replace('-', "_");
@@ -79,7 +95,7 @@ fn fixture() -> Fixture {
 }
 
 fn assert_sees_only_own(client: &mut Client, own: &str, other: &str, how: &str) {
-    for table in TENANT_TABLES {
+    for table in &tenant_tables(&mut connect()) {
         let column = tenant_column(table);
         let foreign = count(
             client,
@@ -117,7 +133,7 @@ fn changed(client: &mut Client, sql: &str) -> u64 {
 }
 
 fn assert_changes_nothing_of(client: &mut Client, other: &str, how: &str) {
-    for table in TENANT_TABLES {
+    for table in &tenant_tables(&mut connect()) {
         let column = tenant_column(table);
         let updated = changed(
             client,
@@ -167,13 +183,15 @@ fn assert_changes_nothing_of(client: &mut Client, other: &str, how: &str) {
 #[test]
 fn organizations_are_isolated_by_setting_and_by_jwt() {
     let f = fixture();
+    let tables = tenant_tables(&mut connect());
+    assert!(tables.len() >= 20, "tenant tables: {tables:?}");
     let mut session = connect();
     session.batch_execute("BEGIN").unwrap();
     session
         .batch_execute(&format!("SET LOCAL ROLE {}", f.admin_role))
         .unwrap();
 
-    for table in TENANT_TABLES {
+    for table in &tables {
         assert_eq!(
             count(
                 &mut session,
@@ -257,8 +275,19 @@ fn the_app_role_cannot_write_configuration() {
         r#"SELECT flagship.put_flag('shop', '{"key": "g"}')"#,
         r#"SELECT flagship.put_segment('shop', '{"key": "s"}')"#,
         "SELECT flagship.create_organization('sneaky', 'Sneaky')",
+        "UPDATE flagship.usage_limits SET usage_limit = NULL",
+        "DELETE FROM flagship.subscriptions",
+        "UPDATE flagship.usage_ledger SET amount = 0",
+        r#"SELECT flagship.put_plan('shop', '{"key": "free-for-all"}')"#,
+        r#"SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro", "overrides": {"limits": {"calls": {"limit": null}}}}')"#,
     ] {
         assert_eq!(sqlstate(&mut app, statement), "42501", "{statement}");
     }
+    // What the app role is for: consuming usage and evaluating plan flags.
+    let recorded = text(
+        &mut app,
+        "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production') ->> 'reason'",
+    );
+    assert_eq!(recorded, "WITHIN_LIMIT");
     app.batch_execute("ROLLBACK").unwrap();
 }
