@@ -321,27 +321,39 @@ $fn$;
 -- evaluation can answer ENVIRONMENT_NOT_FOUND instead.
 CREATE FUNCTION flagship.environment_candidates(environment text)
 RETURNS uuid[]
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH parts AS (
-        SELECT string_to_array(environment, '/') AS part,
-               flagship.current_organization_id() AS org,
-               CASE WHEN environment ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                    THEN environment::uuid END AS id
-    )
-    SELECT coalesce(array_agg(e.id ORDER BY e.id), '{}')
-      FROM parts, flagship.environments e
-      JOIN flagship.projects p ON p.organization_id = e.organization_id AND p.id = e.project_id
-      JOIN flagship.organizations o ON o.id = e.organization_id
-     WHERE (parts.org IS NULL OR e.organization_id = parts.org)
-       AND CASE cardinality(parts.part)
-             WHEN 1 THEN e.id = parts.id
-             WHEN 2 THEN p.key = parts.part[1] AND e.key = parts.part[2]
-             WHEN 3 THEN o.slug = parts.part[1] AND p.key = parts.part[2] AND e.key = parts.part[3]
-             ELSE false
-           END
+-- PL/pgSQL rather than SQL so that each form's plan is cached per session
+-- (a SQL function with its own search_path is planned again at every call).
+DECLARE
+    part text[] := string_to_array(environment, '/');
+    org uuid := flagship.current_organization_id();
+    found uuid[];
+BEGIN
+    IF cardinality(part) = 1 THEN
+        IF environment !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+            RETURN '{}';
+        END IF;
+        SELECT array_agg(e.id ORDER BY e.id) INTO found
+          FROM flagship.environments e
+         WHERE e.id = environment::uuid AND (org IS NULL OR e.organization_id = org);
+    ELSIF cardinality(part) = 2 THEN
+        SELECT array_agg(e.id ORDER BY e.id) INTO found
+          FROM flagship.projects p
+          JOIN flagship.environments e ON e.organization_id = p.organization_id AND e.project_id = p.id
+         WHERE p.key = part[1] AND e.key = part[2] AND (org IS NULL OR p.organization_id = org);
+    ELSIF cardinality(part) = 3 THEN
+        SELECT array_agg(e.id ORDER BY e.id) INTO found
+          FROM flagship.organizations o
+          JOIN flagship.projects p ON p.organization_id = o.id
+          JOIN flagship.environments e ON e.organization_id = p.organization_id AND e.project_id = p.id
+         WHERE o.slug = part[1] AND p.key = part[2] AND e.key = part[3]
+           AND (org IS NULL OR o.id = org);
+    END IF;
+    RETURN coalesce(found, '{}');
+END
 $fn$;
 
 -- Resolves an environment name to its uuid, or raises 22023 naming it.

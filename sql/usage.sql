@@ -185,7 +185,11 @@ CREATE TABLE flagship.usage_ledger (
     used_after      bigint      NOT NULL,
     period_start    timestamptz,
     idempotency_key text,
-    result          jsonb       NOT NULL,
+    -- The terms the change was granted under (limit NULL: unlimited), from
+    -- which an idempotent replay rebuilds the first answer.
+    usage_limit     bigint,
+    enforcement     text        NOT NULL,
+    resets_at       timestamptz,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (organization_id, id),
     CONSTRAINT usage_ledger_kind_valid CHECK (kind IN ('record', 'set'))
@@ -194,8 +198,9 @@ ALTER SEQUENCE flagship.usage_ledger_id_seq OWNED BY flagship.usage_ledger.id;
 CREATE UNIQUE INDEX usage_ledger_idempotency
     ON flagship.usage_ledger (organization_id, customer_id, metric_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-CREATE INDEX usage_ledger_customer_time
-    ON flagship.usage_ledger (organization_id, customer_id, recorded_at);
+-- Billing exports read the ledger by time; a BRIN index suits an
+-- append-only table and costs next to nothing per insert.
+CREATE INDEX usage_ledger_recorded_at ON flagship.usage_ledger USING brin (recorded_at);
 
 -- The ledger is history: nobody edits it.
 CREATE FUNCTION flagship.usage_ledger_append_only() RETURNS trigger
@@ -244,8 +249,9 @@ GRANT INSERT, UPDATE ON flagship.usage_counters TO flagship_app, flagship_admin;
 GRANT INSERT ON flagship.usage_ledger TO flagship_app, flagship_admin;
 GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_admin;
 
--- Plan-kind flags read customers, subscriptions, plans and overrides: any
--- change there marks every backend's cached entitlements stale.
+-- Plan-kind flags and limit checks read metrics, plans, customers,
+-- subscriptions and overrides: any change there marks every backend's
+-- cached entitlements and limit terms stale (flags stay compiled).
 CREATE FUNCTION flagship.entitlements_changed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -260,8 +266,9 @@ DO $inval$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['plans', 'plan_features', 'customers', 'subscriptions',
-                             'customer_feature_overrides'] LOOP
+    FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+                             'subscriptions', 'customer_feature_overrides',
+                             'customer_limit_overrides'] LOOP
         EXECUTE format(
             'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
                  FOR EACH STATEMENT EXECUTE FUNCTION flagship.entitlements_changed()',
@@ -609,244 +616,40 @@ $fn$;
 
 -- Limits ----------------------------------------------------------------------
 
-CREATE TYPE flagship.usage_terms AS (
-    organization_id uuid,
-    customer_id     uuid,
-    metric_id       uuid,
-    aggregation     text,
-    reason          text,
-    usage_limit     bigint,
-    period          text,
-    enforcement     text,
-    period_start    timestamptz,
-    resets_at       timestamptz
-);
-
--- Everything a limit decision needs, in one query: the customer, metric,
--- subscription and the limit that applies (a customer override wins over
--- the plan). `reason` is set when there is nothing to consume against.
-CREATE FUNCTION flagship.usage_terms(customer text, metric text, environment text)
-RETURNS flagship.usage_terms
+-- Everything a limit decision needs about one customer and metric, in one
+-- query: ids, subscription status and the limit that applies (a customer
+-- override wins over the plan). The limit functions (Rust, src/usage.rs)
+-- keep the answer per backend until a configuration change; epochs are in
+-- seconds.
+CREATE FUNCTION flagship.usage_facts(environment_id uuid, customer text, metric text)
+RETURNS jsonb
 LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    target_environment uuid := flagship.resolve_environment(coalesce(environment, current_setting('flagship.environment', true)));
-    facts record;
-    terms flagship.usage_terms;
+    facts jsonb;
 BEGIN
-    SELECT c.organization_id, c.id AS customer_id, m.id AS metric_id, m.aggregation,
-           s.status, s.trial_ends_at, s.billing_anchor, s.plan_id,
-           coalesce(o.metric_id, l.metric_id) IS NOT NULL AS has_limit,
-           CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END AS usage_limit,
-           coalesce(o.period, l.period) AS period,
-           coalesce(o.enforcement, l.enforcement) AS enforcement,
-           c.id IS NOT NULL AS has_customer, m.id IS NOT NULL AS has_metric
+    SELECT jsonb_build_object(
+               'organization_id', c.organization_id, 'customer_id', c.id, 'metric_id', m.id,
+               'aggregation', m.aggregation, 'status', s.status,
+               'trial_ends_at', extract(epoch FROM s.trial_ends_at),
+               'billing_anchor', extract(epoch FROM s.billing_anchor),
+               'has_limit', coalesce(o.metric_id, l.metric_id) IS NOT NULL,
+               'usage_limit', CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END,
+               'period', coalesce(o.period, l.period),
+               'enforcement', coalesce(o.enforcement, l.enforcement))
       INTO facts
-      FROM (SELECT) AS one
-      LEFT JOIN flagship.customers c
-        ON c.environment_id = target_environment AND c.external_key = usage_terms.customer
+      FROM flagship.customers c
       LEFT JOIN flagship.metrics m
-        ON m.organization_id = c.organization_id AND m.project_id = c.project_id AND m.key = usage_terms.metric
+        ON m.organization_id = c.organization_id AND m.project_id = c.project_id
+       AND m.key = usage_facts.metric
       LEFT JOIN flagship.subscriptions s
         ON s.organization_id = c.organization_id AND s.customer_id = c.id
       LEFT JOIN flagship.customer_limit_overrides o
         ON o.organization_id = c.organization_id AND o.customer_id = c.id AND o.metric_id = m.id
       LEFT JOIN flagship.usage_limits l
-        ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id;
-    terms.organization_id := facts.organization_id;
-    terms.customer_id := facts.customer_id;
-    terms.metric_id := facts.metric_id;
-    terms.aggregation := facts.aggregation;
-    IF NOT facts.has_customer THEN
-        terms.reason := 'CUSTOMER_NOT_FOUND';
-    ELSIF NOT facts.has_metric THEN
-        terms.reason := 'METRIC_NOT_FOUND';
-    ELSIF facts.status IS NULL OR facts.status = 'canceled'
-          OR (facts.status = 'trialing' AND facts.trial_ends_at <= now()) THEN
-        terms.reason := 'SUBSCRIPTION_INACTIVE';
-    ELSIF NOT facts.has_limit THEN
-        terms.reason := 'NOT_ENTITLED';
-    ELSE
-        terms.usage_limit := facts.usage_limit;
-        terms.period := facts.period;
-        terms.enforcement := facts.enforcement;
-        terms.period_start := flagship.usage_period_start(facts.period, now(), facts.billing_anchor);
-        terms.resets_at := flagship.usage_period_end(facts.period, now(), facts.billing_anchor);
-    END IF;
-    RETURN terms;
-END
-$fn$;
-
-CREATE FUNCTION flagship.usage_result(terms flagship.usage_terms, allowed boolean, used bigint, reason text)
-RETURNS jsonb
-LANGUAGE sql IMMUTABLE
-AS $fn$
-    SELECT jsonb_build_object(
-        'allowed', allowed,
-        'limit', terms.usage_limit,
-        'used', used,
-        'remaining', CASE WHEN terms.usage_limit IS NOT NULL THEN greatest(terms.usage_limit - used, 0) END,
-        'period_start', terms.period_start,
-        'resets_at', terms.resets_at,
-        'enforcement', terms.enforcement,
-        'reason', reason)
-$fn$;
-
-CREATE FUNCTION flagship.check_amount(amount bigint, field text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-AS $fn$
-BEGIN
-    IF amount IS NULL OR amount < 0 OR amount > 1000000000000 THEN
-        RAISE EXCEPTION '%: must be between 0 and 1000000000000, got %', field, coalesce(amount::text, 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-END
-$fn$;
-
--- The period's usage so far: a counter from an earlier period counts as zero.
-CREATE FUNCTION flagship.current_usage(terms flagship.usage_terms) RETURNS bigint
-LANGUAGE sql STABLE
-AS $fn$
-    SELECT coalesce((SELECT CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END
-                       FROM flagship.usage_counters c
-                      WHERE c.organization_id = terms.organization_id AND c.customer_id = terms.customer_id
-                        AND c.metric_id = terms.metric_id), 0)
-$fn$;
-
-CREATE FUNCTION flagship.check_usage_limit(customer text, metric text, amount bigint DEFAULT 1,
-                                           environment text DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-AS $fn$
-DECLARE
-    terms flagship.usage_terms;
-    used bigint;
-BEGIN
-    PERFORM flagship.check_amount(amount, 'amount');
-    terms := flagship.usage_terms(customer, metric, environment);
-    IF terms.reason IS NOT NULL THEN
-        RETURN flagship.usage_result(terms, false, 0, terms.reason);
-    END IF;
-    used := flagship.current_usage(terms);
-    IF terms.usage_limit IS NULL THEN
-        RETURN flagship.usage_result(terms, true, used, 'UNLIMITED');
-    ELSIF used + amount <= terms.usage_limit THEN
-        RETURN flagship.usage_result(terms, true, used, 'WITHIN_LIMIT');
-    END IF;
-    RETURN flagship.usage_result(terms, terms.enforcement = 'soft', used, 'LIMIT_EXCEEDED')
-           || jsonb_build_object('over_limit', true);
-END
-$fn$;
-
-CREATE FUNCTION flagship.record_usage(customer text, metric text, amount bigint DEFAULT 1,
-                                      idempotency_key text DEFAULT NULL, environment text DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    terms flagship.usage_terms;
-    used_after bigint;
-    replayed jsonb;
-    result jsonb;
-BEGIN
-    PERFORM flagship.check_amount(amount, 'amount');
-    IF length(idempotency_key) NOT BETWEEN 1 AND 200 THEN
-        RAISE EXCEPTION 'idempotency_key: must be 1 to 200 characters'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    terms := flagship.usage_terms(customer, metric, environment);
-    IF terms.reason IS NOT NULL THEN
-        RETURN flagship.usage_result(terms, false, 0, terms.reason);
-    END IF;
-
-    IF idempotency_key IS NOT NULL THEN
-        -- A duplicate racing the first call waits here until it commits or
-        -- rolls back, then finds (or does not find) its ledger row.
-        PERFORM pg_advisory_xact_lock(hashtextextended(
-            terms.customer_id::text || '/' || terms.metric_id::text || '/' || idempotency_key, 0));
-        SELECT l.result INTO replayed FROM flagship.usage_ledger l
-         WHERE l.organization_id = terms.organization_id AND l.customer_id = terms.customer_id
-           AND l.metric_id = terms.metric_id AND l.idempotency_key = record_usage.idempotency_key;
-        IF FOUND THEN
-            RETURN replayed || jsonb_build_object('replayed', true);
-        END IF;
-    END IF;
-
-    FOR attempt IN 1..2 LOOP
-        UPDATE flagship.usage_counters c
-           SET used = CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END + amount,
-               period_start = terms.period_start,
-               updated_at = now()
-         WHERE c.organization_id = terms.organization_id AND c.customer_id = terms.customer_id
-           AND c.metric_id = terms.metric_id
-           AND (terms.usage_limit IS NULL OR terms.enforcement = 'soft'
-                OR CASE WHEN c.period_start IS NOT DISTINCT FROM terms.period_start THEN c.used ELSE 0 END
-                   + amount <= terms.usage_limit)
-        RETURNING c.used INTO used_after;
-        EXIT WHEN FOUND;
-        -- Either the hard limit denies, or the counter does not exist yet.
-        INSERT INTO flagship.usage_counters (organization_id, customer_id, metric_id, period_start, used)
-        VALUES (terms.organization_id, terms.customer_id, terms.metric_id, terms.period_start, 0)
-        ON CONFLICT DO NOTHING;
-        EXIT WHEN NOT FOUND;
-    END LOOP;
-
-    IF used_after IS NULL THEN
-        RETURN flagship.usage_result(terms, false, flagship.current_usage(terms), 'LIMIT_EXCEEDED');
-    END IF;
-    result := flagship.usage_result(
-        terms, true, used_after,
-        CASE WHEN terms.usage_limit IS NULL THEN 'UNLIMITED'
-             WHEN used_after <= terms.usage_limit THEN 'WITHIN_LIMIT'
-             ELSE 'LIMIT_EXCEEDED' END);
-    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'soft' THEN
-        result := result || jsonb_build_object('over_limit', used_after > terms.usage_limit);
-    END IF;
-    INSERT INTO flagship.usage_ledger
-        (organization_id, customer_id, metric_id, kind, amount, used_after, period_start, idempotency_key, result)
-    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, 'record', amount, used_after,
-            terms.period_start, idempotency_key, result);
-    RETURN result;
-END
-$fn$;
-
-CREATE FUNCTION flagship.set_usage(customer text, metric text, value bigint, environment text DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    terms flagship.usage_terms;
-    result jsonb;
-BEGIN
-    PERFORM flagship.check_amount(value, 'value');
-    terms := flagship.usage_terms(customer, metric, environment);
-    IF terms.reason IS NOT NULL THEN
-        RETURN flagship.usage_result(terms, false, 0, terms.reason);
-    END IF;
-    IF terms.aggregation <> 'gauge' THEN
-        RAISE EXCEPTION 'metric: "%" is a sum; set_usage is for gauge metrics', metric
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'use record_usage to add to a sum';
-    END IF;
-    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'hard' AND value > terms.usage_limit THEN
-        RETURN flagship.usage_result(terms, false, flagship.current_usage(terms), 'LIMIT_EXCEEDED');
-    END IF;
-    INSERT INTO flagship.usage_counters AS c (organization_id, customer_id, metric_id, period_start, used)
-    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, terms.period_start, value)
-    ON CONFLICT (organization_id, customer_id, metric_id) DO UPDATE
-       SET used = EXCLUDED.used, period_start = EXCLUDED.period_start, updated_at = now();
-    result := flagship.usage_result(
-        terms, true, value,
-        CASE WHEN terms.usage_limit IS NULL THEN 'UNLIMITED'
-             WHEN value <= terms.usage_limit THEN 'WITHIN_LIMIT'
-             ELSE 'LIMIT_EXCEEDED' END);
-    IF terms.usage_limit IS NOT NULL AND terms.enforcement = 'soft' THEN
-        result := result || jsonb_build_object('over_limit', value > terms.usage_limit);
-    END IF;
-    INSERT INTO flagship.usage_ledger
-        (organization_id, customer_id, metric_id, kind, amount, used_after, period_start, result)
-    VALUES (terms.organization_id, terms.customer_id, terms.metric_id, 'set', value, value,
-            terms.period_start, result);
-    RETURN result;
+        ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id
+     WHERE c.environment_id = usage_facts.environment_id AND c.external_key = usage_facts.customer;
+    RETURN coalesce(facts, '{}');
 END
 $fn$;

@@ -344,6 +344,21 @@ pub fn flagship_evaluate_all(
     result.finish()
 }
 
+/// The uuid of an environment named in any accepted form (NULL: the
+/// session's `flagship.environment`), from the same per-backend cache that
+/// evaluation uses, so usage calls resolve it without a query. Unknown or
+/// ambiguous names raise 22023 naming them.
+#[pg_extern(stable, parallel_safe)]
+pub fn environment_id(environment: Option<&str>) -> pgrx::Uuid {
+    match snapshot_for(environment) {
+        Ok((_, environment_id)) => environment_id,
+        Err((_, message)) => crate::errors::invalid_parameter(
+            message,
+            Some("name it by uuid, '<project>/<env>' or '<org slug>/<project>/<env>'"),
+        ),
+    }
+}
+
 /// The bucket (0..99 999) a subject falls in under a salt: lets other
 /// clients and DBAs check the frozen bucketing mapping.
 #[pg_extern(immutable, parallel_safe, strict)]

@@ -163,6 +163,13 @@ impl BuiltJsonb {
         }
     }
 
+    /// A document built in the current memory context.
+    pub fn from_value(value: &Value) -> BuiltJsonb {
+        let mut builder = Builder::new();
+        builder.value(value);
+        builder.finish()
+    }
+
     /// A fresh copy, in the current memory context, of bytes `to_bytes` kept.
     pub fn from_bytes(bytes: &[u8]) -> BuiltJsonb {
         // SAFETY: palloc returns at least `len` writable bytes, or raises.

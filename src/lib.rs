@@ -1,13 +1,14 @@
 //! FlagShip: feature flags, plan entitlements, usage limits, API keys and an
 //! audit trail inside PostgreSQL.
 //!
-//! The pure core (`rules`, `bucketing`, `periods`) knows nothing of PostgreSQL and is
+//! The pure core (`rules`, `bucketing`, `periods`, `limits`) knows nothing of PostgreSQL and is
 //! tested with plain `cargo test`; the other modules are the thin pgrx shell
 //! around it. Tables, policies and grants live in `sql/`.
 
 use pgrx::prelude::*;
 
 pub mod bucketing;
+pub mod limits;
 pub mod periods;
 pub mod rules;
 
@@ -45,7 +46,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/usage.sql",
     name = "usage",
-    requires = ["flags", usage::usage_period_start, usage::usage_period_end]
+    requires = [
+        "flags",
+        usage::usage_period_start,
+        usage::usage_period_end,
+        evaluation::environment_id
+    ]
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 

@@ -1,16 +1,37 @@
-//! The SQL face of usage periods: `usage_period_start` and
-//! `usage_period_end`, used by the limit functions in `sql/usage.sql` to
-//! roll counters over lazily.
+//! The SQL face of usage limits: `check_usage_limit`, `record_usage`,
+//! `set_usage`, and the period helpers.
+//!
+//! A call finds its terms (customer, metric, subscription, limit) in a
+//! per-backend cache stamped with the entitlement generation, so the warm
+//! path runs only the statements that must run: one conditional UPDATE of
+//! the counter row (its row lock makes the limit exact under concurrency)
+//! and one INSERT into the append-only ledger, both through plans prepared
+//! once per backend. Decisions are made by the pure `limits` module.
+
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
+use pgrx::datum::DatumWithOid;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::{JsonB, PgOid};
+use rustc_hash::FxBuildHasher;
+use serde_json::{json, Value};
 
+use crate::cache;
 use crate::errors::invalid_parameter;
+use crate::jsonb::BuiltJsonb;
+use crate::limits::{self, Facts, Reason, Terms};
 use crate::periods::{self, Period};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Larger amounts are mistakes, not usage.
+const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
 fn to_chrono(at: TimestampWithTimeZone, name: &str) -> DateTime<Utc> {
     if !at.is_finite() {
@@ -62,6 +83,440 @@ pub fn usage_period_end(
     billing_anchor: default!(Option<TimestampWithTimeZone>, "NULL"),
 ) -> Option<TimestampWithTimeZone> {
     window(period, at, billing_anchor).map(|(_, end)| to_postgres(end))
+}
+
+// Terms ----------------------------------------------------------------------
+
+/// Environment, customer key, metric key.
+type FactsKey = ([u8; 16], String, String);
+
+thread_local! {
+    static FACTS: RefCell<HashMap<FactsKey, (u64, Rc<Facts>), FxBuildHasher>> =
+        RefCell::new(HashMap::default());
+}
+
+/// Above this many cached customer x metric pairs, start over.
+const MAX_FACTS: usize = 50_000;
+
+fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
+    let key = (
+        *environment.as_bytes(),
+        customer.to_string(),
+        metric.to_string(),
+    );
+    let current = cache::entitlement_generation();
+    let cached = FACTS.with(|facts| {
+        facts
+            .borrow()
+            .get(&key)
+            .filter(|(generation, _)| *generation == current)
+            .map(|(_, facts)| facts.clone())
+    });
+    if let Some(found) = cached {
+        return found;
+    }
+    let (watched, document) = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT 'flagship.customers'::regclass::oid, flagship.usage_facts($1, $2, $3)",
+                Some(1),
+                &[environment.into(), customer.into(), metric.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<JsonB>(2)?))
+    })
+    .unwrap_or_else(|error| panic!("loading usage terms: {error}"));
+    if let Some(watched) = watched {
+        cache::watch_entitlements(watched);
+    }
+    let loaded = Rc::new(Facts::from_document(
+        &document.map(|document| document.0).unwrap_or(Value::Null),
+    ));
+    FACTS.with(|facts| {
+        let mut facts = facts.borrow_mut();
+        if facts.len() >= MAX_FACTS {
+            facts.clear();
+        }
+        facts.insert(key, (current, loaded.clone()));
+    });
+    loaded
+}
+
+/// `now()`: the transaction's start, as every other time in the transaction.
+fn transaction_now() -> DateTime<Utc> {
+    // SAFETY: reads the transaction start time, a backend global.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    DateTime::from_timestamp_micros(now + POSTGRES_EPOCH_MICROS).expect("now is in range")
+}
+
+fn check_amount(amount: Option<i64>, field: &str) -> i64 {
+    match amount {
+        Some(amount) if (0..=MAX_AMOUNT).contains(&amount) => amount,
+        other => invalid_parameter(
+            format!(
+                "{field}: must be between 0 and {MAX_AMOUNT}, got {}",
+                other.map_or("NULL".to_string(), |amount| amount.to_string())
+            ),
+            None,
+        ),
+    }
+}
+
+/// Ids and terms of one call, or the answer when there is nothing to
+/// consume against.
+struct Subject {
+    organization: pgrx::Uuid,
+    customer: pgrx::Uuid,
+    metric: pgrx::Uuid,
+    terms: Terms,
+}
+
+impl Subject {
+    fn period_start(&self) -> Option<TimestampWithTimeZone> {
+        self.terms.window.map(|(start, _)| to_postgres(start))
+    }
+}
+
+fn subject(customer: &str, metric: &str, environment: Option<&str>) -> Result<Subject, Reason> {
+    let environment = crate::evaluation::environment_id(environment);
+    let facts = facts(environment, customer, metric);
+    let terms = facts.terms(transaction_now())?;
+    let id = |bytes: Option<[u8; 16]>| pgrx::Uuid::from_bytes(bytes.expect("terms imply ids"));
+    Ok(Subject {
+        organization: id(facts.organization),
+        customer: id(facts.customer),
+        metric: id(facts.metric),
+        terms,
+    })
+}
+
+fn refusal(reason: Reason) -> BuiltJsonb {
+    BuiltJsonb::from_value(&limits::result(None, false, 0, reason, None))
+}
+
+// Statements -------------------------------------------------------------------
+
+const USED: &str = "CASE WHEN c.period_start IS NOT DISTINCT FROM $4 THEN c.used ELSE 0 END";
+
+/// The ledger row written with each change: the terms it was granted under,
+/// from which a replay rebuilds the first answer exactly.
+const LEDGER_COLUMNS: &str =
+    "organization_id, customer_id, metric_id, period_start, kind, amount, \
+     used_after, idempotency_key, usage_limit, enforcement, resets_at";
+
+/// Plans prepared once per backend and kept. Each change is one statement
+/// (a data-modifying CTE moves the counter and appends to the ledger), so a
+/// consumption costs one executor run, like a hand-written UPDATE.
+struct Statements {
+    consume: OwnedPreparedStatement,
+    create_counter: OwnedPreparedStatement,
+    read_counter: OwnedPreparedStatement,
+    set_counter: OwnedPreparedStatement,
+    find_replay: OwnedPreparedStatement,
+    lock_key: OwnedPreparedStatement,
+}
+
+thread_local! {
+    static STATEMENTS: OnceCell<Statements> = const { OnceCell::new() };
+}
+
+fn prepare(client: &SpiClient<'_>, sql: &str, types: &[pg_sys::Oid]) -> OwnedPreparedStatement {
+    let types: Vec<PgOid> = types.iter().map(|oid| PgOid::from(*oid)).collect();
+    client
+        .prepare_mut(sql, &types)
+        .unwrap_or_else(|error| panic!("preparing {sql}: {error}"))
+        .keep()
+}
+
+fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) -> R {
+    use pg_sys::{INT8OID, TEXTOID, TIMESTAMPTZOID, UUIDOID};
+    // $1-$4 identify the counter and its period in every statement; the
+    // ledger's terms follow the change's own parameters.
+    let key = [UUIDOID, UUIDOID, UUIDOID, TIMESTAMPTZOID];
+    let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
+    let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
+    Spi::connect_mut(|client| {
+        STATEMENTS.with(|statements| {
+            let statements = statements.get_or_init(|| Statements {
+                consume: prepare(
+                    client,
+                    &format!(
+                        "WITH consumed AS (
+                             UPDATE flagship.usage_counters c
+                                SET used = {USED} + $5, period_start = $4, updated_at = now()
+                              WHERE c.organization_id = $1 AND c.customer_id = $2
+                                AND c.metric_id = $3 AND ($6::bigint IS NULL OR {USED} + $5 <= $6)
+                          RETURNING c.used)
+                         INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+                         SELECT $1, $2, $3, $4, 'record', $5, used, $7, $8, $9, $10 FROM consumed
+                         RETURNING used_after"
+                    ),
+                    &with(&change),
+                ),
+                create_counter: prepare(
+                    client,
+                    "INSERT INTO flagship.usage_counters
+                         (organization_id, customer_id, metric_id, period_start, used)
+                     VALUES ($1, $2, $3, $4, 0) ON CONFLICT DO NOTHING",
+                    &key,
+                ),
+                read_counter: prepare(
+                    client,
+                    &format!(
+                        "SELECT {USED} FROM flagship.usage_counters c
+                          WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3"
+                    ),
+                    &key,
+                ),
+                set_counter: prepare(
+                    client,
+                    &format!(
+                        "WITH gauge AS (
+                             INSERT INTO flagship.usage_counters AS c
+                                 (organization_id, customer_id, metric_id, period_start, used)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (organization_id, customer_id, metric_id) DO UPDATE
+                                SET used = EXCLUDED.used, period_start = EXCLUDED.period_start,
+                                    updated_at = now()
+                          RETURNING c.used)
+                         INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+                         SELECT $1, $2, $3, $4, 'set', $5, used, $7, $8, $9, $10 FROM gauge
+                         RETURNING used_after"
+                    ),
+                    &with(&change),
+                ),
+                find_replay: prepare(
+                    client,
+                    "SELECT l.used_after, l.usage_limit, l.enforcement, l.period_start, l.resets_at
+                       FROM flagship.usage_ledger l
+                      WHERE l.organization_id = $1 AND l.customer_id = $2 AND l.metric_id = $3
+                        AND l.idempotency_key = $4",
+                    &[UUIDOID, UUIDOID, UUIDOID, TEXTOID],
+                ),
+                lock_key: prepare(
+                    client,
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                    &[TEXTOID],
+                ),
+            });
+            run(client, statements)
+        })
+    })
+}
+
+fn spi<T>(result: pgrx::spi::SpiResult<T>) -> T {
+    result.unwrap_or_else(|error| panic!("usage statement failed: {error}"))
+}
+
+/// The first column of the first row, if any.
+fn first_i64(table: pgrx::spi::SpiTupleTable<'_>) -> Option<i64> {
+    if table.is_empty() {
+        return None;
+    }
+    spi(table.first().get_one::<i64>())
+}
+
+impl Subject {
+    fn key(&self) -> [DatumWithOid<'static>; 4] {
+        [
+            self.organization.into(),
+            self.customer.into(),
+            self.metric.into(),
+            self.period_start().into(),
+        ]
+    }
+
+    /// Parameters $5-$10 of a change: amount, enforced limit, idempotency
+    /// key, and the terms the ledger keeps.
+    fn change(&self, amount: i64, idempotency_key: Option<&str>) -> Vec<DatumWithOid<'static>> {
+        let terms = &self.terms;
+        let mut parameters = Vec::from(self.key());
+        parameters.extend([
+            amount.into(),
+            terms.hard_limit().into(),
+            idempotency_key.map(str::to_string).into(),
+            terms.limit.usage_limit.into(),
+            (if terms.limit.soft { "soft" } else { "hard" }).into(),
+            terms.window.map(|(_, end)| to_postgres(end)).into(),
+        ]);
+        parameters
+    }
+
+    /// The answer to a change that left `used_after`: the same for the
+    /// first call and every replay.
+    fn granted(&self, used_after: i64) -> Value {
+        let (reason, over_limit) = limits::consumed(&self.terms, used_after);
+        limits::result(Some(&self.terms), true, used_after, reason, over_limit)
+    }
+
+    fn denied(&self, used: i64) -> Value {
+        limits::result(Some(&self.terms), false, used, Reason::LimitExceeded, None)
+    }
+}
+
+/// The first answer to an idempotency key, rebuilt from its ledger row and
+/// the terms recorded there (not today's).
+fn replay(found: pgrx::spi::SpiTupleTable<'_>) -> Option<Value> {
+    if found.is_empty() {
+        return None;
+    }
+    let row = found.first();
+    let used_after = spi(row.get::<i64>(1))?;
+    let period_start = spi(row.get::<TimestampWithTimeZone>(4));
+    let resets_at = spi(row.get::<TimestampWithTimeZone>(5));
+    let terms = Terms {
+        limit: limits::Limit {
+            usage_limit: spi(row.get::<i64>(2)),
+            period: Period::None,
+            soft: spi(row.get::<String>(3)).as_deref() == Some("soft"),
+        },
+        gauge: false,
+        window: period_start.zip(resets_at).map(|(start, end)| {
+            (
+                to_chrono(start, "period_start"),
+                to_chrono(end, "resets_at"),
+            )
+        }),
+    };
+    let (reason, over_limit) = limits::consumed(&terms, used_after);
+    Some(limits::result(
+        Some(&terms),
+        true,
+        used_after,
+        reason,
+        over_limit,
+    ))
+}
+
+fn current_usage(client: &mut SpiClient<'_>, statements: &Statements, subject: &Subject) -> i64 {
+    first_i64(spi(client.select(
+        &statements.read_counter,
+        Some(1),
+        &subject.key(),
+    )))
+    .unwrap_or(0)
+}
+
+// Functions ------------------------------------------------------------------
+
+/// Whether `amount` more would be allowed, with no side effects.
+#[pg_extern(stable)]
+pub fn check_usage_limit(
+    customer: &str,
+    metric: &str,
+    amount: default!(Option<i64>, 1),
+    environment: default!(Option<&str>, "NULL"),
+) -> BuiltJsonb {
+    let amount = check_amount(amount, "amount");
+    let subject = match subject(customer, metric, environment) {
+        Ok(subject) => subject,
+        Err(reason) => return refusal(reason),
+    };
+    let used = with_statements(|client, statements| current_usage(client, statements, &subject));
+    let (allowed, reason, over_limit) = limits::check(&subject.terms, used, amount);
+    BuiltJsonb::from_value(&limits::result(
+        Some(&subject.terms),
+        allowed,
+        used,
+        reason,
+        over_limit,
+    ))
+}
+
+/// Consumes `amount` atomically: over a hard limit nothing is recorded; an
+/// idempotency key replays the first answer and counts once; a rollback of
+/// the caller's transaction refunds.
+#[pg_extern(volatile)]
+pub fn record_usage(
+    customer: &str,
+    metric: &str,
+    amount: default!(Option<i64>, 1),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    environment: default!(Option<&str>, "NULL"),
+) -> BuiltJsonb {
+    let amount = check_amount(amount, "amount");
+    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
+        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
+    }
+    let subject = match subject(customer, metric, environment) {
+        Ok(subject) => subject,
+        Err(reason) => return refusal(reason),
+    };
+    let answer = with_statements(|client, statements| {
+        if let Some(key) = idempotency_key {
+            // A duplicate racing the first call waits here until that call's
+            // transaction ends, then finds (or not) its ledger row.
+            let lock = format!("{}/{}/{key}", subject.customer, subject.metric);
+            spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
+            let found = spi(client.select(
+                &statements.find_replay,
+                Some(1),
+                &[
+                    subject.organization.into(),
+                    subject.customer.into(),
+                    subject.metric.into(),
+                    key.into(),
+                ],
+            ));
+            if let Some(mut replayed) = replay(found) {
+                if let Value::Object(map) = &mut replayed {
+                    map.insert("replayed".into(), json!(true));
+                }
+                return replayed;
+            }
+        }
+        let change = subject.change(amount, idempotency_key);
+        for _ in 0..2 {
+            if let Some(used_after) =
+                first_i64(spi(client.update(&statements.consume, None, &change)))
+            {
+                return subject.granted(used_after);
+            }
+            // Either the hard limit denies, or there is no counter yet.
+            let created = spi(client.update(&statements.create_counter, None, &subject.key()));
+            if created.is_empty() {
+                break;
+            }
+        }
+        subject.denied(current_usage(client, statements, &subject))
+    });
+    BuiltJsonb::from_value(&answer)
+}
+
+/// Sets a gauge (seats, projects) to `value`; a hard limit refuses values
+/// above it and records nothing.
+#[pg_extern(volatile)]
+pub fn set_usage(
+    customer: &str,
+    metric: &str,
+    value: Option<i64>,
+    environment: default!(Option<&str>, "NULL"),
+) -> BuiltJsonb {
+    let value = check_amount(value, "value");
+    let subject = match subject(customer, metric, environment) {
+        Ok(subject) => subject,
+        Err(reason) => return refusal(reason),
+    };
+    if !subject.terms.gauge {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("metric: \"{metric}\" is a sum; set_usage is for gauge metrics"),
+            Some("use record_usage to add to a sum"),
+        );
+    }
+    let answer = with_statements(|client, statements| {
+        if subject
+            .terms
+            .hard_limit()
+            .is_some_and(|limit| value > limit)
+        {
+            return subject.denied(current_usage(client, statements, &subject));
+        }
+        let change = subject.change(value, None);
+        let used = first_i64(spi(client.update(&statements.set_counter, None, &change)));
+        subject.granted(used.unwrap_or(value))
+    });
+    BuiltJsonb::from_value(&answer)
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -145,8 +600,13 @@ mod tests {
         );
         // The month's window, in UTC.
         assert_eq!(
-            field(check, "period_start"),
-            text("SELECT to_jsonb(date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') #>> '{}'")
+            text(&format!(
+                "SELECT ((({check}) ->> 'period_start')::timestamptz \
+                      = date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' \
+                    AND (({check}) ->> 'resets_at')::timestamptz \
+                      = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')::text"
+            )),
+            "true"
         );
 
         let reasons = [

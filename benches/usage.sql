@@ -1,0 +1,16 @@
+-- Usage-limit benchmark setup: 1000 customers on a plan whose limit is far
+-- away (so every call is granted and the work is the same for both sides),
+-- and the hand-written baseline: one table of counters consumed with a
+-- single conditional UPDATE.
+\set ON_ERROR_STOP 1
+SET client_min_messages = warning;
+SELECT set_config('flagship.organization_id', id::text, false) FROM flagship.organizations WHERE slug = 'bench' \gset
+SELECT flagship.put_metric('app', '{"key": "api_calls"}');
+SELECT flagship.put_plan('app', '{"key": "pro", "limits": {"api_calls": {"limit": 1000000000000, "period": "month"}}}');
+SELECT count(flagship.put_customer('app/production', jsonb_build_object('key', 'cust-' || i, 'plan', 'pro')))
+  FROM generate_series(1, 1000) AS i;
+
+DROP TABLE IF EXISTS bench.quota;
+CREATE TABLE bench.quota (customer text PRIMARY KEY, used bigint NOT NULL, usage_limit bigint NOT NULL);
+INSERT INTO bench.quota SELECT 'cust-' || i, 0, 1000000000000 FROM generate_series(1, 1000) AS i;
+VACUUM ANALYZE;
