@@ -198,9 +198,8 @@ ALTER SEQUENCE flagship.usage_ledger_id_seq OWNED BY flagship.usage_ledger.id;
 CREATE UNIQUE INDEX usage_ledger_idempotency
     ON flagship.usage_ledger (organization_id, customer_id, metric_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
--- Billing exports read the ledger by time; a BRIN index suits an
--- append-only table and costs next to nothing per insert.
-CREATE INDEX usage_ledger_recorded_at ON flagship.usage_ledger USING brin (recorded_at);
+-- No time index: `id` grows with time, so billing exports read id ranges
+-- through the primary key, and every extra index would slow each consumption.
 
 -- The ledger is history: nobody edits it.
 CREATE FUNCTION flagship.usage_ledger_append_only() RETURNS trigger

@@ -45,8 +45,29 @@ fn dump_and_restore_keep_rows_and_evaluations() {
         &org,
         r#"{"key": "base", "name": "Base", "environments": {"production": {"enabled": true}}}"#,
     );
+    // Plans, customers and usage: the ledger and counters must survive too.
+    su.batch_execute(&format!(
+        r#"SELECT flagship.put_metric('shop', '{{"key": "calls"}}');
+           SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"calls": {{"limit": 10}}}}}}');
+           SELECT flagship.put_customer('{slug}/shop/production', '{{"key": "acme", "plan": "pro"}}');
+           SELECT flagship.record_usage('acme', 'calls', 3, 'first', '{slug}/shop/production');
+           SELECT flagship.record_usage('acme', 'calls', 2, NULL, '{slug}/shop/production');"#
+    ))
+    .unwrap();
     let exported = text(&mut su, "SELECT flagship.export_project('shop')::text");
     let before = evaluations(&mut su, &slug);
+    let usage = |client: &mut postgres::Client| {
+        text(
+            client,
+            &format!(
+                "SELECT flagship.check_usage_limit('acme', 'calls', 1, '{slug}/shop/production')::text \
+                     || (SELECT string_agg(concat_ws('/', kind, amount, used_after, idempotency_key), ',' ORDER BY id) \
+                           FROM flagship.usage_ledger WHERE organization_id = '{org}')"
+            ),
+        )
+    };
+    let usage_before = usage(&mut su);
+    assert!(usage_before.contains("\"used\": 5"), "{usage_before}");
 
     let host = text(&mut su, "SELECT current_setting('unix_socket_directories')");
     let port = text(&mut su, "SELECT current_setting('port')");
@@ -109,6 +130,20 @@ fn dump_and_restore_keep_rows_and_evaluations() {
         exported
     );
     assert_eq!(evaluations(&mut restored, &slug), before);
+    assert_eq!(usage(&mut restored), usage_before);
+    // The ledger's sequence was restored too: new rows do not collide.
+    let replayed = text(
+        &mut restored,
+        &format!(
+            "SELECT flagship.record_usage('acme', 'calls', 3, 'first', '{slug}/shop/production') ->> 'replayed'"
+        ),
+    );
+    assert_eq!(replayed, "true");
+    restored
+        .batch_execute(&format!(
+            "SELECT flagship.record_usage('acme', 'calls', 1, NULL, '{slug}/shop/production')"
+        ))
+        .unwrap();
     drop(restored);
     su.batch_execute(&format!("DROP DATABASE {target}"))
         .unwrap();
