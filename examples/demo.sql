@@ -46,3 +46,28 @@ SELECT round(100.0 * count(*) FILTER (WHERE flagship.flagship_enabled(
 
 \echo 'Everything a client SDK needs for one user:'
 SELECT jsonb_pretty(flagship.flagship_evaluate_all('{"targeting_key": "user-1"}')) AS bootstrap;
+
+-- Plans and usage limits ------------------------------------------------------
+SELECT flagship.put_flag('shop', '{"key": "advanced-reports", "kind": "plan",
+  "environments": {"production": {"enabled": true}}}') \gset
+SELECT flagship.put_metric('shop', '{"key": "api_calls", "unit": "calls"}') \gset
+SELECT flagship.put_metric('shop', '{"key": "seats", "aggregation": "gauge"}') \gset
+SELECT flagship.put_plan('shop', '{"key": "free", "limits": {"api_calls": {"limit": 3, "period": "day"}, "seats": {"limit": 1}}}') \gset
+SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"advanced-reports": true},
+  "limits": {"api_calls": {"limit": 10000, "period": "billing_month"}, "seats": {"limit": 10}}}') \gset
+SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro", "billing_anchor": "2024-01-31T00:00:00Z"}') \gset
+SELECT flagship.put_customer('shop/production', '{"key": "tiny-co", "plan": "free"}') \gset
+
+\echo 'Plan-kind flag: on for a customer whose plan grants it:'
+SELECT c AS customer, flagship.flagship_evaluate('advanced-reports', jsonb_build_object('customer', c)) ->> 'reason' AS reason
+  FROM unnest(ARRAY['acme', 'tiny-co']) AS c;
+
+\echo 'tiny-co may make 3 API calls a day; the 4th is refused and records nothing:'
+SELECT call, r ->> 'allowed' AS allowed, r ->> 'used' AS used, r ->> 'reason' AS reason
+  FROM (SELECT i AS call, flagship.record_usage('tiny-co', 'api_calls') AS r
+          FROM generate_series(1, 4) AS i) AS calls;
+
+\echo 'The same idempotency key twice counts once:'
+SELECT flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'used' AS first,
+       flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'replayed' AS replayed;
+SELECT flagship.check_usage_limit('acme', 'api_calls') AS acme_api_calls;
