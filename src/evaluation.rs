@@ -371,6 +371,8 @@ pub fn bucket(salt: &str, value: &str) -> i32 {
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::test_support::{failure, text};
+
     fn setup() {
         Spi::run(
             "SELECT set_config('flagship.organization_id', \
@@ -386,22 +388,6 @@ mod tests {
             "SELECT flagship.put_flag('shop', $doc${document}$doc$)"
         ))
         .unwrap();
-    }
-
-    fn text(sql: &str) -> String {
-        Spi::get_one::<String>(sql).unwrap().unwrap_or_default()
-    }
-
-    /// The SQLSTATE and message a statement fails with, run in a savepoint.
-    fn failure(sql: &str) -> (String, String) {
-        let outcome = text(&format!(
-            "DO $do$ BEGIN {sql}; PERFORM set_config('flagship_test.failure', 'none|', true); \
-             EXCEPTION WHEN OTHERS THEN \
-               PERFORM set_config('flagship_test.failure', SQLSTATE || '|' || SQLERRM, true); END $do$; \
-             SELECT current_setting('flagship_test.failure')"
-        ));
-        let (code, message) = outcome.split_once('|').unwrap();
-        (code.to_string(), message.to_string())
     }
 
     fn reason(flag: &str, context: &str) -> String {

@@ -21,6 +21,8 @@ mod evaluation;
 mod flags;
 mod jsonb;
 mod tenancy;
+#[cfg(any(test, feature = "pg_test"))]
+mod test_support;
 mod unguarded;
 mod usage;
 

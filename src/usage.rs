@@ -524,21 +524,7 @@ pub fn set_usage(
 mod tests {
     use pgrx::prelude::*;
 
-    fn text(sql: &str) -> String {
-        Spi::get_one::<String>(sql).unwrap().unwrap_or_default()
-    }
-
-    /// The SQLSTATE and message a statement fails with, run in a savepoint.
-    fn failure(sql: &str) -> (String, String) {
-        let outcome = text(&format!(
-            "DO $do$ BEGIN {sql}; PERFORM set_config('flagship_test.failure', 'none|', true); \
-             EXCEPTION WHEN OTHERS THEN \
-               PERFORM set_config('flagship_test.failure', SQLSTATE || '|' || SQLERRM, true); END $do$; \
-             SELECT current_setting('flagship_test.failure')"
-        ));
-        let (code, message) = outcome.split_once('|').unwrap();
-        (code.to_string(), message.to_string())
-    }
+    use crate::test_support::{failure, text};
 
     /// An organization with plans `pro` (reports, 3 api calls a month, 2
     /// seats), `free` (nothing) and `soft` (1 call, soft), and customers on them.
