@@ -56,6 +56,7 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
+extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -73,7 +73,8 @@ fn fixture() -> Fixture {
                SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}}}');
                SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro",
                    "overrides": {"features": {"f": true}, "limits": {"calls": {"limit": 9}}}}');
-               SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');"#,
+               SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');
+               SELECT flagship.issue_api_key(flagship.current_organization_id(), 'fixture');"#,
         )
         .unwrap();
     }

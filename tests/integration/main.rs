@@ -9,4 +9,5 @@ mod dump_restore;
 mod harness;
 mod invalidation;
 mod isolation;
+mod keys;
 mod usage;

@@ -1,0 +1,190 @@
+-- API keys and permission checks.
+--
+-- A key looks like `fs_live_<64 hex digits>` (`fs_test_` when bound to a
+-- non-production environment): 244 random bits from two gen_random_uuid()
+-- calls, PostgreSQL's cryptographic random source. Only its SHA-256
+-- (sha256()) and an 8-digit display prefix are stored; the plaintext is
+-- returned once, by issue_api_key.
+
+CREATE TABLE flagship.api_keys (
+    organization_id uuid        NOT NULL REFERENCES flagship.organizations (id) ON DELETE CASCADE,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    name            text        NOT NULL,
+    display_prefix  text        NOT NULL,
+    key_hash        bytea       NOT NULL,
+    scopes          text[]      NOT NULL DEFAULT '{}',
+    project_id      uuid,
+    environment_id  uuid,
+    expires_at      timestamptz,
+    revoked_at      timestamptz,
+    usage_limit     bigint,
+    usage_count     bigint      NOT NULL DEFAULT 0,
+    last_used_at    timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
+    CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
+    CONSTRAINT api_keys_usage_limit_valid CHECK (usage_limit IS NULL OR usage_limit > 0),
+    FOREIGN KEY (organization_id, project_id, environment_id)
+        REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
+);
+-- Verification knows nothing but the key: the hash alone finds it.
+CREATE UNIQUE INDEX api_keys_hash ON flagship.api_keys (key_hash);
+
+SELECT pg_catalog.pg_extension_config_dump('flagship.api_keys', '');
+SELECT flagship.isolate_tenant_table('api_keys');
+
+-- Nobody reads a hash back, not even an administrator.
+GRANT SELECT (organization_id, id, name, display_prefix, scopes, project_id, environment_id,
+              expires_at, revoked_at, usage_limit, usage_count, last_used_at, created_at)
+    ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
+GRANT INSERT ON flagship.api_keys TO flagship_admin;
+GRANT UPDATE (name, revoked_at, expires_at, usage_limit) ON flagship.api_keys TO flagship_admin;
+GRANT DELETE ON flagship.api_keys TO flagship_admin;
+
+CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
+                                       environment text DEFAULT NULL,
+                                       expires_at timestamptz DEFAULT NULL,
+                                       usage_limit bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    environment_row flagship.environments;
+    secret text;
+    plaintext text;
+    bad_scope text;
+BEGIN
+    IF organization_id IS NULL
+       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+        RAISE EXCEPTION 'organization_id: organization not found'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'name: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
+     WHERE s IS NULL OR s !~ '^[a-z_]+:([a-z_]+|\*)$' LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'scopes: "%" is not a scope', coalesce(bad_scope, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'scopes are permissions like features:read, or resource:*';
+    END IF;
+    IF expires_at IS NOT NULL AND expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF usage_limit IS NOT NULL AND usage_limit <= 0 THEN
+        RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF environment IS NOT NULL THEN
+        SELECT * INTO environment_row FROM flagship.environments e
+         WHERE e.id = flagship.resolve_environment(environment);
+        -- A name or uuid of another organization's environment is refused
+        -- exactly like one that does not exist.
+        IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
+            RAISE EXCEPTION 'environment "%" not found', environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
+                      THEN 'fs_live_' ELSE 'fs_test_' END || secret;
+    INSERT INTO flagship.api_keys AS k
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit)
+    VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
+            sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
+            environment_row.project_id, environment_row.id, expires_at, usage_limit);
+    RETURN plaintext;
+END
+$fn$;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE FUNCTION flagship.verify_api_key(key text)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        code := 'NOT_FOUND';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            UPDATE flagship.api_keys k SET usage_count = k.usage_count + 1, last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND k.usage_count < k.usage_limit;
+            code := CASE WHEN FOUND THEN 'VALID' ELSE 'USAGE_EXCEEDED' END;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL);
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes));
+END
+$fn$;
+GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text) TO flagship_admin, flagship_app;
+REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text) FROM PUBLIC;
+
+CREATE FUNCTION flagship.revoke_api_key(key_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    -- Row-level security makes another organization's key look absent.
+    UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, now()) WHERE k.id = key_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$fn$;
+
+-- Whether a member holds a permission through any of its roles in the
+-- organization (the session's when NULL). Invoker's rights: row-level
+-- security answers false for any organization but the session's.
+CREATE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (
+        SELECT FROM flagship.members m
+          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
+         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
+           AND m.user_key = has_permission.user_key
+           AND rp.permission = has_permission.permission)
+$fn$;

@@ -1,0 +1,270 @@
+//! API keys and permission checks with real, non-superuser roles: keys are
+//! never stored in plaintext, every verification code is answered, and no
+//! function reaches another organization's environment, key or members.
+
+use postgres::Client;
+
+use crate::harness::{connect, organization, sqlstate, text, unique};
+
+struct Fixture {
+    org: String,
+    other: String,
+    admin: Client,
+    app: Client,
+}
+
+/// Two organizations; an admin session and an app session of the first.
+fn fixture() -> Fixture {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "keys-a");
+    let (other, _) = organization(&mut su, "keys-b");
+    let admin_role = unique("keys_admin").replace('-', "_");
+    let app_role = unique("keys_app").replace('-', "_");
+    su.batch_execute(&format!(
+        "CREATE ROLE {admin_role} NOLOGIN IN ROLE flagship_admin;
+         CREATE ROLE {app_role} NOLOGIN IN ROLE flagship_app;
+         GRANT {admin_role}, {app_role} TO CURRENT_USER;"
+    ))
+    .unwrap();
+    let session = |role: &str| {
+        let mut client = connect();
+        client
+            .batch_execute(&format!(
+                "SET ROLE {role}; SET flagship.organization_id = '{org}'"
+            ))
+            .unwrap();
+        client
+    };
+    Fixture {
+        admin: session(&admin_role),
+        app: session(&app_role),
+        org,
+        other,
+    }
+}
+
+/// The SQLSTATE a statement fails with, tried in a transaction rolled back after.
+fn refused(client: &mut Client, sql: &str) -> String {
+    client.batch_execute("BEGIN").unwrap();
+    let code = sqlstate(client, sql);
+    client.batch_execute("ROLLBACK").unwrap();
+    code
+}
+
+fn issue(client: &mut Client, org: &str, extra: &str) -> String {
+    text(
+        client,
+        &format!("SELECT flagship.issue_api_key('{org}', 'ci'{extra})"),
+    )
+}
+
+fn code(client: &mut Client, key: &str) -> String {
+    text(
+        client,
+        &format!("SELECT flagship.verify_api_key({key}) ->> 'code'"),
+    )
+}
+
+#[test]
+fn keys_are_hashed_and_every_code_is_answered() {
+    let mut f = fixture();
+    let key = issue(
+        &mut f.admin,
+        &f.org,
+        ", ARRAY['features:read', 'usage:*'], 'shop/production'",
+    );
+    assert!(
+        key.starts_with("fs_live_") && key.len() == 8 + 64,
+        "format: {key}"
+    );
+
+    // No table holds the plaintext or its secret part, in any column.
+    let mut su = connect();
+    let secret = &key[8..];
+    let tables: Vec<String> = su
+        .query(
+            "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'flagship' AND c.relkind = 'r'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.len() > 20);
+    for table in &tables {
+        let hits: i64 = su
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table} t WHERE strpos(t::text, $1) > 0 OR strpos(t::text, $2) > 0"
+                ),
+                &[&key, &secret.to_string()],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(hits, 0, "{table} holds the key");
+    }
+    // Nor can an administrator read the hash back.
+    assert_eq!(
+        refused(&mut f.admin, "SELECT key_hash FROM flagship.api_keys"),
+        "42501"
+    );
+
+    // The app role verifies; the answer names the key's organization,
+    // environment and scopes.
+    let verified = text(
+        &mut f.app,
+        &format!("SELECT flagship.verify_api_key('{key}')::text"),
+    );
+    assert!(verified.contains("\"code\": \"VALID\""), "{verified}");
+    assert!(verified.contains(&f.org), "{verified}");
+    assert!(
+        verified.contains("[\"features:read\", \"usage:*\"]"),
+        "{verified}"
+    );
+
+    let wrong = format!("'fs_live_{}'", "0".repeat(64));
+    for (key, expected) in [
+        (wrong.as_str(), "NOT_FOUND"),
+        ("''", "NOT_FOUND"),
+        ("NULL", "NOT_FOUND"),
+        ("'not a key at all'", "NOT_FOUND"),
+    ] {
+        assert_eq!(code(&mut f.app, key), expected, "{key}");
+    }
+
+    let limited = issue(&mut f.admin, &f.org, ", '{}', NULL, NULL, 2");
+    let quoted = format!("'{limited}'");
+    assert_eq!(code(&mut f.app, &quoted), "VALID");
+    assert_eq!(code(&mut f.app, &quoted), "VALID");
+    assert_eq!(code(&mut f.app, &quoted), "USAGE_EXCEEDED");
+
+    let expiring = format!(
+        "'{}'",
+        issue(
+            &mut f.admin,
+            &f.org,
+            ", '{}', NULL, now() + interval '1 hour'"
+        )
+    );
+    su.batch_execute(&format!(
+        "UPDATE flagship.api_keys SET expires_at = now() - interval '1 second' \
+          WHERE key_hash = sha256(convert_to({expiring}, 'UTF8'))"
+    ))
+    .unwrap();
+    assert_eq!(code(&mut f.app, &expiring), "EXPIRED");
+
+    let key_id = text(
+        &mut f.app,
+        &format!("SELECT flagship.verify_api_key('{key}') ->> 'key_id'"),
+    );
+    f.admin
+        .batch_execute(&format!("SELECT flagship.revoke_api_key('{key_id}')"))
+        .unwrap();
+    assert_eq!(code(&mut f.app, &format!("'{key}'")), "REVOKED");
+
+    let other_key = format!("'{}'", issue(&mut su, &f.org, ""));
+    su.batch_execute(&format!(
+        "UPDATE flagship.organizations SET status = 'suspended' WHERE id = '{}'",
+        f.org
+    ))
+    .unwrap();
+    assert_eq!(code(&mut f.app, &other_key), "FORBIDDEN");
+}
+
+#[test]
+fn no_function_reaches_another_organization() {
+    let mut f = fixture();
+    let mut su = connect();
+    let foreign_key = issue(&mut su, &f.other, "");
+    let foreign_id = text(
+        &mut su,
+        &format!("SELECT flagship.verify_api_key('{foreign_key}') ->> 'key_id'"),
+    );
+    let foreign_environment = text(
+        &mut su,
+        &format!(
+            "SELECT id::text FROM flagship.environments WHERE organization_id = '{}' AND key = 'production'",
+            f.other
+        ),
+    );
+    for (sql, expected) in [
+        // Issuing for another organization: row-level security refuses.
+        (
+            format!("SELECT flagship.issue_api_key('{}', 'x')", f.other),
+            "22023",
+        ),
+        // Binding to another organization's environment, by uuid.
+        (
+            format!(
+                "SELECT flagship.issue_api_key('{}', 'x', '{{}}', '{foreign_environment}')",
+                f.org
+            ),
+            "22023",
+        ),
+        // Revoking another organization's key.
+        (
+            format!("SELECT flagship.revoke_api_key('{foreign_id}')"),
+            "22023",
+        ),
+        (
+            "SELECT flagship.issue_api_key(NULL, 'x')".to_string(),
+            "22023",
+        ),
+    ] {
+        assert_eq!(refused(&mut f.admin, &sql), expected, "{sql}");
+    }
+    assert_eq!(
+        code(&mut f.app, &format!("'{foreign_key}'")),
+        "VALID",
+        "the foreign key itself still works"
+    );
+    // The app role issues and revokes nothing.
+    assert_eq!(
+        refused(
+            &mut f.app,
+            &format!("SELECT flagship.issue_api_key('{}', 'x')", f.org)
+        ),
+        "42501"
+    );
+}
+
+#[test]
+fn permissions_follow_members_and_roles() {
+    let mut f = fixture();
+    let mut su = connect();
+    for (org, user, role) in [
+        (&f.org, "alice", "owner"),
+        (&f.org, "bob", "viewer"),
+        (&f.other, "mallory", "owner"),
+    ] {
+        su.batch_execute(&format!(
+            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', '{user}');
+             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT m.organization_id, m.id, r.id FROM flagship.members m
+               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = '{role}'
+              WHERE m.organization_id = '{org}' AND m.user_key = '{user}';"
+        ))
+        .unwrap();
+    }
+    let has = |client: &mut Client, user: &str, permission: &str, org: &str| {
+        text(
+            client,
+            &format!("SELECT flagship.has_permission('{user}', '{permission}', {org})::text"),
+        )
+    };
+    assert_eq!(has(&mut f.app, "alice", "features:write", "NULL"), "true");
+    assert_eq!(has(&mut f.app, "bob", "features:write", "NULL"), "false");
+    assert_eq!(has(&mut f.app, "bob", "features:read", "NULL"), "true");
+    assert_eq!(has(&mut f.app, "nobody", "features:read", "NULL"), "false");
+    // Another organization's members are invisible, even named by uuid.
+    let other = format!("'{}'", f.other);
+    assert_eq!(
+        has(&mut f.app, "mallory", "features:write", &other),
+        "false"
+    );
+    assert_eq!(
+        has(&mut f.app, "mallory", "features:write", "NULL"),
+        "false"
+    );
+}
