@@ -59,6 +59,8 @@ struct Entry {
 struct Recent {
     generation: u64,
     user: pg_sys::Oid,
+    authenticated: Option<[u8; 16]>,
+    require_key: bool,
     organization: Vec<u8>,
     claims: Vec<u8>,
     environment: Vec<u8>,
@@ -78,6 +80,8 @@ pub fn recall(identity: &RawIdentity) -> Option<Resolved> {
             .filter(|recent| {
                 recent.generation == current
                     && recent.user == identity.user
+                    && recent.authenticated == identity.authenticated
+                    && recent.require_key == identity.require_key
                     && recent.organization == identity.organization
                     && recent.claims == identity.claims
                     && recent.environment == identity.environment
@@ -91,6 +95,8 @@ pub fn remember(identity: &RawIdentity, built_at: u64, resolved: Resolved) {
         *recent.borrow_mut() = Some(Recent {
             generation: built_at,
             user: identity.user,
+            authenticated: identity.authenticated,
+            require_key: identity.require_key,
             organization: identity.organization.to_vec(),
             claims: identity.claims.to_vec(),
             environment: identity.environment.to_vec(),

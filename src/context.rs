@@ -3,6 +3,7 @@
 //! claims. Anything unset, empty or malformed means "no organization", which
 //! RLS turns into "no rows" rather than an error.
 
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -11,6 +12,53 @@ use pgrx::prelude::*;
 static ORGANIZATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REQUIRE_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// What `flagship.authenticate` proved for the current transaction. Kept in
+/// backend memory rather than a setting, so SQL cannot forge it, and
+/// cleared when the transaction ends, so a pooled connection (PgBouncer in
+/// transaction mode) never hands it to the next client.
+#[derive(Debug, Clone)]
+pub struct KeySession {
+    pub organization: pgrx::Uuid,
+    pub environment: Option<pgrx::Uuid>,
+    pub scopes: Vec<String>,
+}
+
+thread_local! {
+    static KEY_SESSION: RefCell<Option<KeySession>> = const { RefCell::new(None) };
+}
+
+pub fn key_session() -> Option<KeySession> {
+    KEY_SESSION.with(|session| session.borrow().clone())
+}
+
+fn set_key_session(session: Option<KeySession>) {
+    KEY_SESSION.with(|current| *current.borrow_mut() = session);
+}
+
+/// The environment the session's API key is bound to, if any.
+pub fn bound_environment() -> Option<pgrx::Uuid> {
+    KEY_SESSION.with(|session| session.borrow().as_ref().and_then(|s| s.environment))
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn end_key_session(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PREPARE
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
+        set_key_session(None);
+    }
+}
 
 pub fn register_settings() {
     GucRegistry::define_string_guc(
@@ -29,6 +77,16 @@ pub fn register_settings() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"flagship.require_key",
+        c"Only an API key (flagship.authenticate) sets the organization.",
+        c"When on, flagship.organization_id and JWT claims are ignored. Only a superuser can change it: set it for the application's login role with ALTER ROLE.",
+        &REQUIRE_KEY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: called once from _PG_init.
+    unsafe { pg_sys::RegisterXactCallback(Some(end_key_session), std::ptr::null_mut()) };
     GucRegistry::define_string_guc(
         c"flagship.actor",
         c"Who is making configuration changes, for the audit trail.",
@@ -88,6 +146,10 @@ fn setting_bytes(setting: &GucSetting<Option<CString>>) -> &'static [u8] {
 #[derive(Debug, PartialEq, Eq)]
 pub struct RawIdentity<'a> {
     pub user: pg_sys::Oid,
+    /// The organization an API key proved; when set (or when a key is
+    /// required) the settings below are ignored and left empty.
+    pub authenticated: Option<[u8; 16]>,
+    pub require_key: bool,
     pub organization: &'a [u8],
     /// Only read when `organization` is empty, as the fallback is.
     pub claims: &'a [u8],
@@ -98,8 +160,19 @@ impl RawIdentity<'_> {
     /// The identity of this call; `environment` is the explicit argument,
     /// if any, else `flagship.environment`.
     pub fn current(environment: Option<&str>) -> RawIdentity<'_> {
-        let organization = setting_bytes(&ORGANIZATION_ID);
-        let claims = if organization.is_empty() {
+        let authenticated = KEY_SESSION.with(|session| {
+            session
+                .borrow()
+                .as_ref()
+                .map(|session| *session.organization.as_bytes())
+        });
+        let require_key = REQUIRE_KEY.get();
+        let organization = if authenticated.is_some() || require_key {
+            &[][..]
+        } else {
+            setting_bytes(&ORGANIZATION_ID)
+        };
+        let claims = if organization.is_empty() && authenticated.is_none() && !require_key {
             // SAFETY: as for setting_bytes; GetConfigOption returns NULL or
             // the setting's current value.
             unsafe {
@@ -116,6 +189,8 @@ impl RawIdentity<'_> {
         RawIdentity {
             // SAFETY: GetUserId only returns a backend global.
             user: unsafe { crate::unguarded::GetUserId() },
+            authenticated,
+            require_key,
             organization,
             claims,
             environment: environment
@@ -126,6 +201,12 @@ impl RawIdentity<'_> {
 }
 
 pub fn organization_id() -> Option<pgrx::Uuid> {
+    if let Some(session) = key_session() {
+        return Some(session.organization);
+    }
+    if REQUIRE_KEY.get() {
+        return None;
+    }
     let text = setting_text(&ORGANIZATION_ID).or_else(|| jwt_claim("org_id"))?;
     let parsed = uuid::Uuid::parse_str(text.trim()).ok()?;
     Some(pgrx::Uuid::from_bytes(*parsed.as_bytes()))
@@ -140,6 +221,53 @@ pub fn environment() -> Option<String> {
 #[pg_extern(stable, parallel_safe)]
 pub fn current_organization_id() -> Option<pgrx::Uuid> {
     organization_id()
+}
+
+/// Verifies an API key and, when it is valid, makes its organization (and
+/// environment binding and scopes) this transaction's context: settings and
+/// JWT claims are ignored until the transaction ends. Answers what
+/// `verify_api_key` answers; an invalid key leaves the transaction without
+/// a key context.
+#[pg_extern(volatile)]
+pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
+    set_key_session(None);
+    let verified =
+        Spi::get_one_with_args::<pgrx::JsonB>("SELECT flagship.verify_api_key($1)", &[key.into()])
+            .unwrap_or_else(|error| panic!("verifying the key: {error}"))
+            .map(|document| document.0)
+            .unwrap_or(serde_json::Value::Null);
+    let uuid = |field: &str| {
+        verified
+            .get(field)
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| uuid::Uuid::parse_str(text).ok())
+            .map(|id| pgrx::Uuid::from_bytes(*id.as_bytes()))
+    };
+    if verified.get("valid") == Some(&serde_json::Value::Bool(true)) {
+        if let Some(organization) = uuid("organization_id") {
+            set_key_session(Some(KeySession {
+                organization,
+                environment: uuid("environment_id"),
+                scopes: verified
+                    .get("scopes")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|scopes| {
+                        scopes
+                            .iter()
+                            .filter_map(|scope| scope.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }));
+        }
+    }
+    pgrx::JsonB(verified)
+}
+
+/// The scopes of the key this transaction authenticated with (NULL without one).
+#[pg_extern(stable, parallel_safe)]
+pub fn current_scopes() -> Option<Vec<String>> {
+    key_session().map(|session| session.scopes)
 }
 
 /// The actor recorded in the audit trail: `flagship.actor`, else the JWT

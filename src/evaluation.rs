@@ -40,6 +40,14 @@ fn snapshot_for(
         }
     };
     match resolved {
+        Resolved::Found(_, environment_id)
+            if context::bound_environment().is_some_and(|bound| bound != environment_id) =>
+        {
+            Err((
+                ErrorCode::EnvironmentNotFound,
+                "this transaction's API key is bound to another environment".to_string(),
+            ))
+        }
         Resolved::Found(snapshot, environment_id) => Ok((snapshot, environment_id)),
         Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
     }

@@ -4,13 +4,14 @@
 
 use postgres::Client;
 
-use crate::harness::{connect, organization, sqlstate, text, unique};
+use crate::harness::{connect, organization, put_flag, sqlstate, text, unique};
 
 struct Fixture {
     org: String,
     other: String,
     admin: Client,
     app: Client,
+    app_role: String,
 }
 
 /// Two organizations; an admin session and an app session of the first.
@@ -40,6 +41,7 @@ fn fixture() -> Fixture {
         app: session(&app_role),
         org,
         other,
+        app_role,
     }
 }
 
@@ -267,4 +269,99 @@ fn permissions_follow_members_and_roles() {
         has(&mut f.app, "mallory", "features:write", "NULL"),
         "false"
     );
+}
+
+#[test]
+fn a_key_session_cannot_choose_another_organization() {
+    let f = fixture();
+    let mut su = connect();
+    for org in [&f.org, &f.other] {
+        put_flag(
+            &mut su,
+            org,
+            r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#,
+        );
+    }
+    su.batch_execute(&format!("SET flagship.organization_id = '{}'", f.org))
+        .unwrap();
+    let key = issue(
+        &mut su,
+        &f.org,
+        ", ARRAY['features:read'], 'shop/production'",
+    );
+
+    // The DBA requires keys for the application's sessions (ALTER ROLE ...
+    // SET in production; here the superuser sets it before dropping to the
+    // role), and the application cannot switch that off.
+    let mut app = connect();
+    // The library is loaded first, as session_preload_libraries would, so
+    // that the setting is a real, superuser-only one and not a placeholder.
+    app.batch_execute(&format!(
+        "SELECT flagship.version(); SET flagship.require_key = on; SET ROLE {}",
+        f.app_role
+    ))
+    .unwrap();
+    assert_eq!(refused(&mut app, "SET flagship.require_key = off"), "42501");
+
+    let features =
+        |client: &mut Client| text(client, "SELECT count(*)::text FROM flagship.features");
+    let reason = |client: &mut Client, environment: &str| {
+        text(
+            client,
+            &format!(
+                "SELECT coalesce(flagship.flagship_evaluate('f', '{{}}', '{environment}') ->> 'error_code', 'none')"
+            ),
+        )
+    };
+    // Choosing an organization by setting or by JWT claims gets nothing.
+    app.batch_execute(&format!(
+        "SET flagship.organization_id = '{}'; \
+         SET request.jwt.claims = '{{\"org_id\": \"{}\"}}'",
+        f.other, f.other
+    ))
+    .unwrap();
+    assert_eq!(features(&mut app), "0");
+    assert_eq!(reason(&mut app, "shop/production"), "ENVIRONMENT_NOT_FOUND");
+
+    // A key opens its own organization, for this transaction only, and only
+    // in the environment it is bound to.
+    app.batch_execute("BEGIN").unwrap();
+    let verified = text(
+        &mut app,
+        &format!("SELECT flagship.authenticate('{key}') ->> 'code'"),
+    );
+    assert_eq!(verified, "VALID");
+    assert_eq!(features(&mut app), "1");
+    assert_eq!(
+        text(
+            &mut app,
+            "SELECT organization_id::text FROM flagship.features"
+        ),
+        f.org
+    );
+    assert_eq!(reason(&mut app, "shop/production"), "none");
+    assert_eq!(reason(&mut app, "shop/staging"), "ENVIRONMENT_NOT_FOUND");
+    assert_eq!(
+        text(&mut app, "SELECT flagship.current_scopes()::text"),
+        "{features:read}"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        features(&mut app),
+        "0",
+        "the key context ended with the transaction"
+    );
+
+    // A wrong key opens nothing.
+    app.batch_execute("BEGIN").unwrap();
+    let wrong = format!("fs_live_{}", "1".repeat(64));
+    assert_eq!(
+        text(
+            &mut app,
+            &format!("SELECT flagship.authenticate('{wrong}') ->> 'code'")
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(features(&mut app), "0");
+    app.batch_execute("ROLLBACK").unwrap();
 }
