@@ -365,3 +365,108 @@ fn a_key_session_cannot_choose_another_organization() {
     assert_eq!(features(&mut app), "0");
     app.batch_execute("ROLLBACK").unwrap();
 }
+
+#[test]
+fn every_security_definer_function_pins_its_search_path() {
+    let mut su = connect();
+    let definers: Vec<(String, Option<Vec<String>>)> = su
+        .query(
+            "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p
+               JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'flagship' AND p.prosecdef",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert!(
+        definers.len() >= 2,
+        "create_organization and verify_api_key at least: {definers:?}"
+    );
+    for (function, config) in definers {
+        let config = config.unwrap_or_default();
+        assert!(
+            config
+                .iter()
+                .any(|setting| setting == "search_path=pg_catalog, pg_temp"),
+            "{function} does not pin search_path: {config:?}"
+        );
+    }
+}
+
+#[test]
+fn every_api_function_refuses_another_organizations_names() {
+    let mut f = fixture();
+    let mut su = connect();
+    let ids = |su: &mut Client, org: &str| {
+        let row = su
+            .query_one(
+                "SELECT p.id::text, e.id::text, o.slug FROM flagship.projects p
+                   JOIN flagship.environments e ON e.organization_id = p.organization_id
+                    AND e.project_id = p.id AND e.key = 'production'
+                   JOIN flagship.organizations o ON o.id = p.organization_id
+                  WHERE p.organization_id = $1::text::uuid",
+                &[&org],
+            )
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2),
+        )
+    };
+    let (project, environment, slug) = ids(&mut su, &f.other);
+    su.batch_execute(&format!(
+        r#"SET flagship.organization_id = '{other}';
+           SELECT flagship.put_flag('shop', '{{"key": "f", "environments": {{"production": {{"enabled": true}}}}}}');
+           SELECT flagship.put_metric('shop', '{{"key": "calls"}}');
+           SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"calls": {{"limit": 5}}}}}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');"#,
+        other = f.other
+    ))
+    .unwrap();
+    // Every function, called from organization A with B's project or
+    // environment by uuid or full name, refuses as if it did not exist.
+    let by_name = format!("{slug}/shop/production");
+    for target in [&environment, &by_name] {
+        for sql in [
+            format!("SELECT flagship.record_usage('acme', 'calls', 1, NULL, '{target}')"),
+            format!("SELECT flagship.check_usage_limit('acme', 'calls', 1, '{target}')"),
+            format!("SELECT flagship.set_usage('acme', 'calls', 1, '{target}')"),
+            format!(r#"SELECT flagship.put_customer('{target}', '{{"key": "x"}}')"#),
+            format!(
+                "SELECT flagship.issue_api_key('{}', 'x', '{{}}', '{target}')",
+                f.org
+            ),
+        ] {
+            assert_eq!(refused(&mut f.admin, &sql), "22023", "{sql}");
+        }
+        let answer = text(
+            &mut f.admin,
+            &format!("SELECT flagship.flagship_evaluate('f', '{{}}', '{target}') ->> 'error_code'"),
+        );
+        assert_eq!(answer, "ENVIRONMENT_NOT_FOUND", "{target}");
+    }
+    for sql in [
+        format!(r#"SELECT flagship.put_flag('{project}', '{{"key": "g"}}')"#),
+        format!(r#"SELECT flagship.put_segment('{project}', '{{"key": "s"}}')"#),
+        format!(r#"SELECT flagship.put_metric('{project}', '{{"key": "m"}}')"#),
+        format!(r#"SELECT flagship.put_plan('{project}', '{{"key": "p"}}')"#),
+        format!("SELECT flagship.export_project('{project}')"),
+    ] {
+        assert_eq!(refused(&mut f.admin, &sql), "22023", "{sql}");
+    }
+    // Nothing of B changed.
+    assert_eq!(
+        text(
+            &mut su,
+            &format!(
+                "SELECT (SELECT count(*) FROM flagship.features WHERE organization_id = '{o}') || '/' || \
+                        (SELECT count(*) FROM flagship.usage_ledger WHERE organization_id = '{o}')",
+                o = f.other
+            )
+        ),
+        "1/0"
+    );
+}
