@@ -223,29 +223,35 @@ CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
 
 -- Cache invalidation: any change to what evaluation reads marks every
 -- backend's compiled configuration stale (at once here, at commit elsewhere).
+-- The trigger's argument names the relation whose invalidation the caches
+-- watch: flagship.features for flags, flagship.customers for entitlements.
 CREATE FUNCTION flagship.configuration_changed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    PERFORM flagship.invalidate_cache('flagship.features'::regclass);
+    PERFORM flagship.invalidate_cache(TG_ARGV[0]::regclass);
     RETURN NULL;
 END
 $fn$;
 
-DO $inval$
-DECLARE
-    t text;
+-- Puts a table under one of those caches.
+CREATE FUNCTION flagship.invalidate_on_change(table_name text, watched regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
 BEGIN
-    FOREACH t IN ARRAY ARRAY['organizations', 'projects', 'environments', 'features',
-                             'feature_rules', 'segments'] LOOP
-        EXECUTE format(
-            'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
-                 FOR EACH STATEMENT EXECUTE FUNCTION flagship.configuration_changed()',
-            t || '_invalidate_cache', t);
-    END LOOP;
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
+             FOR EACH STATEMENT EXECUTE FUNCTION flagship.configuration_changed(%L)',
+        table_name || '_invalidate_cache', table_name, watched::text);
 END
-$inval$;
+$fn$;
+REVOKE ALL ON FUNCTION flagship.invalidate_on_change(text, regclass) FROM PUBLIC;
+
+SELECT flagship.invalidate_on_change(t, 'flagship.features')
+  FROM unnest(ARRAY['organizations', 'projects', 'environments', 'features',
+                    'feature_rules', 'segments']) AS t;
 
 -- Documents -----------------------------------------------------------------
 

@@ -251,30 +251,10 @@ GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_a
 -- Plan-kind flags and limit checks read metrics, plans, customers,
 -- subscriptions and overrides: any change there marks every backend's
 -- cached entitlements and limit terms stale (flags stay compiled).
-CREATE FUNCTION flagship.entitlements_changed() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    PERFORM flagship.invalidate_cache('flagship.customers'::regclass);
-    RETURN NULL;
-END
-$fn$;
-
-DO $inval$
-DECLARE
-    t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
-                             'subscriptions', 'customer_feature_overrides',
-                             'customer_limit_overrides'] LOOP
-        EXECUTE format(
-            'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flagship.%I
-                 FOR EACH STATEMENT EXECUTE FUNCTION flagship.entitlements_changed()',
-            t || '_invalidate_entitlements', t);
-    END LOOP;
-END
-$inval$;
+SELECT flagship.invalidate_on_change(t, 'flagship.customers')
+  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+                    'subscriptions', 'customer_feature_overrides',
+                    'customer_limit_overrides']) AS t;
 
 -- Documents ------------------------------------------------------------------
 

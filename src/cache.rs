@@ -11,7 +11,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::rc::Rc;
+use std::thread::LocalKey;
+
+use rustc_hash::FxBuildHasher;
 
 use pgrx::prelude::*;
 
@@ -120,6 +124,76 @@ fn bump_entitlements() {
 
 pub fn entitlement_generation() -> u64 {
     ENTITLEMENT_GENERATION.with(Cell::get)
+}
+
+/// Values loaded from plans and customers, valid while the entitlement
+/// generation they were loaded at holds; emptied rather than grown past
+/// `limit` entries.
+pub struct Stamped<K, V> {
+    entries: HashMap<K, (u64, V), FxBuildHasher>,
+    limit: usize,
+}
+
+impl<K, V> Stamped<K, V> {
+    pub fn new(limit: usize) -> Stamped<K, V> {
+        Stamped {
+            entries: HashMap::default(),
+            limit,
+        }
+    }
+}
+
+/// The cached value for `key`, or what `load` returns (then cached). The
+/// cache is not borrowed while loading, which may run queries that come
+/// back here.
+pub fn stamped<K: Hash + Eq, V: Clone>(
+    cache: &'static LocalKey<RefCell<Stamped<K, V>>>,
+    key: K,
+    load: impl FnOnce() -> V,
+) -> V {
+    let current = entitlement_generation();
+    let cached = cache.with(|cache| {
+        cache
+            .borrow()
+            .entries
+            .get(&key)
+            .filter(|(generation, _)| *generation == current)
+            .map(|(_, value)| value.clone())
+    });
+    if let Some(value) = cached {
+        return value;
+    }
+    let loaded = load();
+    cache.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.entries.len() >= cache.limit {
+            cache.entries.clear();
+        }
+        cache.entries.insert(key, (current, loaded.clone()));
+    });
+    loaded
+}
+
+/// Runs `function(arguments)`, a SQL function returning jsonb about plans
+/// and customers, and notes the relation whose invalidations stale it.
+pub fn load_entitlement_document(
+    function: &str,
+    arguments: &[pgrx::datum::DatumWithOid<'_>],
+) -> Option<serde_json::Value> {
+    let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
+    let query = format!(
+        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})",
+        placeholders.join(", ")
+    );
+    let (watched, document) = Spi::connect(|client| {
+        let row = client.select(&query, Some(1), arguments)?.first();
+        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<pgrx::JsonB>(2)?))
+    })
+    .unwrap_or_else(|error| panic!("{function}: {error}"));
+    if let Some(watched) = watched {
+        watch_entitlements(watched);
+    }
+    document.map(|document| document.0)
 }
 
 /// Remembers which relation's invalidations stale the entitlement cache.

@@ -5,15 +5,14 @@
 //! runs no query; a trial's end is checked at every call.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use rustc_hash::FxBuildHasher;
 use serde_json::Value;
 
-use crate::cache;
+use crate::cache::{self, Stamped};
 use crate::rules::Entitlements;
 
 /// One customer as plan-kind flags see it.
@@ -52,60 +51,24 @@ impl Customer {
     }
 }
 
-/// Above this many cached customers, start over rather than grow.
-const MAX_CUSTOMERS: usize = 10_000;
-
 /// Environment and external key.
 type Key = ([u8; 16], String);
-/// The entitlement generation it was loaded at, and the customer if any.
-type Cached = (u64, Option<Rc<Customer>>);
 
 thread_local! {
-    static CUSTOMERS: RefCell<HashMap<Key, Cached, FxBuildHasher>> =
-        RefCell::new(HashMap::default());
+    static CUSTOMERS: RefCell<Stamped<Key, Option<Rc<Customer>>>> =
+        RefCell::new(Stamped::new(10_000));
 }
 
 /// The customer with this external key in the environment, if any.
 pub fn customer(environment: pgrx::Uuid, external_key: &str) -> Option<Rc<Customer>> {
     let key = (*environment.as_bytes(), external_key.to_string());
-    let current = cache::entitlement_generation();
-    let cached = CUSTOMERS.with(|customers| {
-        customers
-            .borrow()
-            .get(&key)
-            .filter(|(generation, _)| *generation == current)
-            .map(|(_, customer)| customer.clone())
-    });
-    if let Some(customer) = cached {
-        return customer;
-    }
-    let loaded = load(environment, external_key).map(Rc::new);
-    CUSTOMERS.with(|customers| {
-        let mut customers = customers.borrow_mut();
-        if customers.len() >= MAX_CUSTOMERS {
-            customers.clear();
-        }
-        customers.insert(key, (current, loaded.clone()));
-    });
-    loaded
-}
-
-fn load(environment: pgrx::Uuid, external_key: &str) -> Option<Customer> {
-    let (watched, document) = Spi::connect(|client| {
-        let row = client
-            .select(
-                "SELECT 'flagship.customers'::regclass::oid, flagship.customer_entitlements($1, $2)",
-                Some(1),
-                &[environment.into(), external_key.into()],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<JsonB>(2)?))
+    cache::stamped(&CUSTOMERS, key, || {
+        let document = cache::load_entitlement_document(
+            "customer_entitlements",
+            &[environment.into(), external_key.into()],
+        )?;
+        Some(Rc::new(Customer::from_document(&document)))
     })
-    .unwrap_or_else(|error| panic!("loading customer \"{external_key}\": {error}"));
-    if let Some(watched) = watched {
-        cache::watch_entitlements(watched);
-    }
-    document.map(|document| Customer::from_document(&document.0))
 }
 
 /// Plan-kind flags of one environment, answered from the customer cache.

@@ -9,7 +9,6 @@
 //! once per backend. Decisions are made by the pure `limits` module.
 
 use std::cell::{OnceCell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
@@ -17,11 +16,10 @@ use pgrx::datum::DatumWithOid;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{JsonB, PgOid};
-use rustc_hash::FxBuildHasher;
+use pgrx::PgOid;
 use serde_json::{json, Value};
 
-use crate::cache;
+use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
 use crate::jsonb::BuiltJsonb;
 use crate::limits::{self, Facts, Reason, Terms};
@@ -91,12 +89,8 @@ pub fn usage_period_end(
 type FactsKey = ([u8; 16], String, String);
 
 thread_local! {
-    static FACTS: RefCell<HashMap<FactsKey, (u64, Rc<Facts>), FxBuildHasher>> =
-        RefCell::new(HashMap::default());
+    static FACTS: RefCell<Stamped<FactsKey, Rc<Facts>>> = RefCell::new(Stamped::new(50_000));
 }
-
-/// Above this many cached customer x metric pairs, start over.
-const MAX_FACTS: usize = 50_000;
 
 fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
     let key = (
@@ -104,42 +98,13 @@ fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
         customer.to_string(),
         metric.to_string(),
     );
-    let current = cache::entitlement_generation();
-    let cached = FACTS.with(|facts| {
-        facts
-            .borrow()
-            .get(&key)
-            .filter(|(generation, _)| *generation == current)
-            .map(|(_, facts)| facts.clone())
-    });
-    if let Some(found) = cached {
-        return found;
-    }
-    let (watched, document) = Spi::connect(|client| {
-        let row = client
-            .select(
-                "SELECT 'flagship.customers'::regclass::oid, flagship.usage_facts($1, $2, $3)",
-                Some(1),
-                &[environment.into(), customer.into(), metric.into()],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<JsonB>(2)?))
+    cache::stamped(&FACTS, key, || {
+        let document = cache::load_entitlement_document(
+            "usage_facts",
+            &[environment.into(), customer.into(), metric.into()],
+        );
+        Rc::new(Facts::from_document(&document.unwrap_or(Value::Null)))
     })
-    .unwrap_or_else(|error| panic!("loading usage terms: {error}"));
-    if let Some(watched) = watched {
-        cache::watch_entitlements(watched);
-    }
-    let loaded = Rc::new(Facts::from_document(
-        &document.map(|document| document.0).unwrap_or(Value::Null),
-    ));
-    FACTS.with(|facts| {
-        let mut facts = facts.borrow_mut();
-        if facts.len() >= MAX_FACTS {
-            facts.clear();
-        }
-        facts.insert(key, (current, loaded.clone()));
-    });
-    loaded
 }
 
 /// `now()`: the transaction's start, as every other time in the transaction.
