@@ -37,6 +37,35 @@ fn set_key_session(session: Option<KeySession>) {
     KEY_SESSION.with(|current| *current.borrow_mut() = session);
 }
 
+/// Whether the transaction's API key, if any, grants `scope`
+/// (`resource:action`): by that exact scope or by `resource:*`. A key
+/// issued without scopes, and a session without a key, are not restricted.
+pub fn scope_allows(scope: &str) -> bool {
+    KEY_SESSION.with(|session| {
+        let session = session.borrow();
+        let Some(session) = session.as_ref() else {
+            return true;
+        };
+        let resource = scope.split(':').next().unwrap_or(scope);
+        session.scopes.is_empty()
+            || session
+                .scopes
+                .iter()
+                .any(|granted| granted == scope || granted.strip_suffix(":*") == Some(resource))
+    })
+}
+
+/// Raises 42501 unless the transaction's API key grants `scope`.
+pub fn require_scope(scope: &str) {
+    if !scope_allows(scope) {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("this transaction's API key lacks the scope {scope}"),
+            None,
+        );
+    }
+}
+
 /// The environment the session's API key is bound to, if any.
 pub fn bound_environment() -> Option<pgrx::Uuid> {
     KEY_SESSION.with(|session| session.borrow().as_ref().and_then(|s| s.environment))

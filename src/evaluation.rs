@@ -20,6 +20,19 @@ use crate::rules::document::{parse_environment_config, parse_flag_definition, pa
 use crate::rules::engine::ErrorCode;
 use crate::rules::{Resolution, Snapshot};
 
+/// `snapshot_for`, for evaluation: an API key must grant `features:read`.
+fn evaluation_snapshot(
+    environment: Option<&str>,
+) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
+    if !context::scope_allows("features:read") {
+        return Err((
+            ErrorCode::General,
+            "this transaction's API key lacks the scope features:read".to_string(),
+        ));
+    }
+    snapshot_for(environment)
+}
+
 /// The compiled configuration of the named environment (or of the session's
 /// `flagship.environment`), or why there is none.
 fn snapshot_for(
@@ -243,7 +256,7 @@ fn resolve<R>(
         let resolution = Resolution::error("", ErrorCode::FlagNotFound, "flag key is NULL");
         return answer(&resolution, None);
     };
-    let (snapshot, environment_id) = match snapshot_for(environment) {
+    let (snapshot, environment_id) = match evaluation_snapshot(environment) {
         Ok(found) => found,
         Err((code, message)) => return answer(&Resolution::error(flag_key, code, message), None),
     };
@@ -314,7 +327,7 @@ pub fn flagship_evaluate_all(
 ) -> BuiltJsonb {
     let mut result = Builder::new();
     result.begin_object();
-    match snapshot_for(environment) {
+    match evaluation_snapshot(environment) {
         Ok((snapshot, environment_id)) => {
             let entitlements = EnvironmentEntitlements {
                 environment: environment_id,

@@ -373,6 +373,7 @@ pub fn check_usage_limit(
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     let amount = check_amount(amount, "amount");
+    crate::context::require_scope("usage:read");
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
@@ -403,6 +404,7 @@ pub fn record_usage(
     if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
         invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
     }
+    crate::context::require_scope("usage:write");
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
@@ -458,6 +460,7 @@ pub fn set_usage(
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     let value = check_amount(value, "value");
+    crate::context::require_scope("usage:write");
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),

@@ -352,6 +352,38 @@ fn a_key_session_cannot_choose_another_organization() {
         "the key context ended with the transaction"
     );
 
+    // Scopes are enforced: this key reads flags but may not record usage.
+    app.batch_execute("BEGIN").unwrap();
+    text(
+        &mut app,
+        &format!("SELECT flagship.authenticate('{key}')::text"),
+    );
+    assert_eq!(
+        refused(
+            &mut app,
+            "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production')"
+        ),
+        "42501"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    su.batch_execute(&format!("SET flagship.organization_id = '{}'", f.org))
+        .unwrap();
+    let usage_key = issue(&mut su, &f.org, ", ARRAY['usage:*']");
+    app.batch_execute("BEGIN").unwrap();
+    text(
+        &mut app,
+        &format!("SELECT flagship.authenticate('{usage_key}')::text"),
+    );
+    assert_eq!(
+        text(
+            &mut app,
+            "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'error_code'"
+        ),
+        "GENERAL",
+        "a usage-only key reads no flags"
+    );
+    app.batch_execute("COMMIT").unwrap();
+
     // A wrong key opens nothing.
     app.batch_execute("BEGIN").unwrap();
     let wrong = format!("fs_live_{}", "1".repeat(64));
