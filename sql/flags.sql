@@ -66,7 +66,7 @@ SELECT pg_catalog.pg_extension_config_dump('flagship.features', '');
 SELECT pg_catalog.pg_extension_config_dump('flagship.feature_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('flagship.segments', '');
 
-SELECT flagship.isolate_tenant_table(t)
+SELECT flagship.isolate_tenant_table(t, 'features:write')
   FROM unnest(ARRAY['features', 'feature_rules', 'segments']) AS t;
 
 -- A feature_rules row as the environment object of a flag document: the one

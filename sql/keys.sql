@@ -32,7 +32,7 @@ CREATE TABLE flagship.api_keys (
 CREATE UNIQUE INDEX api_keys_hash ON flagship.api_keys (key_hash);
 
 SELECT pg_catalog.pg_extension_config_dump('flagship.api_keys', '');
-SELECT flagship.isolate_tenant_table('api_keys');
+SELECT flagship.isolate_tenant_table('api_keys', 'api_keys:write');
 
 -- Nobody reads a hash back, not even an administrator.
 GRANT SELECT (organization_id, id, name, display_prefix, scopes, project_id, environment_id,
@@ -169,22 +169,4 @@ BEGIN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
 END
-$fn$;
-
--- Whether a member holds a permission through any of its roles in the
--- organization (the session's when NULL). Invoker's rights: row-level
--- security answers false for any organization but the session's.
-CREATE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
-RETURNS boolean
-LANGUAGE sql
-STABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT EXISTS (
-        SELECT FROM flagship.members m
-          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
-          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
-         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
-           AND m.user_key = has_permission.user_key
-           AND rp.permission = has_permission.permission)
 $fn$;

@@ -157,27 +157,73 @@ CREATE POLICY organizations_tenant ON flagship.organizations
     USING (id = (SELECT flagship.current_organization_id()))
     WITH CHECK (id = (SELECT flagship.current_organization_id()));
 
--- Every tenant table gets the same isolation: RLS enabled and forced, one
--- policy for every command. Later tables call this too.
-CREATE FUNCTION flagship.isolate_tenant_table(table_name text) RETURNS void
+-- Whether a member holds a permission through any of its roles in the
+-- organization (the session's when NULL). Invoker's rights: row-level
+-- security answers false for any organization but the session's.
+CREATE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (
+        SELECT FROM flagship.members m
+          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
+         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
+           AND m.user_key = has_permission.user_key
+           AND rp.permission = has_permission.permission)
+$fn$;
+
+-- Whether the session's actor (flagship.actor, the JWT `sub`, else the
+-- database user) holds a permission in the session's organization.
+CREATE FUNCTION flagship.actor_may(permission text) RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.has_permission(flagship.current_actor(), permission)
+$fn$;
+
+-- Every tenant table gets the same isolation: RLS enabled and forced, and
+-- rows of the session's organization only. With a write permission, reads
+-- stay per organization while INSERT, UPDATE and DELETE also need the
+-- session's actor to hold that permission (superusers and SECURITY DEFINER
+-- functions owned by them bypass it, as they bypass every policy). Later
+-- tables call this too.
+CREATE FUNCTION flagship.isolate_tenant_table(table_name text, write_permission text DEFAULT NULL)
+RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    tenant constant text := 'organization_id = (SELECT flagship.current_organization_id())';
+    allowed text;
 BEGIN
     EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', table_name);
     EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', table_name);
-    EXECUTE format(
-        'CREATE POLICY %I ON flagship.%I
-             USING (organization_id = (SELECT flagship.current_organization_id()))
-             WITH CHECK (organization_id = (SELECT flagship.current_organization_id()))',
-        table_name || '_tenant', table_name);
+    IF write_permission IS NULL THEN
+        EXECUTE format('CREATE POLICY %I ON flagship.%I USING (%s) WITH CHECK (%s)',
+                       table_name || '_tenant', table_name, tenant, tenant);
+        RETURN;
+    END IF;
+    allowed := format('%s AND (SELECT flagship.actor_may(%L))', tenant, write_permission);
+    EXECUTE format('CREATE POLICY %I ON flagship.%I FOR SELECT USING (%s)',
+                   table_name || '_tenant', table_name, tenant);
+    EXECUTE format('CREATE POLICY %I ON flagship.%I FOR INSERT WITH CHECK (%s)',
+                   table_name || '_insert', table_name, allowed);
+    EXECUTE format('CREATE POLICY %I ON flagship.%I FOR UPDATE USING (%s) WITH CHECK (%s)',
+                   table_name || '_update', table_name, allowed, allowed);
+    EXECUTE format('CREATE POLICY %I ON flagship.%I FOR DELETE USING (%s)',
+                   table_name || '_delete', table_name, allowed);
 END
 $fn$;
-REVOKE ALL ON FUNCTION flagship.isolate_tenant_table(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION flagship.isolate_tenant_table(text, text) FROM PUBLIC;
 
-SELECT flagship.isolate_tenant_table(t)
-  FROM unnest(ARRAY['projects', 'environments', 'members', 'roles',
-                    'role_permissions', 'member_roles']) AS t;
+SELECT flagship.isolate_tenant_table(t, 'projects:write')
+  FROM unnest(ARRAY['projects', 'environments']) AS t;
+SELECT flagship.isolate_tenant_table(t, 'organization:write')
+  FROM unnest(ARRAY['members', 'roles', 'role_permissions', 'member_roles']) AS t;
 
 GRANT SELECT ON flagship.permissions, flagship.builtin_role_permissions
     TO flagship_admin, flagship_app, flagship_auditor;

@@ -229,10 +229,12 @@ BEGIN
 END
 $dump$;
 
-SELECT flagship.isolate_tenant_table(t)
+SELECT flagship.isolate_tenant_table(t, 'plans:write')
   FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
-                    'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides',
-                    'usage_counters', 'usage_ledger']) AS t;
+                    'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides']) AS t;
+-- Consuming usage is what applications do: no member permission involved.
+SELECT flagship.isolate_tenant_table(t)
+  FROM unnest(ARRAY['usage_counters', 'usage_ledger']) AS t;
 
 GRANT SELECT ON flagship.metrics, flagship.plans, flagship.plan_features, flagship.usage_limits,
                 flagship.customers, flagship.subscriptions, flagship.customer_feature_overrides,

@@ -32,7 +32,11 @@ extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!(
     "../sql/tenancy.sql",
     name = "tenancy",
-    requires = ["bootstrap", context::current_organization_id]
+    requires = [
+        "bootstrap",
+        context::current_organization_id,
+        context::current_actor
+    ]
 );
 extension_sql_file!(
     "../sql/flags.sql",

@@ -21,17 +21,25 @@ fn fixture() -> Fixture {
     let (other, _) = organization(&mut su, "keys-b");
     let admin_role = unique("keys_admin").replace('-', "_");
     let app_role = unique("keys_app").replace('-', "_");
+    // The admin session acts for `keys-admin`, an owner of the organization:
+    // configuration writes need the actor's permission.
     su.batch_execute(&format!(
         "CREATE ROLE {admin_role} NOLOGIN IN ROLE flagship_admin;
          CREATE ROLE {app_role} NOLOGIN IN ROLE flagship_app;
-         GRANT {admin_role}, {app_role} TO CURRENT_USER;"
+         GRANT {admin_role}, {app_role} TO CURRENT_USER;
+         INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', 'keys-admin');
+         INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+         SELECT m.organization_id, m.id, r.id FROM flagship.members m
+           JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
+          WHERE m.organization_id = '{org}' AND m.user_key = 'keys-admin';"
     ))
     .unwrap();
     let session = |role: &str| {
         let mut client = connect();
         client
             .batch_execute(&format!(
-                "SET ROLE {role}; SET flagship.organization_id = '{org}'"
+                "SET ROLE {role}; SET flagship.organization_id = '{org}'; \
+                 SET flagship.actor = 'keys-admin'"
             ))
             .unwrap();
         client
@@ -259,6 +267,35 @@ fn permissions_follow_members_and_roles() {
     assert_eq!(has(&mut f.app, "bob", "features:write", "NULL"), "false");
     assert_eq!(has(&mut f.app, "bob", "features:read", "NULL"), "true");
     assert_eq!(has(&mut f.app, "nobody", "features:read", "NULL"), "false");
+    // Configuration writes by an admin role follow the actor's permissions.
+    su.batch_execute(&format!(
+        "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', 'dev');
+         INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+         SELECT m.organization_id, m.id, r.id FROM flagship.members m
+           JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'developer'
+          WHERE m.organization_id = '{org}' AND m.user_key = 'dev';",
+        org = f.org
+    ))
+    .unwrap();
+    let put_flag = r#"SELECT flagship.put_flag('shop', '{"key": "by-actor"}')"#;
+    let issue_key = format!("SELECT flagship.issue_api_key('{}', 'by-actor')", f.org);
+    for (actor, flag, key) in [
+        ("bob", "42501", "42501"),
+        ("nobody", "42501", "42501"),
+        ("dev", "none", "42501"),
+        ("alice", "none", "none"),
+    ] {
+        f.admin
+            .batch_execute(&format!("SET flagship.actor = '{actor}'"))
+            .unwrap();
+        assert_eq!(refused(&mut f.admin, put_flag), flag, "{actor} put_flag");
+        assert_eq!(
+            refused(&mut f.admin, &issue_key),
+            key,
+            "{actor} issue_api_key"
+        );
+    }
+
     // Another organization's members are invisible, even named by uuid.
     let other = format!("'{}'", f.other);
     assert_eq!(
