@@ -539,3 +539,31 @@ fn every_api_function_refuses_another_organizations_names() {
         "1/0"
     );
 }
+
+#[test]
+fn a_role_without_flagship_roles_reaches_nothing() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "keys-public");
+    let outsider = unique("outsider").replace('-', "_");
+    su.batch_execute(&format!(
+        "CREATE ROLE {outsider} NOLOGIN; GRANT {outsider} TO CURRENT_USER"
+    ))
+    .unwrap();
+    let mut client = connect();
+    client
+        .batch_execute(&format!(
+            "SET ROLE {outsider}; SET flagship.organization_id = '{org}'"
+        ))
+        .unwrap();
+    for sql in [
+        "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production')",
+        "SELECT flagship.record_usage('acme', 'calls')",
+        "SELECT flagship.verify_api_key('fs_live_x')",
+        "SELECT flagship.authenticate('fs_live_x')",
+        "SELECT flagship.has_permission('alice', 'features:read')",
+        "SELECT count(*) FROM flagship.features",
+        "SELECT count(*) FROM flagship.organizations",
+    ] {
+        assert_eq!(refused(&mut client, sql), "42501", "{sql}");
+    }
+}
