@@ -526,17 +526,31 @@ fn every_api_function_refuses_another_organizations_names() {
     ] {
         assert_eq!(refused(&mut f.admin, &sql), "22023", "{sql}");
     }
+    // Importing into, or creating projects in, another organization.
+    for sql in [
+        format!(
+            r#"SELECT flagship.import_project('{}', '{{"project": {{"key": "stolen", "name": "x"}}}}')"#,
+            f.other
+        ),
+        format!(
+            "SELECT flagship.create_project('{}', 'stolen', 'x')",
+            f.other
+        ),
+    ] {
+        assert_ne!(refused(&mut f.admin, &sql), "none", "{sql}");
+    }
     // Nothing of B changed.
     assert_eq!(
         text(
             &mut su,
             &format!(
                 "SELECT (SELECT count(*) FROM flagship.features WHERE organization_id = '{o}') || '/' || \
-                        (SELECT count(*) FROM flagship.usage_ledger WHERE organization_id = '{o}')",
+                        (SELECT count(*) FROM flagship.usage_ledger WHERE organization_id = '{o}') || '/' || \
+                        (SELECT count(*) FROM flagship.projects WHERE organization_id = '{o}')",
                 o = f.other
             )
         ),
-        "1/0"
+        "1/0/1"
     );
 }
 
