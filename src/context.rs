@@ -230,8 +230,10 @@ impl RawIdentity<'_> {
 }
 
 pub fn organization_id() -> Option<pgrx::Uuid> {
-    if let Some(session) = key_session() {
-        return Some(session.organization);
+    let authenticated =
+        KEY_SESSION.with(|session| session.borrow().as_ref().map(|s| s.organization));
+    if authenticated.is_some() {
+        return authenticated;
     }
     if REQUIRE_KEY.get() {
         return None;

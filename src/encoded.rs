@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use rustc_hash::FxBuildHasher;
 
-use crate::jsonb::{Builder, BuiltJsonb};
+use crate::jsonb::BuiltJsonb;
 use crate::rules::{Reason, Resolution, Snapshot};
 
 /// Identifies a result by where its parts live in the snapshot: the
@@ -37,10 +37,9 @@ thread_local! {
     static MEMO: RefCell<Option<Memo>> = const { RefCell::new(None) };
 }
 
-fn build(resolution: &Resolution) -> BuiltJsonb {
-    let mut result = Builder::new();
-    result.resolution(resolution);
-    result.finish()
+/// The result `jsonb` of any resolution, built afresh.
+pub fn build(resolution: &Resolution) -> BuiltJsonb {
+    BuiltJsonb::from_value(&resolution.to_json())
 }
 
 /// The result `jsonb` of a resolution made from `snapshot`.

@@ -80,7 +80,7 @@ impl Entitlements for EnvironmentEntitlements {
     fn grants(&self, customer: &str, flag: &str) -> bool {
         // SAFETY: reads the statement's start time, a backend global.
         let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
-        let now_epoch = now as f64 / 1_000_000.0 + 946_684_800.0;
+        let now_epoch = (now + crate::usage::POSTGRES_EPOCH_MICROS) as f64 / 1_000_000.0;
         self::customer(self.environment, customer)
             .is_some_and(|found| found.grants(flag, now_epoch))
     }

@@ -296,11 +296,7 @@ pub fn flagship_evaluate(
         environment,
         |resolution, snapshot| match snapshot {
             Some(snapshot) => encoded::encode(snapshot, resolution),
-            None => {
-                let mut result = Builder::new();
-                result.resolution(resolution);
-                result.finish()
-            }
+            None => encoded::build(resolution),
         },
     )
 }
@@ -333,16 +329,11 @@ pub fn flagship_evaluate_all(
                 environment: environment_id,
             };
             // One conversion of everything any flag reads, not one per flag.
-            let mut keys: Vec<String> = snapshot
-                .live_flag_keys()
-                .flat_map(|key| snapshot.context_keys(key).iter().cloned())
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
+            let keys = snapshot.live_context_keys();
             let extracted = context
                 .as_ref()
                 .filter(|context| context.is_object())
-                .map(|context| Extracted::from(context, &keys, environment_id));
+                .map(|context| Extracted::from(context, keys, environment_id));
             let empty = Extracted::empty(environment_id);
             let attributes: Option<&dyn Attributes> = match (&context, &extracted) {
                 (None, _) => Some(&empty),
@@ -351,7 +342,11 @@ pub fn flagship_evaluate_all(
             };
             for key in snapshot.live_flag_keys() {
                 result.key(key);
-                result.resolution(&snapshot.evaluate_attributes(key, attributes, &entitlements));
+                result.value(
+                    &snapshot
+                        .evaluate_attributes(key, attributes, &entitlements)
+                        .to_json(),
+                );
             }
         }
         Err((code, message)) => {

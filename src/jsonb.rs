@@ -17,8 +17,6 @@ use pgrx::pg_sys::{self, jbvType, JsonbIteratorToken as Token};
 use pgrx::prelude::*;
 use serde_json::{Number, Value};
 
-use crate::rules::Resolution;
-
 /// A `jsonb` argument, detoasted but not converted.
 pub struct JsonbArg {
     jsonb: *mut pg_sys::Jsonb,
@@ -253,33 +251,6 @@ impl Builder {
             }
             scalar => self.push(token, Some(scalar_value(scalar))),
         }
-    }
-
-    /// Adds `key: resolution` details with the shape DESIGN.md fixes.
-    pub fn resolution(&mut self, resolution: &Resolution) {
-        self.begin_object();
-        self.key("key");
-        self.string_value(resolution.key);
-        self.key("value");
-        self.value(resolution.value);
-        self.key("variant");
-        match &resolution.variant {
-            Some(variant) => self.string_value(variant),
-            None => self.value(&Value::Null),
-        }
-        self.key("reason");
-        self.string_value(resolution.reason.as_str());
-        if let Some(rule) = &resolution.rule {
-            self.key("rule");
-            self.string_value(rule);
-        }
-        if let Some((code, message)) = &resolution.error {
-            self.key("error_code");
-            self.string_value(code.as_str());
-            self.key("error_message");
-            self.string_value(message);
-        }
-        self.end_object();
     }
 
     pub fn finish(self) -> BuiltJsonb {

@@ -26,7 +26,7 @@ use crate::limits::{self, Facts, Reason, Terms};
 use crate::periods::{self, Period};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+pub const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Larger amounts are mistakes, not usage.
 const MAX_AMOUNT: i64 = 1_000_000_000_000;

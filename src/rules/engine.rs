@@ -198,6 +198,9 @@ pub struct Snapshot {
     /// Flag keys in a stable order, for evaluate_all.
     order: Vec<String>,
     segments: HashMap<String, CompiledSegment, FxBuildHasher>,
+    /// Every context key any live flag may read, sorted: what evaluate_all
+    /// extracts once for all flags.
+    live_context_keys: Vec<String>,
 }
 
 fn variant_index(variants: &[(String, Value)], name: &str) -> usize {
@@ -323,7 +326,19 @@ impl Snapshot {
                 flag.context_keys = context_keys;
             }
         }
+        let mut live: Vec<String> = snapshot
+            .live_flag_keys()
+            .flat_map(|key| snapshot.context_keys(key).iter().cloned())
+            .collect();
+        live.sort_unstable();
+        live.dedup();
+        snapshot.live_context_keys = live;
         snapshot
+    }
+
+    /// The context keys `evaluate` may read for any live flag.
+    pub fn live_context_keys(&self) -> &[String] {
+        &self.live_context_keys
     }
 
     fn collect_context_keys(&self, flag_key: &str) -> Vec<String> {
