@@ -319,6 +319,71 @@ BEGIN
 END
 $fn$;
 
+CREATE FUNCTION flagship.check_key_format(key text, field text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF coalesce(key, '') !~ '^[a-z0-9][a-z0-9_.-]*$' THEN
+        PERFORM flagship.refuse(field, 'must be lowercase letters, digits, ".", "_" or "-"');
+    END IF;
+END
+$fn$;
+
+-- `{flag key: true|false}` of a plan or a customer's overrides, checked:
+-- every value a boolean, every flag one of the project's.
+CREATE FUNCTION flagship.feature_switches(in_organization uuid, in_project uuid, switches jsonb, field text)
+RETURNS TABLE (feature_key text, enabled boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(switches, '{}')) LOOP
+        IF jsonb_typeof(item.value) <> 'boolean' THEN
+            PERFORM flagship.refuse(field || '.' || item.key, 'must be true or false');
+        END IF;
+        IF NOT EXISTS (SELECT FROM flagship.features f
+                        WHERE f.organization_id = in_organization AND f.project_id = in_project
+                          AND f.key = item.key) THEN
+            PERFORM flagship.refuse(field || '.' || item.key, format('unknown flag "%s"', item.key));
+        END IF;
+        feature_key := item.key;
+        enabled := item.value::boolean;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+-- `{metric key: limit}` of a plan or a customer's overrides, checked and
+-- with defaults filled in (see limit_terms).
+CREATE FUNCTION flagship.metric_limits(in_organization uuid, in_project uuid, limits jsonb, field text)
+RETURNS TABLE (metric_id uuid, usage_limit bigint, period text, enforcement text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    metric_row flagship.metrics;
+    terms jsonb;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(limits, '{}')) LOOP
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = in_organization AND m.project_id = in_project AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse(field || '.' || item.key, format('unknown metric "%s"', item.key));
+        END IF;
+        terms := flagship.limit_terms(item.value, field || '.' || item.key, metric_row.aggregation);
+        metric_id := metric_row.id;
+        usage_limit := (terms->>'limit')::bigint;
+        period := terms->>'period';
+        enforcement := terms->>'enforcement';
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
 CREATE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -328,9 +393,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
-    IF coalesce(definition->>'key', '') !~ '^[a-z0-9][a-z0-9_.-]*$' THEN
-        PERFORM flagship.refuse('key', 'must be lowercase letters, digits, ".", "_" or "-"');
-    END IF;
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge') THEN
         PERFORM flagship.refuse('aggregation', 'must be sum or gauge');
     END IF;
@@ -353,15 +416,10 @@ AS $fn$
 DECLARE
     project_row flagship.projects;
     saved uuid;
-    item record;
-    metric_row flagship.metrics;
-    terms jsonb;
 BEGIN
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
-    IF coalesce(definition->>'key', '') !~ '^[a-z0-9][a-z0-9_.-]*$' THEN
-        PERFORM flagship.refuse('key', 'must be lowercase letters, digits, ".", "_" or "-"');
-    END IF;
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
         PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
     END IF;
@@ -375,33 +433,17 @@ BEGIN
     RETURNING p.id INTO saved;
 
     DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
-    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'features', '{}')) LOOP
-        IF jsonb_typeof(item.value) <> 'boolean' THEN
-            PERFORM flagship.refuse('features.' || item.key, 'must be true or false');
-        END IF;
-        IF NOT EXISTS (SELECT FROM flagship.features f
-                        WHERE f.organization_id = project_row.organization_id
-                          AND f.project_id = project_row.id AND f.key = item.key) THEN
-            PERFORM flagship.refuse('features.' || item.key, format('unknown flag "%s"', item.key));
-        END IF;
-        INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
-        VALUES (project_row.organization_id, project_row.id, saved, item.key, item.value::boolean);
-    END LOOP;
+    INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+    SELECT project_row.organization_id, project_row.id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(project_row.organization_id, project_row.id,
+                                     definition->'features', 'features') s;
 
     DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
-    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'limits', '{}')) LOOP
-        SELECT * INTO metric_row FROM flagship.metrics m
-         WHERE m.organization_id = project_row.organization_id AND m.project_id = project_row.id
-           AND m.key = item.key;
-        IF NOT FOUND THEN
-            PERFORM flagship.refuse('limits.' || item.key, format('unknown metric "%s"', item.key));
-        END IF;
-        terms := flagship.limit_terms(item.value, 'limits.' || item.key, metric_row.aggregation);
-        INSERT INTO flagship.usage_limits
-            (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
-        VALUES (project_row.organization_id, project_row.id, saved, metric_row.id,
-                (terms->>'limit')::bigint, terms->>'period', terms->>'enforcement');
-    END LOOP;
+    INSERT INTO flagship.usage_limits
+        (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(project_row.organization_id, project_row.id,
+                                  definition->'limits', 'limits') t;
     RETURN saved;
 END
 $fn$;
@@ -413,10 +455,7 @@ AS $fn$
 DECLARE
     environment_row flagship.environments;
     plan_row flagship.plans;
-    metric_row flagship.metrics;
     saved uuid;
-    item record;
-    terms jsonb;
     new_status text;
     new_trial_end timestamptz;
     new_anchor timestamptz;
@@ -482,34 +521,19 @@ BEGIN
 
     DELETE FROM flagship.customer_feature_overrides o
      WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
-    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'overrides'->'features', '{}')) LOOP
-        IF jsonb_typeof(item.value) <> 'boolean' THEN
-            PERFORM flagship.refuse('overrides.features.' || item.key, 'must be true or false');
-        END IF;
-        IF NOT EXISTS (SELECT FROM flagship.features f
-                        WHERE f.organization_id = environment_row.organization_id
-                          AND f.project_id = environment_row.project_id AND f.key = item.key) THEN
-            PERFORM flagship.refuse('overrides.features.' || item.key, format('unknown flag "%s"', item.key));
-        END IF;
-        INSERT INTO flagship.customer_feature_overrides (organization_id, customer_id, feature_key, enabled)
-        VALUES (environment_row.organization_id, saved, item.key, item.value::boolean);
-    END LOOP;
+    INSERT INTO flagship.customer_feature_overrides (organization_id, customer_id, feature_key, enabled)
+    SELECT environment_row.organization_id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(environment_row.organization_id, environment_row.project_id,
+                                     definition->'overrides'->'features', 'overrides.features') s;
 
     DELETE FROM flagship.customer_limit_overrides o
      WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
-    FOR item IN SELECT * FROM jsonb_each(coalesce(definition->'overrides'->'limits', '{}')) LOOP
-        SELECT * INTO metric_row FROM flagship.metrics m
-         WHERE m.organization_id = environment_row.organization_id
-           AND m.project_id = environment_row.project_id AND m.key = item.key;
-        IF NOT FOUND THEN
-            PERFORM flagship.refuse('overrides.limits.' || item.key, format('unknown metric "%s"', item.key));
-        END IF;
-        terms := flagship.limit_terms(item.value, 'overrides.limits.' || item.key, metric_row.aggregation);
-        INSERT INTO flagship.customer_limit_overrides
-            (organization_id, project_id, customer_id, metric_id, usage_limit, period, enforcement)
-        VALUES (environment_row.organization_id, environment_row.project_id, saved, metric_row.id,
-                (terms->>'limit')::bigint, terms->>'period', terms->>'enforcement');
-    END LOOP;
+    INSERT INTO flagship.customer_limit_overrides
+        (organization_id, project_id, customer_id, metric_id, usage_limit, period, enforcement)
+    SELECT environment_row.organization_id, environment_row.project_id, saved,
+           t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(environment_row.organization_id, environment_row.project_id,
+                                  definition->'overrides'->'limits', 'overrides.limits') t;
     RETURN saved;
 END
 $fn$;
