@@ -54,6 +54,32 @@ pub fn organization(client: &mut Client, prefix: &str) -> (String, String) {
     (id, slug)
 }
 
+/// A new NOLOGIN role, member of `group` (or of nothing), that this
+/// connection's superuser may `SET ROLE` to.
+pub fn role_in(client: &mut Client, prefix: &str, group: Option<&str>) -> String {
+    let role = unique(prefix).replace('-', "_");
+    let membership = group.map_or(String::new(), |group| format!(" IN ROLE {group}"));
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} NOLOGIN{membership}; GRANT {role} TO CURRENT_USER"
+        ))
+        .unwrap();
+    role
+}
+
+/// Makes `user` a member of the organization holding its built-in `role`.
+pub fn add_member(client: &mut Client, organization: &str, user: &str, role: &str) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{organization}', '{user}');
+             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT m.organization_id, m.id, r.id FROM flagship.members m
+               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = '{role}'
+              WHERE m.organization_id = '{organization}' AND m.user_key = '{user}';"
+        ))
+        .unwrap();
+}
+
 pub fn put_flag(client: &mut Client, organization: &str, document: &str) {
     client
         .batch_execute(&format!(

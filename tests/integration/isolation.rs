@@ -5,7 +5,7 @@
 
 use postgres::Client;
 
-use crate::harness::{connect, organization, put_flag, sqlstate, text, unique};
+use crate::harness::{add_member, connect, organization, put_flag, role_in, sqlstate, text};
 
 /// Every table of the schema that carries an organization: new tables join
 /// the matrix without anyone remembering to add them.
@@ -54,14 +54,10 @@ fn fixture() -> Fixture {
     for org in [&a, &b] {
         su.batch_execute(&format!(
             "SET flagship.organization_id = '{org}';
-             SELECT flagship.put_segment('shop', '{{\"key\": \"beta\", \"included\": [\"u\"]}}');
-             INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', 'alice');
-             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
-             SELECT m.organization_id, m.id, r.id FROM flagship.members m JOIN flagship.roles r
-               ON r.organization_id = m.organization_id AND r.key = 'owner'
-              WHERE m.organization_id = '{org}';"
+             SELECT flagship.put_segment('shop', '{{\"key\": \"beta\", \"included\": [\"u\"]}}');"
         ))
         .unwrap();
+        add_member(&mut su, org, "alice", "owner");
         put_flag(
             &mut su,
             org,
@@ -78,14 +74,8 @@ fn fixture() -> Fixture {
         )
         .unwrap();
     }
-    let admin_role = unique("iso_admin").replace('-', "_");
-    let app_role = unique("iso_app").replace('-', "_");
-    su.batch_execute(&format!(
-        "CREATE ROLE {admin_role} NOLOGIN IN ROLE flagship_admin;
-         CREATE ROLE {app_role} NOLOGIN IN ROLE flagship_app;
-         GRANT {admin_role}, {app_role} TO CURRENT_USER;"
-    ))
-    .unwrap();
+    let admin_role = role_in(&mut su, "iso_admin", Some("flagship_admin"));
+    let app_role = role_in(&mut su, "iso_app", Some("flagship_app"));
     Fixture {
         a,
         b,

@@ -4,7 +4,7 @@
 
 use postgres::Client;
 
-use crate::harness::{connect, organization, put_flag, sqlstate, text, unique};
+use crate::harness::{add_member, connect, organization, put_flag, role_in, sqlstate, text};
 
 struct Fixture {
     org: String,
@@ -19,21 +19,11 @@ fn fixture() -> Fixture {
     let mut su = connect();
     let (org, _) = organization(&mut su, "keys-a");
     let (other, _) = organization(&mut su, "keys-b");
-    let admin_role = unique("keys_admin").replace('-', "_");
-    let app_role = unique("keys_app").replace('-', "_");
+    let admin_role = role_in(&mut su, "keys_admin", Some("flagship_admin"));
+    let app_role = role_in(&mut su, "keys_app", Some("flagship_app"));
     // The admin session acts for `keys-admin`, an owner of the organization:
     // configuration writes need the actor's permission.
-    su.batch_execute(&format!(
-        "CREATE ROLE {admin_role} NOLOGIN IN ROLE flagship_admin;
-         CREATE ROLE {app_role} NOLOGIN IN ROLE flagship_app;
-         GRANT {admin_role}, {app_role} TO CURRENT_USER;
-         INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', 'keys-admin');
-         INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
-         SELECT m.organization_id, m.id, r.id FROM flagship.members m
-           JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
-          WHERE m.organization_id = '{org}' AND m.user_key = 'keys-admin';"
-    ))
-    .unwrap();
+    add_member(&mut su, &org, "keys-admin", "owner");
     let session = |role: &str| {
         let mut client = connect();
         client
@@ -248,14 +238,7 @@ fn permissions_follow_members_and_roles() {
         (&f.org, "bob", "viewer"),
         (&f.other, "mallory", "owner"),
     ] {
-        su.batch_execute(&format!(
-            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', '{user}');
-             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
-             SELECT m.organization_id, m.id, r.id FROM flagship.members m
-               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = '{role}'
-              WHERE m.organization_id = '{org}' AND m.user_key = '{user}';"
-        ))
-        .unwrap();
+        add_member(&mut su, org, user, role);
     }
     let has = |client: &mut Client, user: &str, permission: &str, org: &str| {
         text(
@@ -268,15 +251,7 @@ fn permissions_follow_members_and_roles() {
     assert_eq!(has(&mut f.app, "bob", "features:read", "NULL"), "true");
     assert_eq!(has(&mut f.app, "nobody", "features:read", "NULL"), "false");
     // Configuration writes by an admin role follow the actor's permissions.
-    su.batch_execute(&format!(
-        "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{org}', 'dev');
-         INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
-         SELECT m.organization_id, m.id, r.id FROM flagship.members m
-           JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'developer'
-          WHERE m.organization_id = '{org}' AND m.user_key = 'dev';",
-        org = f.org
-    ))
-    .unwrap();
+    add_member(&mut su, &f.org, "dev", "developer");
     let put_flag = r#"SELECT flagship.put_flag('shop', '{"key": "by-actor"}')"#;
     let issue_key = format!("SELECT flagship.issue_api_key('{}', 'by-actor')", f.org);
     for (actor, flag, key) in [
@@ -558,11 +533,7 @@ fn every_api_function_refuses_another_organizations_names() {
 fn a_role_without_flagship_roles_reaches_nothing() {
     let mut su = connect();
     let (org, _) = organization(&mut su, "keys-public");
-    let outsider = unique("outsider").replace('-', "_");
-    su.batch_execute(&format!(
-        "CREATE ROLE {outsider} NOLOGIN; GRANT {outsider} TO CURRENT_USER"
-    ))
-    .unwrap();
+    let outsider = role_in(&mut su, "outsider", None);
     let mut client = connect();
     client
         .batch_execute(&format!(
