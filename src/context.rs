@@ -302,7 +302,10 @@ pub fn current_scopes() -> Option<Vec<String>> {
 }
 
 /// The actor recorded in the audit trail: `flagship.actor`, else the JWT
-/// `sub` claim, else the database user.
+/// `sub` claim, else the database user. The user is the session's current
+/// role outside any SECURITY DEFINER function (the outer user), so the
+/// audit trigger and create_organization, which run as the extension's
+/// owner, still name whoever called them.
 #[pg_extern(stable, parallel_safe)]
 pub fn current_actor() -> String {
     setting_text(&ACTOR)
@@ -310,7 +313,7 @@ pub fn current_actor() -> String {
         .unwrap_or_else(|| {
             // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises.
             unsafe {
-                let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+                let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
                 CStr::from_ptr(name).to_string_lossy().into_owned()
             }
         })

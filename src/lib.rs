@@ -12,6 +12,7 @@ pub mod limits;
 pub mod periods;
 pub mod rules;
 
+mod audit;
 mod cache;
 mod context;
 mod encoded;
@@ -61,6 +62,11 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
+extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = ["keys", "export"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

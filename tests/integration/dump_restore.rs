@@ -16,6 +16,36 @@ fn evaluations(client: &mut postgres::Client, slug: &str) -> String {
     )
 }
 
+/// Every row the organization owns, table by table, as text.
+fn organization_rows(client: &mut postgres::Client, organization: &str) -> String {
+    let tables: Vec<String> = client
+        .query(
+            "SELECT c.relname::text FROM pg_class c
+              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
+                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
+                               AND a.attname = 'organization_id' AND NOT a.attisdropped)
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    tables
+        .iter()
+        .map(|table| {
+            let rows = text(
+                client,
+                &format!(
+                    "SELECT string_agg(t::text, E'\\n' ORDER BY t::text) FROM flagship.{table} t \
+                     WHERE organization_id = '{organization}'"
+                ),
+            );
+            format!("{table}:\n{rows}\n")
+        })
+        .collect()
+}
+
 #[test]
 fn dump_and_restore_keep_rows_and_evaluations() {
     let mut su = connect();
@@ -55,6 +85,8 @@ fn dump_and_restore_keep_rows_and_evaluations() {
     ))
     .unwrap();
     let exported = text(&mut su, "SELECT flagship.export_project('shop')::text");
+    let rows_before = organization_rows(&mut su, &org);
+    assert!(rows_before.contains("audit_events"), "{rows_before}");
     let before = evaluations(&mut su, &slug);
     let usage = |client: &mut postgres::Client| {
         text(
@@ -90,7 +122,10 @@ fn dump_and_restore_keep_rows_and_evaluations() {
     assert!(status.success(), "pg_dump failed");
     su.batch_execute(&format!("CREATE DATABASE {target}"))
         .unwrap();
+    // Rows are restored as they were: with triggers off, loading them
+    // neither appends audit events nor re-validates (README, Backup).
     let output = Command::new(format!("{bindir}/pg_restore"))
+        .env("PGOPTIONS", "-c session_replication_role=replica")
         .args([
             "-h",
             &host,
@@ -130,6 +165,12 @@ fn dump_and_restore_keep_rows_and_evaluations() {
         exported
     );
     assert_eq!(evaluations(&mut restored, &slug), before);
+    assert_eq!(organization_rows(&mut restored, &org), rows_before);
+    let chain = text(
+        &mut restored,
+        &format!("SELECT flagship.verify_audit_chain('{org}') ->> 'valid'"),
+    );
+    assert_eq!(chain, "true");
     assert_eq!(usage(&mut restored), usage_before);
     // The ledger's sequence was restored too: new rows do not collide.
     let replayed = text(

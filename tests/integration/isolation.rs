@@ -194,14 +194,18 @@ fn organizations_are_isolated_by_setting_and_by_jwt() {
     }
 
     session
-        .batch_execute(&format!("SET LOCAL flagship.organization_id = '{}'", f.a))
+        .batch_execute(&format!(
+            // The actor holds audit:read, so the audit tables show rows too.
+            "SET LOCAL flagship.organization_id = '{}'; SET LOCAL flagship.actor = 'alice'",
+            f.a
+        ))
         .unwrap();
     assert_sees_only_own(&mut session, &f.a, &f.b, "setting");
     assert_changes_nothing_of(&mut session, &f.b, "setting");
 
     session
         .batch_execute(&format!(
-            "SET LOCAL flagship.organization_id = ''; \
+            "SET LOCAL flagship.organization_id = ''; SET LOCAL flagship.actor = ''; \
              SET LOCAL request.jwt.claims = '{{\"org_id\": \"{}\", \"sub\": \"alice\"}}'",
             f.b
         ))

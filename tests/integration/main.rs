@@ -5,9 +5,11 @@
 //! Run them with the README's test command, or one of them with
 //! `cargo pgrx test pg15 --runas postgres --pgdata /tmp/fs-pg <name>`.
 
+mod audit;
 mod dump_restore;
 mod harness;
 mod invalidation;
 mod isolation;
 mod keys;
+mod upgrade;
 mod usage;

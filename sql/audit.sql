@@ -1,0 +1,354 @@
+-- Audit trail and change feed.
+--
+-- Every configuration table gets one AFTER ROW trigger that, in the same
+-- transaction as the change, appends an audit_events row (who, what, the
+-- changed fields with old and new values) and sends NOTIFY flagship_changes
+-- (delivered only if the transaction commits). Usage counters and the
+-- usage ledger are not audited: the ledger is their history.
+--
+-- Tamper evidence: each organization's events form a hash chain. An event's
+-- hash is sha256 over its content and the previous event's hash; the chain
+-- head (last position and hash) lives in audit_chain_heads, one row per
+-- organization. Appending updates that row, so writers of one organization
+-- serialise on its row lock until commit and each sees the previous
+-- writer's head: under READ COMMITTED the UPDATE re-reads the committed
+-- head, under REPEATABLE READ or SERIALIZABLE it fails with 40001 and the
+-- application retries, so the chain never forks. Configuration writes are
+-- rare; the lock is never taken by evaluation or usage calls.
+
+CREATE SEQUENCE flagship.audit_events_id_seq;
+CREATE TABLE flagship.audit_events (
+    organization_id uuid        NOT NULL,
+    id              bigint      NOT NULL DEFAULT nextval('flagship.audit_events_id_seq'),
+    -- Position in the organization's chain: 1, 2, 3, ... with no gaps.
+    chain_seq       bigint      NOT NULL,
+    occurred_at     timestamptz NOT NULL DEFAULT now(),
+    actor           text        NOT NULL,
+    action          text        NOT NULL,
+    resource_type   text        NOT NULL,
+    resource_id     text        NOT NULL,
+    diff            jsonb       NOT NULL,
+    transaction_id  bigint      NOT NULL,
+    hash            bytea       NOT NULL,
+    PRIMARY KEY (organization_id, id),
+    CONSTRAINT audit_events_chain_unique UNIQUE (organization_id, chain_seq),
+    CONSTRAINT audit_events_action_valid CHECK (action IN ('insert', 'update', 'delete'))
+);
+ALTER SEQUENCE flagship.audit_events_id_seq OWNED BY flagship.audit_events.id;
+-- "What happened to this flag": history of one resource.
+CREATE INDEX audit_events_resource_idx
+    ON flagship.audit_events (organization_id, resource_type, resource_id);
+
+-- No foreign key to organizations: the trail outlives what it describes.
+CREATE TABLE flagship.audit_chain_heads (
+    organization_id uuid   NOT NULL PRIMARY KEY,
+    last_seq        bigint NOT NULL DEFAULT 0,
+    last_hash       bytea  NOT NULL DEFAULT '\x'
+);
+
+DO $dump$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['audit_events', 'audit_events_id_seq', 'audit_chain_heads'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(('flagship.' || t)::regclass, '');
+    END LOOP;
+END
+$dump$;
+
+-- Reading the trail needs the audit:read permission in the organization.
+DO $policies$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['audit_events', 'audit_chain_heads'] LOOP
+        EXECUTE format('ALTER TABLE flagship.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE flagship.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format(
+            'CREATE POLICY %I ON flagship.%I FOR SELECT
+                 USING (organization_id = (SELECT flagship.current_organization_id())
+                        AND (SELECT flagship.actor_may(''audit:read'')))',
+            t || '_read', t);
+    END LOOP;
+END
+$policies$;
+-- Only the audit trigger (SECURITY DEFINER) writes; no role may.
+GRANT SELECT ON flagship.audit_events, flagship.audit_chain_heads
+    TO flagship_admin, flagship_auditor;
+
+-- The hash of one event: its content and the previous hash, serialised as
+-- a jsonb array (canonical text, unambiguous separators), times as epoch
+-- seconds so that neither DateStyle nor TimeZone changes the digest.
+CREATE FUNCTION flagship.audit_digest(
+    previous_hash bytea, chain_seq bigint, id bigint, organization_id uuid,
+    occurred_at timestamptz, actor text, action text, resource_type text,
+    resource_id text, diff jsonb, transaction_id bigint)
+RETURNS bytea
+LANGUAGE sql
+STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT sha256(convert_to(jsonb_build_array(
+        encode(previous_hash, 'hex'), chain_seq, id, organization_id,
+        extract(epoch FROM occurred_at), actor, action, resource_type,
+        resource_id, diff, transaction_id)::text, 'UTF8'))
+$fn$;
+
+-- Nobody edits the trail. A superuser who must (a court order, a broken
+-- restore) says so first with SET flagship.audit_maintenance = on; the
+-- chain then shows where history was rewritten.
+CREATE FUNCTION flagship.audit_events_append_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF current_setting('flagship.audit_maintenance', true) = 'on'
+       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    RAISE EXCEPTION 'audit_events is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
+END
+$fn$;
+CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON flagship.audit_events
+    FOR EACH ROW EXECUTE FUNCTION flagship.audit_events_append_only();
+CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON flagship.audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION flagship.audit_events_append_only();
+CREATE TRIGGER audit_chain_heads_append_only BEFORE DELETE ON flagship.audit_chain_heads
+    FOR EACH ROW EXECUTE FUNCTION flagship.audit_events_append_only();
+CREATE TRIGGER audit_chain_heads_no_truncate BEFORE TRUNCATE ON flagship.audit_chain_heads
+    FOR EACH STATEMENT EXECUTE FUNCTION flagship.audit_events_append_only();
+
+-- The audit and change-feed trigger. Arguments: the change-feed kind, the
+-- primary-key columns naming a row (besides organization_id), then the
+-- columns left out of the trail: secrets (key hashes) and bookkeeping
+-- (updated_at, usage counts). An UPDATE that changes only those is no
+-- configuration change and records nothing.
+--
+-- SECURITY DEFINER so that it can append to tables no role may write;
+-- current_actor() names the session's user, not the definer.
+CREATE FUNCTION flagship.audit_change() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    left_out text[] := TG_ARGV[2:];
+    before jsonb;
+    after jsonb;
+    subject jsonb;
+    changes jsonb;
+    org uuid;
+    resource text;
+    subject_key text;
+    environment uuid;
+    event_id bigint;
+    acting text;
+    xact bigint;
+    appended int;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        before := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        after := to_jsonb(NEW);
+    END IF;
+    subject := coalesce(after, before);
+
+    SELECT coalesce(jsonb_object_agg(field, CASE TG_OP
+               WHEN 'INSERT' THEN jsonb_build_object('new', n.value)
+               WHEN 'DELETE' THEN jsonb_build_object('old', o.value)
+               ELSE jsonb_build_object('old', o.value, 'new', n.value) END), '{}')
+      INTO changes
+      FROM jsonb_each(before - left_out) AS o (field, value)
+      FULL JOIN jsonb_each(after - left_out) AS n (field, value) USING (field)
+     WHERE o.value IS DISTINCT FROM n.value
+       -- A column absent on one side and JSON null on the other is no change.
+       AND NOT (coalesce(o.value, 'null') = 'null' AND coalesce(n.value, 'null') = 'null');
+    IF changes = '{}' THEN
+        RETURN NULL;
+    END IF;
+
+    org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
+                              ELSE subject->>'organization_id' END;
+    resource := coalesce(subject->>'id', (
+        SELECT string_agg(subject->>column_name, '/' ORDER BY position)
+          FROM unnest(string_to_array(TG_ARGV[1], ',')) WITH ORDINALITY AS k (column_name, position)));
+
+    -- The change feed names what an application caches: a flag, a plan,
+    -- a customer, even when the row changed is one of their parts.
+    CASE TG_TABLE_NAME
+    WHEN 'feature_rules' THEN
+        SELECT f.key INTO subject_key FROM flagship.features f
+         WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
+    WHEN 'plan_features', 'usage_limits' THEN
+        SELECT p.key INTO subject_key FROM flagship.plans p
+         WHERE p.organization_id = org AND p.id = (subject->>'plan_id')::uuid;
+    WHEN 'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides' THEN
+        SELECT c.external_key, c.environment_id INTO subject_key, environment FROM flagship.customers c
+         WHERE c.organization_id = org AND c.id = (subject->>'customer_id')::uuid;
+    WHEN 'role_permissions' THEN
+        SELECT r.key INTO subject_key FROM flagship.roles r
+         WHERE r.organization_id = org AND r.id = (subject->>'role_id')::uuid;
+    WHEN 'member_roles' THEN
+        SELECT m.user_key INTO subject_key FROM flagship.members m
+         WHERE m.organization_id = org AND m.id = (subject->>'member_id')::uuid;
+    ELSE
+        NULL;
+    END CASE;
+    subject_key := coalesce(subject_key, subject->>'key', subject->>'external_key',
+                            subject->>'user_key', subject->>'slug', resource);
+    environment := coalesce(environment, (subject->>'environment_id')::uuid,
+                            CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
+
+    event_id := nextval('flagship.audit_events_id_seq');
+    acting := flagship.current_actor();
+    xact := pg_current_xact_id()::text::bigint;
+    FOR attempt IN 1..2 LOOP
+        WITH link AS (
+            UPDATE flagship.audit_chain_heads h
+               SET last_seq = h.last_seq + 1,
+                   last_hash = flagship.audit_digest(
+                       h.last_hash, h.last_seq + 1, event_id, org, now(), acting,
+                       lower(TG_OP), TG_TABLE_NAME, resource, changes, xact)
+             WHERE h.organization_id = org
+            RETURNING h.last_seq, h.last_hash)
+        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                           resource_type, resource_id, diff, transaction_id, hash)
+        SELECT org, event_id, link.last_seq, now(), acting, lower(TG_OP),
+               TG_TABLE_NAME, resource, changes, xact, link.last_hash
+          FROM link;
+        GET DIAGNOSTICS appended = ROW_COUNT;
+        EXIT WHEN appended > 0;
+        -- The organization's first event starts its chain.
+        INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+
+    PERFORM pg_notify('flagship_changes', jsonb_build_object(
+        'organization', org, 'environment', environment,
+        'kind', TG_ARGV[0], 'key', subject_key)::text);
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.audit_change() FROM PUBLIC;
+
+-- Puts a configuration table under audit. Later tables call this too (and
+-- a test checks that every configuration table has the trigger).
+CREATE FUNCTION flagship.audit_table(table_name text, kind text, left_out text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_columns text;
+BEGIN
+    SELECT string_agg(a.attname, ',' ORDER BY k.position) INTO key_columns
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k (attnum, position)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = format('flagship.%I', table_name)::regclass
+       AND i.indisprimary AND a.attname <> 'organization_id';
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON flagship.%I
+             FOR EACH ROW EXECUTE FUNCTION flagship.audit_change(%L, %L%s)',
+        table_name || '_audit', table_name, kind, key_columns,
+        (SELECT coalesce(string_agg(format(', %L', c), ''), '')
+           FROM unnest(left_out || ARRAY['updated_at']) AS c));
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.audit_table(text, text, text[]) FROM PUBLIC;
+
+SELECT flagship.audit_table(t.name, t.kind, t.left_out)
+  FROM (VALUES ('organizations', 'organization', '{}'::text[]),
+               ('projects', 'project', '{}'),
+               ('environments', 'environment', '{}'),
+               ('members', 'member', '{}'),
+               ('roles', 'role', '{}'),
+               ('role_permissions', 'role', '{}'),
+               ('member_roles', 'member', '{}'),
+               ('features', 'flag', '{}'),
+               ('feature_rules', 'flag', '{}'),
+               ('segments', 'segment', '{}'),
+               ('metrics', 'metric', '{}'),
+               ('plans', 'plan', '{}'),
+               ('plan_features', 'plan', '{}'),
+               ('usage_limits', 'plan', '{}'),
+               ('customers', 'customer', '{}'),
+               ('subscriptions', 'customer', '{}'),
+               ('customer_feature_overrides', 'customer', '{}'),
+               ('customer_limit_overrides', 'customer', '{}'),
+               -- Verification bumps usage_count and last_used_at: usage, not configuration.
+               ('api_keys', 'api_key', '{key_hash,usage_count,last_used_at}')) AS t (name, kind, left_out);
+
+-- Recomputes an organization's chain. `first_broken_id` is the first event
+-- whose hash does not follow from its predecessor (edited content, an
+-- edited hash, or a missing predecessor); events deleted from the end show
+-- as a head that no event reaches (`reason`: "truncated", first_broken_id
+-- NULL). Invoker's rights: a session that may not read the trail is told
+-- so rather than shown an empty, valid chain.
+CREATE FUNCTION flagship.verify_audit_chain(organization_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    head flagship.audit_chain_heads;
+    checked bigint;
+    last_seq bigint;
+    last_hash bytea;
+    broken record;
+BEGIN
+    SELECT * INTO head FROM flagship.audit_chain_heads h
+     WHERE h.organization_id = verify_audit_chain.organization_id;
+    IF head IS NULL THEN
+        -- No head visible: either the trail is not the session's to read,
+        -- or the organization has had no change since the audit began.
+        IF NOT ((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+                OR (verify_audit_chain.organization_id = flagship.current_organization_id()
+                    AND flagship.actor_may('audit:read'))) THEN
+            RAISE EXCEPTION 'the audit trail of organization "%" is not readable here', verify_audit_chain.organization_id
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'set flagship.organization_id to it and act as a member holding audit:read';
+        END IF;
+        IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
+            RAISE EXCEPTION 'organization "%" not found', verify_audit_chain.organization_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN jsonb_build_object('valid', true, 'checked', 0, 'first_broken_id', NULL);
+    END IF;
+
+    SELECT e.id, e.chain_seq,
+           CASE WHEN e.chain_seq <> e.expected_seq THEN 'missing events before this one'
+                ELSE 'hash mismatch' END AS reason
+      INTO broken
+      FROM (SELECT a.*,
+                   row_number() OVER (ORDER BY a.chain_seq) AS expected_seq,
+                   coalesce(lag(a.hash) OVER (ORDER BY a.chain_seq), '\x'::bytea) AS previous_hash
+              FROM flagship.audit_events a
+             WHERE a.organization_id = verify_audit_chain.organization_id) e
+     WHERE e.chain_seq <> e.expected_seq
+        OR e.hash IS DISTINCT FROM flagship.audit_digest(
+               e.previous_hash, e.chain_seq, e.id, e.organization_id, e.occurred_at, e.actor,
+               e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id)
+     ORDER BY e.chain_seq
+     LIMIT 1;
+
+    SELECT count(*), max(a.chain_seq) INTO checked, last_seq
+      FROM flagship.audit_events a WHERE a.organization_id = verify_audit_chain.organization_id;
+    IF broken.id IS NOT NULL THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', broken.id,
+                                  'reason', broken.reason);
+    END IF;
+    SELECT a.hash INTO last_hash FROM flagship.audit_events a
+     WHERE a.organization_id = verify_audit_chain.organization_id AND a.chain_seq = last_seq;
+    IF coalesce(last_seq, 0) <> head.last_seq OR coalesce(last_hash, '\x') <> head.last_hash THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
+                                  'reason', 'truncated');
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'checked', checked, 'first_broken_id', NULL);
+END
+$fn$;
+GRANT EXECUTE ON FUNCTION flagship.verify_audit_chain(uuid) TO flagship_admin, flagship_auditor;
