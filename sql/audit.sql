@@ -30,8 +30,9 @@ CREATE TABLE flagship.audit_events (
     diff            jsonb       NOT NULL,
     transaction_id  bigint      NOT NULL,
     hash            bytea       NOT NULL,
-    PRIMARY KEY (organization_id, id),
-    CONSTRAINT audit_events_chain_unique UNIQUE (organization_id, chain_seq),
+    -- `id` comes from a sequence and needs no index of its own: each
+    -- index costs every configuration write.
+    PRIMARY KEY (organization_id, chain_seq),
     CONSTRAINT audit_events_action_valid CHECK (action IN ('insert', 'update', 'delete'))
 );
 ALTER SEQUENCE flagship.audit_events_id_seq OWNED BY flagship.audit_events.id;
@@ -86,7 +87,9 @@ CREATE FUNCTION flagship.audit_digest(
 RETURNS bytea
 LANGUAGE sql
 STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+-- No SET clause, so the planner inlines it into the trigger's cached plan
+-- (a SET would make every transaction plan it again); it calls only
+-- pg_catalog functions, which no search_path can shadow.
 AS $fn$
     SELECT sha256(convert_to(jsonb_build_array(
         encode(previous_hash, 'hex'), chain_seq, id, organization_id,
@@ -156,25 +159,29 @@ BEGIN
     END IF;
     subject := coalesce(after, before);
 
-    SELECT coalesce(jsonb_object_agg(field, CASE TG_OP
-               WHEN 'INSERT' THEN jsonb_build_object('new', n.value)
-               WHEN 'DELETE' THEN jsonb_build_object('old', o.value)
-               ELSE jsonb_build_object('old', o.value, 'new', n.value) END), '{}')
-      INTO changes
-      FROM jsonb_each(before - left_out) AS o (field, value)
-      FULL JOIN jsonb_each(after - left_out) AS n (field, value) USING (field)
-     WHERE o.value IS DISTINCT FROM n.value
-       -- A column absent on one side and JSON null on the other is no change.
-       AND NOT (coalesce(o.value, 'null') = 'null' AND coalesce(n.value, 'null') = 'null');
-    IF changes = '{}' THEN
+    IF TG_OP = 'UPDATE' THEN
+        SELECT jsonb_object_agg(n.field, jsonb_build_object('old', before->n.field, 'new', n.value))
+          INTO changes
+          FROM jsonb_each(after - left_out) AS n (field, value)
+         WHERE n.value IS DISTINCT FROM before->n.field;
+    ELSE
+        -- A new row's fields, or a deleted row's, leaving out the empty ones.
+        SELECT jsonb_object_agg(r.field, jsonb_build_object(CASE TG_OP WHEN 'INSERT' THEN 'new' ELSE 'old' END, r.value))
+          INTO changes
+          FROM jsonb_each(subject - left_out) AS r (field, value)
+         WHERE r.value <> 'null';
+    END IF;
+    IF changes IS NULL THEN
         RETURN NULL;
     END IF;
 
     org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
                               ELSE subject->>'organization_id' END;
-    resource := coalesce(subject->>'id', (
-        SELECT string_agg(subject->>column_name, '/' ORDER BY position)
-          FROM unnest(string_to_array(TG_ARGV[1], ',')) WITH ORDINALITY AS k (column_name, position)));
+    resource := subject->>'id';
+    IF resource IS NULL THEN
+        SELECT string_agg(subject->>column_name, '/' ORDER BY position) INTO resource
+          FROM unnest(string_to_array(TG_ARGV[1], ',')) WITH ORDINALITY AS k (column_name, position);
+    END IF;
 
     -- The change feed names what an application caches: a flag, a plan,
     -- a customer, even when the row changed is one of their parts.
@@ -232,6 +239,7 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+
 REVOKE ALL ON FUNCTION flagship.audit_change() FROM PUBLIC;
 
 -- Puts a configuration table under audit. Later tables call this too (and
