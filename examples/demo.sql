@@ -5,6 +5,7 @@ SELECT set_config('flagship.organization_id',
                   flagship.create_organization('acme', 'Acme Inc.')::text, false) \gset
 SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Web shop') \gset
 SET flagship.environment = 'shop/production';
+SET flagship.actor = 'dana@acme.example';  -- who the audit trail names
 
 SELECT flagship.put_flag('shop', '{"key": "payments-v2", "environments": {"production": {"enabled": true}}}') \gset
 SELECT flagship.put_segment('shop', '{"key": "beta-testers", "included": ["user-42"],
@@ -71,3 +72,17 @@ SELECT call, r ->> 'allowed' AS allowed, r ->> 'used' AS used, r ->> 'reason' AS
 SELECT flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'used' AS first,
        flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'replayed' AS replayed;
 SELECT flagship.check_usage_limit('acme', 'api_calls') AS acme_api_calls;
+
+-- Audit trail -------------------------------------------------------------------
+UPDATE flagship.features SET description = 'The one-page checkout'
+ WHERE organization_id = flagship.current_organization_id() AND key = 'new-checkout';
+\echo 'Every configuration change above is in the hash-chained audit trail:'
+SELECT resource_type, action, count(*) AS events
+  FROM flagship.audit_events
+ WHERE organization_id = flagship.current_organization_id()
+ GROUP BY 1, 2 ORDER BY 1, 2;
+SELECT occurred_at::time(0) AS at, actor, resource_type, diff
+  FROM flagship.audit_events
+ WHERE organization_id = flagship.current_organization_id() AND action = 'update'
+ ORDER BY chain_seq DESC LIMIT 3;
+SELECT flagship.verify_audit_chain(flagship.current_organization_id()) AS chain;

@@ -1,7 +1,7 @@
 //! FlagShip: feature flags, plan entitlements, usage limits, API keys and an
 //! audit trail inside PostgreSQL.
 //!
-//! The pure core (`rules`, `bucketing`, `periods`, `limits`) knows nothing of PostgreSQL and is
+//! The pure core (`rules`, `bucketing`, `profiles`, `periods`, `limits`) knows nothing of PostgreSQL and is
 //! tested with plain `cargo test`; the other modules are the thin pgrx shell
 //! around it. Tables, policies and grants live in `sql/`.
 
@@ -10,10 +10,13 @@ use pgrx::prelude::*;
 pub mod bucketing;
 pub mod limits;
 pub mod periods;
+pub mod profiles;
 pub mod rules;
 
 mod audit;
 mod cache;
+#[cfg(test)]
+mod conformance_cases;
 mod context;
 mod encoded;
 mod entitlements;
