@@ -19,7 +19,10 @@ pub fn murmur3_x86_32(data: &[u8], seed: u32) -> u32 {
         let mut k = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
         k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
         hash ^= k;
-        hash = hash.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        hash = hash
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
     }
     let tail = blocks.remainder();
     if !tail.is_empty() {
@@ -101,7 +104,11 @@ mod tests {
             (b"aaaa", 0x9747_b28c, 0x5a97_808a),
             (b"abc", 0, 0xb3dd_93fa),
             (b"Hello, world!", 0x9747_b28c, 0x2488_4cba),
-            (b"The quick brown fox jumps over the lazy dog", 0x9747_b28c, 0x2fa8_26cd),
+            (
+                b"The quick brown fox jumps over the lazy dog",
+                0x9747_b28c,
+                0x2fa8_26cd,
+            ),
         ];
         for (input, seed, expected) in vectors {
             assert_eq!(
@@ -132,26 +139,27 @@ mod tests {
         // The `hash` section of GrowthBook's SDK test cases (v1 and v2),
         // kept in ../shared/conformance when present (see tests/conformance
         // for the rest of that suite), else these copies of a few of them.
-        let cases: Vec<(String, String, u32, Option<f64>)> = crate::conformance_cases::growthbook("hash")
-            .map(|cases| {
-                cases
-                    .iter()
-                    .map(|case| {
-                        (
-                            case[0].as_str().unwrap().to_string(),
-                            case[1].as_str().unwrap().to_string(),
-                            case[2].as_u64().unwrap() as u32,
-                            case[3].as_f64(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_else(|| {
-                vec![
-                    (String::new(), "a".into(), 1, Some(0.22)),
-                    ("b".into(), "a".into(), 1, Some(0.946)),
-                ]
-            });
+        let cases: Vec<(String, String, u32, Option<f64>)> =
+            crate::conformance_cases::growthbook("hash")
+                .map(|cases| {
+                    cases
+                        .iter()
+                        .map(|case| {
+                            (
+                                case[0].as_str().unwrap().to_string(),
+                                case[1].as_str().unwrap().to_string(),
+                                case[2].as_u64().unwrap() as u32,
+                                case[3].as_f64(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    vec![
+                        (String::new(), "a".into(), 1, Some(0.22)),
+                        ("b".into(), "a".into(), 1, Some(0.946)),
+                    ]
+                });
         assert!(!cases.is_empty());
         for (seed, value, version, expected) in cases {
             assert_eq!(
