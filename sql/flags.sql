@@ -323,6 +323,7 @@ DECLARE
     normalized jsonb;
     prerequisite jsonb;
     prerequisite_variants jsonb;
+    missing_variant text;
     segment_key text;
     saved_feature uuid;
     environment_key text;
@@ -343,9 +344,15 @@ BEGIN
             RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', normalized->>'key', prerequisite->>'flag'
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'create the prerequisite flag first';
-        ELSIF NOT prerequisite_variants ? (prerequisite->>'variant') THEN
+        END IF;
+        SELECT wanted INTO missing_variant
+          FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
+                                                  jsonb_build_array(prerequisite->'variant'))) wanted
+         WHERE NOT prerequisite_variants ? wanted
+         LIMIT 1;
+        IF FOUND THEN
             RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
-                normalized->>'key', prerequisite->>'flag', prerequisite->>'variant'
+                normalized->>'key', prerequisite->>'flag', missing_variant
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;

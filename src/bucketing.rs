@@ -21,6 +21,92 @@ pub fn bucket(salt: &str, value: &str) -> u32 {
     (xxh3_64(&input) % u64::from(BUCKETS)) as u32
 }
 
+/// Whose bucketing a rollout or sample reproduces. FlagShip's own is the
+/// default; the others exist so that a flag imported from that system keeps
+/// every subject where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    #[default]
+    Xxh3,
+    /// murmur3_x86_32 of `group:value`; rollout weights are Unleash's
+    /// integer weights, whose sum is the modulus.
+    Unleash,
+    /// GrowthBook's hash version 2 (the current one).
+    GrowthBook,
+    /// GrowthBook's hash version 1, for experiments created before v2.
+    GrowthBookV1,
+    /// SHA-1 of `flag.salt.value`.
+    LaunchDarkly,
+}
+
+impl Profile {
+    pub const NAMES: &'static [&'static str] = &[
+        "xxh3",
+        "unleash",
+        "growthbook",
+        "growthbook-v1",
+        "launchdarkly",
+    ];
+
+    pub fn parse(name: &str) -> Option<Profile> {
+        Some(match name {
+            "xxh3" => Profile::Xxh3,
+            "unleash" => Profile::Unleash,
+            "growthbook" => Profile::GrowthBook,
+            "growthbook-v1" => Profile::GrowthBookV1,
+            "launchdarkly" => Profile::LaunchDarkly,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Profile::NAMES[self as usize]
+    }
+
+    /// Whether rollout weights are the vendor's integers (any positive sum)
+    /// rather than percentages summing to 100.
+    pub fn has_integer_weights(self) -> bool {
+        self == Profile::Unleash
+    }
+
+    /// The subject's place in a percentage sample, in `0..BUCKETS`: inside a
+    /// sample of p thousandths of a percent when below p.
+    pub fn sample_position(self, flag_key: &str, salt: &str, value: &str) -> u32 {
+        match self {
+            // Unleash admits a subject when `hash % 100 + 1 <= percent`.
+            Profile::Unleash => {
+                (crate::profiles::unleash_normalized(value, salt, 100, 0) - 1) * (BUCKETS / 100)
+            }
+            other => other.rollout_position(flag_key, salt, value, BUCKETS),
+        }
+    }
+
+    /// The subject's place in a rollout whose weights sum to `total`.
+    pub fn rollout_position(self, flag_key: &str, salt: &str, value: &str, total: u32) -> u32 {
+        let fraction = match self {
+            Profile::Xxh3 => return bucket(salt, value),
+            Profile::Unleash => {
+                return crate::profiles::unleash_variant_target(value, salt, total) - 1
+            }
+            Profile::GrowthBook => crate::profiles::growthbook_hash(salt, value, 2),
+            Profile::GrowthBookV1 => crate::profiles::growthbook_hash(salt, value, 1),
+            Profile::LaunchDarkly => {
+                Some(crate::profiles::launchdarkly_bucket(flag_key, salt, value))
+            }
+        };
+        // GrowthBook's positions are whole ten-thousandths, so rounding is
+        // exact; LaunchDarkly compares its fraction against weight / 100 000,
+        // which flooring preserves.
+        let scaled = fraction.unwrap_or(0.0) * f64::from(BUCKETS);
+        let position = if matches!(self, Profile::LaunchDarkly) {
+            scaled.floor()
+        } else {
+            scaled.round()
+        };
+        (position as u32).min(BUCKETS - 1)
+    }
+}
+
 /// Picks the slot whose cumulative range holds `bucket`. `weights` are in
 /// thousandths of a percent and sum to `BUCKETS`.
 pub fn slot_for(bucket: u32, weights: &[u32]) -> Option<usize> {

@@ -38,7 +38,10 @@ pub fn validate_flag(definition: JsonB) -> JsonB {
     let prerequisites: Vec<Value> = flag
         .prerequisites
         .iter()
-        .map(|p| json!({"flag": p.flag, "variant": p.variant}))
+        .map(|p| match p.variants.as_slice() {
+            [single] => json!({"flag": p.flag, "variant": single}),
+            several => json!({"flag": p.flag, "variants": several}),
+        })
         .collect();
     JsonB(json!({
         "key": flag.key,

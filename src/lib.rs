@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 pub mod bucketing;
 pub mod limits;
+pub mod migration;
 pub mod periods;
 pub mod profiles;
 pub mod rules;

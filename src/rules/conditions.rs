@@ -2,9 +2,11 @@
 //! built, semvers and timestamps parsed, numbers converted, so that matching
 //! a context does no parsing of the rule side.
 
+use ipnet::IpNet;
 use regex::{Regex, RegexBuilder};
 use semver::Version;
 use std::borrow::Cow;
+use std::net::IpAddr;
 
 use serde_json::Value;
 
@@ -28,6 +30,9 @@ pub enum Operator {
     SemverGt,
     SemverLt,
     Exists,
+    SemverGte,
+    SemverLte,
+    InCidr,
 }
 
 impl Operator {
@@ -50,6 +55,9 @@ impl Operator {
         "semver_gt",
         "semver_lt",
         "exists",
+        "semver_gte",
+        "semver_lte",
+        "in_cidr",
     ];
 
     pub fn parse(name: &str) -> Option<Operator> {
@@ -72,6 +80,9 @@ impl Operator {
             "semver_gt" => Operator::SemverGt,
             "semver_lt" => Operator::SemverLt,
             "exists" => Operator::Exists,
+            "semver_gte" => Operator::SemverGte,
+            "semver_lte" => Operator::SemverLte,
+            "in_cidr" => Operator::InCidr,
             _ => return None,
         })
     }
@@ -89,7 +100,18 @@ enum Operands {
     /// Milliseconds since the Unix epoch.
     Instant(i64),
     Version(Version),
+    Networks(Vec<IpNet>),
     None,
+}
+
+/// What a condition answers when its attribute is absent or null.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    /// This outcome, whatever the operator and `negate` say.
+    Outcome(bool),
+    /// Compare the current time instead (`before`/`after` only): Unleash's
+    /// date constraints read the clock when the context carries no time.
+    Now,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +141,7 @@ pub struct Condition {
     pub op: Operator,
     pub negate: bool,
     pub case_insensitive: bool,
+    pub if_missing: Option<IfMissing>,
     operands: Operands,
     /// The values as written, for export.
     pub values: Vec<Value>,
@@ -130,6 +153,7 @@ impl PartialEq for Condition {
             && self.op == other.op
             && self.negate == other.negate
             && self.case_insensitive == other.case_insensitive
+            && self.if_missing == other.if_missing
             && self.values == other.values
     }
 }
@@ -277,7 +301,11 @@ impl Condition {
                     )
                 })?)
             }
-            Operator::SemverEq | Operator::SemverGt | Operator::SemverLt => {
+            Operator::SemverEq
+            | Operator::SemverGt
+            | Operator::SemverLt
+            | Operator::SemverGte
+            | Operator::SemverLte => {
                 let value = single()?;
                 let version = value.as_str().and_then(parse_version).ok_or_else(|| {
                     format!(
@@ -286,6 +314,16 @@ impl Condition {
                     )
                 })?;
                 Operands::Version(version)
+            }
+            Operator::InCidr => {
+                need_values()?;
+                let networks = values
+                    .iter()
+                    .map(|value| value.as_str().and_then(parse_network).ok_or_else(|| {
+                        format!("operator \"in_cidr\" takes IPv4 or IPv6 addresses or CIDR ranges, not {value}")
+                    }))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Operands::Networks(networks)
             }
             Operator::Exists => {
                 if !values.is_empty() {
@@ -319,9 +357,25 @@ impl Condition {
             op,
             negate,
             case_insensitive,
+            if_missing: None,
             operands,
             values: values.to_vec(),
         })
+    }
+
+    /// Sets the answer for an absent attribute; `Now` only suits `before`
+    /// and `after`.
+    pub fn with_if_missing(mut self, if_missing: Option<IfMissing>) -> Result<Condition, String> {
+        if if_missing == Some(IfMissing::Now)
+            && !matches!(self.op, Operator::Before | Operator::After)
+        {
+            return Err(format!(
+                "\"if_missing\": \"now\" applies to \"before\" and \"after\", not \"{}\"",
+                op_name(self.op)
+            ));
+        }
+        self.if_missing = if_missing;
+        Ok(self)
     }
 
     /// The top-level context keys this condition may read: the attribute as
@@ -337,11 +391,16 @@ impl Condition {
     }
 
     /// Whether the context satisfies the condition. A missing or null
-    /// attribute never matches, even negated, except for `exists`.
+    /// attribute never matches, even negated, except for `exists` and
+    /// unless `if_missing` says otherwise.
     pub fn matches(&self, context: &dyn Attributes) -> bool {
         let attribute = self.lookup(context).filter(|value| !value.is_null());
         let Some(attribute) = attribute else {
-            return self.op == Operator::Exists && self.negate;
+            return match self.if_missing {
+                Some(IfMissing::Outcome(outcome)) => outcome,
+                Some(IfMissing::Now) => self.compare_instant(now_millis()) != self.negate,
+                None => self.op == Operator::Exists && self.negate,
+            };
         };
         let outcome = match attribute {
             // An array attribute (e.g. a user's groups) matches when any element does.
@@ -412,9 +471,8 @@ impl Condition {
                 },
                 _ => false,
             },
-            (Operands::Instant(bound), op) => match parse_instant(value) {
-                Some(actual) if op == Operator::Before => actual < *bound,
-                Some(actual) => actual > *bound,
+            (Operands::Instant(_), _) => match parse_instant(value) {
+                Some(actual) => self.compare_instant(actual),
                 None => false,
             },
             (Operands::Version(bound), op) => match value.as_str().and_then(parse_version) {
@@ -423,15 +481,49 @@ impl Condition {
                     match op {
                         Operator::SemverEq => ordering.is_eq(),
                         Operator::SemverGt => ordering.is_gt(),
+                        Operator::SemverGte => ordering.is_ge(),
+                        Operator::SemverLte => ordering.is_le(),
                         _ => ordering.is_lt(),
                     }
                 }
+                None => false,
+            },
+            (Operands::Networks(networks), _) => match value
+                .as_str()
+                .and_then(|text| text.trim().parse::<IpAddr>().ok())
+            {
+                Some(address) => networks.iter().any(|network| network.contains(&address)),
                 None => false,
             },
             (Operands::None, _) => true,
             (Operands::Scalars(_), _) => false,
         }
     }
+}
+
+impl Condition {
+    fn compare_instant(&self, actual: i64) -> bool {
+        match self.operands {
+            Operands::Instant(bound) if self.op == Operator::Before => actual < bound,
+            Operands::Instant(bound) => actual > bound,
+            _ => false,
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An address (a network of one) or a CIDR range, IPv4 or IPv6.
+pub fn parse_network(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 pub fn lookup_path<'a>(

@@ -7,7 +7,8 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use super::conditions::{Condition, Operator};
+use super::conditions::{Condition, IfMissing, Operator};
+use crate::bucketing::{Profile, BUCKETS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidationError {
@@ -86,7 +87,8 @@ pub struct FlagDefinition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prerequisite {
     pub flag: String,
-    pub variant: String,
+    /// Met when the prerequisite flag serves any of these.
+    pub variants: Vec<String>,
 }
 
 /// One environment's configuration of a flag.
@@ -104,7 +106,19 @@ pub struct Rule {
     pub id: String,
     pub segment: Option<String>,
     pub conditions: Vec<Condition>,
+    /// A percentage gate after the conditions: subjects outside it fall
+    /// through to the next rule, as an Unleash strategy rollout does.
+    pub sample: Option<Sample>,
     pub serve: Serve,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Thousandths of a percent.
+    pub percent: u32,
+    pub bucket_by: Vec<String>,
+    pub salt: Option<String>,
+    pub profile: Profile,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,10 +129,17 @@ pub enum Serve {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollout {
-    /// Variant name and weight in thousandths of a percent, in variant order.
+    /// Variant name and weight, in layout order: thousandths of a percent
+    /// in variant order, or for an integer-weight profile the vendor's
+    /// weights in the order written.
     pub weights: Vec<(String, u32)>,
-    pub bucket_by: String,
+    /// Attributes tried in turn; the first one present places the subject.
+    pub bucket_by: Vec<String>,
     pub salt: Option<String>,
+    pub profile: Profile,
+    /// Served when no `bucket_by` attribute is present; without it such a
+    /// subject falls through to the next rule (or the off variant).
+    pub unplaced: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,8 +171,16 @@ const FLAG_FIELDS: &[&str] = &[
     "environments",
 ];
 const ENVIRONMENT_FIELDS: &[&str] = &["enabled", "targets", "rules", "default"];
-const RULE_FIELDS: &[&str] = &["id", "segment", "conditions", "serve"];
-const SERVE_FIELDS: &[&str] = &["variant", "rollout", "bucket_by", "salt"];
+const RULE_FIELDS: &[&str] = &["id", "segment", "conditions", "sample", "serve"];
+const SERVE_FIELDS: &[&str] = &[
+    "variant",
+    "rollout",
+    "bucket_by",
+    "salt",
+    "bucketing",
+    "unplaced",
+];
+const SAMPLE_FIELDS: &[&str] = &["percent", "bucket_by", "salt", "bucketing"];
 const SEGMENT_FIELDS: &[&str] = &[
     "key",
     "name",
@@ -167,6 +196,7 @@ const CONDITION_FIELDS: &[&str] = &[
     "value",
     "negate",
     "case_insensitive",
+    "if_missing",
 ];
 
 /// Keys of flags, segments and variants: what a URL or a log line can carry.
@@ -369,7 +399,7 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
             .map(|(index, item)| {
                 let path = format!("prerequisites[{index}]");
                 let entry = object(item, &path)?;
-                refuse_unknown_fields(entry, &["flag", "variant"], &path)?;
+                refuse_unknown_fields(entry, &["flag", "variant", "variants"], &path)?;
                 let flag = key_field(entry, "flag", &path)?;
                 if flag == key {
                     return Err(ValidationError::new(
@@ -377,9 +407,27 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
                         "a flag cannot be its own prerequisite",
                     ));
                 }
-                let variant =
-                    optional_string(entry, "variant", &path)?.unwrap_or_else(|| "on".to_string());
-                Ok(Prerequisite { flag, variant })
+                let variants = match (entry.get("variant"), entry.get("variants")) {
+                    (Some(_), Some(_)) => {
+                        return Err(ValidationError::new(
+                            &path,
+                            "give \"variant\" or \"variants\", not both",
+                        ))
+                    }
+                    (None, Some(list)) => {
+                        let list = string_list(Some(list), &join(&path, "variants"))?;
+                        if list.is_empty() {
+                            return Err(ValidationError::new(
+                                join(&path, "variants"),
+                                "needs at least one variant",
+                            ));
+                        }
+                        list
+                    }
+                    _ => vec![optional_string(entry, "variant", &path)?
+                        .unwrap_or_else(|| "on".to_string())],
+                };
+                Ok(Prerequisite { flag, variants })
             })
             .collect::<Result<_>>()?,
         Some(_) => return Err(ValidationError::new("prerequisites", "must be an array")),
@@ -518,10 +566,14 @@ fn parse_rule(
         other => other,
     };
     let conditions = parse_conditions(map.get("conditions"), &join(path, "conditions"))?;
-    if segment.is_none() && conditions.is_empty() {
+    let sample = match map.get("sample") {
+        None | Some(Value::Null) => None,
+        Some(sample) => Some(parse_sample(sample, &join(path, "sample"))?),
+    };
+    if segment.is_none() && conditions.is_empty() && sample.is_none() {
         return Err(ValidationError::new(
             path,
-            "a rule needs a segment or at least one condition",
+            "a rule needs a segment, a sample or at least one condition",
         ));
     }
     let serve = map
@@ -532,8 +584,164 @@ fn parse_rule(
         id,
         segment,
         conditions,
+        sample,
         serve,
     })
+}
+
+fn parse_profile(map: &Map<String, Value>, path: &str) -> Result<Profile> {
+    match optional_string(map, "bucketing", path)? {
+        None => Ok(Profile::default()),
+        Some(name) => Profile::parse(&name).ok_or_else(|| {
+            ValidationError::new(
+                join(path, "bucketing"),
+                format!(
+                    "unknown bucketing profile \"{name}\"; expected one of: {}",
+                    Profile::NAMES.join(", ")
+                ),
+            )
+        }),
+    }
+}
+
+/// `"bucket_by": "attr"` or a list tried in turn; defaults to the targeting key.
+fn parse_bucket_by(map: &Map<String, Value>, path: &str) -> Result<Vec<String>> {
+    let field_path = join(path, "bucket_by");
+    let attributes = match map.get("bucket_by") {
+        None | Some(Value::Null) => vec!["targeting_key".to_string()],
+        Some(Value::String(attribute)) => vec![attribute.clone()],
+        Some(Value::Array(_)) => string_list(map.get("bucket_by"), &field_path)?,
+        Some(_) => {
+            return Err(ValidationError::new(
+                field_path,
+                "must be an attribute name or a list of them",
+            ))
+        }
+    };
+    if attributes.is_empty() || attributes.iter().any(|a| a.trim().is_empty()) {
+        return Err(ValidationError::new(field_path, "must not be empty"));
+    }
+    Ok(attributes)
+}
+
+/// `{"percent": 50, "bucket_by": ..., "salt": ..., "bucketing": ...}`.
+fn parse_sample(value: &Value, path: &str) -> Result<Sample> {
+    let map = object(value, path)?;
+    refuse_unknown_fields(map, SAMPLE_FIELDS, path)?;
+    let profile = parse_profile(map, path)?;
+    let percent_path = join(path, "percent");
+    let percent = map
+        .get("percent")
+        .ok_or_else(|| ValidationError::new(&percent_path, "is required"))?
+        .as_f64()
+        .and_then(crate::bucketing::weight_from_percent)
+        .ok_or_else(|| {
+            ValidationError::new(
+                &percent_path,
+                "must be a percentage from 0 to 100 with at most three decimals",
+            )
+        })?;
+    if profile == Profile::Unleash && percent % 1000 != 0 {
+        return Err(ValidationError::new(
+            percent_path,
+            "an unleash sample is a whole percentage",
+        ));
+    }
+    Ok(Sample {
+        percent,
+        bucket_by: parse_bucket_by(map, path)?,
+        salt: optional_string(map, "salt", path)?,
+        profile,
+    })
+}
+
+/// A rollout's weights: `{"on": 25, "off": 75}` (laid out in variant
+/// order) or `[{"variant": "on", "weight": 25}, ...]` (laid out as written).
+fn parse_weights(
+    rollout: &Value,
+    variants: &[(String, Value)],
+    profile: Profile,
+    path: &str,
+) -> Result<Vec<(String, u32)>> {
+    let entries: Vec<(String, &Value, String)> = match rollout {
+        Value::Object(entries) => entries
+            .iter()
+            .map(|(variant, weight)| (variant.clone(), weight, format!("{path}.{variant}")))
+            .collect(),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let item_path = format!("{path}[{index}]");
+                let entry = object(item, &item_path)?;
+                refuse_unknown_fields(entry, &["variant", "weight"], &item_path)?;
+                let variant = optional_string(entry, "variant", &item_path)?.ok_or_else(|| {
+                    ValidationError::new(join(&item_path, "variant"), "is required")
+                })?;
+                let weight = entry.get("weight").ok_or_else(|| {
+                    ValidationError::new(join(&item_path, "weight"), "is required")
+                })?;
+                Ok((variant, weight, join(&item_path, "weight")))
+            })
+            .collect::<Result<_>>()?,
+        _ => {
+            return Err(ValidationError::new(
+                path,
+                "must be an object of variant: weight or an array of {variant, weight}",
+            ))
+        }
+    };
+    let mut weights: Vec<(String, u32)> = Vec::with_capacity(entries.len());
+    let mut total = 0u64;
+    for (variant, weight, weight_path) in entries {
+        require_variant(variants, &variant, &weight_path)?;
+        if weights.iter().any(|(seen, _)| *seen == variant) {
+            return Err(ValidationError::new(weight_path, "variant listed twice"));
+        }
+        let weight = if profile.has_integer_weights() {
+            weight
+                .as_u64()
+                .and_then(|weight| u32::try_from(weight).ok())
+                .filter(|weight| *weight <= 1_000_000)
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        &weight_path,
+                        format!(
+                            "must be a whole number from 0 to 1000000 ({} weights)",
+                            profile.as_str()
+                        ),
+                    )
+                })?
+        } else {
+            weight
+                .as_f64()
+                .and_then(crate::bucketing::weight_from_percent)
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        &weight_path,
+                        "must be a percentage from 0 to 100 with at most three decimals",
+                    )
+                })?
+        };
+        total += u64::from(weight);
+        weights.push((variant, weight));
+    }
+    if profile.has_integer_weights() {
+        if total == 0 {
+            return Err(ValidationError::new(path, "weights sum to 0"));
+        }
+    } else if total != u64::from(BUCKETS) {
+        return Err(ValidationError::new(
+            path,
+            format!("weights sum to {}%, not 100%", total as f64 / 1000.0),
+        ));
+    }
+    if rollout.is_object() {
+        // Lay buckets out in the flag's variant order, independent of how
+        // the document happened to list them.
+        weights.sort_by_key(|(name, _)| variants.iter().position(|(known, _)| known == name));
+    }
+    Ok(weights)
 }
 
 /// `{"variant": "on"}` or `{"rollout": {"on": 25, "off": 75}, "bucket_by": ..., "salt": ...}`.
@@ -554,48 +762,18 @@ pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> R
             "must be a string",
         )),
         (None, Some(rollout)) => {
-            let rollout_path = join(path, "rollout");
-            let entries = object(rollout, &rollout_path)?;
-            let mut weights = Vec::new();
-            let mut total = 0u32;
-            for (variant, weight) in entries {
-                let weight_path = format!("{rollout_path}.{variant}");
-                require_variant(variants, variant, &weight_path)?;
-                let weight = weight
-                    .as_f64()
-                    .and_then(crate::bucketing::weight_from_percent)
-                    .ok_or_else(|| {
-                        ValidationError::new(
-                            &weight_path,
-                            "must be a percentage from 0 to 100 with at most three decimals",
-                        )
-                    })?;
-                total += weight;
-                weights.push((variant.clone(), weight));
+            let profile = parse_profile(map, path)?;
+            let weights = parse_weights(rollout, variants, profile, &join(path, "rollout"))?;
+            let unplaced = optional_string(map, "unplaced", path)?;
+            if let Some(variant) = &unplaced {
+                require_variant(variants, variant, &join(path, "unplaced"))?;
             }
-            if total != crate::bucketing::BUCKETS {
-                return Err(ValidationError::new(
-                    rollout_path,
-                    format!("weights sum to {}%, not 100%", f64::from(total) / 1000.0),
-                ));
-            }
-            // Lay buckets out in the flag's variant order, independent of how
-            // the document happened to list them.
-            weights.sort_by_key(|(name, _)| variants.iter().position(|(known, _)| known == name));
-            let bucket_by = match optional_string(map, "bucket_by", path)? {
-                Some(attribute) if attribute.trim().is_empty() => {
-                    return Err(ValidationError::new(
-                        join(path, "bucket_by"),
-                        "must not be empty",
-                    ))
-                }
-                Some(attribute) => attribute,
-                None => "targeting_key".to_string(),
-            };
             Ok(Serve::Rollout(Rollout {
+                unplaced,
                 weights,
-                bucket_by,
+                bucket_by: parse_bucket_by(map, path)?,
                 salt: optional_string(map, "salt", path)?,
+                profile,
             }))
         }
         (None, None) => Err(ValidationError::new(
@@ -653,8 +831,21 @@ fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
     };
     let case_insensitive = optional_bool(map, "case_insensitive", path)?.unwrap_or(false);
     let negate = optional_bool(map, "negate", path)?.unwrap_or(false);
+    let if_missing = match map.get("if_missing") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(outcome)) => Some(IfMissing::Outcome(*outcome)),
+        Some(Value::String(now)) if now == "now" => Some(IfMissing::Now),
+        Some(_) => {
+            return Err(ValidationError::new(
+                join(path, "if_missing"),
+                "must be true, false or \"now\"",
+            ))
+        }
+    };
     Condition::compile(attribute, op, &values, negate, case_insensitive)
-        .map_err(|message| ValidationError::new(join(path, "values"), message))
+        .map_err(|message| ValidationError::new(join(path, "values"), message))?
+        .with_if_missing(if_missing)
+        .map_err(|message| ValidationError::new(join(path, "if_missing"), message))
 }
 
 pub fn parse_segment(document: &Value) -> Result<SegmentDefinition> {

@@ -10,8 +10,8 @@ use rustc_hash::FxBuildHasher;
 use serde_json::{Map, Value};
 
 use super::conditions::{lookup_path, Attributes, Condition};
-use super::document::{EnvironmentConfig, FlagDefinition, Kind, SegmentDefinition, Serve};
-use crate::bucketing;
+use super::document::{EnvironmentConfig, FlagDefinition, Kind, Sample, SegmentDefinition, Serve};
+use crate::bucketing::{self, Profile};
 
 /// How deep prerequisite chains may go; writes refuse cycles, this guards
 /// evaluation against anything that slipped past them.
@@ -140,8 +140,8 @@ enum CompiledServe {
         /// (variant index, weight) in the flag's variant order.
         slots: Vec<(usize, u32)>,
         weights: Vec<u32>,
-        bucket_by: BucketBy,
-        salt: String,
+        placement: Placement,
+        unplaced: Option<usize>,
     },
 }
 
@@ -151,11 +151,94 @@ enum BucketBy {
     Attribute(String, Vec<String>),
 }
 
+/// How a subject is placed: which attributes identify it (the first present
+/// wins), under which salt, with whose hash.
+#[derive(Debug)]
+struct Placement {
+    bucket_by: Vec<BucketBy>,
+    salt: String,
+    flag_key: String,
+    profile: Profile,
+}
+
+impl Placement {
+    fn new(
+        bucket_by: &[String],
+        salt: Option<&String>,
+        flag_key: &str,
+        profile: Profile,
+    ) -> Placement {
+        Placement {
+            bucket_by: bucket_by
+                .iter()
+                .map(|attribute| match attribute.as_str() {
+                    "targeting_key" | "key" => BucketBy::TargetingKey,
+                    attribute => BucketBy::Attribute(
+                        attribute.to_string(),
+                        attribute.split('.').map(str::to_string).collect(),
+                    ),
+                })
+                .collect(),
+            salt: salt.cloned().unwrap_or_else(|| flag_key.to_string()),
+            flag_key: flag_key.to_string(),
+            profile,
+        }
+    }
+
+    /// The value the subject is bucketed by, if the context has one.
+    fn subject<'c>(
+        &self,
+        attributes: &'c dyn Attributes,
+        targeting_key: Option<&'c str>,
+    ) -> Option<Cow<'c, str>> {
+        self.bucket_by.iter().find_map(|bucket_by| match bucket_by {
+            BucketBy::TargetingKey => targeting_key.map(Cow::Borrowed),
+            BucketBy::Attribute(name, path) => scalar_text(lookup_path(attributes, name, path)?),
+        })
+    }
+
+    fn context_keys(&self) -> impl Iterator<Item = &str> {
+        self.bucket_by
+            .iter()
+            .flat_map(|bucket_by| match bucket_by {
+                BucketBy::TargetingKey => [None, None],
+                BucketBy::Attribute(attribute, path) => {
+                    [Some(attribute.as_str()), Some(path[0].as_str())]
+                }
+            })
+            .flatten()
+    }
+}
+
+#[derive(Debug)]
+struct CompiledSample {
+    percent: u32,
+    placement: Placement,
+}
+
+impl CompiledSample {
+    fn admits(&self, attributes: &dyn Attributes, targeting_key: Option<&str>) -> bool {
+        // A subject the context cannot identify is outside every partial
+        // sample (Unleash would draw it at random; evaluation stays
+        // deterministic) and inside a full one only if identified.
+        let Some(subject) = self.placement.subject(attributes, targeting_key) else {
+            return false;
+        };
+        let position = self.placement.profile.sample_position(
+            &self.placement.flag_key,
+            &self.placement.salt,
+            &subject,
+        );
+        position < self.percent
+    }
+}
+
 #[derive(Debug)]
 struct CompiledRule {
     id: String,
     segment: Option<String>,
     conditions: Vec<Condition>,
+    sample: Option<CompiledSample>,
     serve: CompiledServe,
 }
 
@@ -175,7 +258,8 @@ struct CompiledFlag {
     kind: Kind,
     variants: Vec<(String, Value)>,
     off: usize,
-    prerequisites: Vec<(String, String)>,
+    /// Each prerequisite flag with the variants that satisfy it.
+    prerequisites: Vec<(String, Vec<String>)>,
     archived: bool,
     environment: Option<CompiledEnvironment>,
     /// Every top-level context key an evaluation of this flag may read,
@@ -210,37 +294,47 @@ fn variant_index(variants: &[(String, Value)], name: &str) -> usize {
         .expect("validated documents only name known variants")
 }
 
-fn compile_serve(serve: &Serve, variants: &[(String, Value)], default_salt: &str) -> CompiledServe {
+fn compile_serve(serve: &Serve, flag: &FlagDefinition) -> CompiledServe {
+    let salt = flag.salt.as_ref();
     match serve {
-        Serve::Variant(name) => CompiledServe::Variant(variant_index(variants, name)),
+        Serve::Variant(name) => CompiledServe::Variant(variant_index(&flag.variants, name)),
         Serve::Rollout(rollout) => {
             let slots: Vec<(usize, u32)> = rollout
                 .weights
                 .iter()
-                .map(|(name, weight)| (variant_index(variants, name), *weight))
+                .map(|(name, weight)| (variant_index(&flag.variants, name), *weight))
                 .collect();
-            let bucket_by = match rollout.bucket_by.as_str() {
-                "targeting_key" | "key" => BucketBy::TargetingKey,
-                attribute => BucketBy::Attribute(
-                    attribute.to_string(),
-                    attribute.split('.').map(str::to_string).collect(),
-                ),
-            };
             CompiledServe::Rollout {
                 weights: slots.iter().map(|(_, weight)| *weight).collect(),
                 slots,
-                bucket_by,
-                salt: rollout
-                    .salt
-                    .clone()
-                    .unwrap_or_else(|| default_salt.to_string()),
+                unplaced: rollout
+                    .unplaced
+                    .as_ref()
+                    .map(|name| variant_index(&flag.variants, name)),
+                placement: Placement::new(
+                    &rollout.bucket_by,
+                    rollout.salt.as_ref().or(salt),
+                    &flag.key,
+                    rollout.profile,
+                ),
             }
         }
     }
 }
 
+fn compile_sample(sample: &Sample, flag: &FlagDefinition) -> CompiledSample {
+    CompiledSample {
+        percent: sample.percent,
+        placement: Placement::new(
+            &sample.bucket_by,
+            sample.salt.as_ref().or(flag.salt.as_ref()),
+            &flag.key,
+            sample.profile,
+        ),
+    }
+}
+
 fn compile_environment(flag: &FlagDefinition, config: &EnvironmentConfig) -> CompiledEnvironment {
-    let salt = flag.salt.clone().unwrap_or_else(|| flag.key.clone());
     let mut targets = HashMap::default();
     for (variant, keys) in &config.targets {
         let index = variant_index(&flag.variants, variant);
@@ -255,11 +349,15 @@ fn compile_environment(flag: &FlagDefinition, config: &EnvironmentConfig) -> Com
             id: rule.id.clone(),
             segment: rule.segment.clone(),
             conditions: rule.conditions.clone(),
-            serve: compile_serve(&rule.serve, &flag.variants, &salt),
+            sample: rule
+                .sample
+                .as_ref()
+                .map(|sample| compile_sample(sample, flag)),
+            serve: compile_serve(&rule.serve, flag),
         })
         .collect();
     let default = match &config.default {
-        Some(serve) => compile_serve(serve, &flag.variants, &salt),
+        Some(serve) => compile_serve(serve, flag),
         // An enabled boolean flag with nothing else configured is on.
         None => CompiledServe::Variant(
             flag.variants
@@ -303,7 +401,7 @@ impl Snapshot {
                 prerequisites: flag
                     .prerequisites
                     .iter()
-                    .map(|p| (p.flag.clone(), p.variant.clone()))
+                    .map(|p| (p.flag.clone(), p.variants.clone()))
                     .collect(),
                 archived: flag.archived,
                 environment: config
@@ -368,14 +466,16 @@ impl Snapshot {
                 .map(|rule| &rule.serve)
                 .chain([&environment.default]);
             for serve in serves {
-                if let CompiledServe::Rollout {
-                    bucket_by: BucketBy::Attribute(attribute, path),
-                    ..
-                } = serve
-                {
-                    keys.push(attribute);
-                    keys.push(&path[0]);
+                if let CompiledServe::Rollout { placement, .. } = serve {
+                    keys.extend(placement.context_keys());
                 }
+            }
+            for sample in environment
+                .rules
+                .iter()
+                .filter_map(|rule| rule.sample.as_ref())
+            {
+                keys.extend(sample.placement.context_keys());
             }
             for rule in &environment.rules {
                 let segment_conditions = rule
@@ -471,7 +571,10 @@ impl Snapshot {
             let met = depth < MAX_PREREQUISITE_DEPTH && {
                 let outcome =
                     self.evaluate_at_depth(prerequisite, Some(attributes), entitlements, depth + 1);
-                outcome.error.is_none() && outcome.variant == Some(wanted.as_str())
+                outcome.error.is_none()
+                    && outcome
+                        .variant
+                        .is_some_and(|variant| wanted.iter().any(|w| w == variant))
             };
             if !met {
                 return flag.serve_index(flag.off, Reason::PrerequisiteFailed, Some(prerequisite));
@@ -497,6 +600,11 @@ impl Snapshot {
         for rule in &environment.rules {
             if !self.rule_matches(rule, attributes, targeting_key.as_deref()) {
                 continue;
+            }
+            if let Some(sample) = &rule.sample {
+                if !sample.admits(attributes, targeting_key.as_deref()) {
+                    continue;
+                }
             }
             match &rule.serve {
                 CompiledServe::Variant(index) => {
@@ -608,16 +716,23 @@ fn pick_slot(
     let CompiledServe::Rollout {
         slots,
         weights,
-        bucket_by,
-        salt,
+        placement,
+        unplaced,
     } = serve
     else {
         return None;
     };
-    let value = match bucket_by {
-        BucketBy::TargetingKey => Cow::Borrowed(targeting_key?),
-        BucketBy::Attribute(name, path) => scalar_text(lookup_path(attributes, name, path)?)?,
+    let Some(subject) = placement.subject(attributes, targeting_key) else {
+        return *unplaced;
     };
-    let bucket = bucketing::bucket(salt, &value);
-    bucketing::slot_for(bucket, weights).map(|slot| slots[slot].0)
+    let total = if placement.profile.has_integer_weights() {
+        weights.iter().sum()
+    } else {
+        bucketing::BUCKETS
+    };
+    let position =
+        placement
+            .profile
+            .rollout_position(&placement.flag_key, &placement.salt, &subject, total);
+    bucketing::slot_for(position, weights).map(|slot| slots[slot].0)
 }

@@ -397,7 +397,7 @@ fn validation_names_the_field() {
     assert!(refusal(
         json!({"key": "f", "environments": {"p": {"rules": [{"serve": {"variant": "on"}}]}}})
     )
-    .contains("needs a segment or at least one condition"));
+    .contains("needs a segment, a sample or at least one condition"));
     assert!(refusal(
         json!({"key": "f", "environments": {"p": {"targets": {"on": ["u"], "off": ["u"]}}}})
     )

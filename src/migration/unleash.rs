@@ -1,0 +1,779 @@
+//! Unleash client state (`/api/client/features`, or the delta API's events)
+//! to FlagShip flag documents that answer every context the way an Unleash
+//! SDK does: strategies become ordered rules, strategy rollouts become
+//! `sample` gates, variants become `unleash`-bucketed rollouts, overrides
+//! become rules ahead of them, dependencies become prerequisites.
+//!
+//! What FlagShip cannot reproduce exactly is refused (`Unsupported`), never
+//! approximated. Constraints Unleash itself evaluates to a constant (an
+//! unknown operator, `IN []`, an invalid semver) are folded here, which is
+//! exact.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{json, Map, Value};
+
+use super::ImportError;
+use crate::rules::conditions::parse_network;
+use crate::rules::document::is_valid_key;
+
+/// Unleash's variant for "no variant"; the off variant of imported
+/// multivariate flags.
+pub const DISABLED_VARIANT: &str = "disabled";
+
+/// Context fields Unleash reads from the top level of its context; any
+/// other name is looked up in `properties`.
+const STANDARD_FIELDS: &[&str] = &[
+    "userId",
+    "sessionId",
+    "remoteAddress",
+    "environment",
+    "appName",
+    "currentTime",
+];
+
+type Result<T> = std::result::Result<T, ImportError>;
+
+/// A feature and the constraints of every segment, after replaying events.
+struct State {
+    features: Vec<Map<String, Value>>,
+    segments: HashMap<String, Vec<Value>>,
+}
+
+fn segment_entry(segment: &Value) -> Option<(String, Vec<Value>)> {
+    let id = match segment.get("id")? {
+        Value::Number(id) => id.to_string(),
+        Value::String(id) => id.clone(),
+        _ => return None,
+    };
+    let constraints = segment
+        .get("constraints")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    Some((id, constraints))
+}
+
+fn load_state(state: &Value) -> Result<State> {
+    let objects = |value: Option<&Value>, what: &str| -> Result<Vec<Value>> {
+        match value {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(items.clone()),
+            Some(_) => Err(ImportError::Invalid(format!("{what} must be an array"))),
+        }
+    };
+    let mut features: Vec<Map<String, Value>> = Vec::new();
+    let mut segments = HashMap::new();
+    let upsert = |features: &mut Vec<Map<String, Value>>, feature: &Value| -> Result<()> {
+        let feature = feature.as_object().ok_or_else(|| {
+            ImportError::Invalid("every feature must be a JSON object".to_string())
+        })?;
+        let name = feature
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ImportError::Invalid("every feature needs a \"name\"".to_string()))?;
+        features.retain(|known| known.get("name").and_then(Value::as_str) != Some(name));
+        features.push(feature.clone());
+        Ok(())
+    };
+    let Some(events) = state.get("events") else {
+        for feature in objects(state.get("features"), "features")? {
+            upsert(&mut features, &feature)?;
+        }
+        segments.extend(
+            objects(state.get("segments"), "segments")?
+                .iter()
+                .filter_map(segment_entry),
+        );
+        return Ok(State { features, segments });
+    };
+    // The delta API: replay the events in order.
+    for event in objects(Some(events), "events")? {
+        match event.get("type").and_then(Value::as_str) {
+            Some("hydration") => {
+                features.clear();
+                segments.clear();
+                for feature in objects(event.get("features"), "hydration.features")? {
+                    upsert(&mut features, &feature)?;
+                }
+                segments.extend(
+                    objects(event.get("segments"), "hydration.segments")?
+                        .iter()
+                        .filter_map(segment_entry),
+                );
+            }
+            Some("feature-updated") => {
+                upsert(&mut features, event.get("feature").unwrap_or(&Value::Null))?
+            }
+            Some("feature-removed") => {
+                let name = event.get("featureName").and_then(Value::as_str);
+                features.retain(|known| known.get("name").and_then(Value::as_str) != name);
+            }
+            Some("segment-updated") => {
+                if let Some((id, constraints)) = event.get("segment").and_then(segment_entry) {
+                    segments.insert(id, constraints);
+                }
+            }
+            Some("segment-removed") => {
+                if let Some(id) = event.get("segmentId") {
+                    let id = id.as_str().map(str::to_string).unwrap_or(id.to_string());
+                    segments.remove(&id);
+                }
+            }
+            other => {
+                return Err(ImportError::Unsupported(format!(
+                    "delta event type {}",
+                    other.map(|t| format!("\"{t}\"")).unwrap_or("(none)".into())
+                )))
+            }
+        }
+    }
+    Ok(State { features, segments })
+}
+
+fn text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+fn array<'a>(map: &'a Map<String, Value>, field: &str) -> &'a [Value] {
+    map.get(field)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+fn feature_name(feature: &Map<String, Value>) -> &str {
+    feature.get("name").and_then(Value::as_str).unwrap_or("")
+}
+
+/// The attribute of a FlagShip context holding an Unleash context field.
+fn attribute_for(context_name: &str) -> String {
+    if STANDARD_FIELDS.contains(&context_name) {
+        context_name.to_string()
+    } else {
+        format!("properties.{context_name}")
+    }
+}
+
+/// Where Unleash looks for a stickiness value: the field itself, then
+/// `properties` (its `resolveContextValue`).
+fn stickiness_attributes(stickiness: &str) -> Vec<String> {
+    match stickiness {
+        "default" => vec!["userId".into(), "sessionId".into()],
+        field if STANDARD_FIELDS.contains(&field) => vec![field.to_string()],
+        field => vec![field.to_string(), format!("properties.{field}")],
+    }
+}
+
+/// A constraint's translation: a condition, or a constant.
+enum Translated {
+    Condition(Value),
+    Always(bool),
+}
+
+fn translate_constraint(constraint: &Value) -> Result<Translated> {
+    let Some(map) = constraint.as_object() else {
+        return Err(ImportError::Invalid(
+            "every constraint must be a JSON object".into(),
+        ));
+    };
+    let context_name = map
+        .get("contextName")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ImportError::Invalid("a constraint needs a \"contextName\"".into()))?;
+    let operator = map.get("operator").and_then(Value::as_str).unwrap_or("");
+    let inverted = map.get("inverted").and_then(Value::as_bool) == Some(true);
+    let case_insensitive = map.get("caseInsensitive").and_then(Value::as_bool) == Some(true);
+    let mut values: Vec<String> = array(map, "values")
+        .iter()
+        .filter_map(|value| text(Some(value)))
+        .collect();
+    let single = text(map.get("value"));
+    if values.is_empty() {
+        values.extend(single.clone());
+    }
+    // What Unleash answers for a constraint that can never hold, after
+    // `inverted` flips it.
+    let never = Translated::Always(inverted);
+    let attribute = attribute_for(context_name);
+    let condition = |op: &str, operands: Value, missing: Value, folds: bool| {
+        let mut condition = json!({"attribute": attribute, "op": op, "values": operands});
+        if inverted {
+            condition["negate"] = Value::Bool(true);
+        }
+        if folds && case_insensitive {
+            condition["case_insensitive"] = Value::Bool(true);
+        }
+        condition["if_missing"] = missing;
+        Translated::Condition(condition)
+    };
+    // Unleash's answer for an absent field: false for every operator but
+    // NOT_IN, then flipped by `inverted`.
+    let missing = |base: bool| Value::Bool(base != inverted);
+    Ok(match operator {
+        "IN" | "NOT_IN" => {
+            let not_in = operator == "NOT_IN";
+            if values.is_empty() {
+                // Nothing is in an empty list.
+                Translated::Always(not_in != inverted)
+            } else {
+                let op = if not_in { "not_in" } else { "in" };
+                condition(op, json!(values), missing(not_in), false)
+            }
+        }
+        "STR_CONTAINS" | "STR_STARTS_WITH" | "STR_ENDS_WITH" => {
+            if values.is_empty() {
+                return Ok(never);
+            }
+            let op = match operator {
+                "STR_CONTAINS" => "contains",
+                "STR_STARTS_WITH" => "starts_with",
+                _ => "ends_with",
+            };
+            condition(op, json!(values), missing(false), true)
+        }
+        "NUM_EQ" | "NUM_GT" | "NUM_GTE" | "NUM_LT" | "NUM_LTE" => {
+            let Some(number) = single
+                .as_deref()
+                .and_then(|text| text.trim().parse::<f64>().ok())
+                .filter(|number| number.is_finite())
+            else {
+                return Ok(never);
+            };
+            let op = match operator {
+                "NUM_EQ" => "eq",
+                "NUM_GT" => "gt",
+                "NUM_GTE" => "gte",
+                "NUM_LT" => "lt",
+                _ => "lte",
+            };
+            condition(op, json!([number]), missing(false), false)
+        }
+        "DATE_AFTER" | "DATE_BEFORE" => {
+            let Some(instant) = single
+                .as_deref()
+                .filter(|text| chrono::DateTime::parse_from_rfc3339(text).is_ok())
+            else {
+                return Ok(never);
+            };
+            let op = if operator == "DATE_AFTER" {
+                "after"
+            } else {
+                "before"
+            };
+            // Unleash compares the clock when the context carries no time.
+            let missing = if context_name == "currentTime" {
+                json!("now")
+            } else {
+                missing(false)
+            };
+            condition(op, json!([instant]), missing, false)
+        }
+        "SEMVER_EQ" | "SEMVER_GT" | "SEMVER_GTE" | "SEMVER_LT" | "SEMVER_LTE" => {
+            // Unleash accepts only strict semantic versions (no "v", no
+            // short forms); anything else makes the constraint false.
+            let Some(version) = single
+                .as_deref()
+                .filter(|text| semver::Version::parse(text).is_ok())
+            else {
+                return Ok(never);
+            };
+            let op = operator.to_ascii_lowercase();
+            condition(&op, json!([version]), missing(false), false)
+        }
+        "REGEX" => {
+            let Some(pattern) = single.filter(|pattern| regex::Regex::new(pattern).is_ok()) else {
+                return Ok(never);
+            };
+            condition("matches", json!([pattern]), missing(false), true)
+        }
+        "IN_CIDR" => {
+            // Unleash ignores the entries it cannot parse.
+            let networks: Vec<&String> = values
+                .iter()
+                .filter(|value| parse_network(value).is_some())
+                .collect();
+            if networks.is_empty() {
+                return Ok(never);
+            }
+            condition("in_cidr", json!(networks), missing(false), false)
+        }
+        // Unleash evaluates an operator it does not know as false, inverted
+        // or not.
+        _ => Translated::Always(false),
+    })
+}
+
+fn percentage(strategy: &Map<String, Value>, field: &str) -> Result<u32> {
+    let parameters = strategy.get("parameters").and_then(Value::as_object);
+    let raw = parameters.and_then(|p| text(p.get(field)));
+    raw.as_deref()
+        .map(str::trim)
+        .and_then(|raw| raw.parse::<f64>().ok())
+        .filter(|percent| (0.0..=100.0).contains(percent))
+        .map(|percent| percent.round() as u32)
+        .ok_or_else(|| {
+            ImportError::Invalid(format!(
+                "strategy {}: parameter \"{field}\" must be a percentage, not {}",
+                strategy.get("name").and_then(Value::as_str).unwrap_or("?"),
+                raw.unwrap_or_else(|| "nothing".into())
+            ))
+        })
+}
+
+fn parameter(strategy: &Map<String, Value>, field: &str) -> Option<String> {
+    text(
+        strategy
+            .get("parameters")
+            .and_then(Value::as_object)
+            .and_then(|p| p.get(field)),
+    )
+}
+
+fn comma_list(raw: Option<String>) -> Vec<String> {
+    raw.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// One variant list (a feature's or a strategy's) as a FlagShip serve.
+/// `inherited` is the stickiness of the strategy that owns the list.
+fn variant_serve(variants: &[Value], group_id: &str, inherited: Option<String>) -> Value {
+    let weighted: Vec<(&str, u64)> = variants
+        .iter()
+        .map(|variant| {
+            (
+                variant.get("name").and_then(Value::as_str).unwrap_or(""),
+                variant.get("weight").and_then(Value::as_u64).unwrap_or(0),
+            )
+        })
+        .collect();
+    let mut positive = weighted.iter().filter(|(_, weight)| *weight > 0);
+    if let (Some((only, _)), None) = (positive.next(), positive.next()) {
+        // One variant holds every bucket: no hashing, so no stickiness
+        // value is needed either.
+        return json!({"variant": only});
+    }
+    let stickiness = variants
+        .first()
+        .and_then(|variant| variant.get("stickiness"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or(inherited)
+        .unwrap_or_else(|| "default".into());
+    let bucket_by = match stickiness.as_str() {
+        "default" => vec!["userId".into(), "sessionId".into(), "remoteAddress".into()],
+        other => stickiness_attributes(other),
+    };
+    let rollout: Vec<Value> = weighted
+        .iter()
+        .map(|(name, weight)| json!({"variant": name, "weight": weight}))
+        .collect();
+    // Unleash draws a variant at random for a context without a stickiness
+    // value; FlagShip stays deterministic and serves the first one, so the
+    // feature stays enabled as it does there.
+    let unplaced = weighted
+        .iter()
+        .find(|(_, weight)| *weight > 0)
+        .map(|(name, _)| *name);
+    json!({"rollout": rollout, "bucketing": "unleash", "bucket_by": bucket_by, "salt": group_id,
+           "unplaced": unplaced})
+}
+
+/// The FlagShip value of an Unleash variant: its payload, or true.
+fn variant_value(variant: &Value) -> Value {
+    variant.get("payload").cloned().unwrap_or(Value::Bool(true))
+}
+
+/// Every variant the feature can serve, by name, from the feature and its
+/// strategies. Empty for a feature without variants.
+fn variant_table(feature: &Map<String, Value>) -> Result<BTreeMap<String, Value>> {
+    let name = feature_name(feature);
+    let mut table = BTreeMap::new();
+    let strategy_variants = array(feature, "strategies")
+        .iter()
+        .flat_map(|strategy| strategy.get("variants").and_then(Value::as_array))
+        .flatten();
+    for variant in array(feature, "variants").iter().chain(strategy_variants) {
+        let variant_name = variant.get("name").and_then(Value::as_str).unwrap_or("");
+        if variant_name == DISABLED_VARIANT || !is_valid_key(variant_name) {
+            return Err(ImportError::Unsupported(format!(
+                "feature \"{name}\": variant name \"{variant_name}\" (FlagShip variant names are \
+                 letters, digits, '-', '_' or '.', and \"disabled\" is the off variant)"
+            )));
+        }
+        let value = variant_value(variant);
+        match table.get(variant_name) {
+            Some(known) if *known != value => {
+                return Err(ImportError::Unsupported(format!(
+                    "feature \"{name}\": variant \"{variant_name}\" with two different payloads"
+                )))
+            }
+            _ => {
+                table.insert(variant_name.to_string(), value);
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// The FlagShip variants that stand for an Unleash dependency's wish, or
+/// None when the dependency can never be met.
+fn prerequisite_variants(
+    dependency: &Map<String, Value>,
+    parent: &Map<String, Value>,
+) -> Result<Option<Vec<String>>> {
+    let parent_variants = variant_table(parent)?;
+    let boolean = parent_variants.is_empty();
+    let (on, off): (Vec<String>, &str) = if boolean {
+        (vec!["on".into()], "off")
+    } else {
+        (parent_variants.keys().cloned().collect(), DISABLED_VARIANT)
+    };
+    if dependency.get("enabled").and_then(Value::as_bool) == Some(false) {
+        return Ok(Some(vec![off.to_string()]));
+    }
+    let wanted: Vec<&str> = array(dependency, "variants")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Some(on));
+    }
+    // An enabled parent without variants answers Unleash's "disabled"
+    // variant, which FlagShip's boolean flag serves as "on".
+    let chosen: Vec<String> = if boolean {
+        if wanted.contains(&DISABLED_VARIANT) {
+            on
+        } else {
+            Vec::new()
+        }
+    } else {
+        on.into_iter()
+            .filter(|variant| wanted.contains(&variant.as_str()))
+            .collect()
+    };
+    Ok((!chosen.is_empty()).then_some(chosen))
+}
+
+struct Translation {
+    rules: Vec<Value>,
+    default: Option<Value>,
+}
+
+/// One strategy's gates: extra conditions and an optional sample, or None
+/// when Unleash would never enable it.
+fn strategy_gates(
+    feature: &str,
+    strategy: &Map<String, Value>,
+    conditions: &mut Vec<Value>,
+) -> Result<Option<Option<Value>>> {
+    let kind = strategy.get("name").and_then(Value::as_str).unwrap_or("");
+    let group_id = parameter(strategy, "groupId").unwrap_or_else(|| feature.to_string());
+    let sample = |percent: u32, bucket_by: Vec<String>| json!({"percent": percent, "bucket_by": bucket_by, "salt": group_id, "bucketing": "unleash"});
+    let unsupported_random = |percent: u32| {
+        ImportError::Unsupported(format!(
+            "feature \"{feature}\": strategy {kind} samples {percent}% at random \
+             (FlagShip evaluates deterministically; only 0% and 100% import)"
+        ))
+    };
+    Ok(Some(match kind {
+        "default" => None,
+        "userWithId" => {
+            let users = comma_list(parameter(strategy, "userIds"));
+            if users.is_empty() {
+                return Ok(None);
+            }
+            conditions.push(json!({"attribute": "userId", "op": "in", "values": users}));
+            None
+        }
+        "remoteAddress" => {
+            let networks: Vec<String> = comma_list(parameter(strategy, "IPs"))
+                .into_iter()
+                .filter(|entry| parse_network(entry).is_some())
+                .collect();
+            if networks.is_empty() {
+                return Ok(None);
+            }
+            conditions
+                .push(json!({"attribute": "remoteAddress", "op": "in_cidr", "values": networks}));
+            None
+        }
+        "flexibleRollout" => {
+            let percent = percentage(strategy, "rollout")?;
+            let stickiness = parameter(strategy, "stickiness").unwrap_or_else(|| "default".into());
+            match (stickiness.as_str(), percent) {
+                (_, 0) => return Ok(None),
+                ("default" | "random", 100) => None,
+                ("random", _) => return Err(unsupported_random(percent)),
+                (field, _) => Some(sample(percent, stickiness_attributes(field))),
+            }
+        }
+        "gradualRolloutUserId" | "gradualRolloutSessionId" => {
+            let percent = percentage(strategy, "percentage")?;
+            if percent == 0 {
+                return Ok(None);
+            }
+            let field = if kind == "gradualRolloutUserId" {
+                "userId"
+            } else {
+                "sessionId"
+            };
+            Some(sample(percent, vec![field.into()]))
+        }
+        "gradualRolloutRandom" => match percentage(strategy, "percentage")? {
+            0 => return Ok(None),
+            100 => None,
+            percent => return Err(unsupported_random(percent)),
+        },
+        other => {
+            return Err(ImportError::Unsupported(format!(
+                "feature \"{feature}\": strategy \"{other}\" (custom and host-dependent \
+                 strategies run in the Unleash SDK)"
+            )))
+        }
+    }))
+}
+
+fn translate_strategies(
+    feature: &Map<String, Value>,
+    segments: &HashMap<String, Vec<Value>>,
+) -> Result<Translation> {
+    let name = feature_name(feature);
+    let feature_serve = if array(feature, "variants").is_empty() {
+        json!({"variant": "on"})
+    } else {
+        variant_serve(array(feature, "variants"), name, None)
+    };
+    // Overrides pin a subject to a feature variant once a strategy enabled it.
+    let overrides: Vec<(Value, String)> = array(feature, "variants")
+        .iter()
+        .flat_map(|variant| {
+            let variant_name = variant.get("name").and_then(Value::as_str).unwrap_or("");
+            variant
+                .get("overrides")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(move |o| {
+                    let context_name = o.get("contextName")?.as_str()?;
+                    let values: Vec<String> = o
+                        .get("values")?
+                        .as_array()?
+                        .iter()
+                        .filter_map(|v| text(Some(v)))
+                        .collect();
+                    (!values.is_empty()).then(|| {
+                        (
+                            json!({"attribute": attribute_for(context_name), "op": "in", "values": values}),
+                            variant_name.to_string(),
+                        )
+                    })
+                })
+        })
+        .collect();
+    let mut rules = Vec::new();
+    let strategies = array(feature, "strategies");
+    let with_overrides = |rules: &mut Vec<Value>,
+                          id: &str,
+                          conditions: &[Value],
+                          sample: &Option<Value>,
+                          serve: &Value,
+                          uses_feature_variants: bool| {
+        if uses_feature_variants {
+            for (index, (condition, variant)) in overrides.iter().enumerate() {
+                let mut all = conditions.to_vec();
+                all.push(condition.clone());
+                let mut rule = json!({"id": format!("{id}-override-{index}"),
+                    "conditions": all, "serve": {"variant": variant}});
+                if let Some(sample) = sample {
+                    rule["sample"] = sample.clone();
+                }
+                rules.push(rule);
+            }
+        }
+        if conditions.is_empty() && sample.is_none() {
+            return Some(serve.clone());
+        }
+        let mut rule = json!({"id": id, "conditions": conditions, "serve": serve});
+        if let Some(sample) = sample {
+            rule["sample"] = sample.clone();
+        }
+        rules.push(rule);
+        None
+    };
+    if strategies.is_empty() {
+        // A feature without strategies is on for everyone.
+        let default = with_overrides(&mut rules, "variants", &[], &None, &feature_serve, true);
+        return Ok(Translation { rules, default });
+    }
+    'strategies: for (index, strategy) in strategies.iter().enumerate() {
+        let strategy = strategy
+            .as_object()
+            .ok_or_else(|| ImportError::Invalid(format!("feature \"{name}\": bad strategy")))?;
+        if strategy.get("disabled").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        let mut conditions = Vec::new();
+        let mut constraints: Vec<Value> = array(strategy, "constraints").to_vec();
+        for segment in array(strategy, "segments") {
+            let id = text(Some(segment)).unwrap_or_default();
+            match segments.get(&id) {
+                Some(segment_constraints) => constraints.extend(segment_constraints.clone()),
+                // Unleash never enables a strategy whose segment it lacks.
+                None => continue 'strategies,
+            }
+        }
+        for constraint in &constraints {
+            match translate_constraint(constraint)? {
+                Translated::Condition(condition) => conditions.push(condition),
+                Translated::Always(true) => {}
+                Translated::Always(false) => continue 'strategies,
+            }
+        }
+        let Some(sample) = strategy_gates(name, strategy, &mut conditions)? else {
+            continue;
+        };
+        let kind = strategy.get("name").and_then(Value::as_str).unwrap_or("");
+        let id = format!("s{index}-{kind}");
+        let strategy_variants = array(strategy, "variants");
+        let (serve, feature_variants) = if strategy_variants.is_empty() {
+            (feature_serve.clone(), true)
+        } else {
+            let group_id = parameter(strategy, "groupId").unwrap_or_else(|| name.to_string());
+            let stickiness = parameter(strategy, "stickiness");
+            (
+                variant_serve(strategy_variants, &group_id, stickiness),
+                false,
+            )
+        };
+        if let Some(default) = with_overrides(
+            &mut rules,
+            &id,
+            &conditions,
+            &sample,
+            &serve,
+            feature_variants,
+        ) {
+            // Everyone reaching this strategy is enabled: later ones never run.
+            return Ok(Translation {
+                rules,
+                default: Some(default),
+            });
+        }
+    }
+    Ok(Translation {
+        rules,
+        default: None,
+    })
+}
+
+fn translate_feature(
+    feature: &Map<String, Value>,
+    state: &State,
+    environment: &str,
+) -> Result<Value> {
+    let name = feature_name(feature);
+    if !is_valid_key(name) {
+        return Err(ImportError::Unsupported(format!(
+            "feature name \"{name}\" (FlagShip flag keys are 1 to 128 letters, digits, '-', '_' \
+             or '.')"
+        )));
+    }
+    let variants = variant_table(feature)?;
+    let mut document = json!({"key": name});
+    if let Some(description) = feature.get("description").and_then(Value::as_str) {
+        document["description"] = json!(description);
+    }
+    let off = if variants.is_empty() {
+        "off"
+    } else {
+        let mut all: Map<String, Value> = variants.into_iter().collect();
+        all.insert(DISABLED_VARIANT.into(), Value::Bool(false));
+        document["kind"] = json!("multivariate");
+        document["variants"] = Value::Object(all);
+        document["off_variant"] = json!(DISABLED_VARIANT);
+        DISABLED_VARIANT
+    };
+
+    let mut enabled = feature.get("enabled").and_then(Value::as_bool) == Some(true);
+    let mut prerequisites = Vec::new();
+    for dependency in array(feature, "dependencies") {
+        let dependency = dependency
+            .as_object()
+            .ok_or_else(|| ImportError::Invalid(format!("feature \"{name}\": bad dependency")))?;
+        let parent_name = dependency.get("feature").and_then(Value::as_str);
+        let parent = state
+            .features
+            .iter()
+            .find(|feature| parent_name == Some(feature_name(feature)));
+        // Unleash allows one level only: a missing parent, or a parent with
+        // dependencies of its own, leaves the child off.
+        let Some(parent) = parent.filter(|parent| array(parent, "dependencies").is_empty()) else {
+            enabled = false;
+            break;
+        };
+        match prerequisite_variants(dependency, parent)? {
+            Some(wanted) => prerequisites.push(json!({"flag": parent_name, "variants": wanted})),
+            None => {
+                enabled = false;
+                break;
+            }
+        }
+    }
+    if enabled && !prerequisites.is_empty() {
+        document["prerequisites"] = Value::Array(prerequisites);
+    }
+
+    let mut config = json!({"enabled": enabled});
+    if enabled {
+        let translation = translate_strategies(feature, &state.segments)?;
+        if !translation.rules.is_empty() {
+            config["rules"] = Value::Array(translation.rules);
+        }
+        config["default"] = translation
+            .default
+            .unwrap_or_else(|| json!({"variant": off}));
+    }
+    document["environments"] = json!({ environment: config });
+    Ok(document)
+}
+
+/// Each feature's flag document, parents before the flags that depend on
+/// them, or the reason it cannot be imported.
+pub fn translate_each(state: &Value, environment: &str) -> Result<Vec<(String, Result<Value>)>> {
+    let state = load_state(state)?;
+    let mut translated: Vec<(String, Result<Value>)> = state
+        .features
+        .iter()
+        .map(|feature| {
+            (
+                feature_name(feature).to_string(),
+                translate_feature(feature, &state, environment),
+            )
+        })
+        .collect();
+    // Parents first: a flag with prerequisites after every flag without.
+    translated.sort_by_key(|(_, document)| {
+        document
+            .as_ref()
+            .map(|document| document.get("prerequisites").is_some())
+            .unwrap_or(false)
+    });
+    Ok(translated)
+}
+
+/// Every feature's flag document, or the first reason one cannot be imported.
+pub fn translate(state: &Value, environment: &str) -> Result<Vec<Value>> {
+    translate_each(state, environment)?
+        .into_iter()
+        .map(|(_, document)| document)
+        .collect()
+}
