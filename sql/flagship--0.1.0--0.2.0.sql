@@ -1,14 +1,189 @@
--- FlagShip 0.1.0 -> 0.2.0: the audit trail and change feed.
+-- FlagShip 0.1.0 -> 0.2.0: the audit trail and change feed, and importing
+-- from Unleash (bucketing profiles, samples and the operators it needs).
 --
--- Upgrade scripts are frozen history: this one repeats what sql/audit.sql
--- held at 0.2.0 so that later edits there cannot change what an upgrade
--- from 0.1.0 does. tests/integration/upgrade.rs checks that the result
--- matches a fresh 0.2.0 install object by object.
+-- Upgrade scripts are frozen history: this one repeats what sql/audit.sql,
+-- sql/migration.sql and put_flag in sql/flags.sql held at 0.2.0 so that
+-- later edits there cannot change what an upgrade from 0.1.0 does.
+-- tests/integration/upgrade.rs checks that the result matches a fresh 0.2.0
+-- install object by object.
 --
 -- Organizations that existed before the upgrade start their chain with
 -- their first change after it.
 
 \echo Use "ALTER EXTENSION flagship UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Functions in Rust new in 0.2.0.
+CREATE  FUNCTION "unleash_flag_documents"(
+	"state" jsonb, /* JsonB */
+	"environment" TEXT /* & str */
+) RETURNS jsonb /* JsonB */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unleash_flag_documents_wrapper';
+
+-- put_flag accepts prerequisites met by any of several variants.
+CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    normalized jsonb;
+    prerequisite jsonb;
+    prerequisite_variants jsonb;
+    missing_variant text;
+    segment_key text;
+    saved_feature uuid;
+    environment_key text;
+    config jsonb;
+    saved_environment uuid;
+BEGIN
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    -- Validate the whole document first, so errors name paths in it.
+    normalized := flagship.validate_flag(definition);
+    -- References to other rows are checked here rather than in the table
+    -- triggers, so that pg_restore may load tables in any order.
+    FOR prerequisite IN SELECT * FROM jsonb_array_elements(normalized->'prerequisites') LOOP
+        SELECT f.variants INTO prerequisite_variants
+          FROM flagship.features f
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = prerequisite->>'flag';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', normalized->>'key', prerequisite->>'flag'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create the prerequisite flag first';
+        END IF;
+        SELECT wanted INTO missing_variant
+          FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
+                                                  jsonb_build_array(prerequisite->'variant'))) wanted
+         WHERE NOT prerequisite_variants ? wanted
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
+                normalized->>'key', prerequisite->>'flag', missing_variant
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    FOR environment_key, segment_key IN
+        SELECT env.key, rule->>'segment'
+          FROM jsonb_each(coalesce(definition->'environments', '{}')) env
+         CROSS JOIN LATERAL jsonb_array_elements(coalesce(env.value->'rules', '[]')) rule
+         WHERE rule ? 'segment'
+    LOOP
+        IF NOT EXISTS (SELECT FROM flagship.segments s
+                        WHERE s.organization_id = project_row.organization_id
+                          AND s.project_id = project_row.id AND s.key = segment_key) THEN
+            RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
+                normalized->>'key', environment_key, segment_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create it with flagship.put_segment first';
+        END IF;
+    END LOOP;
+
+    INSERT INTO flagship.features AS f
+        (organization_id, project_id, key, kind, name, description, variants,
+         off_variant, prerequisites, salt, archived)
+    VALUES (project_row.organization_id, project_row.id, normalized->>'key',
+            normalized->>'kind', normalized->>'name', normalized->>'description',
+            normalized->'variants', normalized->>'off_variant', normalized->'prerequisites',
+            normalized->>'salt', (normalized->>'archived')::boolean)
+    ON CONFLICT ON CONSTRAINT features_key_unique DO UPDATE
+       SET kind = EXCLUDED.kind, name = EXCLUDED.name, description = EXCLUDED.description,
+           variants = EXCLUDED.variants, off_variant = EXCLUDED.off_variant,
+           prerequisites = EXCLUDED.prerequisites, salt = EXCLUDED.salt,
+           archived = EXCLUDED.archived
+    RETURNING f.id INTO saved_feature;
+
+    -- A document with "environments" is the whole truth about them: the
+    -- environments it leaves out lose their configuration (and so are off).
+    IF definition ? 'environments' THEN
+        FOR environment_key, config IN SELECT * FROM jsonb_each(coalesce(definition->'environments', '{}')) LOOP
+            SELECT e.id INTO saved_environment
+              FROM flagship.environments e
+             WHERE e.organization_id = project_row.organization_id
+               AND e.project_id = project_row.id AND e.key = environment_key;
+            IF saved_environment IS NULL THEN
+                RAISE EXCEPTION 'flag "%": environments.%: project "%" has no such environment',
+                    normalized->>'key', environment_key, project_row.key
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            INSERT INTO flagship.feature_rules AS r
+                (organization_id, project_id, feature_id, environment_id, enabled, targets, rules, default_serve)
+            VALUES (project_row.organization_id, project_row.id, saved_feature, saved_environment,
+                    coalesce((config->>'enabled')::boolean, false),
+                    coalesce(config->'targets', '{}'), coalesce(config->'rules', '[]'),
+                    config->'default')
+            ON CONFLICT ON CONSTRAINT feature_rules_pkey DO UPDATE
+               SET enabled = EXCLUDED.enabled, targets = EXCLUDED.targets,
+                   rules = EXCLUDED.rules, default_serve = EXCLUDED.default_serve;
+        END LOOP;
+        DELETE FROM flagship.feature_rules r
+         USING flagship.environments e
+         WHERE r.organization_id = project_row.organization_id AND r.feature_id = saved_feature
+           AND e.organization_id = r.organization_id AND e.id = r.environment_id
+           AND NOT (coalesce(definition->'environments', '{}') ? e.key);
+    END IF;
+    RETURN saved_feature;
+END
+$fn$;
+
+-- Importers from other flag systems. The translation is Rust
+-- (unleash_flag_documents); storing goes through put_flag, so an import is
+-- validated, policed and audited like any other write, and all of it is one
+-- transaction: a refused feature leaves nothing behind.
+
+-- Imports an Unleash client state (GET /api/client/features, or the delta
+-- API's {"events": [...]}) into one environment of a project (by default
+-- its default environment). Flags that already exist keep their other
+-- environments' configuration. Returns how many flags were written.
+CREATE FUNCTION flagship.import_unleash(project text, state jsonb, environment text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    environment_key text;
+    document jsonb;
+    kept jsonb;
+    imported integer := 0;
+BEGIN
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    IF state IS NULL OR jsonb_typeof(state) <> 'object' THEN
+        RAISE EXCEPTION 'unleash import: state must be the JSON object Unleash''s client API returns'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT e.key INTO environment_key
+      FROM flagship.environments e
+     WHERE e.organization_id = project_row.organization_id AND e.project_id = project_row.id
+       AND CASE WHEN environment IS NULL THEN e.is_default ELSE e.key = environment END;
+    IF environment_key IS NULL THEN
+        RAISE EXCEPTION 'unleash import: project "%" has no environment "%"',
+            project_row.key, coalesce(environment, '(default)')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR document IN
+        SELECT d FROM jsonb_array_elements(flagship.unleash_flag_documents(state, environment_key)) d
+    LOOP
+        -- put_flag replaces every environment it is given and drops the
+        -- others: hand it the flag's other environments unchanged.
+        SELECT coalesce(jsonb_object_agg(e.key, jsonb_build_object(
+                   'enabled', r.enabled, 'targets', r.targets, 'rules', r.rules,
+                   'default', r.default_serve)), '{}')
+          INTO kept
+          FROM flagship.features f
+          JOIN flagship.feature_rules r ON r.organization_id = f.organization_id AND r.feature_id = f.id
+          JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = document->>'key' AND e.key <> environment_key;
+        PERFORM flagship.put_flag(project_row.id::text,
+            jsonb_set(document, '{environments}', kept || (document->'environments')));
+        imported := imported + 1;
+    END LOOP;
+    RETURN imported;
+END
+$fn$;
 
 -- Audit trail and change feed.
 --

@@ -24,6 +24,7 @@ mod entitlements;
 mod errors;
 mod evaluation;
 mod flags;
+mod imports;
 mod jsonb;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
@@ -67,9 +68,14 @@ extension_sql_file!(
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
 extension_sql_file!(
+    "../sql/migration.sql",
+    name = "migration",
+    requires = ["export", imports::unleash_flag_documents]
+);
+extension_sql_file!(
     "../sql/audit.sql",
     name = "audit",
-    requires = ["keys", "export"]
+    requires = ["keys", "export", "migration"]
 );
 
 #[pg_guard]

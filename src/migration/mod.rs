@@ -1,5 +1,5 @@
 //! Importers from other flag systems. Pure translation to FlagShip
-//! documents (no PostgreSQL here); `import_sql` stores them.
+//! documents (no PostgreSQL here); `crate::imports` stores them.
 
 pub mod unleash;
 

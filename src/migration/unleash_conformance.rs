@@ -143,9 +143,10 @@ fn unleash_client_specification() {
         eprintln!("  not passed: {failure}");
     }
     assert_eq!(total, 279, "the suite has 279 assertions");
+    // Every assertion but the two UTF-8 flag names, which FlagShip keys refuse.
     assert!(
-        outcome.passed * 100 >= total * 95,
-        "{} of {total} pass, below 95%",
+        outcome.passed >= 277,
+        "{} of {total} pass, fewer than 277",
         outcome.passed
     );
 }

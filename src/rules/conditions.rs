@@ -721,6 +721,73 @@ mod tests {
     }
 
     #[test]
+    fn inclusive_semver_operators() {
+        assert!(holds(
+            &condition("semver_gte", json!(["1.2.3"])),
+            json!("1.2.3")
+        ));
+        assert!(holds(
+            &condition("semver_gte", json!(["1.2.3"])),
+            json!("1.3.0")
+        ));
+        assert!(!holds(
+            &condition("semver_gte", json!(["1.2.3"])),
+            json!("1.2.3-rc.1")
+        ));
+        assert!(holds(
+            &condition("semver_lte", json!(["1.2.3"])),
+            json!("1.2.3")
+        ));
+        assert!(!holds(
+            &condition("semver_lte", json!(["1.2.3"])),
+            json!("1.2.4")
+        ));
+    }
+
+    #[test]
+    fn cidr_operator() {
+        let networks = condition(
+            "in_cidr",
+            json!(["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]),
+        );
+        assert!(holds(&networks, json!("10.20.30.40")));
+        assert!(holds(&networks, json!("192.168.1.7")));
+        assert!(!holds(&networks, json!("192.168.1.8")));
+        assert!(holds(&networks, json!("2001:db8:0:1::42")));
+        assert!(!holds(&networks, json!("2001:db9::1")));
+        assert!(!holds(&networks, json!("not an address")));
+        assert!(Condition::compile(
+            "a".into(),
+            Operator::InCidr,
+            &[json!("10.0.0/8x")],
+            false,
+            false
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn if_missing_overrides_the_missing_answer() {
+        let empty = json!({});
+        let context = empty.as_object().unwrap();
+        let not_in = condition("not_in", json!(["x"]))
+            .with_if_missing(Some(IfMissing::Outcome(true)))
+            .unwrap();
+        assert!(not_in.matches(context));
+        let after_past = condition("after", json!(["2000-01-01T00:00:00Z"]))
+            .with_if_missing(Some(IfMissing::Now))
+            .unwrap();
+        assert!(after_past.matches(context), "now is after 2000");
+        let before_past = condition("before", json!(["2000-01-01T00:00:00Z"]))
+            .with_if_missing(Some(IfMissing::Now))
+            .unwrap();
+        assert!(!before_past.matches(context));
+        assert!(condition("eq", json!(["x"]))
+            .with_if_missing(Some(IfMissing::Now))
+            .is_err());
+    }
+
+    #[test]
     fn exists_and_missing_attributes() {
         let exists = condition("exists", json!([]));
         assert!(holds(&exists, json!("anything")));

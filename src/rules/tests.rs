@@ -416,3 +416,161 @@ fn weights_with_three_decimals_are_exact() {
     let flag = json!({"key": "f", "environments": {"p": {"default": {"rollout": {"on": 33.333, "off": 66.667}}}}});
     assert!(parse_flag_document(&flag).is_ok());
 }
+
+fn one_env(flag: Value) -> Snapshot {
+    snapshot(&[flag], &[], "p")
+}
+
+#[test]
+fn samples_gate_rules_and_let_the_rest_fall_through() {
+    let flag = json!({"key": "exp", "environments": {"p": {"enabled": true,
+        "rules": [{"id": "half", "sample": {"percent": 50, "bucket_by": ["userId", "sessionId"]},
+                   "serve": {"variant": "on"}}],
+        "default": {"variant": "off"}}}});
+    let s = one_env(flag);
+    let mut admitted = 0;
+    for i in 0..10_000 {
+        let r = eval(&s, "exp", json!({"userId": format!("u{i}")}));
+        let inside = crate::bucketing::bucket("exp", &format!("u{i}")) < 50_000;
+        assert_eq!(r.variant == Some("on"), inside, "u{i}");
+        admitted += usize::from(inside);
+    }
+    assert!((4_800..5_200).contains(&admitted), "{admitted}");
+    // The second attribute places subjects without the first; a context
+    // with neither is outside the sample.
+    let by_session = eval(&s, "exp", json!({"sessionId": "s1"})).variant;
+    let expected = crate::bucketing::bucket("exp", "s1") < 50_000;
+    assert_eq!(by_session == Some("on"), expected);
+    assert_eq!(eval(&s, "exp", json!({})).variant, Some("off"));
+}
+
+#[test]
+fn unleash_profile_reproduces_unleash_rollouts_and_variants() {
+    // Unleash's client specification: 25% of group "Feature.flexible" by
+    // userId admits the users whose murmur3 normalized value is <= 25.
+    let flag = json!({"key": "f", "kind": "multivariate",
+        "variants": {"blue": 1, "red": 2, "disabled": false}, "off_variant": "disabled",
+        "environments": {"p": {"enabled": true,
+        "rules": [{"id": "s0", "sample": {"percent": 25, "bucket_by": "userId",
+                   "salt": "Feature.flexible", "bucketing": "unleash"},
+                   "serve": {"rollout": [{"variant": "red", "weight": 1}, {"variant": "blue", "weight": 2}],
+                             "bucketing": "unleash", "bucket_by": "userId", "salt": "f"}}]}}});
+    let s = one_env(flag);
+    for i in 0..2_000 {
+        let user = i.to_string();
+        let r = eval(&s, "f", json!({"userId": user}));
+        let inside = crate::profiles::unleash_normalized(&user, "Feature.flexible", 100, 0) <= 25;
+        if !inside {
+            assert_eq!(r.variant, Some("disabled"));
+            continue;
+        }
+        // Variants are laid out as written: red takes target 1, blue 2..3.
+        let target = crate::profiles::unleash_variant_target(&user, "f", 3);
+        let expected = if target <= 1 { "red" } else { "blue" };
+        assert_eq!(r.variant, Some(expected), "user {user}");
+    }
+}
+
+#[test]
+fn other_profiles_place_subjects_with_their_vendor_hash() {
+    for (profile, expected_position) in [
+        (
+            "growthbook",
+            (crate::profiles::growthbook_hash("seed", "u1", 2).unwrap() * 100_000.0).round(),
+        ),
+        (
+            "growthbook-v1",
+            (crate::profiles::growthbook_hash("seed", "u1", 1).unwrap() * 100_000.0).round(),
+        ),
+        (
+            "launchdarkly",
+            (crate::profiles::launchdarkly_bucket("exp", "seed", "u1") * 100_000.0).floor(),
+        ),
+    ] {
+        let flag = json!({"key": "exp", "environments": {"p": {"enabled": true,
+            "default": {"rollout": [{"variant": "on", "weight": 40}, {"variant": "off", "weight": 60}],
+                        "bucketing": profile, "salt": "seed"}}}});
+        let s = one_env(flag);
+        let r = eval(&s, "exp", json!({"targeting_key": "u1"}));
+        let expected = if expected_position < 40_000.0 {
+            "on"
+        } else {
+            "off"
+        };
+        assert_eq!(r.variant, Some(expected), "{profile}");
+    }
+}
+
+#[test]
+fn unplaced_subjects_and_if_missing() {
+    let flag = json!({"key": "exp", "environments": {"p": {"enabled": true,
+        "rules": [{"conditions": [{"attribute": "country", "op": "not_in", "values": ["NO"],
+                                   "if_missing": true}],
+                   "serve": {"rollout": {"on": 50, "off": 50}, "bucket_by": "userId",
+                             "unplaced": "on"}}],
+        "default": {"variant": "off"}}}});
+    let s = one_env(flag);
+    // No country: the condition holds; no userId: the unplaced variant.
+    let r = eval(&s, "exp", json!({}));
+    assert_eq!((r.variant, r.reason), (Some("on"), Reason::Split));
+    assert_eq!(
+        eval(&s, "exp", json!({"country": "NO"})).variant,
+        Some("off")
+    );
+}
+
+#[test]
+fn prerequisites_may_accept_several_variants() {
+    let parent = json!({"key": "parent", "kind": "multivariate",
+        "variants": {"a": 1, "b": 2, "c": 3}, "off_variant": "c",
+        "environments": {"p": {"enabled": true,
+            "rules": [{"conditions": [{"attribute": "v", "op": "eq", "values": ["b"]}],
+                       "serve": {"variant": "b"}}],
+            "default": {"variant": "a"}}}});
+    let child = json!({"key": "child", "prerequisites": [{"flag": "parent", "variants": ["a", "b"]}],
+        "environments": {"p": {"enabled": true}}});
+    let s = snapshot(&[parent.clone(), child], &[], "p");
+    assert!(eval(&s, "child", json!({})).is_enabled());
+    assert!(eval(&s, "child", json!({"v": "b"})).is_enabled());
+    let picky = json!({"key": "child", "prerequisites": [{"flag": "parent", "variants": ["c"]}],
+        "environments": {"p": {"enabled": true}}});
+    let s = snapshot(&[parent, picky], &[], "p");
+    let r = eval(&s, "child", json!({}));
+    assert_eq!(r.reason, Reason::PrerequisiteFailed);
+}
+
+#[test]
+fn new_fields_are_validated() {
+    let refusal = |doc: Value| parse_flag_document(&doc).unwrap_err().to_string();
+    let env = |rules: Value| json!({"key": "f", "environments": {"p": {"enabled": true, "rules": rules}}});
+    assert!(refusal(env(
+        json!([{"sample": {"percent": 101}, "serve": {"variant": "on"}}])
+    ))
+    .starts_with("environments.p.rules[0].sample.percent:"));
+    assert!(refusal(env(
+        json!([{"sample": {"percent": 12.5, "bucketing": "unleash"}, "serve": {"variant": "on"}}])
+    ))
+    .contains("whole percentage"));
+    assert!(refusal(env(
+        json!([{"sample": {"percent": 10, "bucketing": "fnv"}, "serve": {"variant": "on"}}])
+    ))
+    .contains("unknown bucketing profile \"fnv\""));
+    assert!(refusal(json!({"key": "f", "environments": {"p": {"default":
+        {"rollout": [{"variant": "on", "weight": 0}], "bucketing": "unleash"}}}}))
+    .contains("weights sum to 0"));
+    assert!(refusal(json!({"key": "f", "environments": {"p": {"default":
+        {"rollout": [{"variant": "on", "weight": 60}, {"variant": "on", "weight": 40}]}}}}))
+    .contains("variant listed twice"));
+    assert!(refusal(json!({"key": "f", "environments": {"p": {"default":
+        {"rollout": {"on": 50, "off": 50}, "unplaced": "maybe"}}}}))
+    .contains("unknown variant \"maybe\""));
+    assert!(refusal(env(
+        json!([{"conditions": [{"attribute": "a", "op": "eq", "values": ["x"],
+        "if_missing": "now"}], "serve": {"variant": "on"}}])
+    ))
+    .contains("if_missing"));
+    assert!(
+        refusal(json!({"key": "f", "prerequisites": [{"flag": "g", "variants": []}]}))
+            .contains("needs at least one variant")
+    );
+}

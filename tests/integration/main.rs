@@ -11,5 +11,6 @@ mod harness;
 mod invalidation;
 mod isolation;
 mod keys;
+mod migration;
 mod upgrade;
 mod usage;

@@ -1,0 +1,225 @@
+//! Importing from Unleash through SQL: the client specification's every
+//! assertion answered by flagship_evaluate after flagship.import_unleash,
+//! and what an import does to existing flags, refusals and the audit trail.
+
+use postgres::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{connect, organization, sqlstate};
+
+#[path = "../../src/conformance_cases.rs"]
+#[allow(dead_code)]
+mod conformance_cases;
+
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Unleash's isEnabled and getVariant, read off flagship_evaluate.
+fn unleash_answers(client: &mut Client, org: &str, flag: &str, context: &Value) -> (bool, Value) {
+    let row = client
+        .query_one(
+            "SELECT flagship.flagship_evaluate($1, $2::text::jsonb, 'shop/production')::text,
+                    coalesce((SELECT kind = 'multivariate' FROM flagship.features
+                               WHERE organization_id = $3::text::uuid AND key = $1), false)",
+            &[&flag, &context.to_string(), &org],
+        )
+        .unwrap();
+    let result: Value = serde_json::from_str(&row.get::<_, String>(0)).unwrap();
+    let multivariate: bool = row.get(1);
+    let variant = result["variant"]
+        .as_str()
+        .filter(|_| result["error_code"].is_null());
+    let enabled = match variant {
+        Some(name) if multivariate => name != "disabled",
+        Some(name) => name == "on",
+        None => false,
+    };
+    let answer = match variant {
+        Some(name) if multivariate && enabled => {
+            let mut answer = json!({"name": name, "enabled": true, "feature_enabled": true});
+            if result["value"].is_object() {
+                answer["payload"] = result["value"].clone();
+            }
+            answer
+        }
+        _ => json!({"name": "disabled", "enabled": false, "feature_enabled": enabled}),
+    };
+    (enabled, answer)
+}
+
+#[test]
+fn unleash_client_specification_through_sql() {
+    let Some(dir) = conformance_cases::dir() else {
+        eprintln!("conformance suites not found; skipping");
+        return;
+    };
+    let dir = dir.join("unleash-client-specification");
+    let index: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
+    let mut client = connect();
+    let (mut passed, mut failed) = (0usize, Vec::new());
+    for file in &index {
+        let suite: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        let (org, _) = organization(&mut client, "unleash");
+        client
+            .batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+            .unwrap();
+        let import = client.query_one(
+            "SELECT flagship.import_unleash('shop', $1::text::jsonb, 'production')",
+            &[&suite["state"].to_string()],
+        );
+        let refusal = import.err().map(|error| {
+            let code = error.code().map(|code| code.code().to_string());
+            assert_eq!(code.as_deref(), Some("0A000"), "{file}: {error:?}");
+            error.as_db_error().unwrap().message().to_string()
+        });
+        let cases = suite["tests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c, false));
+        let variant_cases = suite["variantTests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c, true));
+        for (case, is_variant) in cases.chain(variant_cases) {
+            let label = format!("{file}: {}", case["description"].as_str().unwrap_or(""));
+            if let Some(reason) = &refusal {
+                failed.push(format!("{label} (import refused: {reason})"));
+                continue;
+            }
+            let flag = case["toggleName"].as_str().unwrap();
+            let (enabled, answer) = unleash_answers(&mut client, &org, flag, &case["context"]);
+            let expected = &case["expectedResult"];
+            let ok = if is_variant {
+                ["name", "enabled", "payload", "feature_enabled"]
+                    .iter()
+                    .all(|field| {
+                        expected
+                            .get(field)
+                            .is_none_or(|v| answer.get(field) == Some(v))
+                    })
+            } else {
+                expected.as_bool() == Some(enabled)
+            };
+            if ok {
+                passed += 1;
+            } else {
+                failed.push(format!(
+                    "{label}: expected {expected}, got {answer} / {enabled}"
+                ));
+            }
+        }
+    }
+    client
+        .batch_execute("RESET flagship.organization_id")
+        .unwrap();
+    let total = passed + failed.len();
+    eprintln!("Unleash client specification through SQL: {passed}/{total} assertions pass");
+    for failure in &failed {
+        eprintln!("  not passed: {failure}");
+    }
+    assert_eq!(total, 279);
+    // 277 is every assertion but the two UTF-8 flag names FlagShip keys refuse.
+    assert!(passed >= 277, "{passed} of {total} pass");
+}
+
+const STATE: &str = r#"{"version": 1, "features": [
+  {"name": "checkout", "enabled": true, "strategies": [
+    {"name": "flexibleRollout", "parameters": {"rollout": "100", "stickiness": "default", "groupId": "checkout"},
+     "constraints": [{"contextName": "country", "operator": "IN", "values": ["NO"]}]}]},
+  {"name": "banner", "enabled": true, "strategies": [],
+   "variants": [{"name": "red", "weight": 500, "payload": {"type": "string", "value": "r"}},
+                {"name": "blue", "weight": 500}]}]}"#;
+
+#[test]
+fn import_keeps_other_environments_refuses_whole_and_is_audited() {
+    let mut client = connect();
+    let (org, _) = organization(&mut client, "unleash-import");
+    client
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.actor = 'migrator@acme.example'"
+        ))
+        .unwrap();
+    let imported: i32 = client
+        .query_one(
+            "SELECT flagship.import_unleash('shop', $1::text::jsonb, 'production')",
+            &[&STATE],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(imported, 2);
+    // Importing another environment keeps production's configuration.
+    let staging = STATE.replace("[\"NO\"]", "[\"SE\"]");
+    client
+        .query_one(
+            "SELECT flagship.import_unleash('shop', $1::text::jsonb, 'staging')",
+            &[&staging],
+        )
+        .unwrap();
+    let answers: Vec<bool> = client
+        .query_one(
+            "SELECT flagship.flagship_enabled('checkout', '{\"properties\": {\"country\": \"NO\"}}', 'shop/production'),
+                    flagship.flagship_enabled('checkout', '{\"properties\": {\"country\": \"SE\"}}', 'shop/production'),
+                    flagship.flagship_enabled('checkout', '{\"properties\": {\"country\": \"SE\"}}', 'shop/staging'),
+                    flagship.flagship_evaluate('banner', '{\"userId\": \"7\"}', 'shop/production')->>'variant'
+                        IN ('red', 'blue')",
+            &[],
+        )
+        .map(|row| (0..4).map(|i| row.get(i)).collect())
+        .unwrap();
+    assert_eq!(answers, [true, false, true, true]);
+
+    // One unsupported strategy refuses the whole state: nothing written.
+    let custom = r#"{"features": [{"name": "fresh", "enabled": true, "strategies": [{"name": "default"}]},
+        {"name": "odd", "enabled": true, "strategies": [{"name": "myCustomStrategy"}]}]}"#;
+    client.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        sqlstate(
+            &mut client,
+            &format!(
+                "SELECT flagship.import_unleash('shop', {}::jsonb)",
+                quote(custom)
+            )
+        ),
+        "0A000"
+    );
+    assert_eq!(
+        sqlstate(&mut client, "SELECT flagship.import_unleash('shop', '[]')"),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(
+            &mut client,
+            "SELECT flagship.import_unleash('shop', '{\"features\": []}', 'nowhere')"
+        ),
+        "22023"
+    );
+    client.batch_execute("COMMIT").unwrap();
+    let fresh: i64 = client
+        .query_one(
+            "SELECT count(*) FROM flagship.features WHERE organization_id = $1::text::uuid AND key = 'fresh'",
+            &[&org],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(fresh, 0);
+
+    // Imports are audited like any write, under the session's actor.
+    let audited: i64 = client
+        .query_one(
+            "SELECT count(*) FROM flagship.audit_events
+              WHERE organization_id = $1::text::uuid AND resource_type = 'features'
+                AND actor = 'migrator@acme.example'",
+            &[&org],
+        )
+        .unwrap()
+        .get(0);
+    assert!(audited >= 2, "{audited}");
+    client
+        .batch_execute("RESET flagship.organization_id; RESET flagship.actor")
+        .unwrap();
+}
