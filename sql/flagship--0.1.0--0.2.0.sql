@@ -21,6 +21,14 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'unleash_flag_documents_wrapper';
 
+CREATE  FUNCTION "import_growthbook_condition"(
+	"condition" jsonb, /* JsonB */
+	"saved_groups" jsonb DEFAULT '{}' /* JsonB */
+) RETURNS jsonb /* JsonB */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'import_growthbook_condition_wrapper';
+
 -- put_flag accepts prerequisites met by any of several variants.
 CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)
 RETURNS uuid

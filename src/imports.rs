@@ -7,16 +7,17 @@ use pgrx::JsonB;
 use serde_json::Value;
 
 use crate::errors::{invalid_parameter, raise};
-use crate::migration::{unleash, ImportError};
+use crate::migration::{growthbook, unleash, ImportError};
+use crate::rules::document::parse_conditions;
 
-fn refuse(error: ImportError) -> ! {
+fn refuse(source: &str, error: ImportError) -> ! {
     match error {
         ImportError::Unsupported(what) => raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("unleash import: not supported: {what}"),
-            Some("nothing was imported; change or remove it in Unleash and export again"),
+            format!("{source} import: not supported: {what}"),
+            Some("nothing was imported; change or remove it at the source and export again"),
         ),
-        ImportError::Invalid(what) => invalid_parameter(format!("unleash import: {what}"), None),
+        ImportError::Invalid(what) => invalid_parameter(format!("{source} import: {what}"), None),
     }
 }
 
@@ -25,6 +26,34 @@ fn refuse(error: ImportError) -> ! {
 /// 0A000 naming the first construct FlagShip cannot reproduce exactly.
 #[pg_extern(immutable, parallel_safe)]
 pub fn unleash_flag_documents(state: JsonB, environment: &str) -> JsonB {
-    let documents = unleash::translate(&state.0, environment).unwrap_or_else(|error| refuse(error));
+    let documents =
+        unleash::translate(&state.0, environment).unwrap_or_else(|error| refuse("unleash", error));
     JsonB(Value::Array(documents))
+}
+
+/// A GrowthBook targeting condition as FlagShip conditions (a JSON array
+/// for a rule's or segment's `conditions`) that answer every context the
+/// same way. `saved_groups` holds the lists `$inGroup` names. Raises 0A000
+/// naming what cannot be reproduced.
+#[pg_extern(immutable, parallel_safe)]
+pub fn import_growthbook_condition(
+    condition: JsonB,
+    saved_groups: default!(JsonB, "'{}'"),
+) -> JsonB {
+    let groups = match saved_groups.0 {
+        Value::Object(groups) => groups,
+        Value::Null => Default::default(),
+        _ => invalid_parameter(
+            "growthbook import: saved_groups must be an object of group id: [values]",
+            None,
+        ),
+    };
+    let conditions = growthbook::translate_condition(&condition.0, &groups)
+        .unwrap_or_else(|error| refuse("growthbook", error));
+    let conditions = Value::Array(conditions);
+    // What comes out must be what put_flag accepts.
+    if let Err(error) = parse_conditions(Some(&conditions), "conditions") {
+        invalid_parameter(format!("growthbook import: {error}"), None)
+    }
+    JsonB(conditions)
 }

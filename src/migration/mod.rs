@@ -1,8 +1,11 @@
 //! Importers from other flag systems. Pure translation to FlagShip
 //! documents (no PostgreSQL here); `crate::imports` stores them.
 
+pub mod growthbook;
 pub mod unleash;
 
+#[cfg(test)]
+mod growthbook_conformance;
 #[cfg(test)]
 mod unleash_conformance;
 

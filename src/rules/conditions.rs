@@ -33,6 +33,12 @@ pub enum Operator {
     SemverGte,
     SemverLte,
     InCidr,
+    Type,
+    VersionEq,
+    VersionGt,
+    VersionGte,
+    VersionLt,
+    VersionLte,
 }
 
 impl Operator {
@@ -58,6 +64,12 @@ impl Operator {
         "semver_gte",
         "semver_lte",
         "in_cidr",
+        "type",
+        "version_eq",
+        "version_gt",
+        "version_gte",
+        "version_lt",
+        "version_lte",
     ];
 
     pub fn parse(name: &str) -> Option<Operator> {
@@ -83,6 +95,12 @@ impl Operator {
             "semver_gte" => Operator::SemverGte,
             "semver_lte" => Operator::SemverLte,
             "in_cidr" => Operator::InCidr,
+            "type" => Operator::Type,
+            "version_eq" => Operator::VersionEq,
+            "version_gt" => Operator::VersionGt,
+            "version_gte" => Operator::VersionGte,
+            "version_lt" => Operator::VersionLt,
+            "version_lte" => Operator::VersionLte,
             _ => return None,
         })
     }
@@ -101,7 +119,52 @@ enum Operands {
     Instant(i64),
     Version(Version),
     Networks(Vec<IpNet>),
+    /// gt/gte/lt/lte against a string: strings compare by code point, a
+    /// number attribute against the operand's numeric value.
+    Text(String, Option<f64>),
+    Types(Vec<JsonType>),
+    /// version_*: the operand as a padded version string.
+    Padded(String),
     None,
+}
+
+/// The JSON types the `type` operator names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonType {
+    String,
+    Number,
+    Boolean,
+    Array,
+    Object,
+    Null,
+}
+
+impl JsonType {
+    const NAMES: &'static [&'static str] =
+        &["string", "number", "boolean", "array", "object", "null"];
+
+    fn parse(name: &str) -> Option<JsonType> {
+        Some(match name {
+            "string" => JsonType::String,
+            "number" => JsonType::Number,
+            "boolean" => JsonType::Boolean,
+            "array" => JsonType::Array,
+            "object" => JsonType::Object,
+            "null" => JsonType::Null,
+            _ => return None,
+        })
+    }
+
+    pub fn of(value: &Value) -> JsonType {
+        match value {
+            Value::String(_) => JsonType::String,
+            Value::Number(_) => JsonType::Number,
+            Value::Bool(_) => JsonType::Boolean,
+            Value::Array(_) => JsonType::Array,
+            Value::Object(_) => JsonType::Object,
+            Value::Null => JsonType::Null,
+        }
+    }
 }
 
 /// What a condition answers when its attribute is absent or null.
@@ -119,6 +182,8 @@ enum Scalar {
     Text(String),
     Number(f64),
     Bool(bool),
+    /// An array or object, equal only to the same JSON value as a whole.
+    Json(Value),
 }
 
 /// Where conditions read context attributes from: a JSON object, or only
@@ -246,7 +311,14 @@ impl Condition {
                             .map(Scalar::Number)
                             .ok_or_else(|| "number out of range".to_string()),
                         Value::Bool(flag) => Ok(Scalar::Bool(*flag)),
-                        _ => Err("values must be strings, numbers or booleans".to_string()),
+                        Value::Array(_) | Value::Object(_) if !case_insensitive => {
+                            Ok(Scalar::Json(value.clone()))
+                        }
+                        _ => Err(
+                            "values must be strings, numbers, booleans, arrays or objects \
+                             (no null, and no arrays or objects case-insensitively)"
+                                .to_string(),
+                        ),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Operands::Scalars(scalars)
@@ -289,8 +361,44 @@ impl Condition {
                             .as_f64()
                             .ok_or_else(|| "number out of range".to_string())?,
                     ),
-                    _ => return Err(format!("operator \"{}\" compares numbers", op_name(op))),
+                    Value::String(text) => Operands::Text(text.clone(), number_of(value)),
+                    _ => {
+                        return Err(format!(
+                            "operator \"{}\" compares numbers or strings",
+                            op_name(op)
+                        ))
+                    }
                 }
+            }
+            Operator::VersionEq
+            | Operator::VersionGt
+            | Operator::VersionGte
+            | Operator::VersionLt
+            | Operator::VersionLte => match single()? {
+                value @ (Value::String(_) | Value::Number(_)) => {
+                    Operands::Padded(padded_version(value))
+                }
+                _ => {
+                    return Err(format!(
+                        "operator \"{}\" takes a version as a string",
+                        op_name(op)
+                    ))
+                }
+            },
+            Operator::Type => {
+                need_values()?;
+                let types = values
+                    .iter()
+                    .map(|value| {
+                        value.as_str().and_then(JsonType::parse).ok_or_else(|| {
+                            format!(
+                                "operator \"type\" takes type names: {}",
+                                JsonType::NAMES.join(", ")
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Operands::Types(types)
             }
             Operator::Before | Operator::After => {
                 let value = single()?;
@@ -399,17 +507,29 @@ impl Condition {
             return match self.if_missing {
                 Some(IfMissing::Outcome(outcome)) => outcome,
                 Some(IfMissing::Now) => self.compare_instant(now_millis()) != self.negate,
+                None if self.op == Operator::Type => {
+                    self.matches_scalar(&Value::Null) != self.negate
+                }
                 None => self.op == Operator::Exists && self.negate,
             };
         };
         let outcome = match attribute {
-            // An array attribute (e.g. a user's groups) matches when any element does.
-            Value::Array(items) if self.op != Operator::Exists => {
+            // An array attribute (e.g. a user's groups) matches when any
+            // element does, unless the condition compares whole values.
+            Value::Array(items)
+                if !matches!(self.op, Operator::Exists | Operator::Type)
+                    && !self.compares_whole_values() =>
+            {
                 items.iter().any(|item| self.matches_scalar(item))
             }
             _ => self.matches_scalar(attribute),
         };
         outcome != self.negate
+    }
+
+    fn compares_whole_values(&self) -> bool {
+        matches!(&self.operands, Operands::Scalars(scalars)
+            if scalars.iter().any(|scalar| matches!(scalar, Scalar::Json(_))))
     }
 
     fn text_of<'v>(&self, value: &'v Value) -> Option<Cow<'v, str>> {
@@ -429,6 +549,7 @@ impl Condition {
     fn equals_any(&self, value: &Value, scalars: &[Scalar]) -> bool {
         scalars.iter().any(|scalar| match (scalar, value) {
             (Scalar::Bool(expected), Value::Bool(actual)) => expected == actual,
+            (Scalar::Json(expected), _) => expected == value,
             (Scalar::Number(expected), _) => number_of(value) == Some(*expected),
             (Scalar::Text(expected), Value::String(_) | Value::Number(_) | Value::Bool(_)) => {
                 self.text_of(value).as_deref() == Some(expected.as_str())
@@ -495,6 +616,36 @@ impl Condition {
                 Some(address) => networks.iter().any(|network| network.contains(&address)),
                 None => false,
             },
+            (Operands::Text(bound, numeric), op) => {
+                let ordering = match value {
+                    Value::String(text) => text.as_str().cmp(bound.as_str()),
+                    Value::Number(number) => match (number.as_f64(), numeric) {
+                        (Some(actual), Some(bound)) => match actual.partial_cmp(bound) {
+                            Some(ordering) => ordering,
+                            None => return false,
+                        },
+                        _ => return false,
+                    },
+                    _ => return false,
+                };
+                match op {
+                    Operator::Gt => ordering.is_gt(),
+                    Operator::Gte => ordering.is_ge(),
+                    Operator::Lt => ordering.is_lt(),
+                    _ => ordering.is_le(),
+                }
+            }
+            (Operands::Types(types), _) => types.contains(&JsonType::of(value)),
+            (Operands::Padded(bound), op) => {
+                let ordering = padded_version(value).cmp(bound);
+                match op {
+                    Operator::VersionEq => ordering.is_eq(),
+                    Operator::VersionGt => ordering.is_gt(),
+                    Operator::VersionGte => ordering.is_ge(),
+                    Operator::VersionLt => ordering.is_lt(),
+                    _ => ordering.is_le(),
+                }
+            }
             (Operands::None, _) => true,
             (Operands::Scalars(_), _) => false,
         }
@@ -516,6 +667,37 @@ fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// GrowthBook's padded version string (its `paddedVersionString`), which
+/// the `version_*` operators compare as text: a leading `v` and build
+/// metadata dropped, parts split at `.` and `-`, numeric parts
+/// right-aligned in five characters, and a `~` after a three-part release
+/// so that it sorts after its pre-releases. Any number of parts works
+/// (`1.2.3.4`), unlike SemVer.
+pub fn padded_version(input: &Value) -> String {
+    let text = match input {
+        Value::Number(number) => number.to_string(),
+        Value::String(text) if !text.is_empty() => text.clone(),
+        _ => "0".to_string(),
+    };
+    let text = text.strip_prefix('v').unwrap_or(&text);
+    let text = text.split('+').next().unwrap_or("");
+    let mut parts: Vec<&str> = text.split(['-', '.']).collect();
+    if parts.len() == 3 {
+        parts.push("~");
+    }
+    parts
+        .iter()
+        .map(|part| {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                format!("{part:>5}")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// An address (a network of one) or a CIDR range, IPv4 or IPv6.
@@ -656,8 +838,17 @@ mod tests {
         assert!(!holds(&condition("lt", json!([10])), json!("ten")));
         assert!(!holds(&condition("lt", json!([10])), json!(true)));
         assert!(
-            Condition::compile("a".into(), Operator::Gt, &[json!("10")], false, false).is_err()
+            Condition::compile("a".into(), Operator::Gt, &[json!(true)], false, false).is_err()
         );
+        // A string operand compares strings by code point, numbers numerically.
+        assert!(holds(
+            &condition("gt", json!(["alphabet"])),
+            json!("always")
+        ));
+        assert!(!holds(&condition("lt", json!(["zebra"])), json!("zebra")));
+        assert!(!holds(&condition("lt", json!(["10"])), json!("8")));
+        assert!(holds(&condition("lt", json!(["10"])), json!(8)));
+        assert!(!holds(&condition("gt", json!(["abc"])), json!(8)));
         assert!(Condition::compile(
             "a".into(),
             Operator::Gt,
@@ -742,6 +933,31 @@ mod tests {
             &condition("semver_lte", json!(["1.2.3"])),
             json!("1.2.4")
         ));
+    }
+
+    #[test]
+    fn structured_values_compare_whole() {
+        let pair = condition("eq", json!([["hello", "world"]]));
+        assert!(holds(&pair, json!(["hello", "world"])));
+        assert!(!holds(&pair, json!(["world", "hello"])));
+        assert!(!holds(&pair, json!("hello")));
+        let object = condition("eq", json!([{"a": 1}]));
+        assert!(holds(&object, json!({"a": 1})));
+        assert!(!holds(&object, json!({"a": 1, "b": 2})));
+    }
+
+    #[test]
+    fn type_operator() {
+        let typed = |types: Value, attribute: Value| holds(&condition("type", types), attribute);
+        assert!(typed(json!(["string"]), json!("a")));
+        assert!(typed(json!(["array"]), json!([1, 2])));
+        assert!(!typed(json!(["number"]), json!([1, 2])));
+        assert!(typed(json!(["object", "null"]), json!({"a": 1})));
+        assert!(typed(json!(["null"]), Value::Null));
+        assert!(condition("type", json!(["null"])).matches(json!({}).as_object().unwrap()));
+        assert!(
+            Condition::compile("a".into(), Operator::Type, &[json!("date")], false, false).is_err()
+        );
     }
 
     #[test]
@@ -848,7 +1064,10 @@ mod tests {
     fn wrong_value_types_are_refused() {
         assert!(Condition::compile("a".into(), Operator::In, &[], false, false).is_err());
         assert!(
-            Condition::compile("a".into(), Operator::In, &[json!({"x": 1})], false, false).is_err()
+            Condition::compile("a".into(), Operator::In, &[Value::Null], false, false).is_err()
+        );
+        assert!(
+            Condition::compile("a".into(), Operator::Eq, &[json!({"x": 1})], false, true).is_err()
         );
         assert!(
             Condition::compile("a".into(), Operator::Contains, &[json!(1)], false, false).is_err()

@@ -8,6 +8,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::conditions::{Condition, IfMissing, Operator};
+use super::criteria::{ArrayTest, Criterion};
 use crate::bucketing::{Profile, BUCKETS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +106,7 @@ pub struct EnvironmentConfig {
 pub struct Rule {
     pub id: String,
     pub segment: Option<String>,
-    pub conditions: Vec<Condition>,
+    pub conditions: Vec<Criterion>,
     /// A percentage gate after the conditions: subjects outside it fall
     /// through to the next rule, as an Unleash strategy rollout does.
     pub sample: Option<Sample>,
@@ -148,7 +149,7 @@ pub struct SegmentDefinition {
     pub name: Option<String>,
     pub included: Vec<String>,
     pub excluded: Vec<String>,
-    pub conditions: Vec<Condition>,
+    pub conditions: Vec<Criterion>,
 }
 
 /// A whole flag document as `put_flag` receives it.
@@ -783,16 +784,62 @@ pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> R
     }
 }
 
-pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Condition>> {
+pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Criterion>> {
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(index, item)| parse_condition(item, &format!("{path}[{index}]")))
+            .map(|(index, item)| parse_criterion(item, &format!("{path}[{index}]")))
             .collect(),
         Some(_) => Err(ValidationError::new(path, "must be an array of conditions")),
     }
+}
+
+/// A condition, or a group: `{"all": [...]}`, `{"any": [...]}`,
+/// `{"not": {...}}`, `{"some": "attr", "where": [...]}`,
+/// `{"length": "attr", "where": [...]}`.
+fn parse_criterion(value: &Value, path: &str) -> Result<Criterion> {
+    let map = object(value, path)?;
+    let group = ["all", "any", "not", "some", "length"]
+        .into_iter()
+        .find(|kind| map.contains_key(*kind));
+    let Some(kind) = group else {
+        return parse_condition(value, path).map(Criterion::Condition);
+    };
+    let members = |field: &str| -> Result<Vec<Criterion>> {
+        match map.get(field) {
+            Some(Value::Array(_)) => parse_conditions(map.get(field), &join(path, field)),
+            _ => Err(ValidationError::new(
+                join(path, field),
+                "must be an array of conditions",
+            )),
+        }
+    };
+    let array_test = |allowed: &[&str]| -> Result<ArrayTest> {
+        refuse_unknown_fields(map, allowed, path)?;
+        let attribute = optional_string(map, kind, path)?
+            .filter(|attribute| !attribute.trim().is_empty())
+            .ok_or_else(|| ValidationError::new(join(path, kind), "must name an attribute"))?;
+        Ok(ArrayTest::new(attribute, members("where")?))
+    };
+    Ok(match kind {
+        "all" | "any" => {
+            refuse_unknown_fields(map, &[kind], path)?;
+            let members = members(kind)?;
+            if kind == "all" {
+                Criterion::All(members)
+            } else {
+                Criterion::Any(members)
+            }
+        }
+        "not" => {
+            refuse_unknown_fields(map, &["not"], path)?;
+            Criterion::Not(Box::new(parse_criterion(&map["not"], &join(path, "not"))?))
+        }
+        "some" => Criterion::Some(array_test(&["some", "where"])?),
+        _ => Criterion::Length(array_test(&["length", "where"])?),
+    })
 }
 
 fn parse_condition(value: &Value, path: &str) -> Result<Condition> {

@@ -9,7 +9,8 @@ use std::collections::{HashMap, HashSet};
 use rustc_hash::FxBuildHasher;
 use serde_json::{Map, Value};
 
-use super::conditions::{lookup_path, Attributes, Condition};
+use super::conditions::{lookup_path, Attributes};
+use super::criteria::{all_hold, Criterion};
 use super::document::{EnvironmentConfig, FlagDefinition, Kind, Sample, SegmentDefinition, Serve};
 use crate::bucketing::{self, Profile};
 
@@ -237,7 +238,7 @@ impl CompiledSample {
 struct CompiledRule {
     id: String,
     segment: Option<String>,
-    conditions: Vec<Condition>,
+    conditions: Vec<Criterion>,
     sample: Option<CompiledSample>,
     serve: CompiledServe,
 }
@@ -272,7 +273,7 @@ struct CompiledFlag {
 struct CompiledSegment {
     included: HashSet<String, FxBuildHasher>,
     excluded: HashSet<String, FxBuildHasher>,
-    conditions: Vec<Condition>,
+    conditions: Vec<Criterion>,
 }
 
 /// Everything needed to evaluate every flag of one environment.
@@ -484,8 +485,8 @@ impl Snapshot {
                     .and_then(|segment| self.segments.get(segment))
                     .map(|segment| segment.conditions.as_slice())
                     .unwrap_or_default();
-                for condition in rule.conditions.iter().chain(segment_conditions) {
-                    keys.extend(condition.context_keys());
+                for criterion in rule.conditions.iter().chain(segment_conditions) {
+                    criterion.context_keys(&mut keys);
                 }
             }
         }
@@ -647,9 +648,7 @@ impl Snapshot {
                 return false;
             }
         }
-        rule.conditions
-            .iter()
-            .all(|condition| condition.matches(attributes))
+        all_hold(&rule.conditions, attributes)
     }
 
     fn in_segment(
@@ -669,7 +668,7 @@ impl Snapshot {
                 return true;
             }
         }
-        !segment.conditions.is_empty() && segment.conditions.iter().all(|c| c.matches(attributes))
+        !segment.conditions.is_empty() && all_hold(&segment.conditions, attributes)
     }
 }
 

@@ -3,6 +3,7 @@
 //! tested with plain `cargo test`.
 
 pub mod conditions;
+pub mod criteria;
 pub mod document;
 pub mod engine;
 
