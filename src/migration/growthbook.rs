@@ -323,3 +323,54 @@ impl Translator<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn translated(condition: Value) -> Vec<Value> {
+        translate_condition(&condition, &Map::new()).unwrap()
+    }
+
+    #[test]
+    fn null_semantics_travel_as_if_missing() {
+        // GrowthBook compares a missing age as 0.
+        assert_eq!(
+            translated(json!({"age": {"$gt": -10}})),
+            [json!({"attribute": "age", "op": "gt", "values": [-10], "if_missing": true})]
+        );
+        assert_eq!(
+            translated(json!({"age": {"$lt": -10}}))[0]["if_missing"],
+            json!(false)
+        );
+        // $ne holds for a missing attribute.
+        assert_eq!(
+            translated(json!({"level": {"$ne": "senior"}})),
+            [
+                json!({"not": {"attribute": "level", "op": "eq", "values": ["senior"],
+                            "if_missing": false}})
+            ]
+        );
+    }
+
+    #[test]
+    fn logic_and_constants() {
+        assert_eq!(translated(json!({"$or": []})), [json!({"all": []})]);
+        assert_eq!(
+            translated(json!({"$nor": []})),
+            [json!({"not": {"all": []}})]
+        );
+        assert_eq!(translated(json!({"a": {"$in": "x"}})), [json!({"any": []})]);
+        assert_eq!(
+            translated(json!({"a": {"$bogus": 1}})),
+            [json!({"any": []})]
+        );
+    }
+
+    #[test]
+    fn javascript_only_regexes_are_refused() {
+        let error =
+            translate_condition(&json!({"a": {"$regex": "^(?!admin)"}}), &Map::new()).unwrap_err();
+        assert!(matches!(error, ImportError::Unsupported(ref what) if what.contains("lookaround")));
+    }
+}
