@@ -73,6 +73,26 @@ SELECT flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'used' AS 
        flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'replayed' AS replayed;
 SELECT flagship.check_usage_limit('acme', 'api_calls') AS acme_api_calls;
 
+-- Migrating from Unleash and GrowthBook -----------------------------------------
+-- What GET /api/client/features returns for one Unleash environment.
+\set unleash_state '{"version": 1, "features": [{"name": "checkout-redesign", "enabled": true, "strategies": [{"name": "flexibleRollout", "parameters": {"rollout": "50", "stickiness": "default", "groupId": "checkout-redesign"}, "constraints": [{"contextName": "plan", "operator": "IN", "values": ["pro", "team"]}]}], "variants": [{"name": "compact", "weight": 500, "payload": {"type": "string", "value": "compact"}}, {"name": "roomy", "weight": 500, "payload": {"type": "string", "value": "roomy"}}]}]}'
+SELECT flagship.import_unleash('shop', :'unleash_state', 'production') AS unleash_flags_imported;
+\echo 'Imported from Unleash: pro users in the 50% rollout get a variant, bucketed as Unleash does:'
+SELECT u AS user_id, r ->> 'variant' AS variant, r ->> 'reason' AS reason, r ->> 'rule' AS rule
+  FROM unnest(ARRAY['u-1', 'u-2', 'u-3', 'u-4']) AS u,
+       flagship.flagship_evaluate('checkout-redesign',
+         jsonb_build_object('userId', u, 'properties', jsonb_build_object('plan', 'pro'))) AS r;
+\echo 'A GrowthBook targeting condition as FlagShip conditions:'
+SELECT jsonb_pretty(flagship.import_growthbook_condition(
+  '{"$or": [{"country": {"$in": ["NO", "SE"]}}, {"appVersion": {"$vgte": "2.4.0"}}]}')) AS conditions;
+SELECT flagship.put_flag('shop', jsonb_build_object('key', 'new-pricing', 'environments',
+  jsonb_build_object('production', jsonb_build_object('enabled', true, 'rules', jsonb_build_array(
+    jsonb_build_object('conditions', flagship.import_growthbook_condition(
+        '{"$or": [{"country": {"$in": ["NO", "SE"]}}, {"appVersion": {"$vgte": "2.4.0"}}]}'),
+      'serve', '{"variant": "on"}'::jsonb)), 'default', '{"variant": "off"}'::jsonb)))) \gset
+SELECT flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.10.1"}') AS dk_on_2_10,
+       flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.3.9"}') AS dk_on_2_3;
+
 -- Audit trail -------------------------------------------------------------------
 UPDATE flagship.features SET description = 'The one-page checkout'
  WHERE organization_id = flagship.current_organization_id() AND key = 'new-checkout';
