@@ -62,7 +62,11 @@ impl Attributes for Element<'_> {
 }
 
 pub fn all_hold(criteria: &[Criterion], context: &dyn Attributes) -> bool {
-    criteria.iter().all(|criterion| criterion.matches(context))
+    // Plain conditions, by far the common case, skip the recursive dispatch.
+    criteria.iter().all(|criterion| match criterion {
+        Criterion::Condition(condition) => condition.matches(context),
+        group => group.matches(context),
+    })
 }
 
 impl Criterion {
