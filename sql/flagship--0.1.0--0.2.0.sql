@@ -1,9 +1,11 @@
 -- FlagShip 0.1.0 -> 0.2.0: the audit trail and change feed, and importing
--- from Unleash (bucketing profiles, samples and the operators it needs).
+-- from Unleash and GrowthBook (bucketing profiles, samples, condition groups
+-- and the operators they need), and exposure counts with flush_exposures().
 --
 -- Upgrade scripts are frozen history: this one repeats what sql/audit.sql,
--- sql/migration.sql and put_flag in sql/flags.sql held at 0.2.0 so that
--- later edits there cannot change what an upgrade from 0.1.0 does.
+-- sql/exposures.sql, sql/migration.sql and put_flag in sql/flags.sql held
+-- at 0.2.0, so that later edits there cannot change what an upgrade from
+-- 0.1.0 does.
 -- tests/integration/upgrade.rs checks that the result matches a fresh 0.2.0
 -- install object by object.
 --
@@ -28,6 +30,21 @@ CREATE  FUNCTION "import_growthbook_condition"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'import_growthbook_condition_wrapper';
+
+CREATE  FUNCTION "pending_exposures"() RETURNS TABLE (
+	"environment_id" uuid,  /* pgrx :: Uuid */
+	"flag_key" TEXT,  /* String */
+	"variant" TEXT,  /* String */
+	"evaluations" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'pending_exposures_wrapper';
+
+CREATE  FUNCTION "flush_exposures"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'flush_exposures_wrapper';
 
 -- put_flag accepts prerequisites met by any of several variants.
 CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)
@@ -135,6 +152,29 @@ BEGIN
     RETURN saved_feature;
 END
 $fn$;
+
+-- Exposure counts: how often each variant of each flag was served, per
+-- environment and UTC day. Evaluation never writes them: backends count in
+-- memory while flagship.count_exposures is on, and flagship.flush_exposures()
+-- adds a backend's counts here in one statement (call it when a pooled
+-- connection is returned, or from a periodic job). Like the usage ledger,
+-- this is observation, not configuration: it has no audit trigger.
+CREATE TABLE flagship.flag_exposures (
+    organization_id uuid   NOT NULL,
+    environment_id  uuid   NOT NULL,
+    flag_key        text   NOT NULL,
+    variant         text   NOT NULL,
+    day             date   NOT NULL,
+    evaluations     bigint NOT NULL CHECK (evaluations >= 0),
+    PRIMARY KEY (organization_id, environment_id, flag_key, variant, day),
+    FOREIGN KEY (organization_id, environment_id)
+        REFERENCES flagship.environments (organization_id, id) ON DELETE CASCADE
+);
+SELECT pg_catalog.pg_extension_config_dump('flagship.flag_exposures', '');
+SELECT flagship.isolate_tenant_table('flag_exposures');
+GRANT SELECT ON flagship.flag_exposures TO flagship_admin, flagship_app, flagship_auditor;
+-- Flushing is what applications do.
+GRANT INSERT, UPDATE ON flagship.flag_exposures TO flagship_app, flagship_admin;
 
 -- Importers from other flag systems. The translation is Rust
 -- (unleash_flag_documents); storing goes through put_flag, so an import is

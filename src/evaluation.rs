@@ -14,6 +14,7 @@ use crate::cache::{self, CacheKey, Resolved};
 use crate::context::{self, RawIdentity};
 use crate::encoded;
 use crate::entitlements::{self, Customer, EnvironmentEntitlements};
+use crate::exposures;
 use crate::jsonb::{Builder, BuiltJsonb, JsonbArg};
 use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
@@ -279,6 +280,7 @@ fn resolve<R>(
             snapshot.evaluate_attributes(flag_key, Some(&extracted), &entitlements)
         }
     };
+    exposures::observe(environment_id, &resolution, context);
     answer(&resolution, Some(&snapshot))
 }
 

@@ -35,6 +35,22 @@ impl JsonbArg {
         header & pg_sys::JB_FOBJECT != 0
     }
 
+    /// The whole document as JSON text (for the evaluation log).
+    pub fn to_text(&self) -> String {
+        // SAFETY: JsonbToCString reads the container and returns a palloc'd,
+        // NUL-terminated string; it raises only on out-of-memory.
+        unsafe {
+            let text = pg_sys::JsonbToCString(
+                std::ptr::null_mut(),
+                self.root(),
+                pgrx::varsize_any_exhdr(self.jsonb.cast()) as c_int,
+            );
+            std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
     /// The value of one top-level key of an object, converted; None when
     /// absent or when the argument is not an object.
     pub fn get(&self, key: &str) -> Option<Value> {

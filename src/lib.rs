@@ -23,6 +23,7 @@ mod encoded;
 mod entitlements;
 mod errors;
 mod evaluation;
+mod exposures;
 mod flags;
 mod imports;
 mod jsonb;
@@ -68,6 +69,11 @@ extension_sql_file!(
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
 extension_sql_file!(
+    "../sql/exposures.sql",
+    name = "exposures",
+    requires = ["usage"]
+);
+extension_sql_file!(
     "../sql/migration.sql",
     name = "migration",
     requires = ["export", imports::unleash_flag_documents]
@@ -75,12 +81,13 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/audit.sql",
     name = "audit",
-    requires = ["keys", "export", "migration"]
+    requires = ["keys", "export", "migration", "exposures"]
 );
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     context::register_settings();
+    exposures::register_settings();
     cache::register_callbacks();
 }
 

@@ -7,6 +7,7 @@
 
 mod audit;
 mod dump_restore;
+mod exposures;
 mod harness;
 mod invalidation;
 mod isolation;
