@@ -9,6 +9,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+use rustc_hash::FxBuildHasher;
+
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use serde_json::json;
@@ -20,10 +22,11 @@ static LOG_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 static COUNT_EXPOSURES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Environment → flag → variant → evaluations not yet flushed.
-type Pending = HashMap<[u8; 16], HashMap<String, HashMap<String, i64>>>;
+type Map<K, V> = HashMap<K, V, FxBuildHasher>;
+type Pending = Map<[u8; 16], Map<String, Map<String, i64>>>;
 
 thread_local! {
-    static PENDING: RefCell<Pending> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<Pending> = RefCell::new(HashMap::default());
     static RANDOM: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -70,13 +73,31 @@ fn draw() -> f64 {
 
 /// Called after every single-flag evaluation; costs two setting reads when
 /// both features are off.
+#[inline(always)]
 pub fn observe(environment: pgrx::Uuid, resolution: &Resolution, context: Option<&JsonbArg>) {
-    if COUNT_EXPOSURES.get() {
+    // SAFETY: the settings are plain values PostgreSQL writes on this, the
+    // backend's only thread; reading the cells directly skips pgrx's
+    // thread check, which costs more than the rest of this function.
+    let (count_exposures, rate) = unsafe { (*COUNT_EXPOSURES.as_ptr(), *LOG_RATE.as_ptr()) };
+    if count_exposures || rate > 0.0 {
+        record(environment, resolution, context, count_exposures, rate);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn record(
+    environment: pgrx::Uuid,
+    resolution: &Resolution,
+    context: Option<&JsonbArg>,
+    count_exposures: bool,
+    rate: f64,
+) {
+    if count_exposures {
         if let Some(variant) = resolution.variant {
             count(environment, resolution.key, variant);
         }
     }
-    let rate = LOG_RATE.get();
     if rate > 0.0 && draw() < rate {
         let context = context.map_or_else(|| "{}".to_string(), JsonbArg::to_text);
         let entry = json!({
