@@ -93,6 +93,15 @@ SELECT flagship.put_flag('shop', jsonb_build_object('key', 'new-pricing', 'envir
 SELECT flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.10.1"}') AS dk_on_2_10,
        flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.3.9"}') AS dk_on_2_3;
 
+-- Exposure counts ---------------------------------------------------------------
+-- Counted in memory while evaluating (evaluation never writes), flushed in one statement.
+SET flagship.count_exposures = on;
+SELECT count(*) FILTER (WHERE flagship.flagship_enabled('new-checkout', jsonb_build_object('targeting_key', 'user-' || i))) AS served_on
+  FROM generate_series(1, 1000) AS i;
+SELECT flagship.flush_exposures() AS evaluations_flushed;
+SELECT flag_key, variant, evaluations FROM flagship.flag_exposures ORDER BY 1, 2;
+RESET flagship.count_exposures;
+
 -- Audit trail -------------------------------------------------------------------
 UPDATE flagship.features SET description = 'The one-page checkout'
  WHERE organization_id = flagship.current_organization_id() AND key = 'new-checkout';

@@ -5,7 +5,7 @@
 -- Upgrade scripts are frozen history: this one repeats what sql/audit.sql,
 -- sql/exposures.sql, sql/migration.sql and put_flag in sql/flags.sql held
 -- at 0.2.0, so that later edits there cannot change what an upgrade from
--- 0.1.0 does.
+-- 0.1.0 does. It also mends resolve_project.
 -- tests/integration/upgrade.rs checks that the result matches a fresh 0.2.0
 -- install object by object.
 --
@@ -45,6 +45,42 @@ CREATE  FUNCTION "flush_exposures"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'flush_exposures_wrapper';
+
+-- resolve_project never casts a project key to uuid (a BitmapOr plan did).
+CREATE OR REPLACE FUNCTION flagship.resolve_project(project text)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found uuid[];
+    org uuid := flagship.current_organization_id();
+    project_id uuid;
+BEGIN
+    IF project IS NULL OR project = '' THEN
+        RAISE EXCEPTION 'project must be given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Cast before the query: SQL does not promise to test the pattern
+    -- first (a BitmapOr plan evaluates the cast as an index key), and a key
+    -- like 'shop' must never reach ::uuid.
+    IF project ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        project_id := project::uuid;
+    END IF;
+    SELECT array_agg(p.id) INTO found
+      FROM flagship.projects p
+     WHERE (org IS NULL OR p.organization_id = org)
+       AND (p.key = project OR p.id = project_id);
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'project "%" not found', project USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(found) > 1 THEN
+        RAISE EXCEPTION 'project "%" is ambiguous: % organizations have it', project, cardinality(found)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'set flagship.organization_id or pass the project uuid';
+    END IF;
+    RETURN found[1];
+END
+$fn$;
 
 -- put_flag accepts prerequisites met by any of several variants.
 CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)

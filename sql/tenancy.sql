@@ -340,16 +340,21 @@ AS $fn$
 DECLARE
     found uuid[];
     org uuid := flagship.current_organization_id();
+    project_id uuid;
 BEGIN
     IF project IS NULL OR project = '' THEN
         RAISE EXCEPTION 'project must be given' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- Cast before the query: SQL does not promise to test the pattern
+    -- first (a BitmapOr plan evaluates the cast as an index key), and a key
+    -- like 'shop' must never reach ::uuid.
+    IF project ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        project_id := project::uuid;
+    END IF;
     SELECT array_agg(p.id) INTO found
       FROM flagship.projects p
      WHERE (org IS NULL OR p.organization_id = org)
-       AND (p.key = project
-            OR (project ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                AND p.id = project::uuid));
+       AND (p.key = project OR p.id = project_id);
     IF found IS NULL THEN
         RAISE EXCEPTION 'project "%" not found', project USING ERRCODE = 'invalid_parameter_value';
     ELSIF cardinality(found) > 1 THEN

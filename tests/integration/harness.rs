@@ -102,10 +102,14 @@ pub fn sqlstate(client: &mut Client, sql: &str) -> String {
     client.batch_execute("SAVEPOINT probe").unwrap();
     let outcome = match client.batch_execute(sql) {
         Ok(()) => "none".to_string(),
-        Err(error) => error
-            .code()
-            .map(|code| code.code().to_string())
-            .unwrap_or_else(|| format!("no sqlstate: {error}")),
+        Err(error) => {
+            // Shown only when a test fails: what the server said, in full.
+            eprintln!("{sql}: {error:?}");
+            error
+                .code()
+                .map(|code| code.code().to_string())
+                .unwrap_or_else(|| format!("no sqlstate: {error}"))
+        }
     };
     client.batch_execute("ROLLBACK TO SAVEPOINT probe").unwrap();
     outcome
