@@ -1,7 +1,7 @@
 -- Flags, their per-environment configuration, and segments.
 --
 -- Both put_flag and plain INSERT/UPDATE go through the same Rust validators
--- (flagship.validate_flag, validate_flag_environment, validate_segment), called
+-- (flagship.validate_flag, validate_flag_config, validate_segment), called
 -- from BEFORE triggers, so no path can store a document the engine refuses.
 
 CREATE TABLE flagship.features (
@@ -19,6 +19,9 @@ CREATE TABLE flagship.features (
     archived        boolean     NOT NULL DEFAULT false,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- The bucketing profile of rollouts and samples that name none (NULL:
+    -- xxh3). Last because 0.2.0 added it: upgrades append it here too.
+    bucketing       text,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT features_key_unique UNIQUE (organization_id, project_id, key),
     CONSTRAINT features_project_unique UNIQUE (organization_id, project_id, id),
@@ -142,14 +145,14 @@ BEGIN
           JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
          WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
     LOOP
-        PERFORM flagship.validate_flag_environment(
-            NEW.key, NEW.variants, config.environment_key, config.document);
+        PERFORM flagship.validate_flag_config(
+            NEW.key, NEW.variants, NEW.bucketing, config.environment_key, config.document);
     END LOOP;
     RETURN NULL;
 END
 $fn$;
 
-CREATE TRIGGER features_revalidate_rules AFTER UPDATE OF variants ON flagship.features
+CREATE TRIGGER features_revalidate_rules AFTER UPDATE OF variants, bucketing ON flagship.features
     FOR EACH ROW EXECUTE FUNCTION flagship.features_revalidate_rules();
 
 CREATE FUNCTION flagship.feature_rules_validate() RETURNS trigger
@@ -160,7 +163,7 @@ DECLARE
     feature record;
     environment_key text;
 BEGIN
-    SELECT f.key, f.variants INTO feature
+    SELECT f.key, f.variants, f.bucketing INTO feature
       FROM flagship.features f
      WHERE f.organization_id = NEW.organization_id AND f.id = NEW.feature_id;
     SELECT e.key INTO environment_key
@@ -170,8 +173,9 @@ BEGIN
     IF feature.key IS NULL OR environment_key IS NULL THEN
         RETURN NEW;
     END IF;
-    PERFORM flagship.validate_flag_environment(
-        feature.key, feature.variants, environment_key, flagship.environment_config(NEW));
+    PERFORM flagship.validate_flag_config(
+        feature.key, feature.variants, feature.bucketing, environment_key,
+        flagship.environment_config(NEW));
     NEW.updated_at := now();
     RETURN NEW;
 END
@@ -374,16 +378,16 @@ BEGIN
 
     INSERT INTO flagship.features AS f
         (organization_id, project_id, key, kind, name, description, variants,
-         off_variant, prerequisites, salt, archived)
+         off_variant, prerequisites, salt, archived, bucketing)
     VALUES (project_row.organization_id, project_row.id, normalized->>'key',
             normalized->>'kind', normalized->>'name', normalized->>'description',
             normalized->'variants', normalized->>'off_variant', normalized->'prerequisites',
-            normalized->>'salt', (normalized->>'archived')::boolean)
+            normalized->>'salt', (normalized->>'archived')::boolean, normalized->>'bucketing')
     ON CONFLICT ON CONSTRAINT features_key_unique DO UPDATE
        SET kind = EXCLUDED.kind, name = EXCLUDED.name, description = EXCLUDED.description,
            variants = EXCLUDED.variants, off_variant = EXCLUDED.off_variant,
            prerequisites = EXCLUDED.prerequisites, salt = EXCLUDED.salt,
-           archived = EXCLUDED.archived
+           archived = EXCLUDED.archived, bucketing = EXCLUDED.bucketing
     RETURNING f.id INTO saved_feature;
 
     -- A document with "environments" is the whole truth about them: the

@@ -1,13 +1,13 @@
--- FlagShip 0.1.0 -> 0.2.0: the audit trail and change feed, and importing
--- from Unleash and GrowthBook (bucketing profiles, samples, condition groups
--- and the operators they need), and exposure counts with flush_exposures().
+-- FlagShip 0.1.0 -> 0.2.0: the audit trail and change feed; importing from
+-- Unleash and GrowthBook (bucketing profiles per flag, rollout and sample,
+-- samples, condition groups and the operators they need); exposure counts
+-- and the sampled evaluation log.
 --
 -- Upgrade scripts are frozen history: this one repeats what sql/audit.sql,
--- sql/exposures.sql, sql/migration.sql and put_flag in sql/flags.sql held
+-- sql/exposures.sql, sql/migration.sql and the functions it replaces held
 -- at 0.2.0, so that later edits there cannot change what an upgrade from
--- 0.1.0 does. It also mends resolve_project.
--- tests/integration/upgrade.rs checks that the result matches a fresh 0.2.0
--- install object by object.
+-- 0.1.0 does. tests/integration/upgrade.rs checks that the result matches
+-- a fresh 0.2.0 install object by object.
 --
 -- Organizations that existed before the upgrade start their chain with
 -- their first change after it.
@@ -46,7 +46,71 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'flush_exposures_wrapper';
 
--- resolve_project never casts a project key to uuid (a BitmapOr plan did).
+-- A flag may name the bucketing profile of its rollouts and samples, so
+-- environment configurations are validated against it.
+ALTER TABLE flagship.features ADD COLUMN bucketing text;
+CREATE  FUNCTION "validate_flag_config"(
+	"flag_key" TEXT, /* & str */
+	"variants" jsonb, /* JsonB */
+	"bucketing" TEXT, /* Option < & str > */
+	"environment_key" TEXT, /* & str */
+	"config" jsonb /* JsonB */
+) RETURNS bool /* bool */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'validate_flag_config_wrapper';
+
+CREATE OR REPLACE FUNCTION flagship.features_revalidate_rules() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config record;
+BEGIN
+    FOR config IN
+        SELECT flagship.environment_config(r) AS document, e.key AS environment_key
+          FROM flagship.feature_rules r
+          JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
+         WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
+    LOOP
+        PERFORM flagship.validate_flag_config(
+            NEW.key, NEW.variants, NEW.bucketing, config.environment_key, config.document);
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.feature_rules_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    feature record;
+    environment_key text;
+BEGIN
+    SELECT f.key, f.variants, f.bucketing INTO feature
+      FROM flagship.features f
+     WHERE f.organization_id = NEW.organization_id AND f.id = NEW.feature_id;
+    SELECT e.key INTO environment_key
+      FROM flagship.environments e
+     WHERE e.organization_id = NEW.organization_id AND e.id = NEW.environment_id;
+    -- Unknown feature or environment: the foreign keys report it.
+    IF feature.key IS NULL OR environment_key IS NULL THEN
+        RETURN NEW;
+    END IF;
+    PERFORM flagship.validate_flag_config(
+        feature.key, feature.variants, feature.bucketing, environment_key,
+        flagship.environment_config(NEW));
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
+DROP TRIGGER features_revalidate_rules ON flagship.features;
+CREATE TRIGGER features_revalidate_rules AFTER UPDATE OF variants, bucketing ON flagship.features
+    FOR EACH ROW EXECUTE FUNCTION flagship.features_revalidate_rules();
+
+-- resolve_project never casts a project key to uuid inside its query.
 CREATE OR REPLACE FUNCTION flagship.resolve_project(project text)
 RETURNS uuid
 LANGUAGE plpgsql
@@ -82,7 +146,8 @@ BEGIN
 END
 $fn$;
 
--- put_flag accepts prerequisites met by any of several variants.
+-- put_flag stores the bucketing profile and accepts prerequisites met by
+-- any of several variants.
 CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)
 RETURNS uuid
 LANGUAGE plpgsql
@@ -144,16 +209,16 @@ BEGIN
 
     INSERT INTO flagship.features AS f
         (organization_id, project_id, key, kind, name, description, variants,
-         off_variant, prerequisites, salt, archived)
+         off_variant, prerequisites, salt, archived, bucketing)
     VALUES (project_row.organization_id, project_row.id, normalized->>'key',
             normalized->>'kind', normalized->>'name', normalized->>'description',
             normalized->'variants', normalized->>'off_variant', normalized->'prerequisites',
-            normalized->>'salt', (normalized->>'archived')::boolean)
+            normalized->>'salt', (normalized->>'archived')::boolean, normalized->>'bucketing')
     ON CONFLICT ON CONSTRAINT features_key_unique DO UPDATE
        SET kind = EXCLUDED.kind, name = EXCLUDED.name, description = EXCLUDED.description,
            variants = EXCLUDED.variants, off_variant = EXCLUDED.off_variant,
            prerequisites = EXCLUDED.prerequisites, salt = EXCLUDED.salt,
-           archived = EXCLUDED.archived
+           archived = EXCLUDED.archived, bucketing = EXCLUDED.bucketing
     RETURNING f.id INTO saved_feature;
 
     -- A document with "environments" is the whole truth about them: the

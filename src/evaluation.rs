@@ -151,9 +151,15 @@ fn compile(document: &Value) -> Snapshot {
         .filter_map(|item| {
             let definition = parse_flag_definition(item.get("definition")?).ok()?;
             let config = match item.get("config") {
-                Some(config) if !config.is_null() => {
-                    Some(parse_environment_config(config, &definition.variants, "").ok()?)
-                }
+                Some(config) if !config.is_null() => Some(
+                    parse_environment_config(
+                        config,
+                        &definition.variants,
+                        definition.bucketing.unwrap_or_default(),
+                        "",
+                    )
+                    .ok()?,
+                ),
                 _ => None,
             };
             Some((definition, config))
@@ -608,6 +614,51 @@ mod tests {
             "a,base"
         );
         assert_eq!(reason("base", "{}"), "STATIC");
+    }
+
+    #[pg_test]
+    fn a_flag_bucketing_profile_is_stored_validated_and_exported() {
+        setup();
+        put_flag(
+            r#"{"key": "u", "bucketing": "unleash", "environments": {"production": {"enabled": true,
+                "default": {"rollout": [{"variant": "on", "weight": 1}, {"variant": "off", "weight": 2}],
+                            "bucket_by": "userId"}}}}"#,
+        );
+        assert_eq!(
+            text("SELECT bucketing FROM flagship.features WHERE key = 'u'"),
+            "unleash"
+        );
+        assert_eq!(
+            text("SELECT flagship.export_project('shop') -> 'flags' -> 0 ->> 'bucketing'"),
+            "unleash"
+        );
+        // Unleash weights 1 and 2 are no percentages: a plain SQL switch back
+        // to xxh3 is refused, and nothing changes.
+        let (code, message) =
+            failure("UPDATE flagship.features SET bucketing = NULL WHERE key = 'u'");
+        assert_eq!(code, "22023", "{message}");
+        assert!(message.contains("weights sum to 3%, not 100%"), "{message}");
+        let (code, message) =
+            failure("UPDATE flagship.features SET bucketing = 'md5' WHERE key = 'u'");
+        assert_eq!(code, "22023", "{message}");
+        assert!(
+            message.contains("unknown bucketing profile \"md5\""),
+            "{message}"
+        );
+        assert_eq!(
+            text("SELECT bucketing FROM flagship.features WHERE key = 'u'"),
+            "unleash"
+        );
+        // The stored profile places subjects as Unleash does.
+        let expected = if crate::profiles::unleash_variant_target("42", "u", 3) <= 1 {
+            "on"
+        } else {
+            "off"
+        };
+        assert_eq!(
+            text(r#"SELECT flagship.flagship_evaluate('u', '{"userId": "42"}') ->> 'variant'"#),
+            expected
+        );
     }
 
     #[pg_test]

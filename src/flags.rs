@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Map, Value};
 
+use crate::bucketing::Profile;
 use crate::errors::invalid_parameter;
 use crate::rules::document::{parse_environment_config, parse_flag_document, parse_segment};
 use crate::rules::ValidationError;
@@ -52,12 +53,15 @@ pub fn validate_flag(definition: JsonB) -> JsonB {
         "off_variant": flag.off_variant,
         "prerequisites": prerequisites,
         "salt": flag.salt,
+        "bucketing": flag.bucketing.map(|profile| profile.as_str()),
         "archived": flag.archived,
     }))
 }
 
 /// Validates one environment's configuration of a flag against its
-/// variants. Raises 22023 naming the offending field.
+/// variants, with FlagShip's own bucketing. Kept with its 0.1.0 signature:
+/// until `ALTER EXTENSION flagship UPDATE` runs, 0.1.0's triggers call it
+/// from the new library.
 #[pg_extern(immutable, parallel_safe)]
 pub fn validate_flag_environment(
     flag_key: &str,
@@ -65,6 +69,29 @@ pub fn validate_flag_environment(
     environment_key: &str,
     config: JsonB,
 ) -> bool {
+    validate_flag_config(flag_key, variants, None, environment_key, config)
+}
+
+/// Validates one environment's configuration of a flag against its
+/// variants and bucketing profile (NULL: xxh3). Raises 22023 naming the
+/// offending field.
+#[pg_extern(immutable, parallel_safe)]
+pub fn validate_flag_config(
+    flag_key: &str,
+    variants: JsonB,
+    bucketing: Option<&str>,
+    environment_key: &str,
+    config: JsonB,
+) -> bool {
+    let bucketing = match bucketing {
+        None => Profile::default(),
+        Some(name) => Profile::parse(name).unwrap_or_else(|| {
+            invalid_parameter(
+                format!("flag \"{flag_key}\": bucketing: unknown bucketing profile \"{name}\""),
+                None,
+            )
+        }),
+    };
     let mut variants: Vec<(String, Value)> = match variants.0 {
         Value::Object(map) => map.into_iter().collect(),
         _ => invalid_parameter(
@@ -74,7 +101,7 @@ pub fn validate_flag_environment(
     };
     variants.sort_by(|a, b| a.0.cmp(&b.0));
     let path = format!("environments.{environment_key}");
-    parse_environment_config(&config.0, &variants, &path)
+    parse_environment_config(&config.0, &variants, bucketing, &path)
         .unwrap_or_else(|error| refuse("flag", Some(flag_key), error));
     true
 }

@@ -52,6 +52,7 @@ extension_sql_file!(
         "tenancy",
         flags::validate_flag,
         flags::validate_flag_environment,
+        flags::validate_flag_config,
         flags::validate_segment,
         cache::invalidate_cache
     ]

@@ -82,6 +82,8 @@ pub struct FlagDefinition {
     pub off_variant: String,
     pub prerequisites: Vec<Prerequisite>,
     pub salt: Option<String>,
+    /// The bucketing of rollouts and samples that name none.
+    pub bucketing: Option<Profile>,
     pub archived: bool,
 }
 
@@ -168,6 +170,7 @@ const FLAG_FIELDS: &[&str] = &[
     "off_variant",
     "prerequisites",
     "salt",
+    "bucketing",
     "archived",
     "environments",
 ];
@@ -295,7 +298,12 @@ pub fn parse_flag_document(document: &Value) -> Result<FlagDocument> {
                 let path = format!("environments.{env_key}");
                 environments.insert(
                     env_key.clone(),
-                    parse_environment_config(config, &flag.variants, &path)?,
+                    parse_environment_config(
+                        config,
+                        &flag.variants,
+                        flag.bucketing.unwrap_or_default(),
+                        &path,
+                    )?,
                 );
             }
         }
@@ -443,6 +451,10 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
         off_variant,
         prerequisites,
         salt: optional_string(map, "salt", "")?,
+        bucketing: match map.get("bucketing") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(parse_profile(map, "", Profile::default())?),
+        },
         archived: optional_bool(map, "archived", "")?.unwrap_or(false),
     })
 }
@@ -462,10 +474,12 @@ fn require_variant(variants: &[(String, Value)], name: &str, path: &str) -> Resu
     }
 }
 
-/// Parses one environment's configuration against the flag's variants.
+/// Parses one environment's configuration against the flag's variants;
+/// `bucketing` is the flag's profile, for rollouts and samples naming none.
 pub fn parse_environment_config(
     config: &Value,
     variants: &[(String, Value)],
+    bucketing: Profile,
     path: &str,
 ) -> Result<EnvironmentConfig> {
     let map = object(config, path)?;
@@ -509,7 +523,7 @@ pub fn parse_environment_config(
             let mut ids = std::collections::HashSet::new();
             for (index, item) in items.iter().enumerate() {
                 let rule_path = format!("{}[{index}]", join(path, "rules"));
-                let rule = parse_rule(item, variants, &rule_path, index)?;
+                let rule = parse_rule(item, variants, bucketing, &rule_path, index)?;
                 if !ids.insert(rule.id.clone()) {
                     return Err(ValidationError::new(
                         join(&rule_path, "id"),
@@ -529,7 +543,12 @@ pub fn parse_environment_config(
 
     let default = match map.get("default") {
         None | Some(Value::Null) => None,
-        Some(serve) => Some(parse_serve(serve, variants, &join(path, "default"))?),
+        Some(serve) => Some(parse_serve(
+            serve,
+            variants,
+            bucketing,
+            &join(path, "default"),
+        )?),
     };
     Ok(EnvironmentConfig {
         enabled,
@@ -542,6 +561,7 @@ pub fn parse_environment_config(
 fn parse_rule(
     value: &Value,
     variants: &[(String, Value)],
+    bucketing: Profile,
     path: &str,
     index: usize,
 ) -> Result<Rule> {
@@ -569,7 +589,7 @@ fn parse_rule(
     let conditions = parse_conditions(map.get("conditions"), &join(path, "conditions"))?;
     let sample = match map.get("sample") {
         None | Some(Value::Null) => None,
-        Some(sample) => Some(parse_sample(sample, &join(path, "sample"))?),
+        Some(sample) => Some(parse_sample(sample, bucketing, &join(path, "sample"))?),
     };
     if segment.is_none() && conditions.is_empty() && sample.is_none() {
         return Err(ValidationError::new(
@@ -580,7 +600,7 @@ fn parse_rule(
     let serve = map
         .get("serve")
         .ok_or_else(|| ValidationError::new(join(path, "serve"), "is required"))?;
-    let serve = parse_serve(serve, variants, &join(path, "serve"))?;
+    let serve = parse_serve(serve, variants, bucketing, &join(path, "serve"))?;
     Ok(Rule {
         id,
         segment,
@@ -590,9 +610,9 @@ fn parse_rule(
     })
 }
 
-fn parse_profile(map: &Map<String, Value>, path: &str) -> Result<Profile> {
+fn parse_profile(map: &Map<String, Value>, path: &str, default: Profile) -> Result<Profile> {
     match optional_string(map, "bucketing", path)? {
-        None => Ok(Profile::default()),
+        None => Ok(default),
         Some(name) => Profile::parse(&name).ok_or_else(|| {
             ValidationError::new(
                 join(path, "bucketing"),
@@ -626,10 +646,10 @@ fn parse_bucket_by(map: &Map<String, Value>, path: &str) -> Result<Vec<String>> 
 }
 
 /// `{"percent": 50, "bucket_by": ..., "salt": ..., "bucketing": ...}`.
-fn parse_sample(value: &Value, path: &str) -> Result<Sample> {
+fn parse_sample(value: &Value, bucketing: Profile, path: &str) -> Result<Sample> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, SAMPLE_FIELDS, path)?;
-    let profile = parse_profile(map, path)?;
+    let profile = parse_profile(map, path, bucketing)?;
     let percent_path = join(path, "percent");
     let percent = map
         .get("percent")
@@ -746,7 +766,12 @@ fn parse_weights(
 }
 
 /// `{"variant": "on"}` or `{"rollout": {"on": 25, "off": 75}, "bucket_by": ..., "salt": ...}`.
-pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> Result<Serve> {
+pub fn parse_serve(
+    value: &Value,
+    variants: &[(String, Value)],
+    bucketing: Profile,
+    path: &str,
+) -> Result<Serve> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, SERVE_FIELDS, path)?;
     match (map.get("variant"), map.get("rollout")) {
@@ -763,7 +788,7 @@ pub fn parse_serve(value: &Value, variants: &[(String, Value)], path: &str) -> R
             "must be a string",
         )),
         (None, Some(rollout)) => {
-            let profile = parse_profile(map, path)?;
+            let profile = parse_profile(map, path, bucketing)?;
             let weights = parse_weights(rollout, variants, profile, &join(path, "rollout"))?;
             let unplaced = optional_string(map, "unplaced", path)?;
             if let Some(variant) = &unplaced {

@@ -574,3 +574,44 @@ fn new_fields_are_validated() {
             .contains("needs at least one variant")
     );
 }
+
+#[test]
+fn a_flag_level_profile_applies_to_rollouts_and_samples_naming_none() {
+    let flag = json!({"key": "f", "bucketing": "unleash", "environments": {"p": {"enabled": true,
+        "rules": [{"id": "half", "sample": {"percent": 50, "bucket_by": "userId"},
+                   "serve": {"rollout": [{"variant": "on", "weight": 1}, {"variant": "off", "weight": 2}],
+                             "bucket_by": "userId"}}],
+        "default": {"variant": "off"}}}});
+    let s = one_env(flag);
+    for i in 0..500 {
+        let user = i.to_string();
+        let inside = crate::profiles::unleash_normalized(&user, "f", 100, 0) <= 50;
+        let on = crate::profiles::unleash_variant_target(&user, "f", 3) <= 1;
+        let expected = if inside && on { "on" } else { "off" };
+        assert_eq!(
+            eval(&s, "f", json!({"userId": user})).variant,
+            Some(expected),
+            "{user}"
+        );
+    }
+    // Integer weights are Unleash's; percentages must still sum to 100
+    // under a percentage profile named by the rollout itself.
+    let refusal = parse_flag_document(&json!({"key": "f", "bucketing": "unleash",
+        "environments": {"p": {"default": {"rollout": {"on": 12.5, "off": 87.5}}}}}))
+    .unwrap_err()
+    .to_string();
+    assert!(refusal.contains("whole number"), "{refusal}");
+    assert!(
+        parse_flag_document(&json!({"key": "f", "bucketing": "unleash",
+        "environments": {"p": {"default": {"rollout": {"on": 12.5, "off": 87.5},
+                                           "bucketing": "xxh3"}}}}))
+        .is_ok()
+    );
+    let unknown = parse_flag_document(&json!({"key": "f", "bucketing": "md5"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown.starts_with("bucketing: unknown bucketing profile"),
+        "{unknown}"
+    );
+}

@@ -145,14 +145,17 @@ fn answers(client: &mut Client) -> String {
 }
 
 /// Every row of the given tables, as text.
-fn rows(client: &mut Client, tables: &[String]) -> String {
+/// Every row of the given tables, reading only the given columns, so that
+/// columns an upgrade adds do not hide whether the old ones kept their data.
+fn rows(client: &mut Client, tables: &[(String, String)]) -> String {
     tables
         .iter()
-        .map(|table| {
+        .map(|(table, columns)| {
             let rows = text(
                 client,
                 &format!(
-                    "SELECT string_agg(t::text, E'\\n' ORDER BY t::text) FROM flagship.{table} t"
+                    "SELECT string_agg(r::text, E'\\n' ORDER BY r::text) \
+                       FROM (SELECT {columns} FROM flagship.{table}) r"
                 ),
             );
             format!("{table}:\n{rows}\n")
@@ -160,16 +163,20 @@ fn rows(client: &mut Client, tables: &[String]) -> String {
         .collect()
 }
 
-fn tables(client: &mut Client) -> Vec<String> {
+/// Each table of the schema with its columns, in order.
+fn tables(client: &mut Client) -> Vec<(String, String)> {
     client
         .query(
-            "SELECT relname::text FROM pg_class WHERE relnamespace = 'flagship'::regnamespace \
-             AND relkind = 'r' ORDER BY 1",
+            "SELECT c.relname::text, string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+               FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
+                AND a.attnum > 0 AND NOT a.attisdropped
+              GROUP BY c.relname ORDER BY 1",
             &[],
         )
         .unwrap()
         .iter()
-        .map(|row| row.get(0))
+        .map(|row| (row.get(0), row.get(1)))
         .collect()
 }
 
