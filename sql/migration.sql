@@ -17,6 +17,7 @@ DECLARE
     environment_key text;
     document jsonb;
     kept jsonb;
+    inherited jsonb;
     imported integer := 0;
 BEGIN
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
@@ -37,7 +38,9 @@ BEGIN
         SELECT d FROM jsonb_array_elements(flagship.unleash_flag_documents(state, environment_key)) d
     LOOP
         -- put_flag replaces every environment it is given and drops the
-        -- others: hand it the flag's other environments unchanged.
+        -- others: hand it the flag's other environments unchanged, with the
+        -- flag-level salt and bucketing they were written under (imported
+        -- rollouts name their own).
         SELECT coalesce(jsonb_object_agg(e.key, jsonb_build_object(
                    'enabled', r.enabled, 'targets', r.targets, 'rules', r.rules,
                    'default', r.default_serve)), '{}')
@@ -47,6 +50,13 @@ BEGIN
           JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
          WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
            AND f.key = document->>'key' AND e.key <> environment_key;
+        SELECT flagship.jsonb_without_nulls(
+                   jsonb_build_object('salt', f.salt, 'bucketing', f.bucketing))
+          INTO inherited
+          FROM flagship.features f
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = document->>'key';
+        document := document || coalesce(inherited, '{}');
         PERFORM flagship.put_flag(project_row.id::text,
             jsonb_set(document, '{environments}', kept || (document->'environments')));
         imported := imported + 1;

@@ -383,7 +383,8 @@ fn variant_serve(variants: &[Value], group_id: &str, inherited: Option<String>) 
         .iter()
         .find(|(_, weight)| *weight > 0)
         .map(|(name, _)| *name);
-    json!({"rollout": rollout, "bucket_by": bucket_by, "salt": group_id, "unplaced": unplaced})
+    json!({"rollout": rollout, "bucketing": "unleash", "bucket_by": bucket_by, "salt": group_id,
+           "unplaced": unplaced})
 }
 
 /// The FlagShip value of an Unleash variant: its payload, or true.
@@ -476,7 +477,7 @@ fn strategy_gates(
 ) -> Result<Option<Option<Value>>> {
     let kind = strategy.get("name").and_then(Value::as_str).unwrap_or("");
     let group_id = parameter(strategy, "groupId").unwrap_or_else(|| feature.to_string());
-    let sample = |percent: u32, bucket_by: Vec<String>| json!({"percent": percent, "bucket_by": bucket_by, "salt": group_id});
+    let sample = |percent: u32, bucket_by: Vec<String>| json!({"percent": percent, "bucket_by": bucket_by, "salt": group_id, "bucketing": "unleash"});
     let unsupported_random = |percent: u32| {
         ImportError::Unsupported(format!(
             "feature \"{feature}\": strategy {kind} samples {percent}% at random \
@@ -687,8 +688,10 @@ fn translate_feature(
         )));
     }
     let variants = variant_table(feature)?;
-    // Every rollout and sample hashes as Unleash does.
-    let mut document = json!({"key": name, "bucketing": "unleash"});
+    // Rollouts and samples name their profile and salt themselves (rather
+    // than the flag), so importing one environment never moves the buckets
+    // of the flag's other environments.
+    let mut document = json!({"key": name});
     if let Some(description) = feature.get("description").and_then(Value::as_str) {
         document["description"] = json!(description);
     }
@@ -840,7 +843,8 @@ mod tests {
         );
         assert_eq!(
             config["rules"][1]["sample"],
-            json!({"percent": 30, "bucket_by": ["userId", "sessionId"], "salt": "g"})
+            json!({"percent": 30, "bucket_by": ["userId", "sessionId"], "salt": "g",
+                   "bucketing": "unleash"})
         );
         assert_eq!(config["rules"].as_array().unwrap().len(), 2);
         assert_eq!(config["default"], json!({"variant": "on"}));

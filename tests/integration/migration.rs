@@ -143,6 +143,27 @@ fn import_keeps_other_environments_refuses_whole_and_is_audited() {
             "SET flagship.organization_id = '{org}'; SET flagship.actor = 'migrator@acme.example'"
         ))
         .unwrap();
+    // A flag FlagShip already serves in staging, with its own salt.
+    client
+        .batch_execute(
+            r#"SELECT flagship.put_flag('shop', '{"key": "banner", "kind": "multivariate", "salt": "s1",
+                 "variants": {"red": {"type": "string", "value": "r"}, "blue": true, "disabled": false},
+                 "off_variant": "disabled",
+                 "environments": {"staging": {"enabled": true,
+                   "default": {"rollout": {"red": 50, "blue": 50, "disabled": 0}}}}}')"#,
+        )
+        .unwrap();
+    let staging_before: Vec<String> = (0..20)
+        .map(|i| {
+            client
+                .query_one(
+                    "SELECT flagship.flagship_evaluate('banner', jsonb_build_object('targeting_key', $1::text), 'shop/staging')->>'variant'",
+                    &[&format!("u{i}")],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect();
     let imported: i32 = client
         .query_one(
             "SELECT flagship.import_unleash('shop', $1::text::jsonb, 'production')",
@@ -151,6 +172,19 @@ fn import_keeps_other_environments_refuses_whole_and_is_audited() {
         .unwrap()
         .get(0);
     assert_eq!(imported, 2);
+    // Its staging configuration, salt and buckets stay as they were.
+    let staging_after: Vec<String> = (0..20)
+        .map(|i| {
+            client
+                .query_one(
+                    "SELECT flagship.flagship_evaluate('banner', jsonb_build_object('targeting_key', $1::text), 'shop/staging')->>'variant'",
+                    &[&format!("u{i}")],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect();
+    assert_eq!(staging_after, staging_before);
     // Importing another environment keeps production's configuration.
     let staging = STATE.replace("[\"NO\"]", "[\"SE\"]");
     client
