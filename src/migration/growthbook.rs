@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::ImportError;
 use crate::rules::conditions::padded_version;
 use crate::rules::criteria::ELEMENT;
+use crate::rules::document::{nesting_depth, MAX_CONDITION_DEPTH};
 
 type Result<T> = std::result::Result<T, ImportError>;
 
@@ -32,6 +33,13 @@ pub fn translate_condition(
     condition: &Value,
     saved_groups: &Map<String, Value>,
 ) -> Result<Vec<Value>> {
+    // Translation recurses; refuse what no real condition needs before it
+    // could exhaust the stack.
+    if nesting_depth(condition) > MAX_CONDITION_DEPTH {
+        return Err(unsupported(format!(
+            "nesting deeper than {MAX_CONDITION_DEPTH} levels of JSON"
+        )));
+    }
     Translator { saved_groups }.condition(condition)
 }
 
@@ -365,6 +373,19 @@ mod tests {
             translated(json!({"a": {"$bogus": 1}})),
             [json!({"any": []})]
         );
+    }
+
+    #[test]
+    fn absurd_nesting_is_refused_before_recursing() {
+        let mut deep = json!({"a": 1});
+        for _ in 0..500 {
+            deep = json!({ "$not": deep });
+        }
+        let error = translate_condition(&deep, &Map::new()).unwrap_err();
+        assert!(matches!(error, ImportError::Unsupported(ref what) if what.contains("nesting")));
+        // serde_json drops deep values recursively; leak it rather than
+        // test the drop's stack.
+        std::mem::forget(deep);
     }
 
     #[test]

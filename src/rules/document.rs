@@ -809,7 +809,33 @@ pub fn parse_serve(
     }
 }
 
+/// How deep a conditions list may nest, in JSON levels (a group of groups
+/// of conditions is about 7): far beyond any real targeting rule, and
+/// shallow enough that parsing and evaluating cannot exhaust the stack.
+pub const MAX_CONDITION_DEPTH: usize = 48;
+
+/// The nesting depth of a JSON value (a scalar is 0), without recursion.
+pub fn nesting_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut pending = vec![(value, 0usize)];
+    while let Some((value, depth)) = pending.pop() {
+        deepest = deepest.max(depth);
+        match value {
+            Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(map) => pending.extend(map.values().map(|item| (item, depth + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Criterion>> {
+    if value.is_some_and(|value| nesting_depth(value) > MAX_CONDITION_DEPTH) {
+        return Err(ValidationError::new(
+            path,
+            format!("nests deeper than {MAX_CONDITION_DEPTH} levels of JSON"),
+        ));
+    }
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items

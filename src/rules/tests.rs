@@ -615,3 +615,28 @@ fn a_flag_level_profile_applies_to_rollouts_and_samples_naming_none() {
         "{unknown}"
     );
 }
+
+#[test]
+fn condition_groups_cannot_nest_without_bound() {
+    let mut deep = json!({"attribute": "a", "op": "exists"});
+    for _ in 0..60 {
+        deep = json!({"not": deep});
+    }
+    let refusal = parse_flag_document(&json!({"key": "f", "environments": {"p": {
+        "rules": [{"conditions": [deep], "serve": {"variant": "on"}}]}}}))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refusal.contains("nests deeper than 48 levels of JSON"),
+        "{refusal}"
+    );
+    let mut fine = json!({"attribute": "a", "op": "exists"});
+    for _ in 0..10 {
+        fine = json!({"any": [fine]});
+    }
+    assert!(
+        parse_flag_document(&json!({"key": "f", "environments": {"p": {
+        "rules": [{"conditions": [fine], "serve": {"variant": "on"}}]}}}))
+        .is_ok()
+    );
+}
