@@ -395,16 +395,10 @@ pub fn bucket(salt: &str, value: &str) -> i32 {
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::test_support::{failure, text};
+    use crate::test_support::{failure, organization_with_shop, text};
 
     fn setup() {
-        Spi::run(
-            "SELECT set_config('flagship.organization_id', \
-                 flagship.create_organization('acme', 'Acme')::text, true); \
-             SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop'); \
-             SET LOCAL flagship.environment = 'shop/production'",
-        )
-        .unwrap();
+        organization_with_shop("acme", "Acme");
     }
 
     fn put_flag(document: &str) {

@@ -227,15 +227,12 @@ mod draw_tests {
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::test_support::text;
+    use crate::test_support::{organization_with_shop, text};
 
     fn setup() {
+        organization_with_shop("expo", "Expo");
         Spi::run(
-            "SELECT set_config('flagship.organization_id', \
-                 flagship.create_organization('expo', 'Expo')::text, true); \
-             SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop'); \
-             SET LOCAL flagship.environment = 'shop/production'; \
-             SELECT flagship.put_flag('shop', '{\"key\": \"f\", \"environments\": {\"production\": {\"enabled\": true, \
+            "SELECT flagship.put_flag('shop', '{\"key\": \"f\", \"environments\": {\"production\": {\"enabled\": true, \
                  \"rules\": [{\"conditions\": [{\"attribute\": \"beta\", \"op\": \"eq\", \"values\": [true]}], \
                               \"serve\": {\"variant\": \"on\"}}], \"default\": {\"variant\": \"off\"}}}}')",
         )

@@ -492,17 +492,14 @@ pub fn set_usage(
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::test_support::{failure, text};
+    use crate::test_support::{failure, organization_with_shop, text};
 
     /// An organization with plans `pro` (reports, 3 api calls a month, 2
     /// seats), `free` (nothing) and `soft` (1 call, soft), and customers on them.
     fn setup() {
+        organization_with_shop("acme-co", "Acme");
         Spi::run(
-            r#"SELECT set_config('flagship.organization_id',
-                   flagship.create_organization('acme-co', 'Acme')::text, true);
-               SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop');
-               SET LOCAL flagship.environment = 'shop/production';
-               SELECT flagship.put_flag('shop', '{"key": "reports", "kind": "plan",
+            r#"SELECT flagship.put_flag('shop', '{"key": "reports", "kind": "plan",
                    "environments": {"production": {"enabled": true}}}');
                SELECT flagship.put_flag('shop', '{"key": "gold-banner", "environments": {"production": {"enabled": true,
                    "rules": [{"id": "gold", "conditions": [{"attribute": "customer.tier", "op": "eq", "values": ["gold"]}],

@@ -126,6 +126,21 @@ fn unleash_client_specification_through_sql() {
     assert!(passed >= 277, "{passed} of {total} pass");
 }
 
+/// The variants `banner` serves 20 subjects in staging.
+fn staging_variants(client: &mut Client) -> Vec<String> {
+    (0..20)
+        .map(|i| {
+            client
+                .query_one(
+                    "SELECT flagship.flagship_evaluate('banner', jsonb_build_object('targeting_key', $1::text), 'shop/staging')->>'variant'",
+                    &[&format!("u{i}")],
+                )
+                .unwrap()
+                .get(0)
+        })
+        .collect()
+}
+
 const STATE: &str = r#"{"version": 1, "features": [
   {"name": "checkout", "enabled": true, "strategies": [
     {"name": "flexibleRollout", "parameters": {"rollout": "100", "stickiness": "default", "groupId": "checkout"},
@@ -153,17 +168,7 @@ fn import_keeps_other_environments_refuses_whole_and_is_audited() {
                    "default": {"rollout": {"red": 50, "blue": 50, "disabled": 0}}}}}')"#,
         )
         .unwrap();
-    let staging_before: Vec<String> = (0..20)
-        .map(|i| {
-            client
-                .query_one(
-                    "SELECT flagship.flagship_evaluate('banner', jsonb_build_object('targeting_key', $1::text), 'shop/staging')->>'variant'",
-                    &[&format!("u{i}")],
-                )
-                .unwrap()
-                .get(0)
-        })
-        .collect();
+    let staging_before = staging_variants(&mut client);
     let imported: i32 = client
         .query_one(
             "SELECT flagship.import_unleash('shop', $1::text::jsonb, 'production')",
@@ -173,17 +178,7 @@ fn import_keeps_other_environments_refuses_whole_and_is_audited() {
         .get(0);
     assert_eq!(imported, 2);
     // Its staging configuration, salt and buckets stay as they were.
-    let staging_after: Vec<String> = (0..20)
-        .map(|i| {
-            client
-                .query_one(
-                    "SELECT flagship.flagship_evaluate('banner', jsonb_build_object('targeting_key', $1::text), 'shop/staging')->>'variant'",
-                    &[&format!("u{i}")],
-                )
-                .unwrap()
-                .get(0)
-        })
-        .collect();
+    let staging_after = staging_variants(&mut client);
     assert_eq!(staging_after, staging_before);
     // Importing another environment keeps production's configuration.
     let staging = STATE.replace("[\"NO\"]", "[\"SE\"]");
