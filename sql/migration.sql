@@ -41,24 +41,24 @@ BEGIN
         -- others: hand it the flag's other environments unchanged, with the
         -- flag-level salt and bucketing they were written under (imported
         -- rollouts name their own).
-        SELECT coalesce(jsonb_object_agg(e.key, jsonb_build_object(
-                   'enabled', r.enabled, 'targets', r.targets, 'rules', r.rules,
-                   'default', r.default_serve)), '{}')
-          INTO kept
-          FROM flagship.features f
-          JOIN flagship.feature_rules r ON r.organization_id = f.organization_id AND r.feature_id = f.id
-          JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
-         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
-           AND f.key = document->>'key' AND e.key <> environment_key;
-        SELECT flagship.jsonb_without_nulls(
-                   jsonb_build_object('salt', f.salt, 'bucketing', f.bucketing))
-          INTO inherited
+        SELECT (SELECT jsonb_object_agg(e.key, jsonb_build_object(
+                           'enabled', r.enabled, 'targets', r.targets, 'rules', r.rules,
+                           'default', r.default_serve))
+                  FROM flagship.feature_rules r
+                  JOIN flagship.environments e
+                    ON e.organization_id = r.organization_id AND e.id = r.environment_id
+                 WHERE r.organization_id = f.organization_id AND r.feature_id = f.id
+                   AND e.key <> environment_key),
+               flagship.jsonb_without_nulls(jsonb_build_object('salt', f.salt, 'bucketing', f.bucketing))
+          INTO kept, inherited
           FROM flagship.features f
          WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
            AND f.key = document->>'key';
+        -- A new flag has neither.
         document := document || coalesce(inherited, '{}');
         PERFORM flagship.put_flag(project_row.id::text,
-            jsonb_set(document, '{environments}', kept || (document->'environments')));
+            jsonb_set(document, '{environments}',
+                      coalesce(kept, '{}') || (document->'environments')));
         imported := imported + 1;
     END LOOP;
     RETURN imported;

@@ -63,6 +63,16 @@ impl Profile {
         Profile::NAMES[self as usize]
     }
 
+    /// Parses a profile name, or says which names there are.
+    pub fn parse_named(name: &str) -> Result<Profile, String> {
+        Profile::parse(name).ok_or_else(|| {
+            format!(
+                "unknown bucketing profile \"{name}\"; expected one of: {}",
+                Profile::NAMES.join(", ")
+            )
+        })
+    }
+
     /// Whether rollout weights are the vendor's integers (any positive sum)
     /// rather than percentages summing to 100.
     pub fn has_integer_weights(self) -> bool {

@@ -85,10 +85,11 @@ pub fn validate_flag_config(
 ) -> bool {
     let bucketing = match bucketing {
         None => Profile::default(),
-        Some(name) => Profile::parse(name).unwrap_or_else(|| {
-            invalid_parameter(
-                format!("flag \"{flag_key}\": bucketing: unknown bucketing profile \"{name}\""),
-                None,
+        Some(name) => Profile::parse_named(name).unwrap_or_else(|message| {
+            refuse(
+                "flag",
+                Some(flag_key),
+                ValidationError::new("bucketing", message),
             )
         }),
     };

@@ -59,6 +59,14 @@ fn js_number(value: &Value) -> Option<f64> {
     }
 }
 
+/// GrowthBook's `isOperatorObject`: a non-empty object whose keys are all
+/// operators; any other object is a value compared for equality.
+fn is_operator_object(value: &Value) -> bool {
+    value
+        .as_object()
+        .is_some_and(|map| !map.is_empty() && map.keys().all(|key| key.starts_with('$')))
+}
+
 fn leaf(attribute: &str, op: &str, values: Value, if_missing: bool) -> Value {
     json!({"attribute": attribute, "op": op, "values": values, "if_missing": if_missing})
 }
@@ -115,9 +123,7 @@ impl Translator<'_> {
             }
             Value::Bool(flag) => leaf(attribute, "eq", json!([flag]), false),
             Value::Null => json!({"attribute": attribute, "op": "exists", "negate": true}),
-            Value::Object(operators)
-                if !operators.is_empty() && operators.keys().all(|key| key.starts_with('$')) =>
-            {
+            Value::Object(operators) if is_operator_object(expected) => {
                 let criteria = operators
                     .iter()
                     .map(|(operator, operand)| self.operator(attribute, operator, operand))
@@ -259,10 +265,7 @@ impl Translator<'_> {
             "$not" => not(self.value(attribute, expected)?),
             "$size" => json!({"length": attribute, "where": [self.value(ELEMENT, expected)?]}),
             "$elemMatch" => {
-                let operators = expected
-                    .as_object()
-                    .is_some_and(|map| !map.is_empty() && map.keys().all(|k| k.starts_with('$')));
-                let members = if operators {
+                let members = if is_operator_object(expected) {
                     vec![self.value(ELEMENT, expected)?]
                 } else {
                     self.condition(expected)?

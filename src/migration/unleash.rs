@@ -54,17 +54,17 @@ fn segment_entry(segment: &Value) -> Option<(String, Vec<Value>)> {
     Some((id, constraints))
 }
 
-fn load_state(state: &Value) -> Result<State> {
-    let objects = |value: Option<&Value>, what: &str| -> Result<Vec<Value>> {
-        match value {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => Ok(items.clone()),
-            Some(_) => Err(ImportError::Invalid(format!("{what} must be an array"))),
-        }
-    };
-    let mut features: Vec<Map<String, Value>> = Vec::new();
-    let mut segments = HashMap::new();
-    let upsert = |features: &mut Vec<Map<String, Value>>, feature: &Value| -> Result<()> {
+fn objects(value: Option<&Value>, what: &str) -> Result<Vec<Value>> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items.clone()),
+        Some(_) => Err(ImportError::Invalid(format!("{what} must be an array"))),
+    }
+}
+
+impl State {
+    /// Adds a feature, or replaces the one of the same name.
+    fn upsert(&mut self, feature: &Value) -> Result<()> {
         let feature = feature.as_object().ok_or_else(|| {
             ImportError::Invalid("every feature must be a JSON object".to_string())
         })?;
@@ -72,52 +72,60 @@ fn load_state(state: &Value) -> Result<State> {
             .get("name")
             .and_then(Value::as_str)
             .ok_or_else(|| ImportError::Invalid("every feature needs a \"name\"".to_string()))?;
-        features.retain(|known| known.get("name").and_then(Value::as_str) != Some(name));
-        features.push(feature.clone());
+        self.features
+            .retain(|known| known.get("name").and_then(Value::as_str) != Some(name));
+        self.features.push(feature.clone());
         Ok(())
-    };
-    let Some(events) = state.get("events") else {
-        for feature in objects(state.get("features"), "features")? {
-            upsert(&mut features, &feature)?;
+    }
+
+    /// Everything replaced by the `features` and `segments` of `source`: a
+    /// whole client state, or the delta API's hydration event.
+    fn hydrate(&mut self, source: &Value, prefix: &str) -> Result<()> {
+        self.features.clear();
+        self.segments.clear();
+        for feature in objects(source.get("features"), &format!("{prefix}features"))? {
+            self.upsert(&feature)?;
         }
-        segments.extend(
-            objects(state.get("segments"), "segments")?
+        self.segments.extend(
+            objects(source.get("segments"), &format!("{prefix}segments"))?
                 .iter()
                 .filter_map(segment_entry),
         );
-        return Ok(State { features, segments });
+        Ok(())
+    }
+}
+
+fn load_state(state: &Value) -> Result<State> {
+    let mut loaded = State {
+        features: Vec::new(),
+        segments: HashMap::new(),
+    };
+    let Some(events) = state.get("events") else {
+        loaded.hydrate(state, "")?;
+        return Ok(loaded);
     };
     // The delta API: replay the events in order.
     for event in objects(Some(events), "events")? {
         match event.get("type").and_then(Value::as_str) {
-            Some("hydration") => {
-                features.clear();
-                segments.clear();
-                for feature in objects(event.get("features"), "hydration.features")? {
-                    upsert(&mut features, &feature)?;
-                }
-                segments.extend(
-                    objects(event.get("segments"), "hydration.segments")?
-                        .iter()
-                        .filter_map(segment_entry),
-                );
-            }
+            Some("hydration") => loaded.hydrate(&event, "hydration.")?,
             Some("feature-updated") => {
-                upsert(&mut features, event.get("feature").unwrap_or(&Value::Null))?
+                loaded.upsert(event.get("feature").unwrap_or(&Value::Null))?
             }
             Some("feature-removed") => {
                 let name = event.get("featureName").and_then(Value::as_str);
-                features.retain(|known| known.get("name").and_then(Value::as_str) != name);
+                loaded
+                    .features
+                    .retain(|known| known.get("name").and_then(Value::as_str) != name);
             }
             Some("segment-updated") => {
                 if let Some((id, constraints)) = event.get("segment").and_then(segment_entry) {
-                    segments.insert(id, constraints);
+                    loaded.segments.insert(id, constraints);
                 }
             }
             Some("segment-removed") => {
                 if let Some(id) = event.get("segmentId") {
                     let id = id.as_str().map(str::to_string).unwrap_or(id.to_string());
-                    segments.remove(&id);
+                    loaded.segments.remove(&id);
                 }
             }
             other => {
@@ -128,7 +136,7 @@ fn load_state(state: &Value) -> Result<State> {
             }
         }
     }
-    Ok(State { features, segments })
+    Ok(loaded)
 }
 
 fn text(value: Option<&Value>) -> Option<String> {

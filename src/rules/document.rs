@@ -613,15 +613,8 @@ fn parse_rule(
 fn parse_profile(map: &Map<String, Value>, path: &str, default: Profile) -> Result<Profile> {
     match optional_string(map, "bucketing", path)? {
         None => Ok(default),
-        Some(name) => Profile::parse(&name).ok_or_else(|| {
-            ValidationError::new(
-                join(path, "bucketing"),
-                format!(
-                    "unknown bucketing profile \"{name}\"; expected one of: {}",
-                    Profile::NAMES.join(", ")
-                ),
-            )
-        }),
+        Some(name) => Profile::parse_named(&name)
+            .map_err(|message| ValidationError::new(join(path, "bucketing"), message)),
     }
 }
 

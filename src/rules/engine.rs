@@ -141,6 +141,9 @@ enum CompiledServe {
         /// (variant index, weight) in the flag's variant order.
         slots: Vec<(usize, u32)>,
         weights: Vec<u32>,
+        /// What positions are taken modulo: the weights' sum for an
+        /// integer-weight profile, else the 100 000 buckets.
+        total: u32,
         placement: Placement,
         unplaced: Option<usize>,
     },
@@ -307,6 +310,11 @@ fn compile_serve(serve: &Serve, flag: &FlagDefinition) -> CompiledServe {
                 .collect();
             CompiledServe::Rollout {
                 weights: slots.iter().map(|(_, weight)| *weight).collect(),
+                total: if rollout.profile.has_integer_weights() {
+                    slots.iter().map(|(_, weight)| weight).sum()
+                } else {
+                    bucketing::BUCKETS
+                },
                 slots,
                 unplaced: rollout
                     .unplaced
@@ -715,6 +723,7 @@ fn pick_slot(
     let CompiledServe::Rollout {
         slots,
         weights,
+        total,
         placement,
         unplaced,
     } = serve
@@ -724,14 +733,9 @@ fn pick_slot(
     let Some(subject) = placement.subject(attributes, targeting_key) else {
         return *unplaced;
     };
-    let total = if placement.profile.has_integer_weights() {
-        weights.iter().sum()
-    } else {
-        bucketing::BUCKETS
-    };
     let position =
         placement
             .profile
-            .rollout_position(&placement.flag_key, &placement.salt, &subject, total);
+            .rollout_position(&placement.flag_key, &placement.salt, &subject, *total);
     bucketing::slot_for(position, weights).map(|slot| slots[slot].0)
 }
