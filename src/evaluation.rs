@@ -3,7 +3,7 @@
 //! and run the pure engine. Evaluation answers problems with an ERROR
 //! result instead of raising, so it is safe in WHERE clauses and policies.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell, RefCell, UnsafeCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -20,6 +20,7 @@ use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
 use crate::rules::engine::ErrorCode;
 use crate::rules::{Resolution, Snapshot};
+use crate::text_arg::TextArg;
 
 /// `snapshot_for`, for evaluation: an API key must grant `features:read`.
 fn evaluation_snapshot(
@@ -39,9 +40,7 @@ fn evaluation_snapshot(
 fn snapshot_for(
     environment: Option<&str>,
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
-    // Pick up other sessions' committed changes even inside a long
-    // transaction; cheap when the invalidation queue holds nothing new.
-    unsafe { pg_sys::AcceptInvalidationMessages() };
+    accept_invalidations_once_per_statement();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
     let identity = RawIdentity::current(explicit);
     let resolved = match cache::recall(&identity) {
@@ -64,6 +63,24 @@ fn snapshot_for(
         }
         Resolved::Found(snapshot, environment_id) => Ok((snapshot, environment_id)),
         Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
+    }
+}
+
+thread_local! {
+    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(0) };
+}
+
+/// Picks up other sessions' committed changes at the first evaluation of
+/// every statement, even inside a long transaction. Within a statement the
+/// configuration holds still, as a snapshot does: a query filtering a
+/// million rows on a flag sees one version of it, and the guarded call is
+/// paid once per statement rather than once per row. This backend's own
+/// changes do not wait for it: they arrive at its next command.
+fn accept_invalidations_once_per_statement() {
+    // SAFETY: reads a backend global.
+    let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };
+    if STATEMENT_SEEN.replace(statement) != statement {
+        unsafe { pg_sys::AcceptInvalidationMessages() };
     }
 }
 
@@ -175,13 +192,39 @@ fn compile(document: &Value) -> Snapshot {
     Snapshot::compile(flags, segments)
 }
 
+/// Where one evaluation keeps a converted context attribute. Slots outlive
+/// the call (see `SPARE_SLOTS`), so a string attribute is copied into the
+/// buffer the previous call left behind instead of a fresh allocation.
+#[derive(Default)]
+struct Slot {
+    state: Cell<SlotState>,
+    value: UnsafeCell<Value>,
+}
+
+#[derive(Clone, Copy, Default, PartialEq)]
+enum SlotState {
+    #[default]
+    Unread,
+    Absent,
+    Present,
+}
+
+thread_local! {
+    /// Slot arrays between calls. A stack rather than a single array, because
+    /// an evaluation can run inside another (a `customer.*` lookup runs a
+    /// query, whose policies may evaluate flags).
+    static SPARE_SLOTS: RefCell<Vec<Vec<Slot>>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The top-level context keys the rules can read, converted from the
 /// `jsonb` argument on first use: a rule that fails on its first condition
 /// never pays for the attributes of its second, and the rest of the
 /// document is never converted at all.
 struct Extracted<'k, 'c> {
     context: Option<&'c JsonbArg>,
-    entries: Vec<(&'k str, OnceCell<Option<Value>>)>,
+    keys: &'k [String],
+    /// One per key, taken from `SPARE_SLOTS` and given back on drop.
+    slots: Vec<Slot>,
     environment: pgrx::Uuid,
     /// The customer named by the context's `customer`, for `customer.*`.
     customer: OnceCell<Option<Rc<Customer>>>,
@@ -193,12 +236,19 @@ impl<'k, 'c> Extracted<'k, 'c> {
         keys: &'k [String],
         environment: pgrx::Uuid,
     ) -> Extracted<'k, 'c> {
+        let mut slots = SPARE_SLOTS
+            .with(|spare| spare.borrow_mut().pop())
+            .unwrap_or_default();
+        if slots.len() < keys.len() {
+            slots.resize_with(keys.len(), Slot::default);
+        }
+        slots[..keys.len()]
+            .iter()
+            .for_each(|slot| slot.state.set(SlotState::Unread));
         Extracted {
             context: Some(context),
-            entries: keys
-                .iter()
-                .map(|key| (key.as_str(), OnceCell::new()))
-                .collect(),
+            keys,
+            slots,
             environment,
             customer: OnceCell::new(),
         }
@@ -207,10 +257,30 @@ impl<'k, 'c> Extracted<'k, 'c> {
     fn empty(environment: pgrx::Uuid) -> Extracted<'k, 'c> {
         Extracted {
             context: None,
-            entries: Vec::new(),
+            keys: &[],
+            slots: Vec::new(),
             environment,
             customer: OnceCell::new(),
         }
+    }
+
+    /// The converted value of the `index`th key, converting it on first use.
+    fn attribute(&self, context: &JsonbArg, index: usize) -> Option<&Value> {
+        let slot = &self.slots[index];
+        if slot.state.get() == SlotState::Unread {
+            // SAFETY: references to a slot's value are only handed out once
+            // it is Present, so nothing borrows an Unread slot; the slot
+            // vector is never resized while `self` lives.
+            let value = unsafe { &mut *slot.value.get() };
+            let found = context.read_into(&self.keys[index], value);
+            slot.state.set(if found {
+                SlotState::Present
+            } else {
+                SlotState::Absent
+            });
+        }
+        // SAFETY: a Present slot is never written again while `self` lives.
+        (slot.state.get() == SlotState::Present).then(|| unsafe { &*slot.value.get() })
     }
 
     /// `customer.<path>` from the attributes stored with the customer.
@@ -242,12 +312,34 @@ impl<'k, 'c> Extracted<'k, 'c> {
 impl Attributes for Extracted<'_, '_> {
     fn get(&self, key: &str) -> Option<&Value> {
         let context = self.context?;
-        let (known, value) = self.entries.iter().find(|(known, _)| *known == key)?;
-        let found = value.get_or_init(|| context.get(known)).as_ref();
+        let index = self.keys.iter().position(|known| known == key)?;
+        let found = self.attribute(context, index);
         if found.is_some() {
             return found;
         }
         self.customer_attribute(key.strip_prefix("customer.")?)
+    }
+}
+
+impl Drop for Extracted<'_, '_> {
+    fn drop(&mut self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.slots);
+        // Keep small string buffers for the next call, not a large document.
+        for slot in &mut slots[..self.keys.len()] {
+            let value = slot.value.get_mut();
+            let small = match value {
+                Value::String(text) => text.capacity() <= 256,
+                Value::Array(_) | Value::Object(_) => false,
+                _ => true,
+            };
+            if !small {
+                *value = Value::Null;
+            }
+        }
+        SPARE_SLOTS.with(|spare| spare.borrow_mut().push(slots));
     }
 }
 
@@ -294,12 +386,12 @@ fn resolve<R>(
 /// environment or a malformed context: the result says what went wrong.
 #[pg_extern(stable, parallel_safe)]
 pub fn flagship_evaluate(
-    flag_key: Option<&str>,
+    flag_key: Option<TextArg>,
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     resolve(
-        flag_key,
+        flag_key.as_deref(),
         context.as_ref(),
         environment,
         |resolution, snapshot| match snapshot {
@@ -313,13 +405,16 @@ pub fn flagship_evaluate(
 /// other value and every error. Meant for WHERE clauses, views and policies.
 #[pg_extern(stable, parallel_safe)]
 pub fn flagship_enabled(
-    flag_key: Option<&str>,
+    flag_key: Option<TextArg>,
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> bool {
-    resolve(flag_key, context.as_ref(), environment, |resolution, _| {
-        resolution.is_enabled()
-    })
+    resolve(
+        flag_key.as_deref(),
+        context.as_ref(),
+        environment,
+        |resolution, _| resolution.is_enabled(),
+    )
 }
 
 /// Every live flag of the environment for one context: `{key: details}`,

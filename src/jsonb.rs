@@ -51,43 +51,146 @@ impl JsonbArg {
         }
     }
 
-    /// The value of one top-level key of an object, converted; None when
-    /// absent or when the argument is not an object.
-    pub fn get(&self, key: &str) -> Option<Value> {
+    /// Writes the value of one top-level key of an object into `slot`,
+    /// reusing the slot's string buffer; false when the key is absent or the
+    /// argument is not an object.
+    pub fn read_into(&self, key: &str, slot: &mut Value) -> bool {
         if !self.is_object() {
-            return None;
+            return false;
         }
-        let mut found = MaybeUninit::<pg_sys::JsonbValue>::uninit();
-        // SAFETY: the root is an object container; the key is passed with its
-        // length, so it need not be NUL-terminated; the result is either NULL
-        // or `found`, whose string points into the container.
+        // SAFETY: the root is a valid object container that lives for the
+        // call; strings found in it are copied into the slot.
         unsafe {
-            let result = crate::unguarded::getKeyJsonValueFromContainer(
-                self.root(),
-                key.as_ptr().cast::<c_char>(),
-                key.len() as c_int,
-                found.as_mut_ptr(),
-            );
-            result.as_ref().map(|value| to_value(value))
+            match find_key(self.root(), key.as_bytes()) {
+                Entry::Absent => false,
+                Entry::String(bytes) => {
+                    copy_string_into(bytes, slot);
+                    true
+                }
+                Entry::Scalar(value) => {
+                    *slot = value;
+                    true
+                }
+                Entry::Other => self.read_other_into(key, slot),
+            }
+        }
+    }
+
+    /// Numbers and nested containers, through jsonb_util.c's own lookup.
+    unsafe fn read_other_into(&self, key: &str, slot: &mut Value) -> bool {
+        let mut found = MaybeUninit::<pg_sys::JsonbValue>::uninit();
+        // SAFETY: the key is passed with its length, so it need not be
+        // NUL-terminated; the result is either NULL or `found`.
+        let result = crate::unguarded::getKeyJsonValueFromContainer(
+            self.root(),
+            key.as_ptr().cast::<c_char>(),
+            key.len() as c_int,
+            found.as_mut_ptr(),
+        );
+        match result.as_ref() {
+            Some(value) => {
+                *slot = to_value(value);
+                true
+            }
+            None => false,
         }
     }
 }
 
-/// Converts one looked-up value. Nested containers are rare in contexts and
-/// take the text path.
+/// What a top-level key of an object container holds.
+enum Entry<'a> {
+    Absent,
+    String(&'a [u8]),
+    Scalar(Value),
+    /// A number or a nested container, left to PostgreSQL to decode.
+    Other,
+}
+
+/// Binary search of an object container's keys, reading the on-disk layout
+/// of jsonb.h directly: `getKeyJsonValueFromContainer` does the same but
+/// decodes into a `JsonbValue` and costs twice as much for the short string
+/// attributes contexts are made of.
+///
+/// Layout: a header word (pair count), then one JEntry per key followed by
+/// one per value, then the data. A JEntry holds either the length of its
+/// item or, on every 32nd entry (`JENTRY_HAS_OFF`), the end offset, so an
+/// item's start is the sum of the lengths back to the last stored offset.
+/// Keys are sorted by length, then bytes.
+unsafe fn find_key<'a>(container: *const pg_sys::JsonbContainer, key: &[u8]) -> Entry<'a> {
+    let pairs = ((*container).header & pg_sys::JB_CMASK) as usize;
+    let entries = std::ptr::addr_of!((*container).children).cast::<u32>();
+    let data = entries.add(pairs * 2).cast::<u8>();
+    let entry = |index: usize| *entries.add(index);
+    let start = |index: usize| {
+        let mut offset = 0u32;
+        for earlier in (0..index).rev() {
+            offset += entry(earlier) & pg_sys::JENTRY_OFFLENMASK;
+            if entry(earlier) & pg_sys::JENTRY_HAS_OFF != 0 {
+                break;
+            }
+        }
+        offset as usize
+    };
+    let bounds = |index: usize| {
+        let begin = start(index);
+        let field = (entry(index) & pg_sys::JENTRY_OFFLENMASK) as usize;
+        let length = if entry(index) & pg_sys::JENTRY_HAS_OFF != 0 {
+            field - begin
+        } else {
+            field
+        };
+        (begin, length)
+    };
+
+    let (mut low, mut high) = (0, pairs);
+    while low < high {
+        let middle = (low + high) / 2;
+        let (begin, length) = bounds(middle);
+        let candidate = std::slice::from_raw_parts(data.add(begin), length);
+        match length.cmp(&key.len()).then_with(|| candidate.cmp(key)) {
+            std::cmp::Ordering::Less => low = middle + 1,
+            std::cmp::Ordering::Greater => high = middle,
+            std::cmp::Ordering::Equal => {
+                let index = pairs + middle;
+                return match entry(index) & pg_sys::JENTRY_TYPEMASK {
+                    pg_sys::JENTRY_ISSTRING => {
+                        let (begin, length) = bounds(index);
+                        Entry::String(std::slice::from_raw_parts(data.add(begin), length))
+                    }
+                    pg_sys::JENTRY_ISBOOL_TRUE => Entry::Scalar(Value::Bool(true)),
+                    pg_sys::JENTRY_ISBOOL_FALSE => Entry::Scalar(Value::Bool(false)),
+                    pg_sys::JENTRY_ISNULL => Entry::Scalar(Value::Null),
+                    _ => Entry::Other,
+                };
+            }
+        }
+    }
+    Entry::Absent
+}
+
+/// Copies jsonb string bytes into `slot`, overwriting the slot's previous
+/// string in place, so a warm slot converts without allocating.
+fn copy_string_into(bytes: &[u8], slot: &mut Value) {
+    let text = if database_is_utf8() {
+        // SAFETY: PostgreSQL validated the text against the UTF-8 database
+        // encoding when the jsonb was built.
+        std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        String::from_utf8_lossy(bytes)
+    };
+    match slot {
+        Value::String(previous) => {
+            previous.clear();
+            previous.push_str(&text);
+        }
+        other => *other = Value::String(text.into_owned()),
+    }
+}
+
+/// Converts one looked-up non-string value. Nested containers are rare in
+/// contexts and take the text path.
 unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
     match value.type_ {
-        jbvType::jbvString => {
-            let string = value.val.string;
-            let bytes = std::slice::from_raw_parts(string.val.cast::<u8>(), string.len as usize);
-            Value::String(if database_is_utf8() {
-                // SAFETY: PostgreSQL validated the text against the UTF-8
-                // database encoding when the jsonb was built.
-                std::str::from_utf8_unchecked(bytes).to_owned()
-            } else {
-                String::from_utf8_lossy(bytes).into_owned()
-            })
-        }
         jbvType::jbvBool => Value::Bool(value.val.boolean),
         jbvType::jbvNumeric => {
             let text = pg_sys::numeric_normalize(value.val.numeric);
@@ -116,7 +219,7 @@ thread_local! {
 }
 
 /// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
-fn database_is_utf8() -> bool {
+pub fn database_is_utf8() -> bool {
     DATABASE_IS_UTF8.with(|cell| {
         // SAFETY: GetDatabaseEncoding reads a backend global.
         *cell.get_or_init(|| unsafe {

@@ -30,6 +30,7 @@ mod jsonb;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;
+mod text_arg;
 mod unguarded;
 mod usage;
 

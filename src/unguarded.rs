@@ -9,7 +9,7 @@
 
 use std::ffi::{c_char, c_int};
 
-use pgrx::pg_sys::{JsonbContainer, JsonbValue, Oid};
+use pgrx::pg_sys::{JsonbContainer, JsonbValue, Oid, TimestampTz};
 
 extern "C" {
     /// Binary search of an object container's keys (jsonb_util.c); given
@@ -23,4 +23,8 @@ extern "C" {
 
     /// The current user id (miscinit.c): returns a backend global.
     pub fn GetUserId() -> Oid;
+
+    /// When the current top-level statement started (xact.c): returns a
+    /// backend global.
+    pub fn GetCurrentStatementStartTimestamp() -> TimestampTz;
 }

@@ -600,7 +600,10 @@ impl Snapshot {
         }
 
         let targeting_key = targeting_key(attributes);
-        if let Some(key) = &targeting_key {
+        if let Some(key) = targeting_key
+            .as_ref()
+            .filter(|_| !environment.targets.is_empty())
+        {
             if let Some(&index) = environment.targets.get(key.as_ref()) {
                 return flag.serve_index(index, Reason::TargetingMatch, Some("targets"));
             }

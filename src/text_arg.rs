@@ -1,0 +1,70 @@
+//! A `text` argument read in place.
+//!
+//! pgrx's `&str` argument always goes through the guarded
+//! `pg_detoast_datum_packed`, whose error guard costs more than the rest of
+//! reading a flag key. A key is short and arrives uncompressed and inline
+//! (a literal, a bound parameter or a column value), so its bytes are
+//! borrowed where they lie; only external or compressed values take the
+//! guarded detoast.
+
+use std::borrow::Cow;
+use std::ops::Deref;
+
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::nullable::Nullable;
+use pgrx::prelude::*;
+use pgrx::varlena;
+
+/// The text of an argument, valid for the call.
+pub struct TextArg<'fcx>(Cow<'fcx, str>);
+
+impl Deref for TextArg<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromDatum for TextArg<'_> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        let mut value = datum.cast_mut_ptr::<pg_sys::varlena>();
+        if varlena::varatt_is_1b_e(value) || varlena::varatt_is_4b_c(value) {
+            value = pg_sys::pg_detoast_datum_packed(value);
+        }
+        // SAFETY: `value` is now an inline, uncompressed varlena with either
+        // header, which lives for the call.
+        let bytes = std::slice::from_raw_parts(
+            varlena::vardata_any(value).cast::<u8>(),
+            varlena::varsize_any_exhdr(value),
+        );
+        Some(TextArg(if crate::jsonb::database_is_utf8() {
+            // SAFETY: PostgreSQL validated the text against the UTF-8
+            // database encoding.
+            Cow::Borrowed(std::str::from_utf8_unchecked(bytes))
+        } else {
+            String::from_utf8_lossy(bytes)
+        }))
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for TextArg<'fcx> {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        arg.unbox_arg_using_from_datum()
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        arg.unbox_arg_using_from_datum().into()
+    }
+}
+
+impl_sql_translatable!(TextArg<'_>, arg_only = "text");
