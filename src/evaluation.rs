@@ -542,6 +542,69 @@ mod tests {
         );
     }
 
+    /// Contexts are read straight from jsonb's binary layout: keys sorted by
+    /// length then bytes, offsets stored on every 32nd entry, numbers padded.
+    /// Each rule below matches only when its attribute reads wrongly (or not
+    /// at all), so DEFAULT proves every read right.
+    #[pg_test]
+    fn reads_every_kind_of_context_attribute() {
+        setup();
+        let expected = |i: u32| match i % 3 {
+            0 => i.to_string(),
+            1 => format!("\"v{i}\""),
+            _ => (i % 2 == 0).to_string(),
+        };
+        let mut rules: Vec<String> = [1, 2, 3, 31, 32, 33, 34, 63, 64, 65, 79, 80]
+            .into_iter()
+            .map(|i| {
+                format!(
+                    r#"{{"id": "k{i}", "conditions": [{{"attribute": "k{i}", "op": "neq",
+                        "values": [{}], "if_missing": true}}], "serve": {{"variant": "on"}}}}"#,
+                    expected(i)
+                )
+            })
+            .collect();
+        for (id, attribute, value) in [
+            ("unicode", "ключ", "\"значение\""),
+            ("nested", "nested.inner", "\"x\""),
+        ] {
+            rules.push(format!(
+                r#"{{"id": "{id}", "conditions": [{{"attribute": "{attribute}", "op": "neq",
+                    "values": [{value}], "if_missing": true}}], "serve": {{"variant": "on"}}}}"#
+            ));
+        }
+        put_flag(&format!(
+            r#"{{"key": "wide", "environments": {{"production": {{"enabled": true,
+                "rules": [{}], "default": {{"variant": "off"}}}}}}}}"#,
+            rules.join(", ")
+        ));
+        let context = "(SELECT jsonb_object_agg('k' || i, CASE i % 3 WHEN 0 THEN to_jsonb(i) \
+                        WHEN 1 THEN to_jsonb('v' || i) ELSE to_jsonb(i % 2 = 0) END) \
+                        || '{\"ключ\": \"значение\", \"nested\": {\"inner\": \"x\"}}' \
+                        FROM generate_series(1, 80) AS i)";
+        let answer = |context: &str| {
+            text(&format!(
+                "SELECT flagship.flagship_evaluate('wide', {context})::text"
+            ))
+        };
+        let all_read = answer(context);
+        assert!(all_read.contains("\"reason\": \"DEFAULT\""), "{all_read}");
+        // A wrong value, a null and a missing key are each noticed.
+        for (change, rule) in [
+            ("|| '{\"k64\": \"v0\"}'", "k64"),
+            ("|| '{\"k65\": null}'", "k65"),
+            ("- 'k80'", "k80"),
+            ("- 'ключ'", "unicode"),
+            ("|| '{\"nested\": {\"inner\": 1}}'", "nested"),
+        ] {
+            let changed = answer(&format!("({context} {change})"));
+            assert!(
+                changed.contains(&format!("\"rule\": \"{rule}\"")),
+                "{change}: {changed}"
+            );
+        }
+    }
+
     #[pg_test]
     fn errors_are_answered_not_raised() {
         setup();
