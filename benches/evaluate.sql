@@ -11,6 +11,10 @@
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 \i benches/setup.sql
+-- Leave autovacuum and the checkpointer nothing to do while we measure: on two
+-- cores their bursts right after setup would be timed with the queries.
+VACUUM ANALYZE;
+CHECKPOINT;
 SELECT set_config('flagship.organization_id', id::text, false) FROM flagship.organizations WHERE slug = 'bench' \gset
 SET flagship.environment = 'app/production';
 

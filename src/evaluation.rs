@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
 
+use crate::args::TextArg;
 use crate::cache::{self, CacheKey, Resolved};
 use crate::context::{self, RawIdentity};
 use crate::encoded;
@@ -20,7 +21,6 @@ use crate::rules::conditions::Attributes;
 use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
 use crate::rules::engine::ErrorCode;
 use crate::rules::{Resolution, Snapshot};
-use crate::text_arg::TextArg;
 
 /// `snapshot_for`, for evaluation: an API key must grant `features:read`.
 fn evaluation_snapshot(

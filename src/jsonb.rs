@@ -9,10 +9,9 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::mem::MaybeUninit;
 
-use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::callconv::{BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::direct_function_call_as_datum;
-use pgrx::nullable::Nullable;
 use pgrx::pg_sys::{self, jbvType, JsonbIteratorToken as Token};
 use pgrx::prelude::*;
 use serde_json::{Number, Value};
@@ -252,17 +251,7 @@ impl FromDatum for JsonbArg {
     }
 }
 
-unsafe impl<'fcx> ArgAbi<'fcx> for JsonbArg {
-    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-        let index = arg.index();
-        arg.unbox_arg_using_from_datum()
-            .unwrap_or_else(|| panic!("argument {index} must not be null"))
-    }
-
-    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-        arg.unbox_arg_using_from_datum().into()
-    }
-}
+crate::args::arg_from_datum!(JsonbArg);
 
 impl_sql_translatable!(JsonbArg, arg_only = "jsonb");
 

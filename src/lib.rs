@@ -14,6 +14,7 @@ pub mod periods;
 pub mod profiles;
 pub mod rules;
 
+mod args;
 mod audit;
 mod cache;
 #[cfg(test)]
@@ -30,7 +31,6 @@ mod jsonb;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;
-mod text_arg;
 mod unguarded;
 mod usage;
 

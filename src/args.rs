@@ -1,4 +1,4 @@
-//! A `text` argument read in place.
+//! Arguments read in place, without pgrx's conversions.
 //!
 //! pgrx's `&str` argument always goes through the guarded
 //! `pg_detoast_datum_packed`, whose error guard costs more than the rest of
@@ -10,8 +10,6 @@
 use std::borrow::Cow;
 use std::ops::Deref;
 
-use pgrx::callconv::{Arg, ArgAbi};
-use pgrx::nullable::Nullable;
 use pgrx::prelude::*;
 use pgrx::varlena;
 
@@ -55,16 +53,27 @@ impl FromDatum for TextArg<'_> {
     }
 }
 
-unsafe impl<'fcx> ArgAbi<'fcx> for TextArg<'fcx> {
-    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-        let index = arg.index();
-        arg.unbox_arg_using_from_datum()
-            .unwrap_or_else(|| panic!("argument {index} must not be null"))
-    }
+/// Passes an argument type that implements `FromDatum` to `#[pg_extern]`
+/// functions; NULL is only allowed where the parameter is an `Option`.
+macro_rules! arg_from_datum {
+    ($($argument:tt)+) => {
+        unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for $($argument)+ {
+            unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                arg.unbox_arg_using_from_datum()
+                    .unwrap_or_else(|| panic!("argument {index} must not be null"))
+            }
 
-    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-        arg.unbox_arg_using_from_datum().into()
-    }
+            unsafe fn unbox_nullable_arg(
+                arg: pgrx::callconv::Arg<'_, 'fcx>,
+            ) -> pgrx::nullable::Nullable<Self> {
+                arg.unbox_arg_using_from_datum().into()
+            }
+        }
+    };
 }
+pub(crate) use arg_from_datum;
+
+arg_from_datum!(TextArg<'fcx>);
 
 impl_sql_translatable!(TextArg<'_>, arg_only = "text");
