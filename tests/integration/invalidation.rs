@@ -1,5 +1,5 @@
 //! The per-backend cache of compiled flags must follow the database exactly:
-//! another session's commit is seen by the next call, its uncommitted or
+//! another session's commit is seen by the next statement, its uncommitted or
 //! rolled-back changes never are.
 
 use crate::harness::{connect, organization, put_flag, text};
@@ -24,7 +24,7 @@ fn reason(client: &mut postgres::Client) -> String {
 }
 
 #[test]
-fn another_sessions_commit_is_seen_by_the_next_call() {
+fn another_sessions_commit_is_seen_by_the_next_statement() {
     let mut writer = connect();
     let mut reader = connect();
     let (org, _) = organization(&mut writer, "inval");
@@ -44,6 +44,40 @@ fn another_sessions_commit_is_seen_by_the_next_call() {
     put_flag(&mut writer, &org, ON);
     assert_eq!(reason(&mut reader), "STATIC");
     reader.batch_execute("COMMIT").unwrap();
+}
+
+/// A statement does not go looking for other sessions' changes once it has
+/// evaluated: a query over many rows sees one configuration.
+#[test]
+fn one_statement_sees_one_configuration() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "steady");
+    put_flag(&mut writer, &org, ON);
+    use_production(&mut reader, &org);
+    assert_eq!(reason(&mut reader), "STATIC");
+
+    let statement = std::thread::spawn(move || {
+        let answers = text(
+            &mut reader,
+            "SELECT (flagship.flagship_evaluate('f') ->> 'reason') || ' ' || \
+                    (SELECT pg_sleep(1.5))::text || ' ' || \
+                    (flagship.flagship_evaluate('f') ->> 'reason')",
+        );
+        (answers, reader)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    put_flag(&mut writer, &org, OFF);
+    let (answers, mut reader) = statement.join().unwrap();
+    assert_eq!(
+        answers, "STATIC  STATIC",
+        "the configuration changed mid-statement"
+    );
+    assert_eq!(
+        reason(&mut reader),
+        "DISABLED",
+        "the next statement missed it"
+    );
 }
 
 #[test]
