@@ -71,11 +71,11 @@ thread_local! {
 }
 
 /// Picks up other sessions' committed changes at the first evaluation of
-/// every statement, even inside a long transaction. Within a statement the
-/// configuration holds still, as a snapshot does: a query filtering a
-/// million rows on a flag sees one version of it, and the guarded call is
-/// paid once per statement rather than once per row. This backend's own
-/// changes do not wait for it: they arrive at its next command.
+/// every statement, even inside a long transaction. Later evaluations in
+/// the same statement do not look again: a query filtering a million rows
+/// on a flag pays for the guarded call once, and normally sees one version
+/// of the flag throughout. This backend's own changes do not wait for it:
+/// they arrive at its next command.
 fn accept_invalidations_once_per_statement() {
     // SAFETY: reads a backend global.
     let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };

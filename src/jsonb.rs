@@ -106,9 +106,9 @@ enum Entry<'a> {
 }
 
 /// Binary search of an object container's keys, reading the on-disk layout
-/// of jsonb.h directly: `getKeyJsonValueFromContainer` does the same but
-/// decodes into a `JsonbValue` and costs twice as much for the short string
-/// attributes contexts are made of.
+/// of jsonb.h directly, so that a string value goes straight into its slot
+/// without an intermediate `JsonbValue` (numbers and nested containers still
+/// go through PostgreSQL's own decoding).
 ///
 /// Layout: a header word (pair count), then one JEntry per key followed by
 /// one per value, then the data. A JEntry holds either the length of its
