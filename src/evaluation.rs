@@ -67,7 +67,9 @@ fn snapshot_for(
 }
 
 thread_local! {
-    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(0) };
+    /// The start of the statement whose invalidations were last accepted; no
+    /// statement starts at MIN, so the first evaluation always accepts.
+    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(i64::MIN) };
 }
 
 /// Picks up other sessions' committed changes at the first evaluation of
