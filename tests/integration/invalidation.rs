@@ -23,14 +23,21 @@ fn reason(client: &mut postgres::Client) -> String {
     )
 }
 
-#[test]
-fn another_sessions_commit_is_seen_by_the_next_statement() {
+/// A new organization whose flag `f` is on, a session that writes it and
+/// one that has evaluated it.
+fn writer_and_reader(slug: &str) -> (postgres::Client, postgres::Client, String) {
     let mut writer = connect();
     let mut reader = connect();
-    let (org, _) = organization(&mut writer, "inval");
+    let (org, _) = organization(&mut writer, slug);
     put_flag(&mut writer, &org, ON);
     use_production(&mut reader, &org);
     assert_eq!(reason(&mut reader), "STATIC");
+    (writer, reader, org)
+}
+
+#[test]
+fn another_sessions_commit_is_seen_by_the_next_statement() {
+    let (mut writer, mut reader, org) = writer_and_reader("inval");
 
     writer.batch_execute("BEGIN").unwrap();
     put_flag(&mut writer, &org, OFF);
@@ -50,12 +57,7 @@ fn another_sessions_commit_is_seen_by_the_next_statement() {
 /// evaluated: a query over many rows sees one configuration.
 #[test]
 fn one_statement_sees_one_configuration() {
-    let mut writer = connect();
-    let mut reader = connect();
-    let (org, _) = organization(&mut writer, "steady");
-    put_flag(&mut writer, &org, ON);
-    use_production(&mut reader, &org);
-    assert_eq!(reason(&mut reader), "STATIC");
+    let (mut writer, mut reader, org) = writer_and_reader("steady");
 
     let statement = std::thread::spawn(move || {
         let answers = text(
