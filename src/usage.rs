@@ -771,6 +771,23 @@ mod tests {
         assert_eq!(code, "42501");
         let (code, _) = failure("UPDATE flagship.usage_ledger SET amount = 0");
         assert_eq!(code, "42501");
+        // An application writing the ledger itself may append only the two
+        // kinds of change (a restrictive policy: see sql/usage.sql).
+        Spi::run("CREATE ROLE flagship_test_app NOLOGIN IN ROLE flagship_app").unwrap();
+        Spi::run("SET LOCAL ROLE flagship_test_app").unwrap();
+        let append = |kind: &str| {
+            format!(
+                "INSERT INTO flagship.usage_ledger (organization_id, customer_id, metric_id, \
+                 period_start, kind, amount, used_after, usage_limit, enforcement, resets_at) \
+                 SELECT organization_id, customer_id, metric_id, period_start, '{kind}', amount, \
+                 used_after, usage_limit, enforcement, resets_at FROM flagship.usage_ledger LIMIT 1"
+            )
+        };
+        let (code, message) = failure(&append("bogus"));
+        assert_eq!(code, "42501", "{message}");
+        assert!(message.contains("usage_ledger"), "{message}");
+        assert_eq!(failure(&append("record")).0, "none");
+        Spi::run("RESET ROLE").unwrap();
     }
 
     #[pg_test]
