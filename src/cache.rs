@@ -3,9 +3,11 @@
 //! Writes to configuration tables fire a statement trigger that calls
 //! `CacheInvalidateRelcacheByRelid` on `flagship.features`. PostgreSQL
 //! delivers that invalidation to the writing backend at its next command
-//! (so it sees its own uncommitted change) and to every other backend once
-//! the write commits; our one relcache callback then bumps a generation
-//! counter and every compiled environment built before it is discarded.
+//! (so it sees its own uncommitted change) and, once the write commits, to
+//! every other backend at its next statement that evaluates (see
+//! `accept_invalidations_once_per_statement`); our one relcache callback
+//! then bumps a generation counter and every compiled environment built
+//! before it is discarded.
 //! An abort (of a transaction or a savepoint) bumps the counter too, since
 //! this backend may have compiled rows that no longer exist.
 
@@ -73,6 +75,26 @@ struct Recent {
 
 thread_local! {
     static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
+}
+
+thread_local! {
+    /// The start of the statement whose invalidations were last accepted; no
+    /// statement starts at MIN, so the first evaluation always accepts.
+    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(i64::MIN) };
+}
+
+/// Picks up other sessions' committed changes at the first evaluation of
+/// every statement, even inside a long transaction. Later evaluations in
+/// the same statement do not look again: a query filtering a million rows
+/// on a flag pays for the guarded call once, and normally sees one version
+/// of the flag throughout. This backend's own changes do not wait for it:
+/// they arrive at its next command.
+pub fn accept_invalidations_once_per_statement() {
+    // SAFETY: reads a backend global.
+    let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };
+    if STATEMENT_SEEN.replace(statement) != statement {
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+    }
 }
 
 pub fn recall(identity: &RawIdentity) -> Option<Resolved> {

@@ -40,7 +40,7 @@ fn evaluation_snapshot(
 fn snapshot_for(
     environment: Option<&str>,
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
-    accept_invalidations_once_per_statement();
+    cache::accept_invalidations_once_per_statement();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
     let identity = RawIdentity::current(explicit);
     let resolved = match cache::recall(&identity) {
@@ -63,26 +63,6 @@ fn snapshot_for(
         }
         Resolved::Found(snapshot, environment_id) => Ok((snapshot, environment_id)),
         Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
-    }
-}
-
-thread_local! {
-    /// The start of the statement whose invalidations were last accepted; no
-    /// statement starts at MIN, so the first evaluation always accepts.
-    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(i64::MIN) };
-}
-
-/// Picks up other sessions' committed changes at the first evaluation of
-/// every statement, even inside a long transaction. Later evaluations in
-/// the same statement do not look again: a query filtering a million rows
-/// on a flag pays for the guarded call once, and normally sees one version
-/// of the flag throughout. This backend's own changes do not wait for it:
-/// they arrive at its next command.
-fn accept_invalidations_once_per_statement() {
-    // SAFETY: reads a backend global.
-    let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };
-    if STATEMENT_SEEN.replace(statement) != statement {
-        unsafe { pg_sys::AcceptInvalidationMessages() };
     }
 }
 

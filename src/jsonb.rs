@@ -434,31 +434,32 @@ fn scalar_value(value: &Value) -> pg_sys::JsonbValue {
             type_: jbvType::jbvBool,
             val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: *flag },
         },
-        Value::Number(number) if number.is_i64() => {
-            // Counts and limits: int8 to numeric directly, with no text
-            // formatting and parsing in between.
-            let integer = number.as_i64().unwrap_or_default();
-            // SAFETY: int8_numeric converts any int8 into a new palloc'd
-            // Numeric.
-            let numeric = unsafe {
-                direct_function_call_as_datum(
-                    pg_sys::int8_numeric,
-                    &[Some(pg_sys::Datum::from(integer))],
-                )
-            }
-            .expect("int8_numeric returns a value");
-            pg_sys::JsonbValue {
-                type_: jbvType::jbvNumeric,
-                val: pg_sys::JsonbValue__bindgen_ty_1 {
-                    numeric: numeric.cast_mut_ptr(),
-                },
-            }
-        }
-        Value::Number(number) => {
-            let text = CString::new(number.to_string()).expect("numbers have no NUL");
-            // SAFETY: numeric_in parses a valid numeric literal into a new
-            // palloc'd Numeric.
-            let numeric = unsafe {
+        Value::Number(number) => pg_sys::JsonbValue {
+            type_: jbvType::jbvNumeric,
+            val: pg_sys::JsonbValue__bindgen_ty_1 {
+                numeric: numeric(number).cast_mut_ptr(),
+            },
+        },
+        _ => pg_sys::JsonbValue {
+            type_: jbvType::jbvNull,
+            val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: false },
+        },
+    }
+}
+
+/// A new palloc'd Numeric. Counts and limits go from int8 directly, with no
+/// text formatting and parsing in between; other numbers through their text.
+fn numeric(number: &Number) -> pg_sys::Datum {
+    // SAFETY: int8_numeric converts any int8, numeric_in any valid numeric
+    // literal (which serde_json's numbers print as), into a new Numeric.
+    unsafe {
+        match number.as_i64() {
+            Some(integer) => direct_function_call_as_datum(
+                pg_sys::int8_numeric,
+                &[Some(pg_sys::Datum::from(integer))],
+            ),
+            None => {
+                let text = CString::new(number.to_string()).expect("numbers have no NUL");
                 direct_function_call_as_datum(
                     pg_sys::numeric_in,
                     &[
@@ -468,17 +469,7 @@ fn scalar_value(value: &Value) -> pg_sys::JsonbValue {
                     ],
                 )
             }
-            .expect("numeric_in returns a value");
-            pg_sys::JsonbValue {
-                type_: jbvType::jbvNumeric,
-                val: pg_sys::JsonbValue__bindgen_ty_1 {
-                    numeric: numeric.cast_mut_ptr(),
-                },
-            }
         }
-        _ => pg_sys::JsonbValue {
-            type_: jbvType::jbvNull,
-            val: pg_sys::JsonbValue__bindgen_ty_1 { boolean: false },
-        },
     }
+    .expect("numeric conversions return a value")
 }
