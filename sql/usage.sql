@@ -101,6 +101,10 @@ CREATE TABLE flagship.customers (
     CONSTRAINT customers_key_present
         CHECK (length(btrim(external_key)) > 0 AND length(external_key) <= 200),
     CONSTRAINT customers_attributes_object CHECK (jsonb_typeof(attributes) = 'object'),
+    -- Raises 22023 naming the customer when the attributes nest too deep to
+    -- load back (evaluation reads them as customer.*).
+    CONSTRAINT customers_attributes_loadable
+        CHECK (flagship.check_stored_value('customer "' || external_key || '": attributes', attributes)),
     FOREIGN KEY (organization_id, project_id, environment_id)
         REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
 );

@@ -204,18 +204,28 @@ pub fn load_entitlement_document(
 ) -> Option<serde_json::Value> {
     let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
     let query = format!(
-        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})",
+        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})::text",
         placeholders.join(", ")
     );
     let (watched, document) = Spi::connect(|client| {
         let row = client.select(&query, Some(1), arguments)?.first();
-        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<pgrx::JsonB>(2)?))
+        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<String>(2)?))
     })
     .unwrap_or_else(|error| panic!("{function}: {error}"));
     if let Some(watched) = watched {
         watch_entitlements(watched);
     }
-    document.map(|document| document.0)
+    // Read as text and parsed here, so that a stored document too deep or
+    // too large to read (written around the CHECK constraints) makes this
+    // one customer unknown, with a warning, instead of raising inside an
+    // evaluation.
+    match crate::jsonb::parse_document(&document?) {
+        Ok(document) => Some(document),
+        Err(why) => {
+            pgrx::warning!("flagship.{function}: the stored document {why}; answering as if it did not exist");
+            None
+        }
+    }
 }
 
 /// Remembers which relation's invalidations stale the entitlement cache.

@@ -7,7 +7,6 @@ use std::cell::{Cell, OnceCell, RefCell, UnsafeCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use serde_json::Value;
 
 use crate::args::TextArg;
@@ -126,52 +125,127 @@ fn load(environment: &str) -> (pg_sys::Oid, Resolved) {
             )
         }
     };
-    let document = Spi::get_one_with_args::<JsonB>(
-        "SELECT flagship.environment_snapshot($1)",
-        &[environment_id.into()],
-    )
-    .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"))
-    .map(|document| document.0)
-    .unwrap_or(Value::Null);
+    let rows = load_rows(environment_id)
+        .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"));
     (
         watched,
-        Resolved::Found(Rc::new(compile(&document)), environment_id),
+        Resolved::Found(Rc::new(compile(rows)), environment_id),
     )
 }
 
-/// Compiles the stored, already validated documents of one environment.
-fn compile(document: &Value) -> Snapshot {
-    let empty = Vec::new();
-    let flags = document
-        .get("flags")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty)
-        .iter()
-        .filter_map(|item| {
-            let definition = parse_flag_definition(item.get("definition")?).ok()?;
-            let config = match item.get("config") {
-                Some(config) if !config.is_null() => Some(
-                    parse_environment_config(
-                        config,
-                        &definition.variants,
-                        definition.bucketing.unwrap_or_default(),
-                        "",
-                    )
-                    .ok()?,
-                ),
-                _ => None,
-            };
-            Some((definition, config))
-        })
-        .collect();
-    let segments = document
-        .get("segments")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty)
-        .iter()
-        .filter_map(|segment| parse_segment(segment).ok())
-        .collect();
-    Snapshot::compile(flags, segments)
+/// One environment's stored documents, as text, one row per flag and per
+/// segment, so that a row that cannot be read fails alone.
+struct StoredRows {
+    /// Key, flag-level definition, this environment's configuration.
+    flags: Vec<(String, String, Option<String>)>,
+    /// Key, definition.
+    segments: Vec<(String, String)>,
+}
+
+const FLAG_ROWS: &str = "\
+    SELECT f.key, (to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[])::text, \
+           CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END \
+      FROM flagship.environments e \
+      JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
+      LEFT JOIN flagship.feature_rules r \
+        ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
+     WHERE e.id = $1";
+
+const SEGMENT_ROWS: &str = "\
+    SELECT s.key, (to_jsonb(s) - '{organization_id,project_id,id,created_at,updated_at}'::text[])::text \
+      FROM flagship.environments e \
+      JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
+     WHERE e.id = $1";
+
+fn load_rows(environment_id: pgrx::Uuid) -> Result<StoredRows, pgrx::spi::Error> {
+    Spi::connect(|client| {
+        let mut flags = Vec::new();
+        for row in client.select(FLAG_ROWS, None, &[environment_id.into()])? {
+            flags.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?,
+            ));
+        }
+        let mut segments = Vec::new();
+        for row in client.select(SEGMENT_ROWS, None, &[environment_id.into()])? {
+            segments.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok(StoredRows { flags, segments })
+    })
+}
+
+/// Compiles one environment's stored documents. The validators refuse on
+/// write whatever would fail here, so a failure means a row written around
+/// them (a superuser with triggers off, an older version): that flag, and
+/// every flag whose rules use a segment that failed, answers an ERROR of
+/// its own, and the rest of the environment evaluates normally.
+fn compile(rows: StoredRows) -> Snapshot {
+    let mut unloadable: Vec<(String, String)> = Vec::new();
+    let mut broken_segments: Vec<String> = Vec::new();
+    let mut segments = Vec::new();
+    for (key, text) in rows.segments {
+        match serde_json::from_str::<Value>(&text)
+            .map_err(|error| error.to_string())
+            .and_then(|document| parse_segment(&document).map_err(|error| error.to_string()))
+        {
+            Ok(segment) => segments.push(segment),
+            Err(_) => broken_segments.push(key),
+        }
+    }
+    let mut flags = Vec::new();
+    for (key, definition, config) in rows.flags {
+        match compile_flag(&definition, config.as_deref(), &broken_segments) {
+            Ok(flag) => flags.push(flag),
+            Err(why) => unloadable.push((key, why)),
+        }
+    }
+    let mut snapshot = Snapshot::compile(flags, segments);
+    for (key, why) in unloadable {
+        snapshot.mark_unloadable(key, why);
+    }
+    snapshot
+}
+
+type LoadedFlag = (
+    crate::rules::document::FlagDefinition,
+    Option<crate::rules::document::EnvironmentConfig>,
+);
+
+fn compile_flag(
+    definition: &str,
+    config: Option<&str>,
+    broken_segments: &[String],
+) -> Result<LoadedFlag, String> {
+    let unreadable = |error: serde_json::Error| format!("its stored document cannot be read ({error})");
+    let definition = serde_json::from_str::<Value>(definition).map_err(unreadable)?;
+    let definition = parse_flag_definition(&definition).map_err(|error| error.to_string())?;
+    let config = match config {
+        None => None,
+        Some(text) => {
+            let config = serde_json::from_str::<Value>(text).map_err(unreadable)?;
+            let config = parse_environment_config(
+                &config,
+                &definition.variants,
+                definition.bucketing.unwrap_or_default(),
+                "",
+            )
+            .map_err(|error| error.to_string())?;
+            if let Some(segment) = config
+                .rules
+                .iter()
+                .filter_map(|rule| rule.segment.as_ref())
+                .find(|segment| broken_segments.contains(segment))
+            {
+                return Err(format!("its segment \"{segment}\" cannot be read"));
+            }
+            Some(config)
+        }
+    };
+    Ok((definition, config))
 }
 
 /// Where one evaluation keeps a converted context attribute. Slots outlive
@@ -203,7 +277,7 @@ thread_local! {
 /// never pays for the attributes of its second, and the rest of the
 /// document is never converted at all.
 struct Extracted<'k, 'c> {
-    context: Option<&'c JsonbArg>,
+    context: Option<&'c JsonbArg<'c>>,
     keys: &'k [String],
     /// One per key, taken from `SPARE_SLOTS` and given back on drop.
     slots: Vec<Slot>,
@@ -214,7 +288,7 @@ struct Extracted<'k, 'c> {
 
 impl<'k, 'c> Extracted<'k, 'c> {
     fn from(
-        context: &'c JsonbArg,
+        context: &'c JsonbArg<'c>,
         keys: &'k [String],
         environment: pgrx::Uuid,
     ) -> Extracted<'k, 'c> {
@@ -406,40 +480,58 @@ pub fn flagship_evaluate_all(
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
-    let mut result = Builder::new();
-    result.begin_object();
     match evaluation_snapshot(environment) {
-        Ok((snapshot, environment_id)) => {
-            let entitlements = EnvironmentEntitlements {
-                environment: environment_id,
-            };
-            // One conversion of everything any flag reads, not one per flag.
-            let keys = snapshot.live_context_keys();
-            let extracted = context
-                .as_ref()
-                .filter(|context| context.is_object())
-                .map(|context| Extracted::from(context, keys, environment_id));
-            let empty = Extracted::empty(environment_id);
-            let attributes: Option<&dyn Attributes> = match (&context, &extracted) {
-                (None, _) => Some(&empty),
-                (Some(_), Some(extracted)) => Some(extracted),
-                (Some(_), None) => None,
-            };
-            for key in snapshot.live_flag_keys() {
-                result.key(key);
-                result.value(
-                    &snapshot
-                        .evaluate_attributes(key, attributes, &entitlements)
-                        .to_json(),
-                );
-            }
-        }
+        Ok((snapshot, environment_id)) => all_flags(&snapshot, environment_id, context.as_ref()),
         Err((code, message)) => {
+            let mut result = Builder::new();
+            result.begin_object();
             result.key("error_code");
             result.string_value(code.as_str());
             result.key("error_message");
             result.string_value(&message);
+            result.end_object();
+            result.finish()
         }
+    }
+}
+
+/// The answers of every live flag, each the document `flagship_evaluate`
+/// gives for it. The answers are owned here and outlive the builder that
+/// references their strings (the builder's lifetime makes that a rule the
+/// compiler checks).
+fn all_flags(
+    snapshot: &Snapshot,
+    environment_id: pgrx::Uuid,
+    context: Option<&JsonbArg>,
+) -> BuiltJsonb {
+    let entitlements = EnvironmentEntitlements {
+        environment: environment_id,
+    };
+    // One conversion of everything any flag reads, not one per flag.
+    let keys = snapshot.live_context_keys();
+    let extracted = context
+        .filter(|context| context.is_object())
+        .map(|context| Extracted::from(context, keys, environment_id));
+    let empty = Extracted::empty(environment_id);
+    let attributes: Option<&dyn Attributes> = match (context, &extracted) {
+        (None, _) => Some(&empty),
+        (Some(_), Some(extracted)) => Some(extracted),
+        (Some(_), None) => None,
+    };
+    let answers: Vec<(&str, Value)> = snapshot
+        .live_flag_keys()
+        .map(|key| {
+            let answer = snapshot
+                .evaluate_attributes(key, attributes, &entitlements)
+                .to_json();
+            (key, answer)
+        })
+        .collect();
+    let mut result = Builder::new();
+    result.begin_object();
+    for (key, answer) in &answers {
+        result.key(key);
+        result.value(answer);
     }
     result.end_object();
     result.finish()

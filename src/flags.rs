@@ -4,11 +4,15 @@
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
+
+use crate::jsonb::DocumentArg;
 use serde_json::{json, Map, Value};
 
 use crate::bucketing::Profile;
 use crate::errors::invalid_parameter;
-use crate::rules::document::{parse_environment_config, parse_flag_document, parse_segment};
+use crate::rules::document::{
+    check_value_depth, parse_environment_config, parse_flag_document, parse_segment,
+};
 use crate::rules::ValidationError;
 
 fn refuse(subject: &str, key: Option<&str>, error: ValidationError) -> ! {
@@ -30,8 +34,8 @@ fn document_key(document: &Value) -> Option<&str> {
 /// flag-level fields with every default filled in. Raises 22023 naming the
 /// offending field.
 #[pg_extern(immutable, parallel_safe)]
-pub fn validate_flag(definition: JsonB) -> JsonB {
-    let document = definition.0;
+pub fn validate_flag(definition: DocumentArg) -> JsonB {
+    let document = definition.value("flag");
     let parsed = parse_flag_document(&document)
         .unwrap_or_else(|error| refuse("flag", document_key(&document), error));
     let flag = parsed.flag;
@@ -65,9 +69,9 @@ pub fn validate_flag(definition: JsonB) -> JsonB {
 #[pg_extern(immutable, parallel_safe)]
 pub fn validate_flag_environment(
     flag_key: &str,
-    variants: JsonB,
+    variants: DocumentArg,
     environment_key: &str,
-    config: JsonB,
+    config: DocumentArg,
 ) -> bool {
     validate_flag_config(flag_key, variants, None, environment_key, config)
 }
@@ -78,11 +82,12 @@ pub fn validate_flag_environment(
 #[pg_extern(immutable, parallel_safe)]
 pub fn validate_flag_config(
     flag_key: &str,
-    variants: JsonB,
+    variants: DocumentArg,
     bucketing: Option<&str>,
     environment_key: &str,
-    config: JsonB,
+    config: DocumentArg,
 ) -> bool {
+    let subject = format!("flag \"{flag_key}\"");
     let bucketing = match bucketing {
         None => Profile::default(),
         Some(name) => Profile::parse_named(name).unwrap_or_else(|message| {
@@ -93,7 +98,7 @@ pub fn validate_flag_config(
             )
         }),
     };
-    let mut variants: Vec<(String, Value)> = match variants.0 {
+    let mut variants: Vec<(String, Value)> = match variants.value(&format!("{subject}: variants")) {
         Value::Object(map) => map.into_iter().collect(),
         _ => invalid_parameter(
             format!("flag \"{flag_key}\": variants must be an object"),
@@ -102,16 +107,29 @@ pub fn validate_flag_config(
     };
     variants.sort_by(|a, b| a.0.cmp(&b.0));
     let path = format!("environments.{environment_key}");
-    parse_environment_config(&config.0, &variants, bucketing, &path)
+    let config = config.value(&format!("{subject}: {path}"));
+    parse_environment_config(&config, &variants, bucketing, &path)
         .unwrap_or_else(|error| refuse("flag", Some(flag_key), error));
     true
 }
 
 /// Validates a segment document. Raises 22023 naming the offending field.
 #[pg_extern(immutable, parallel_safe)]
-pub fn validate_segment(definition: JsonB) -> bool {
-    let document = definition.0;
+pub fn validate_segment(definition: DocumentArg) -> bool {
+    let document = definition.value("segment");
     parse_segment(&document)
         .unwrap_or_else(|error| refuse("segment", document_key(&document), error));
+    true
+}
+
+/// Raises 22023 naming `field` unless `value` is a stored value FlagShip can
+/// load back: at most `MAX_VALUE_DEPTH` levels deep, numbers that fit a
+/// double. CHECK constraints call it (customer attributes), so plain SQL
+/// writes meet the same limit as the put_ functions.
+#[pg_extern(immutable, parallel_safe, strict)]
+pub fn check_stored_value(field: &str, value: DocumentArg) -> bool {
+    let document = value.value(field);
+    check_value_depth(&document, "")
+        .unwrap_or_else(|error| invalid_parameter(format!("{field}: {}", error.message), None));
     true
 }

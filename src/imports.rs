@@ -7,6 +7,7 @@ use pgrx::JsonB;
 use serde_json::Value;
 
 use crate::errors::{invalid_parameter, raise};
+use crate::jsonb::DocumentArg;
 use crate::migration::{growthbook, unleash, ImportError};
 use crate::rules::document::parse_conditions;
 
@@ -25,9 +26,10 @@ fn refuse(source: &str, error: ImportError) -> ! {
 /// configured for `environment`, parents before their dependants. Raises
 /// 0A000 naming the first construct FlagShip cannot reproduce exactly.
 #[pg_extern(immutable, parallel_safe)]
-pub fn unleash_flag_documents(state: JsonB, environment: &str) -> JsonB {
+pub fn unleash_flag_documents(state: DocumentArg, environment: &str) -> JsonB {
+    let state = state.value("unleash import: state");
     let documents =
-        unleash::translate(&state.0, environment).unwrap_or_else(|error| refuse("unleash", error));
+        unleash::translate(&state, environment).unwrap_or_else(|error| refuse("unleash", error));
     JsonB(Value::Array(documents))
 }
 
@@ -37,10 +39,11 @@ pub fn unleash_flag_documents(state: JsonB, environment: &str) -> JsonB {
 /// naming what cannot be reproduced.
 #[pg_extern(immutable, parallel_safe)]
 pub fn import_growthbook_condition(
-    condition: JsonB,
-    saved_groups: default!(JsonB, "'{}'"),
+    condition: DocumentArg,
+    saved_groups: default!(DocumentArg, "'{}'"),
 ) -> JsonB {
-    let groups = match saved_groups.0 {
+    let condition = condition.value("growthbook import: condition");
+    let groups = match saved_groups.value("growthbook import: saved_groups") {
         Value::Object(groups) => groups,
         Value::Null => Default::default(),
         _ => invalid_parameter(
@@ -48,7 +51,7 @@ pub fn import_growthbook_condition(
             None,
         ),
     };
-    let conditions = growthbook::translate_condition(&condition.0, &groups)
+    let conditions = growthbook::translate_condition(&condition, &groups)
         .unwrap_or_else(|error| refuse("growthbook", error));
     let conditions = Value::Array(conditions);
     // What comes out must be what put_flag accepts.

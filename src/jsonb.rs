@@ -16,15 +16,20 @@ use pgrx::pg_sys::{self, jbvType, JsonbIteratorToken as Token};
 use pgrx::prelude::*;
 use serde_json::{Number, Value};
 
-/// A `jsonb` argument, detoasted but not converted.
-pub struct JsonbArg {
-    jsonb: *mut pg_sys::Jsonb,
+/// A `jsonb` argument, detoasted but not converted. It borrows the
+/// argument's memory, which PostgreSQL keeps for the function call `'fcx`
+/// (the argument datum itself, or a detoasted copy palloc'd in the call's
+/// memory context): the lifetime keeps it from being stored beyond.
+pub struct JsonbArg<'fcx> {
+    jsonb: std::ptr::NonNull<pg_sys::Jsonb>,
+    call: std::marker::PhantomData<&'fcx pg_sys::Jsonb>,
 }
 
-impl JsonbArg {
+impl JsonbArg<'_> {
     fn root(&self) -> *mut pg_sys::JsonbContainer {
-        // SAFETY: `jsonb` is a detoasted Jsonb that lives for the call.
-        unsafe { std::ptr::addr_of_mut!((*self.jsonb).root) }
+        // SAFETY: `jsonb` points to a complete, detoasted Jsonb with a 4-byte
+        // header, valid for 'fcx; taking a field's address reads nothing.
+        unsafe { std::ptr::addr_of_mut!((*self.jsonb.as_ptr()).root) }
     }
 
     /// A JSON object at the top (not an array, not a raw scalar).
@@ -42,7 +47,7 @@ impl JsonbArg {
             let text = pg_sys::JsonbToCString(
                 std::ptr::null_mut(),
                 self.root(),
-                pgrx::varsize_any_exhdr(self.jsonb.cast()) as c_int,
+                pgrx::varsize_any_exhdr(self.jsonb.as_ptr().cast()) as c_int,
             );
             std::ffi::CStr::from_ptr(text)
                 .to_string_lossy()
@@ -227,12 +232,12 @@ pub fn database_is_utf8() -> bool {
     })
 }
 
-impl FromDatum for JsonbArg {
+impl FromDatum for JsonbArg<'_> {
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
         is_null: bool,
         _: pg_sys::Oid,
-    ) -> Option<JsonbArg> {
+    ) -> Option<Self> {
         if is_null {
             return None;
         }
@@ -247,13 +252,16 @@ impl FromDatum for JsonbArg {
             pg_sys::pg_detoast_datum(varlena)
         }
         .cast::<pg_sys::Jsonb>();
-        Some(JsonbArg { jsonb })
+        Some(JsonbArg {
+            jsonb: std::ptr::NonNull::new(jsonb)?,
+            call: std::marker::PhantomData,
+        })
     }
 }
 
-crate::args::arg_from_datum!(JsonbArg);
+crate::args::arg_from_datum!(JsonbArg<'fcx>);
 
-impl_sql_translatable!(JsonbArg, arg_only = "jsonb");
+impl_sql_translatable!(JsonbArg<'_>, arg_only = "jsonb");
 
 /// A `jsonb` result built in place.
 pub struct BuiltJsonb(pg_sys::Datum);
@@ -302,28 +310,39 @@ unsafe impl BoxRet for BuiltJsonb {
 
 impl_sql_translatable!(BuiltJsonb, "jsonb");
 
-/// Accumulates tokens with `pushJsonbValue`. Strings are referenced, not
-/// copied, until `finish`, so everything pushed must outlive the builder.
-pub struct Builder {
+/// Accumulates tokens with `pushJsonbValue`. PostgreSQL keeps pointers to
+/// the strings pushed (keys and string values) until `finish` copies them
+/// into the result, so the builder borrows everything it is given for `'a`:
+/// handing it a temporary is a compile error, not freed memory in a result.
+pub struct Builder<'a> {
     state: *mut pg_sys::JsonbParseState,
     result: *mut pg_sys::JsonbValue,
+    borrowed: std::marker::PhantomData<&'a str>,
 }
 
-impl Builder {
-    pub fn new() -> Builder {
+impl<'a> Builder<'a> {
+    pub fn new() -> Builder<'a> {
         Builder {
             state: std::ptr::null_mut(),
             result: std::ptr::null_mut(),
+            borrowed: std::marker::PhantomData,
         }
     }
 
+    /// `value`'s string data, if any, must live for `'a`: every public
+    /// method that reaches here takes its text as `&'a`.
     fn push(&mut self, token: Token::Type, value: Option<pg_sys::JsonbValue>) {
         let mut value = value;
         let pointer = value
             .as_mut()
             .map_or(std::ptr::null_mut(), |value| value as *mut _);
-        // SAFETY: pushJsonbValue copies the scalar struct; its string data
-        // is borrowed from Rust values the caller keeps alive until finish.
+        // SAFETY: `state` is null or the parse state earlier pushes returned,
+        // allocated in the current memory context, which outlives the builder
+        // (it lives for one function call). pushJsonbValue copies the struct
+        // behind `pointer` (valid for this call) but keeps its string pointer,
+        // which borrows data of lifetime 'a, so it stays valid until `finish`.
+        // The call is guarded: an ERROR (too many pairs, out of memory)
+        // unwinds as a Rust panic and the builder owns nothing to free.
         self.result = unsafe { pg_sys::pushJsonbValue(&mut self.state, token, pointer) };
     }
 
@@ -335,50 +354,81 @@ impl Builder {
         self.push(Token::WJB_END_OBJECT, None);
     }
 
-    pub fn key(&mut self, key: &str) {
+    pub fn key(&mut self, key: &'a str) {
         self.push(Token::WJB_KEY, Some(string(key)));
     }
 
-    pub fn string_value(&mut self, text: &str) {
+    pub fn string_value(&mut self, text: &'a str) {
         self.push(Token::WJB_VALUE, Some(string(text)));
     }
 
-    pub fn value(&mut self, value: &Value) {
+    pub fn value(&mut self, value: &'a Value) {
         self.any(value, Token::WJB_VALUE);
     }
 
-    fn any(&mut self, value: &Value, token: Token::Type) {
-        match value {
-            Value::Object(map) => {
-                self.begin_object();
-                for (key, item) in map {
-                    self.key(key);
-                    self.any(item, Token::WJB_VALUE);
+    /// Pushes `value` without recursion, so no document can exhaust the
+    /// stack here: an explicit stack of the containers still open.
+    fn any(&mut self, value: &'a Value, token: Token::Type) {
+        enum Step<'v> {
+            Open(&'v Value, Token::Type),
+            Key(&'v str),
+            Close(Token::Type),
+        }
+        let mut pending = vec![Step::Open(value, token)];
+        while let Some(step) = pending.pop() {
+            match step {
+                Step::Key(key) => self.key(key),
+                Step::Close(token) => self.push(token, None),
+                Step::Open(Value::Object(map), _) => {
+                    self.begin_object();
+                    pending.push(Step::Close(Token::WJB_END_OBJECT));
+                    for (key, item) in map.iter().rev() {
+                        pending.push(Step::Open(item, Token::WJB_VALUE));
+                        pending.push(Step::Key(key));
+                    }
                 }
-                self.end_object();
-            }
-            Value::Array(items) => {
-                self.push(Token::WJB_BEGIN_ARRAY, None);
-                for item in items {
-                    self.any(item, Token::WJB_ELEM);
+                Step::Open(Value::Array(items), _) => {
+                    self.push(Token::WJB_BEGIN_ARRAY, None);
+                    pending.push(Step::Close(Token::WJB_END_ARRAY));
+                    for item in items.iter().rev() {
+                        pending.push(Step::Open(item, Token::WJB_ELEM));
+                    }
                 }
-                self.push(Token::WJB_END_ARRAY, None);
+                Step::Open(scalar, token) => self.push(token, Some(scalar_value(scalar))),
             }
-            scalar => self.push(token, Some(scalar_value(scalar))),
         }
     }
 
-    /// Any document, token by token.
+    /// Any document, token by token. A scalar at the top is stored by
+    /// jsonb as a one-element "raw scalar" array.
     fn build(value: &Value) -> BuiltJsonb {
         let mut builder = Builder::new();
-        builder.value(value);
+        if value.is_object() || value.is_array() {
+            builder.value(value);
+        } else {
+            let raw_scalar = pg_sys::JsonbValue {
+                type_: jbvType::jbvArray,
+                val: pg_sys::JsonbValue__bindgen_ty_1 {
+                    array: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_2 {
+                        nElems: 1,
+                        elems: std::ptr::null_mut(),
+                        rawScalar: true,
+                    },
+                },
+            };
+            builder.push(Token::WJB_BEGIN_ARRAY, Some(raw_scalar));
+            builder.any(value, Token::WJB_ELEM);
+            builder.push(Token::WJB_END_ARRAY, None);
+        }
         builder.finish()
     }
 
     pub fn finish(self) -> BuiltJsonb {
         assert!(!self.result.is_null(), "an empty jsonb builder");
         // SAFETY: `result` is the completed top-level value pushJsonbValue
-        // returned on the last END token.
+        // returned on the last END token; every string it points to is
+        // borrowed for 'a, which outlives `self`. JsonbValueToJsonb copies
+        // them all into one new palloc'd varlena.
         let jsonb = unsafe { pg_sys::JsonbValueToJsonb(self.result) };
         BuiltJsonb(pg_sys::Datum::from(jsonb))
     }
@@ -473,3 +523,47 @@ fn numeric(number: &Number) -> pg_sys::Datum {
     }
     .expect("numeric conversions return a value")
 }
+
+/// A `jsonb` argument read as a whole document (`serde_json::Value`), with
+/// the reasons it may not be readable answered as 22023 naming the
+/// argument, where pgrx's `JsonB` would panic (XX000): nesting beyond
+/// serde_json's 128 levels, or a number beyond the range of a double.
+pub struct DocumentArg<'fcx>(JsonbArg<'fcx>);
+
+/// How deep serde_json reads (its fixed recursion limit).
+pub const MAX_READABLE_DEPTH: usize = 128;
+
+impl DocumentArg<'_> {
+    /// The document, or 22023 naming `subject` (e.g. `flag "checkout"`).
+    pub fn value(&self, subject: &str) -> Value {
+        parse_document(&self.0.to_text()).unwrap_or_else(|why| {
+            crate::errors::invalid_parameter(format!("{subject}: {why}"), None)
+        })
+    }
+}
+
+/// Reads JSON text as jsonb printed it; says why not, in words for a user.
+pub fn parse_document(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|error| {
+        if error.to_string().contains("recursion limit") {
+            format!("nests deeper than {MAX_READABLE_DEPTH} levels of JSON")
+        } else {
+            format!("cannot be read ({error}); numbers must fit a double")
+        }
+    })
+}
+
+impl FromDatum for DocumentArg<'_> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        oid: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: forwarded as received; JsonbArg's conversion holds.
+        unsafe { JsonbArg::from_polymorphic_datum(datum, is_null, oid) }.map(DocumentArg)
+    }
+}
+
+crate::args::arg_from_datum!(DocumentArg<'fcx>);
+
+impl_sql_translatable!(DocumentArg<'_>, arg_only = "jsonb");

@@ -65,7 +65,8 @@ extension_sql_file!(
         "flags",
         usage::usage_period_start,
         usage::usage_period_end,
-        evaluation::environment_id
+        evaluation::environment_id,
+        flags::check_stored_value
     ]
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);

@@ -375,6 +375,7 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
                 "is not a valid variant name (letters, digits, '-', '_' or '.')",
             ));
         }
+        check_value_depth(value, &format!("variants.{name}"))?;
         if kind != Kind::Multivariate && !value.is_boolean() {
             return Err(ValidationError::new(
                 format!("variants.{name}"),
@@ -806,6 +807,24 @@ pub fn parse_serve(
 /// of conditions is about 7): far beyond any real targeting rule, and
 /// shallow enough that parsing and evaluating cannot exhaust the stack.
 pub const MAX_CONDITION_DEPTH: usize = 48;
+
+/// How deep a stored value (a variant's value, a customer's attributes)
+/// may nest, in JSON levels. Every document that holds one is read back
+/// whole when an environment or customer is loaded, within serde_json's
+/// 128 levels; 64 leaves room for the envelope around the value.
+pub const MAX_VALUE_DEPTH: usize = 64;
+
+/// Refuses a value nested deeper than `MAX_VALUE_DEPTH`, naming `path`.
+pub fn check_value_depth(value: &Value, path: &str) -> Result<()> {
+    let depth = nesting_depth(value);
+    if depth > MAX_VALUE_DEPTH {
+        return Err(ValidationError::new(
+            path,
+            format!("nests {depth} levels of JSON, more than the limit of {MAX_VALUE_DEPTH}"),
+        ));
+    }
+    Ok(())
+}
 
 /// The nesting depth of a JSON value (a scalar is 0), without recursion.
 pub fn nesting_depth(value: &Value) -> usize {

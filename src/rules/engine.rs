@@ -289,6 +289,10 @@ pub struct Snapshot {
     /// Every context key any live flag may read, sorted: what evaluate_all
     /// extracts once for all flags.
     live_context_keys: Vec<String>,
+    /// Flags whose stored configuration could not be compiled (written
+    /// around the validators, or by an older version), with why: each one
+    /// answers an ERROR of its own, and every other flag evaluates normally.
+    unloadable: HashMap<String, String, FxBuildHasher>,
 }
 
 fn variant_index(variants: &[(String, Value)], name: &str) -> usize {
@@ -443,6 +447,20 @@ impl Snapshot {
         snapshot
     }
 
+    /// Records a flag that could not be compiled: it answers ERROR
+    /// (`GENERAL`) with `why`, and stays among the live flags so that
+    /// evaluate_all shows the problem instead of hiding the flag.
+    pub fn mark_unloadable(&mut self, key: String, why: String) {
+        if self.flags.remove(&key).is_none() && self.unloadable.contains_key(&key) {
+            return;
+        }
+        if !self.order.contains(&key) {
+            self.order.push(key.clone());
+            self.order.sort();
+        }
+        self.unloadable.insert(key, why);
+    }
+
     /// The context keys `evaluate` may read for any live flag.
     pub fn live_context_keys(&self) -> &[String] {
         &self.live_context_keys
@@ -516,7 +534,7 @@ impl Snapshot {
     pub fn live_flag_keys(&self) -> impl Iterator<Item = &str> {
         self.order
             .iter()
-            .filter(|key| !self.flags[key.as_str()].archived)
+            .filter(|key| self.flags.get(key.as_str()).is_none_or(|flag| !flag.archived))
             .map(String::as_str)
     }
 
@@ -551,6 +569,13 @@ impl Snapshot {
         depth: usize,
     ) -> Resolution<'a> {
         let Some(flag) = self.flags.get(flag_key) else {
+            if let Some(why) = self.unloadable.get(flag_key) {
+                return Resolution::error(
+                    flag_key,
+                    ErrorCode::General,
+                    format!("flag \"{flag_key}\" cannot be evaluated: {why}"),
+                );
+            }
             return Resolution::error(
                 flag_key,
                 ErrorCode::FlagNotFound,

@@ -10,7 +10,7 @@ use crate::harness::{connect, text, unique};
 
 /// Versions whose install script is archived in `sql/archive/`; each needs
 /// an upgrade path to this one in `sql/`.
-const RELEASED: &[&str] = &["0.1.0"];
+const RELEASED: &[&str] = &["0.1.0", "0.2.0"];
 
 /// Everything a DBA would call the extension's catalog, one line per
 /// object, for comparison between databases.
@@ -224,12 +224,9 @@ fn upgrades_keep_data_and_match_a_fresh_install() {
         .unwrap();
         let chain = text(
             &mut old,
-            &format!("SELECT flagship.verify_audit_chain('{org}')::text"),
+            &format!("SELECT flagship.verify_audit_chain('{org}') ->> 'valid'"),
         );
-        assert_eq!(
-            chain,
-            r#"{"valid": true, "checked": 1, "first_broken_id": null}"#
-        );
+        assert_eq!(chain, "true", "from {version}");
         drop(old);
         su.batch_execute(&format!("DROP DATABASE {name}")).unwrap();
     }
