@@ -222,7 +222,9 @@ pub fn load_entitlement_document(
     match crate::jsonb::parse_document(&document?) {
         Ok(document) => Some(document),
         Err(why) => {
-            pgrx::warning!("flagship.{function}: the stored document {why}; answering as if it did not exist");
+            pgrx::warning!(
+                "flagship.{function}: the stored document {why}; answering as if it did not exist"
+            );
             None
         }
     }

@@ -188,8 +188,7 @@ fn compile(rows: StoredRows) -> Snapshot {
     let mut broken_segments: Vec<String> = Vec::new();
     let mut segments = Vec::new();
     for (key, text) in rows.segments {
-        match serde_json::from_str::<Value>(&text)
-            .map_err(|error| error.to_string())
+        match crate::jsonb::parse_document(&text)
             .and_then(|document| parse_segment(&document).map_err(|error| error.to_string()))
         {
             Ok(segment) => segments.push(segment),
@@ -220,13 +219,13 @@ fn compile_flag(
     config: Option<&str>,
     broken_segments: &[String],
 ) -> Result<LoadedFlag, String> {
-    let unreadable = |error: serde_json::Error| format!("its stored document cannot be read ({error})");
-    let definition = serde_json::from_str::<Value>(definition).map_err(unreadable)?;
+    let unreadable = |why: String| format!("its stored document {why}");
+    let definition = crate::jsonb::parse_document(definition).map_err(unreadable)?;
     let definition = parse_flag_definition(&definition).map_err(|error| error.to_string())?;
     let config = match config {
         None => None,
         Some(text) => {
-            let config = serde_json::from_str::<Value>(text).map_err(unreadable)?;
+            let config = crate::jsonb::parse_document(text).map_err(unreadable)?;
             let config = parse_environment_config(
                 &config,
                 &definition.variants,
@@ -967,6 +966,237 @@ mod tests {
                 "{context}"
             );
         }
+    }
+
+    /// Flags of every kind, for comparing evaluate_all with evaluate.
+    fn every_kind_of_flag() {
+        Spi::run(
+            r#"SELECT flagship.put_segment('shop', '{"key": "beta", "included": ["u-3"]}');
+               SELECT flagship.put_metric('shop', '{"key": "calls"}')"#,
+        )
+        .unwrap();
+        for document in [
+            r#"{"key": "new-checkout", "environments": {"production": {"enabled": true,
+                "targets": {"on": ["user-1"]},
+                "rules": [{"id": "nordic", "conditions": [{"attribute": "country", "op": "in", "values": ["NO", "SE"]}],
+                           "serve": {"variant": "on"}}],
+                "default": {"variant": "off"}}}}"#,
+            r##"{"key": "theme", "kind": "multivariate", "off_variant": "none",
+                "variants": {"dark": {"bg": "#000", "名前": "暗い", "n": [1, 2.5, null, {"deep": [true]}]},
+                             "light": "light ✓ \"quoted\"", "none": null},
+                "environments": {"production": {"enabled": true,
+                   "rules": [{"id": "adults", "conditions": [{"attribute": "age", "op": "gte", "values": [18]}],
+                              "serve": {"variant": "dark"}},
+                             {"id": "beta", "segment": "beta", "serve": {"variant": "light"}},
+                             {"id": "gold", "conditions": [{"attribute": "customer.tier", "op": "eq", "values": ["gold"]}],
+                              "serve": {"variant": "light"}},
+                             {"id": "pro-users", "conditions": [{"attribute": "user.plan", "op": "eq", "values": ["pro"]}],
+                              "serve": {"variant": "dark"}}],
+                   "default": {"rollout": {"dark": 50, "light": 50}}}}}"##,
+            r#"{"key": "plan-reports", "kind": "plan", "environments": {"production": {"enabled": true}}}"#,
+            r#"{"key": "dependent", "prerequisites": [{"flag": "new-checkout"}],
+                "environments": {"production": {"enabled": true}}}"#,
+            r#"{"key": "switched-off", "environments": {"production": {"enabled": false}}}"#,
+            r#"{"key": "unconfigured"}"#,
+            r#"{"key": "retired", "archived": true, "environments": {"production": {"enabled": true}}}"#,
+        ] {
+            put_flag(document);
+        }
+        Spi::run(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"plan-reports": true}}');
+               SELECT flagship.put_customer('shop/production',
+                   '{"key": "acme", "plan": "pro", "attributes": {"tier": "gold", "name": "Åse ✓"}}')"#,
+        )
+        .unwrap();
+    }
+
+    /// The bug of issue #13: every inner key and string of evaluate_all's
+    /// answers was freed memory. Each answer must be exactly what
+    /// flagship_evaluate gives for that flag, for generated contexts.
+    #[pg_test]
+    fn evaluate_all_equals_evaluate_flag_by_flag() {
+        use crate::test_support::generated;
+        use proptest::prelude::*;
+        setup();
+        every_kind_of_flag();
+        // Another organization's flags evaluated first in this backend, so
+        // freed memory would hold its data.
+        Spi::run(
+            "SELECT set_config('flagship.organization_id', \
+                 flagship.create_organization('globex', 'Globex')::text, true); \
+             SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop')",
+        )
+        .unwrap();
+        put_flag(
+            r#"{"key": "globex-secret", "kind": "multivariate", "variants": {"s": "globex-only-value"},
+                     "off_variant": "s", "environments": {"production": {"enabled": true}}}"#,
+        );
+        assert!(text("SELECT flagship.flagship_evaluate_all()::text").contains("globex-only-value"));
+        Spi::run("SELECT set_config('flagship.organization_id', id::text, true) FROM flagship.organizations WHERE slug = 'acme'")
+            .unwrap();
+
+        let member = prop_oneof![
+            prop_oneof![Just("user-1"), Just("u-2"), Just("u-3")]
+                .prop_map(|key| ("targeting_key".to_string(), serde_json::json!(key))),
+            prop_oneof![Just("NO"), Just("SE"), Just("DK")]
+                .prop_map(|country| ("country".to_string(), serde_json::json!(country))),
+            generated::number().prop_map(|age| ("age".to_string(), age)),
+            prop_oneof![Just("acme"), Just("nobody")]
+                .prop_map(|customer| ("customer".to_string(), serde_json::json!(customer))),
+            prop_oneof![Just("pro"), Just("free")]
+                .prop_map(|plan| ("user".to_string(), serde_json::json!({"plan": plan}))),
+            (generated::key(), generated::value()),
+        ];
+        let contexts = prop_oneof![
+            8 => prop::collection::vec(member, 0..8).prop_map(|members| generated::object_text(&members)),
+            1 => generated::value().prop_map(|value| value.to_string()),
+            1 => Just("NULL".to_string()),
+        ];
+        let compare = "SELECT flagship.flagship_evaluate_all(NULLIF($1, 'NULL')::jsonb)::text, \
+                              (SELECT jsonb_object_agg(key, flagship.flagship_evaluate(key, NULLIF($1, 'NULL')::jsonb)) \
+                                 FROM flagship.features WHERE NOT archived AND organization_id = flagship.current_organization_id())::text";
+        generated::runner(1_000, "evaluate_all against evaluate")
+            .run(&contexts, |context| {
+                let (all, one_by_one) =
+                    Spi::get_two_with_args::<String, String>(compare, &[context.clone().into()])
+                        .unwrap();
+                prop_assert_eq!(&all, &one_by_one, "context {}", context);
+                prop_assert!(!all.unwrap_or_default().contains("globex"));
+                Ok(())
+            })
+            .unwrap();
+        // One answer in full, inner fields included.
+        assert_eq!(
+            text(
+                r#"SELECT (flagship.flagship_evaluate_all('{"targeting_key": "u-3", "age": 30}') -> 'theme')::text"#
+            ),
+            r##"{"key": "theme", "rule": "adults", "value": {"n": [1, 2.5, null, {"deep": [true]}], "bg": "#000", "名前": "暗い"}, "reason": "TARGETING_MATCH", "variant": "dark"}"##
+        );
+        // The error object carries the real message.
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate_all('{}', 'nope/nope')::text"),
+            r#"{"error_code": "ENVIRONMENT_NOT_FOUND", "error_message": "environment \"nope/nope\" not found"}"#
+        );
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Documents too deep or too large to load back are refused on every
+    /// write path, naming the field and the limit; what is accepted
+    /// evaluates.
+    #[pg_test]
+    fn pathological_documents_are_refused_at_write_or_evaluated() {
+        setup();
+        let variant = |value: &str| {
+            format!(
+                r#"PERFORM flagship.put_flag('shop', '{{"key": "deep", "kind": "multivariate", "off_variant": "x",
+                     "variants": {{"x": {value}}}, "environments": {{"production": {{"enabled": true}}}}}}')"#
+            )
+        };
+        for (value, expected) in [
+            (
+                nested(65),
+                "variants.x: nests 65 levels of JSON, more than the limit of 64",
+            ),
+            (
+                nested(124),
+                "variants.x: nests 124 levels of JSON, more than the limit of 64",
+            ),
+            (nested(200), "nests deeper than 128 levels of JSON"),
+            ("1e400".to_string(), "numbers must fit a double"),
+        ] {
+            let (code, message) = failure(&variant(&value));
+            assert_eq!(code, "22023", "{message}");
+            assert!(
+                message.contains(expected),
+                "{message} should contain {expected}"
+            );
+        }
+        // At the limit, accepted, and evaluated.
+        Spi::run(&format!("DO $do$ BEGIN {}; END $do$", variant(&nested(64)))).unwrap();
+        assert_eq!(reason("deep", "{}"), "STATIC");
+        // Plain SQL meets the same limits.
+        let (code, message) = failure(&format!(
+            "UPDATE flagship.features SET variants = '{{\"x\": {}}}' WHERE key = 'deep'",
+            nested(100)
+        ));
+        assert_eq!(code, "22023", "{message}");
+        assert!(message.contains("more than the limit of 64"), "{message}");
+        // Customer attributes, through put_customer and plain SQL.
+        let (code, message) = failure(&format!(
+            r#"PERFORM flagship.put_customer('shop/production', '{{"key": "c1", "attributes": {{"a": {}}}}}')"#,
+            nested(100)
+        ));
+        assert_eq!(code, "22023", "{message}");
+        assert!(
+            message.contains("customer \"c1\": attributes: nests 101 levels"),
+            "{message}"
+        );
+        let (code, message) = failure(&format!(
+            "INSERT INTO flagship.customers (organization_id, project_id, environment_id, external_key, attributes) \
+             SELECT organization_id, project_id, id, 'c2', '{{\"a\": {}}}' FROM flagship.environments WHERE key = 'production'",
+            nested(300)
+        ));
+        assert_eq!(code, "22023", "{message}");
+        assert!(
+            message.contains("customer \"c2\": attributes: nests deeper than 128"),
+            "{message}"
+        );
+        // A million-element variant is accepted and served whole.
+        Spi::run(
+            r#"SELECT flagship.put_flag('shop', jsonb_build_object('key', 'big', 'kind', 'multivariate',
+                   'off_variant', 'x', 'variants', jsonb_build_object('x', (SELECT jsonb_agg(i) FROM generate_series(1, 1000000) i)),
+                   'environments', '{"production": {"enabled": true}}'::jsonb))"#,
+        )
+        .unwrap();
+        assert_eq!(
+            text("SELECT jsonb_array_length(flagship.flagship_evaluate('big') -> 'value')::text"),
+            "1000000"
+        );
+    }
+
+    /// Rows written around the validators (a superuser with triggers off)
+    /// fail only their own flag: it answers ERROR naming itself, the rest of
+    /// the environment evaluates as before, and nothing raises.
+    #[pg_test]
+    fn a_flag_that_cannot_be_loaded_fails_alone() {
+        setup();
+        put_flag(r#"{"key": "healthy", "environments": {"production": {"enabled": true}}}"#);
+        put_flag(r#"{"key": "broken", "environments": {"production": {"enabled": true}}}"#);
+        Spi::run(r#"SELECT flagship.put_segment('shop', '{"key": "beta", "included": ["u-1"]}')"#)
+            .unwrap();
+        put_flag(
+            r#"{"key": "segmented", "environments": {"production": {"enabled": true,
+                "rules": [{"segment": "beta", "serve": {"variant": "off"}}]}}}"#,
+        );
+        Spi::run(&format!(
+            r#"SET LOCAL session_replication_role = replica;
+               UPDATE flagship.features SET variants = '{{"on": {}, "off": false}}' WHERE key = 'broken';
+               UPDATE flagship.segments SET conditions = '[{{"attribute": "a", "op": "lolwut"}}]' WHERE key = 'beta';
+               SET LOCAL session_replication_role = origin"#,
+            nested(200)
+        ))
+        .unwrap();
+        let broken = text("SELECT flagship.flagship_evaluate('broken')::text");
+        assert_eq!(
+            broken,
+            r#"{"key": "broken", "value": null, "reason": "ERROR", "variant": null, "error_code": "GENERAL", "error_message": "flag \"broken\" cannot be evaluated: its stored document nests deeper than 128 levels of JSON"}"#
+        );
+        assert_eq!(reason("healthy", "{}"), "STATIC");
+        assert_eq!(
+            text("SELECT flagship.flagship_evaluate('segmented') ->> 'error_message'"),
+            "flag \"segmented\" cannot be evaluated: its segment \"beta\" cannot be read"
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flagship.flagship_enabled('broken')").unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            text("SELECT string_agg(key || '=' || (value ->> 'reason'), ',' ORDER BY key) FROM jsonb_each(flagship.flagship_evaluate_all())"),
+            "broken=ERROR,healthy=STATIC,segmented=ERROR"
+        );
     }
 
     #[pg_test]

@@ -534,7 +534,11 @@ impl Snapshot {
     pub fn live_flag_keys(&self) -> impl Iterator<Item = &str> {
         self.order
             .iter()
-            .filter(|key| self.flags.get(key.as_str()).is_none_or(|flag| !flag.archived))
+            .filter(|key| {
+                self.flags
+                    .get(key.as_str())
+                    .is_none_or(|flag| !flag.archived)
+            })
             .map(String::as_str)
     }
 
