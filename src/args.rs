@@ -33,6 +33,10 @@ impl FromDatum for TextArg<'_> {
         if is_null {
             return None;
         }
+        // SAFETY (the caller's, as FromDatum requires): a non-null text
+        // datum valid for the call. Only its header is read here; external
+        // or compressed values are detoasted (guarded) into a palloc'd copy
+        // in the call's memory context.
         let mut value = datum.cast_mut_ptr::<pg_sys::varlena>();
         if varlena::varatt_is_1b_e(value) || varlena::varatt_is_4b_c(value) {
             value = pg_sys::pg_detoast_datum_packed(value);
@@ -57,6 +61,8 @@ impl FromDatum for TextArg<'_> {
 /// functions; NULL is only allowed where the parameter is an `Option`.
 macro_rules! arg_from_datum {
     ($($argument:tt)+) => {
+        // SAFETY: the argument is read with its own FromDatum conversion,
+        // which pgrx calls with the argument's datum and null flag.
         unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for $($argument)+ {
             unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();

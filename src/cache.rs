@@ -21,7 +21,7 @@ use rustc_hash::FxBuildHasher;
 
 use pgrx::prelude::*;
 
-use crate::context::RawIdentity;
+use crate::context::{IdentityKey, RawIdentity};
 use crate::rules::Snapshot;
 
 /// Above this many compiled environments, start over rather than grow.
@@ -64,12 +64,7 @@ struct Entry {
 /// end here with a few byte comparisons instead of a hashed lookup.
 struct Recent {
     generation: u64,
-    user: pg_sys::Oid,
-    authenticated: Option<[u8; 16]>,
-    require_key: bool,
-    organization: Vec<u8>,
-    claims: Vec<u8>,
-    environment: Vec<u8>,
+    identity: IdentityKey,
     resolved: Resolved,
 }
 
@@ -90,9 +85,11 @@ thread_local! {
 /// of the flag throughout. This backend's own changes do not wait for it:
 /// they arrive at its next command.
 pub fn accept_invalidations_once_per_statement() {
-    // SAFETY: reads a backend global.
+    // SAFETY: returns a backend global; it neither allocates nor raises.
     let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };
     if STATEMENT_SEEN.replace(statement) != statement {
+        // SAFETY: guarded; it runs our (guarded) relcache callback, which
+        // only bumps counters, and may raise on a broken invalidation queue.
         unsafe { pg_sys::AcceptInvalidationMessages() };
     }
 }
@@ -103,29 +100,16 @@ pub fn recall(identity: &RawIdentity) -> Option<Resolved> {
         recent
             .borrow()
             .as_ref()
-            .filter(|recent| {
-                recent.generation == current
-                    && recent.user == identity.user
-                    && recent.authenticated == identity.authenticated
-                    && recent.require_key == identity.require_key
-                    && recent.organization == identity.organization
-                    && recent.claims == identity.claims
-                    && recent.environment == identity.environment
-            })
+            .filter(|recent| recent.generation == current && identity.is(&recent.identity))
             .map(|recent| recent.resolved.clone())
     })
 }
 
-pub fn remember(identity: &RawIdentity, built_at: u64, resolved: Resolved) {
+pub fn remember(identity: IdentityKey, built_at: u64, resolved: Resolved) {
     RECENT.with(|recent| {
         *recent.borrow_mut() = Some(Recent {
             generation: built_at,
-            user: identity.user,
-            authenticated: identity.authenticated,
-            require_key: identity.require_key,
-            organization: identity.organization.to_vec(),
-            claims: identity.claims.to_vec(),
-            environment: identity.environment.to_vec(),
+            identity,
             resolved,
         })
     });
@@ -278,6 +262,9 @@ pub fn store(key: CacheKey, built_at: u64, resolved: Resolved, watched: pg_sys::
     });
 }
 
+// The three callbacks are called only by PostgreSQL, with the arguments its
+// callback types promise; #[pg_guard] turns a panic into an ERROR rather
+// than unwinding into C. They only bump counters.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     // InvalidOid means "everything" (e.g. after an invalidation queue overflow).

@@ -71,6 +71,8 @@ pub fn bound_environment() -> Option<pgrx::Uuid> {
     KEY_SESSION.with(|session| session.borrow().as_ref().and_then(|s| s.environment))
 }
 
+// Called only by PostgreSQL at transaction end; #[pg_guard] turns a panic
+// into an ERROR rather than unwinding into C. Clears a thread-local.
 #[pg_guard]
 unsafe extern "C-unwind" fn end_key_session(
     event: pg_sys::XactEvent::Type,
@@ -154,11 +156,15 @@ fn jwt_claim(claim: &str) -> Option<String> {
     }
 }
 
-/// The raw text of a string setting, borrowed from the GUC machinery: valid
-/// until the setting changes, which cannot happen inside one function call.
-fn setting_bytes(setting: &GucSetting<Option<CString>>) -> &'static [u8] {
-    // SAFETY: the GUC machinery keeps the current value alive until the next
-    // assignment; callers use the slice within one call and copy to keep it.
+/// The raw text of a string setting, borrowed from the GUC machinery. The
+/// GUC machinery frees a value when the setting changes, which only SQL can
+/// do; the borrow is only used inside `RawIdentity::with_current`, whose
+/// closure cannot keep it.
+fn setting_bytes<'a>(setting: &GucSetting<Option<CString>>) -> &'a [u8] {
+    // SAFETY: `as_ptr` points to the setting's current value, NULL or a
+    // NUL-terminated string owned by the GUC machinery; it stays allocated
+    // until the setting is next assigned, which cannot happen while
+    // `with_current` compares it (no SQL runs there).
     unsafe {
         let raw = *setting.as_ptr();
         if raw.is_null() {
@@ -179,16 +185,35 @@ pub struct RawIdentity<'a> {
     /// required) the settings below are ignored and left empty.
     pub authenticated: Option<[u8; 16]>,
     pub require_key: bool,
+    /// `flagship.organization_id`; empty when blank, as `organization_id`
+    /// then falls back to the claims.
     pub organization: &'a [u8],
     /// Only read when `organization` is empty, as the fallback is.
     pub claims: &'a [u8],
     pub environment: &'a [u8],
 }
 
+/// A `RawIdentity` copied out of the settings, to keep across queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKey {
+    pub user: pg_sys::Oid,
+    pub authenticated: Option<[u8; 16]>,
+    pub require_key: bool,
+    pub organization: Vec<u8>,
+    pub claims: Vec<u8>,
+    pub environment: Vec<u8>,
+}
+
 impl RawIdentity<'_> {
-    /// The identity of this call; `environment` is the explicit argument,
-    /// if any, else `flagship.environment`.
-    pub fn current(environment: Option<&str>) -> RawIdentity<'_> {
+    /// Hands this call's identity to `inspect`; `environment` is the
+    /// explicit argument, if any, else `flagship.environment`. The identity
+    /// borrows setting memory that SQL can free, so it cannot leave the
+    /// closure (the closure is generic over the borrow's lifetime); copy it
+    /// with `to_key` to keep it.
+    pub fn with_current<R>(
+        environment: Option<&str>,
+        inspect: impl FnOnce(&RawIdentity<'_>) -> R,
+    ) -> R {
         let authenticated = KEY_SESSION.with(|session| {
             session
                 .borrow()
@@ -199,11 +224,17 @@ impl RawIdentity<'_> {
         let organization = if authenticated.is_some() || require_key {
             &[][..]
         } else {
-            setting_bytes(&ORGANIZATION_ID)
+            let raw = setting_bytes(&ORGANIZATION_ID);
+            if raw.iter().all(u8::is_ascii_whitespace) {
+                &[][..]
+            } else {
+                raw
+            }
         };
         let claims = if organization.is_empty() && authenticated.is_none() && !require_key {
-            // SAFETY: as for setting_bytes; GetConfigOption returns NULL or
-            // the setting's current value.
+            // SAFETY: GetConfigOption with missing_ok returns NULL or the
+            // setting's current value, owned by the GUC machinery and valid
+            // as long as `setting_bytes`'s borrows are.
             unsafe {
                 let raw = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
                 if raw.is_null() {
@@ -215,8 +246,8 @@ impl RawIdentity<'_> {
         } else {
             &[]
         };
-        RawIdentity {
-            // SAFETY: GetUserId only returns a backend global.
+        let identity = RawIdentity {
+            // SAFETY: GetUserId returns a backend global; it cannot raise.
             user: unsafe { crate::unguarded::GetUserId() },
             authenticated,
             require_key,
@@ -225,7 +256,29 @@ impl RawIdentity<'_> {
             environment: environment
                 .map(str::as_bytes)
                 .unwrap_or_else(|| setting_bytes(&ENVIRONMENT)),
+        };
+        inspect(&identity)
+    }
+
+    pub fn to_key(&self) -> IdentityKey {
+        IdentityKey {
+            user: self.user,
+            authenticated: self.authenticated,
+            require_key: self.require_key,
+            organization: self.organization.to_vec(),
+            claims: self.claims.to_vec(),
+            environment: self.environment.to_vec(),
         }
+    }
+
+    /// Whether `key` was copied from an identity equal to this one.
+    pub fn is(&self, key: &IdentityKey) -> bool {
+        self.user == key.user
+            && self.authenticated == key.authenticated
+            && self.require_key == key.require_key
+            && self.organization == key.organization
+            && self.claims == key.claims
+            && self.environment == key.environment
     }
 }
 

@@ -3,7 +3,7 @@
 //! and run the pure engine. Evaluation answers problems with an ERROR
 //! result instead of raising, so it is safe in WHERE clauses and policies.
 
-use std::cell::{Cell, OnceCell, RefCell, UnsafeCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -41,13 +41,16 @@ fn snapshot_for(
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
     cache::accept_invalidations_once_per_statement();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
-    let identity = RawIdentity::current(explicit);
-    let resolved = match cache::recall(&identity) {
-        Some(resolved) => resolved,
-        None => {
+    // The identity is copied only on a miss, before any query runs.
+    let recalled = RawIdentity::with_current(explicit, |identity| {
+        cache::recall(identity).ok_or_else(|| identity.to_key())
+    });
+    let resolved = match recalled {
+        Ok(resolved) => resolved,
+        Err(identity) => {
             let built_at = cache::generation();
             let resolved = lookup_or_load(explicit)?;
-            cache::remember(&identity, built_at, resolved.clone());
+            cache::remember(identity, built_at, resolved.clone());
             resolved
         }
     };
@@ -76,7 +79,8 @@ fn lookup_or_load(explicit: Option<&str>) -> Result<Resolved, (ErrorCode, String
         })?,
     };
     let key = CacheKey {
-        user: unsafe { pg_sys::GetUserId() },
+        // SAFETY: GetUserId returns a backend global; it cannot raise.
+        user: unsafe { crate::unguarded::GetUserId() },
         organization: context::organization_id().map(|id| *id.as_bytes()),
         environment: name,
     };
@@ -250,18 +254,23 @@ fn compile_flag(
 /// Where one evaluation keeps a converted context attribute. Slots outlive
 /// the call (see `SPARE_SLOTS`), so a string attribute is copied into the
 /// buffer the previous call left behind instead of a fresh allocation.
+/// Safe code only: the converted value is set once per call (`OnceCell`,
+/// so references to it stay valid for the call) and the reusable buffer
+/// waits beside it in `spare` until it is needed.
 #[derive(Default)]
 struct Slot {
-    state: Cell<SlotState>,
-    value: UnsafeCell<Value>,
+    /// Unset: not read yet; `Some(None)`: absent; `Some(Some(_))`: present.
+    read: OnceCell<Option<Value>>,
+    spare: Cell<Value>,
 }
 
-#[derive(Clone, Copy, Default, PartialEq)]
-enum SlotState {
-    #[default]
-    Unread,
-    Absent,
-    Present,
+impl Slot {
+    /// Back to unread, keeping what was read as the next buffer.
+    fn reset(&mut self) {
+        if let Some(Some(value)) = self.read.take() {
+            self.spare.set(value);
+        }
+    }
 }
 
 thread_local! {
@@ -297,9 +306,7 @@ impl<'k, 'c> Extracted<'k, 'c> {
         if slots.len() < keys.len() {
             slots.resize_with(keys.len(), Slot::default);
         }
-        slots[..keys.len()]
-            .iter()
-            .for_each(|slot| slot.state.set(SlotState::Unread));
+        slots[..keys.len()].iter_mut().for_each(Slot::reset);
         Extracted {
             context: Some(context),
             keys,
@@ -322,20 +329,17 @@ impl<'k, 'c> Extracted<'k, 'c> {
     /// The converted value of the `index`th key, converting it on first use.
     fn attribute(&self, context: &JsonbArg, index: usize) -> Option<&Value> {
         let slot = &self.slots[index];
-        if slot.state.get() == SlotState::Unread {
-            // SAFETY: references to a slot's value are only handed out once
-            // it is Present, so nothing borrows an Unread slot; the slot
-            // vector is never resized while `self` lives.
-            let value = unsafe { &mut *slot.value.get() };
-            let found = context.read_into(&self.keys[index], value);
-            slot.state.set(if found {
-                SlotState::Present
-            } else {
-                SlotState::Absent
-            });
-        }
-        // SAFETY: a Present slot is never written again while `self` lives.
-        (slot.state.get() == SlotState::Present).then(|| unsafe { &*slot.value.get() })
+        slot.read
+            .get_or_init(|| {
+                let mut buffer = slot.spare.take();
+                if context.read_into(&self.keys[index], &mut buffer) {
+                    Some(buffer)
+                } else {
+                    slot.spare.set(buffer);
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// `customer.<path>` from the attributes stored with the customer.
@@ -384,14 +388,14 @@ impl Drop for Extracted<'_, '_> {
         let mut slots = std::mem::take(&mut self.slots);
         // Keep small string buffers for the next call, not a large document.
         for slot in &mut slots[..self.keys.len()] {
-            let value = slot.value.get_mut();
-            let small = match value {
+            slot.reset();
+            let small = match slot.spare.get_mut() {
                 Value::String(text) => text.capacity() <= 256,
                 Value::Array(_) | Value::Object(_) => false,
                 _ => true,
             };
             if !small {
-                *value = Value::Null;
+                slot.spare.set(Value::Null);
             }
         }
         SPARE_SLOTS.with(|spare| spare.borrow_mut().push(slots));

@@ -34,15 +34,18 @@ impl JsonbArg<'_> {
 
     /// A JSON object at the top (not an array, not a raw scalar).
     pub fn is_object(&self) -> bool {
-        // SAFETY: every jsonb has at least its root header.
+        // SAFETY: `root` points into a complete Jsonb (see `root`), which
+        // always has at least its root header word.
         let header = unsafe { (*self.root()).header };
         header & pg_sys::JB_FOBJECT != 0
     }
 
     /// The whole document as JSON text (for the evaluation log).
     pub fn to_text(&self) -> String {
-        // SAFETY: JsonbToCString reads the container and returns a palloc'd,
-        // NUL-terminated string; it raises only on out-of-memory.
+        // SAFETY: JsonbToCString reads the complete container and returns a
+        // palloc'd, NUL-terminated string, copied before anything frees it.
+        // It can raise (out of memory) through the guarded binding, with no
+        // Rust value owning anything yet.
         unsafe {
             let text = pg_sys::JsonbToCString(
                 std::ptr::null_mut(),
@@ -81,6 +84,9 @@ impl JsonbArg<'_> {
     }
 
     /// Numbers and nested containers, through jsonb_util.c's own lookup.
+    ///
+    /// # Safety
+    /// `self` must be an object (`is_object`).
     unsafe fn read_other_into(&self, key: &str, slot: &mut Value) -> bool {
         let mut found = MaybeUninit::<pg_sys::JsonbValue>::uninit();
         // SAFETY: the key is passed with its length, so it need not be
@@ -120,6 +126,12 @@ enum Entry<'a> {
 /// item or, on every 32nd entry (`JENTRY_HAS_OFF`), the end offset, so an
 /// item's start is the sum of the lengths back to the last stored offset.
 /// Keys are sorted by length, then bytes.
+///
+/// # Safety
+/// `container` must be a complete object container built by PostgreSQL's
+/// jsonb code (so every offset and length stays inside it), valid for `'a`.
+/// The differential test in this module checks the layout reading against
+/// serde_json on generated documents.
 unsafe fn find_key<'a>(container: *const pg_sys::JsonbContainer, key: &[u8]) -> Entry<'a> {
     let pairs = ((*container).header & pg_sys::JB_CMASK) as usize;
     let entries = std::ptr::addr_of!((*container).children).cast::<u32>();
@@ -193,6 +205,10 @@ fn copy_string_into(bytes: &[u8], slot: &mut Value) {
 
 /// Converts one looked-up non-string value. Nested containers are rare in
 /// contexts and take the text path.
+///
+/// # Safety
+/// `value` must be what jsonb_util.c filled in from a live container: its
+/// numeric or binary pointers point into that container.
 unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
     match value.type_ {
         jbvType::jbvBool => Value::Bool(value.val.boolean),
@@ -225,7 +241,8 @@ thread_local! {
 /// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
 pub fn database_is_utf8() -> bool {
     DATABASE_IS_UTF8.with(|cell| {
-        // SAFETY: GetDatabaseEncoding reads a backend global.
+        // SAFETY: GetDatabaseEncoding returns a backend global set at
+        // connection; it cannot raise.
         *cell.get_or_init(|| unsafe {
             pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32
         })
@@ -241,6 +258,10 @@ impl FromDatum for JsonbArg<'_> {
         if is_null {
             return None;
         }
+        // SAFETY (the caller's, as FromDatum requires): a non-null datum of
+        // type jsonb, valid for the call. Below, the checks read only its
+        // header; pg_detoast_datum is guarded and returns a palloc'd copy in
+        // the call's memory context, so either pointer lives for 'fcx.
         // The container needs a plain 4-byte header; a value that already has
         // one (anything built in memory) is used in place, without the
         // guarded call, and only short, compressed or external values are
@@ -270,7 +291,8 @@ impl BuiltJsonb {
     /// The complete varlena, header included, to keep beyond this call.
     pub fn to_bytes(&self) -> Box<[u8]> {
         let varlena = self.0.cast_mut_ptr::<pg_sys::varlena>();
-        // SAFETY: the datum is a jsonb we built, with a plain 4-byte header.
+        // SAFETY: the datum is a jsonb that JsonbValueToJsonb or from_bytes
+        // made in this call, with a plain 4-byte header giving its size.
         unsafe {
             let size = pgrx::varlena::varsize_4b(varlena);
             std::slice::from_raw_parts(varlena.cast::<u8>(), size).into()
@@ -293,7 +315,9 @@ impl BuiltJsonb {
 
     /// A fresh copy, in the current memory context, of bytes `to_bytes` kept.
     pub fn from_bytes(bytes: &[u8]) -> BuiltJsonb {
-        // SAFETY: palloc returns at least `len` writable bytes, or raises.
+        // SAFETY: palloc (guarded) returns at least `len` writable bytes in
+        // the current memory context, or raises before anything is copied;
+        // the source is a whole varlena that `to_bytes` kept.
         unsafe {
             let copy = pg_sys::palloc(bytes.len()).cast::<u8>();
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), copy, bytes.len());
@@ -302,6 +326,9 @@ impl BuiltJsonb {
     }
 }
 
+// SAFETY: the datum is a complete jsonb varlena palloc'd in the current
+// memory context during this call, which is what a function returning
+// jsonb hands back to the executor.
 unsafe impl BoxRet for BuiltJsonb {
     unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
         fcinfo.return_raw_datum(self.0)
@@ -459,8 +486,11 @@ fn flat_object(map: &serde_json::Map<String, Value>) -> BuiltJsonb {
             },
         },
     };
-    // SAFETY: the pairs (and the strings they point to) outlive the call,
-    // which copies everything into a new palloc'd Jsonb.
+    // SAFETY: `pairs` (and the strings of `map` they point to) outlive the
+    // call, which copies everything into a new palloc'd Jsonb; the pairs are
+    // in jsonb's key order and unique (a map's keys), as JsonbValueToJsonb
+    // expects of an object it does not sort. Guarded: an ERROR unwinds with
+    // only Rust-owned memory to drop.
     let jsonb = unsafe { pg_sys::JsonbValueToJsonb(&mut object) };
     BuiltJsonb(pg_sys::Datum::from(jsonb))
 }
@@ -559,7 +589,7 @@ impl FromDatum for DocumentArg<'_> {
         is_null: bool,
         oid: pg_sys::Oid,
     ) -> Option<Self> {
-        // SAFETY: forwarded as received; JsonbArg's conversion holds.
+        // SAFETY: the caller's promise for `datum` is passed on unchanged.
         unsafe { JsonbArg::from_polymorphic_datum(datum, is_null, oid) }.map(DocumentArg)
     }
 }
