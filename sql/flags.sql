@@ -225,19 +225,103 @@ $fn$;
 CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
     FOR EACH ROW EXECUTE FUNCTION flagship.segments_guard_delete();
 
--- Cache invalidation: any change to what evaluation reads marks every
--- backend's compiled configuration stale (at once here, at commit elsewhere).
--- The trigger's argument names the relation whose invalidation the caches
--- watch: flagship.features for flags, flagship.customers for entitlements.
-CREATE FUNCTION flagship.configuration_changed() RETURNS trigger
+-- Cache invalidation, in two parts (README, "How the cache stays exact").
+-- (1) Every changed row bumps, in the same transaction, the version of the
+-- scope it belongs to: its organization, project or environment for flags,
+-- its organization for entitlements. A backend's compiled copy of an
+-- environment is valid for a snapshot exactly when the versions that
+-- snapshot sees are the ones it was built from, so one organization's
+-- changes never discard another's compiled flags.
+CREATE TABLE flagship.cache_versions (
+    organization_id uuid   NOT NULL,
+    scope           uuid   NOT NULL,
+    configuration   bigint NOT NULL DEFAULT 0,
+    entitlements    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (organization_id, scope)
+);
+GRANT SELECT ON flagship.cache_versions TO flagship_admin, flagship_app, flagship_auditor;
+SELECT flagship.isolate_tenant_table('cache_versions');
+SELECT pg_catalog.pg_extension_config_dump('flagship.cache_versions', '');
+
+-- Runs as the extension's owner: the versions are written only here.
+CREATE FUNCTION flagship.bump_cache_version() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    changed jsonb[] := CASE TG_OP WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW)]
+                                  WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD)]
+                                  ELSE ARRAY[to_jsonb(NEW), to_jsonb(OLD)] END;
+BEGIN
+    -- An update that changes nothing (an upsert of the same document)
+    -- changes no answer; skipping it also keeps the lock order of every
+    -- writer the audit trail's (chain head first, then versions).
+    IF TG_OP = 'UPDATE' AND to_jsonb(OLD) - 'updated_at' = to_jsonb(NEW) - 'updated_at' THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO flagship.cache_versions AS v (organization_id, scope, configuration, entitlements)
+    SELECT DISTINCT (r ->> TG_ARGV[2])::uuid, (r ->> TG_ARGV[1])::uuid,
+           (TG_ARGV[0] = 'configuration')::int, (TG_ARGV[0] = 'entitlements')::int
+      FROM unnest(changed) AS r
+    ON CONFLICT (organization_id, scope) DO UPDATE
+       SET configuration = v.configuration + EXCLUDED.configuration,
+           entitlements = v.entitlements + EXCLUDED.entitlements;
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.bump_cache_version() FROM PUBLIC;
+
+-- Puts a table's rows under a version: `kind` is configuration or
+-- entitlements, `scope_column` the column naming the scope.
+CREATE FUNCTION flagship.version_on_change(table_name text, kind text, scope_column text,
+                                           organization_column text DEFAULT 'organization_id')
+RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON flagship.%I
+             FOR EACH ROW EXECUTE FUNCTION flagship.bump_cache_version(%L, %L, %L)',
+        table_name || '_cache_version', table_name, kind, scope_column, organization_column);
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.version_on_change(text, text, text, text) FROM PUBLIC;
+
+SELECT flagship.version_on_change('organizations', 'configuration', 'id', 'id');
+SELECT flagship.version_on_change(t, 'configuration', 'organization_id')
+  FROM unnest(ARRAY['projects', 'environments']) AS t;
+SELECT flagship.version_on_change(t, 'configuration', 'project_id')
+  FROM unnest(ARRAY['features', 'segments']) AS t;
+SELECT flagship.version_on_change('feature_rules', 'configuration', 'environment_id');
+
+-- (2) A statement trigger sends a relcache invalidation of the relation the
+-- caches watch (flagship.features for flags, flagship.customers for
+-- entitlements): PostgreSQL delivers it to this backend at its next command
+-- and to the others at commit, and it tells them to compare versions at
+-- their next use (it discards nothing). TRUNCATE fires no row trigger, so
+-- it bumps every version. SECURITY DEFINER because invalidate_cache is not
+-- executable by the FlagShip roles.
+CREATE FUNCTION flagship.configuration_changed() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE flagship.cache_versions
+           SET configuration = configuration + 1, entitlements = entitlements + 1;
+    END IF;
     PERFORM flagship.invalidate_cache(TG_ARGV[0]::regclass);
     RETURN NULL;
 END
 $fn$;
+REVOKE ALL ON FUNCTION flagship.configuration_changed() FROM PUBLIC;
+-- Only the trigger above may signal other backends.
+REVOKE ALL ON FUNCTION flagship.invalidate_cache(oid) FROM PUBLIC;
+-- Counts of what this backend holds, across the organizations it served.
+REVOKE ALL ON FUNCTION flagship.cache_usage() FROM PUBLIC;
 
 -- Puts a table under one of those caches.
 CREATE FUNCTION flagship.invalidate_on_change(table_name text, watched regclass) RETURNS void

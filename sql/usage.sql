@@ -264,7 +264,8 @@ GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_a
 -- Plan-kind flags and limit checks read metrics, plans, customers,
 -- subscriptions and overrides: any change there marks every backend's
 -- cached entitlements and limit terms stale (flags stay compiled).
-SELECT flagship.invalidate_on_change(t, 'flagship.customers')
+SELECT flagship.invalidate_on_change(t, 'flagship.customers'),
+       flagship.version_on_change(t, 'entitlements', 'organization_id')
   FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
                     'subscriptions', 'customer_feature_overrides',
                     'customer_limit_overrides']) AS t;

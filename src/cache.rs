@@ -1,15 +1,29 @@
-//! Per-backend cache of compiled environments.
+//! Per-backend caches of compiled environments and of entitlements.
 //!
-//! Writes to configuration tables fire a statement trigger that calls
-//! `CacheInvalidateRelcacheByRelid` on `flagship.features`. PostgreSQL
-//! delivers that invalidation to the writing backend at its next command
-//! (so it sees its own uncommitted change) and, once the write commits, to
-//! every other backend at its next statement that evaluates (see
-//! `accept_invalidations_once_per_statement`); our one relcache callback
-//! then bumps a generation counter and every compiled environment built
-//! before it is discarded.
-//! An abort (of a transaction or a savepoint) bumps the counter too, since
-//! this backend may have compiled rows that no longer exist.
+//! Exactness comes from versions, cheapness from signals:
+//! - Every changed configuration row bumps, in its own transaction, the
+//!   version of its scope in `flagship.cache_versions` (its organization,
+//!   project or environment; entitlements per organization). A compiled
+//!   environment remembers the sum of the versions of its three scopes as
+//!   read in the same statement that loaded its rows, so it is valid for a
+//!   snapshot exactly when that snapshot sees the same sum: committed
+//!   changes are seen, rolled-back ones never, own uncommitted ones at once.
+//! - A statement trigger also sends a relcache invalidation of
+//!   `flagship.features` (or `flagship.customers`). It reaches this backend
+//!   at its next command and the others at commit, and only bumps a signal
+//!   counter here: the next use of each cached entry compares versions (one
+//!   query per identity and environment) instead of discarding anything, so
+//!   one organization's changes cost another organization a version check,
+//!   not a reload. Aborts bump the signals too.
+//! - Invalidations are accepted when a statement starts and whenever the
+//!   active snapshot has seen new commits, so statements inside a DO block or
+//!   a loop see what a table read in them would.
+//!
+//! Compiled environments are keyed by the role, the organization as
+//! row-level security sees it and the environment's id (however it was
+//! named), and held within `flagship.cache_size`, least recently used
+//! first out. With 0.2.0's SQL still installed (no version table yet, until
+//! `ALTER EXTENSION flagship UPDATE`), every signal means a reload, as then.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -19,34 +33,105 @@ use std::thread::LocalKey;
 
 use rustc_hash::FxBuildHasher;
 
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::context::{IdentityKey, RawIdentity};
 use crate::rules::Snapshot;
 
-/// Above this many compiled environments, start over rather than grow.
-const MAX_ENTRIES: usize = 256;
+static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 thread_local! {
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    static CONFIGURATION_SIGNAL: Cell<u64> = const { Cell::new(0) };
+    static ENTITLEMENT_SIGNAL: Cell<u64> = const { Cell::new(0) };
+    /// How many transactions had completed when the last signal of each
+    /// kind arrived: a check made under an older snapshot may not have seen
+    /// the change that sent it, so it holds only for snapshots as old.
+    static CONFIGURATION_SIGNALLED_AT: Cell<u64> = const { Cell::new(0) };
+    static ENTITLEMENT_SIGNALLED_AT: Cell<u64> = const { Cell::new(0) };
     static WATCHED_RELATION: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-    /// Customers, subscriptions and plans change far more often than flags,
-    /// so they stamp a cache of their own, invalidated through
-    /// `flagship.customers`, and leave compiled flags alone.
-    static ENTITLEMENT_GENERATION: Cell<u64> = const { Cell::new(0) };
     static WATCHED_ENTITLEMENTS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-    static ENTRIES: RefCell<HashMap<CacheKey, Entry>> = RefCell::new(HashMap::new());
+    static COMPILED: RefCell<Lru> = RefCell::new(Lru::default());
+    static NAMES: RefCell<HashMap<IdentityKey, Named, FxBuildHasher>> =
+        RefCell::new(HashMap::default());
+    static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
+    /// Environments compiled by this backend since it started.
+    static LOADS: Cell<u64> = const { Cell::new(0) };
+    /// The statement start and snapshot whose invalidations were last
+    /// accepted; no statement starts at MIN, so the first call accepts.
+    static ACCEPTED_AT: Cell<(pg_sys::TimestampTz, u64)> = const { Cell::new((i64::MIN, 0)) };
+    static ENTITLEMENT_VERSIONS: RefCell<HashMap<[u8; 16], (Checked, Option<i64>), FxBuildHasher>> =
+        RefCell::new(HashMap::default());
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
-    /// Row-level security depends on who asks and for which organization.
-    pub user: pg_sys::Oid,
-    pub organization: Option<[u8; 16]>,
-    pub environment: String,
+pub fn register_settings() {
+    GucRegistry::define_int_guc(
+        c"flagship.cache_size",
+        c"Memory for compiled environments per backend, in kB.",
+        c"Least recently used environments are dropped beyond it and compiled again on their next use.",
+        &CACHE_SIZE_KB,
+        64,
+        i32::MAX / 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
 }
 
-/// What an environment name resolved to when it was cached.
+/// When a cached answer was last confirmed: the signal count then, and
+/// the active snapshot's count of completed transactions. It holds while
+/// no signal has arrived since and the confirming snapshot was taken after
+/// the last signal's change had completed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Checked {
+    signal: u64,
+    completions: u64,
+}
+
+impl Checked {
+    pub fn configuration() -> Checked {
+        Checked {
+            signal: configuration_signal(),
+            // SAFETY: reads the backend's active snapshot, if any.
+            completions: unsafe { snapshot_completions() },
+        }
+    }
+
+    fn entitlements() -> Checked {
+        Checked {
+            signal: entitlement_signal(),
+            // SAFETY: as above.
+            completions: unsafe { snapshot_completions() },
+        }
+    }
+
+    fn holds_for_configuration(&self) -> bool {
+        self.signal == configuration_signal()
+            && self.completions >= CONFIGURATION_SIGNALLED_AT.with(Cell::get)
+    }
+
+    fn holds_for_entitlements(&self) -> bool {
+        self.signal == entitlement_signal()
+            && self.completions >= ENTITLEMENT_SIGNALLED_AT.with(Cell::get)
+    }
+}
+
+/// How many transactions have completed so far (procarray's counter).
+fn completions_now() -> u64 {
+    // SAFETY: ShmemVariableCache points to shared memory set up before any
+    // backend runs; an aligned u64 is read whole on every platform
+    // PostgreSQL 15 supports with 64-bit atomics, and a value a moment old
+    // only makes a later check more cautious.
+    unsafe {
+        let cache = pg_sys::ShmemVariableCache;
+        if cache.is_null() {
+            u64::MAX
+        } else {
+            std::ptr::read_volatile(std::ptr::addr_of!((*cache).xactCompletionCount))
+        }
+    }
+}
+
+/// What an environment name resolved to.
 #[derive(Clone)]
 pub enum Resolved {
     /// The environment's compiled flags and its id.
@@ -54,90 +139,310 @@ pub enum Resolved {
     NotFound(String),
 }
 
-struct Entry {
-    generation: u64,
-    resolved: Resolved,
+/// What a name located, valid while the signal it was read at holds.
+#[derive(Clone)]
+pub enum Located {
+    /// The environment's id and the version its compiled form must have.
+    Found(pgrx::Uuid, Option<i64>),
+    NotFound(String),
+}
+
+struct Named {
+    checked: Checked,
+    located: Located,
 }
 
 /// The last identity a call resolved and what it resolved to: most
 /// sessions evaluate in one environment under one identity, so most calls
 /// end here with a few byte comparisons instead of a hashed lookup.
 struct Recent {
-    generation: u64,
+    checked: Checked,
     identity: IdentityKey,
     resolved: Resolved,
 }
 
-thread_local! {
-    static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
+/// Whose compiled environment: row-level security decides what a load
+/// sees from the role and the organization.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CompiledKey {
+    pub user: pg_sys::Oid,
+    pub organization: Option<[u8; 16]>,
+    pub environment: [u8; 16],
 }
 
-thread_local! {
-    /// The start of the statement whose invalidations were last accepted; no
-    /// statement starts at MIN, so the first evaluation always accepts.
-    static STATEMENT_SEEN: Cell<pg_sys::TimestampTz> = const { Cell::new(i64::MIN) };
+/// A freshly compiled environment, the versions its rows were read at, and
+/// an estimate of its size in memory.
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    pub version: Option<i64>,
+    pub bytes: usize,
 }
 
-/// Picks up other sessions' committed changes at the first evaluation of
-/// every statement, even inside a long transaction. Later evaluations in
-/// the same statement do not look again: a query filtering a million rows
-/// on a flag pays for the guarded call once, and normally sees one version
-/// of the flag throughout. This backend's own changes do not wait for it:
-/// they arrive at its next command.
-pub fn accept_invalidations_once_per_statement() {
-    // SAFETY: returns a backend global; it neither allocates nor raises.
-    let statement = unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() };
-    if STATEMENT_SEEN.replace(statement) != statement {
+struct Compiled {
+    version: Option<i64>,
+    snapshot: Rc<Snapshot>,
+    bytes: usize,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<CompiledKey, Compiled, FxBuildHasher>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Lru {
+    /// Drops least recently used entries until `limit` holds, sparing `keep`.
+    fn evict(&mut self, limit: usize, keep: &CompiledKey) {
+        while self.bytes > limit && self.entries.len() > 1 {
+            let oldest = self
+                .entries
+                .iter()
+                .filter(|(key, _)| *key != keep)
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(key, _)| key.clone());
+            let Some(oldest) = oldest else { break };
+            if let Some(entry) = self.entries.remove(&oldest) {
+                self.bytes -= entry.bytes;
+            }
+        }
+    }
+}
+
+fn cache_limit_bytes() -> usize {
+    usize::try_from(CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
+}
+
+/// What the backend holds, for tests and the benchmarks: compiled
+/// environments, their estimated bytes, located names.
+pub fn usage() -> (usize, usize, usize) {
+    let (entries, bytes) = COMPILED.with(|lru| {
+        let lru = lru.borrow();
+        (lru.entries.len(), lru.bytes)
+    });
+    (entries, bytes, NAMES.with(|names| names.borrow().len()))
+}
+
+/// Picks up other sessions' committed changes when a statement starts and
+/// whenever the active snapshot has seen commits since the last look, so a
+/// statement sees every change committed before its snapshot, even inside
+/// a DO block or a loop. Later evaluations under the same snapshot do not
+/// look again: a query filtering a million rows on a flag pays for the
+/// guarded call once. This backend's own changes arrive at its next command.
+pub fn accept_invalidations() {
+    // SAFETY: both return backend globals; they neither allocate nor raise.
+    let seen = unsafe {
+        (
+            crate::unguarded::GetCurrentStatementStartTimestamp(),
+            snapshot_completions(),
+        )
+    };
+    if ACCEPTED_AT.replace(seen) != seen {
         // SAFETY: guarded; it runs our (guarded) relcache callback, which
         // only bumps counters, and may raise on a broken invalidation queue.
         unsafe { pg_sys::AcceptInvalidationMessages() };
     }
 }
 
+/// How many transactions had completed when the active snapshot was taken
+/// (0 when there is none or it is not known).
+///
+/// # Safety
+/// Reads the backend's active snapshot, if any; call from a backend.
+unsafe fn snapshot_completions() -> u64 {
+    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
+    // the snapshot is only dereferenced when one is set.
+    unsafe {
+        if crate::unguarded::ActiveSnapshotSet() {
+            (*crate::unguarded::GetActiveSnapshot()).snapXactCompletionCount
+        } else {
+            0
+        }
+    }
+}
+
+pub fn configuration_signal() -> u64 {
+    CONFIGURATION_SIGNAL.with(Cell::get)
+}
+
 pub fn recall(identity: &RawIdentity) -> Option<Resolved> {
-    let current = generation();
     RECENT.with(|recent| {
         recent
             .borrow()
             .as_ref()
-            .filter(|recent| recent.generation == current && identity.is(&recent.identity))
+            .filter(|recent| {
+                recent.checked.holds_for_configuration() && identity.is(&recent.identity)
+            })
             .map(|recent| recent.resolved.clone())
     })
 }
 
-pub fn remember(identity: IdentityKey, built_at: u64, resolved: Resolved) {
+pub fn remember(identity: IdentityKey, checked: Checked, resolved: Resolved) {
     RECENT.with(|recent| {
         *recent.borrow_mut() = Some(Recent {
-            generation: built_at,
+            checked,
             identity,
             resolved,
         })
     });
 }
 
-pub fn generation() -> u64 {
-    GENERATION.with(Cell::get)
+/// Where this identity's environment name pointed, if no signal came since.
+pub fn located(identity: &IdentityKey) -> Option<Located> {
+    NAMES.with(|names| {
+        names
+            .borrow()
+            .get(identity)
+            .filter(|named| named.checked.holds_for_configuration())
+            .map(|named| named.located.clone())
+    })
 }
 
-fn bump() {
-    GENERATION.with(|generation| generation.set(generation.get().wrapping_add(1)));
-    bump_entitlements();
+/// Names kept at most, each a few hundred bytes; started over beyond.
+const MAX_NAMES: usize = 65_536;
+
+pub fn remember_location(identity: IdentityKey, checked: Checked, located: Located) {
+    NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        if names.len() >= MAX_NAMES {
+            names.clear();
+        }
+        names.insert(identity, Named { checked, located });
+    });
 }
 
-fn bump_entitlements() {
-    ENTITLEMENT_GENERATION.with(|generation| generation.set(generation.get().wrapping_add(1)));
+/// The compiled environment for `key` at `version` (the versions the
+/// current snapshot sees), compiled by `load` when the cache holds none or
+/// an older one. Not borrowed while loading, which runs queries.
+pub fn compiled(
+    key: CompiledKey,
+    version: Option<i64>,
+    load: impl FnOnce() -> Loaded,
+) -> Rc<Snapshot> {
+    let hit = COMPILED.with(|lru| {
+        let mut lru = lru.borrow_mut();
+        lru.clock += 1;
+        let clock = lru.clock;
+        let entry = lru.entries.get_mut(&key)?;
+        if version.is_none() || entry.version != version {
+            return None;
+        }
+        entry.used = clock;
+        Some(entry.snapshot.clone())
+    });
+    if let Some(snapshot) = hit {
+        return snapshot;
+    }
+    let loaded = load();
+    LOADS.with(|loads| loads.set(loads.get() + 1));
+    let snapshot = Rc::new(loaded.snapshot);
+    COMPILED.with(|lru| {
+        let mut lru = lru.borrow_mut();
+        let used = lru.clock;
+        if let Some(old) = lru.entries.insert(
+            key.clone(),
+            Compiled {
+                version: loaded.version,
+                snapshot: snapshot.clone(),
+                bytes: loaded.bytes,
+                used,
+            },
+        ) {
+            lru.bytes -= old.bytes;
+        }
+        lru.bytes += loaded.bytes;
+        lru.evict(cache_limit_bytes(), &key);
+    });
+    snapshot
 }
 
-pub fn entitlement_generation() -> u64 {
-    ENTITLEMENT_GENERATION.with(Cell::get)
+/// Whether this database has 0.3.0's version table (not before
+/// `ALTER EXTENSION flagship UPDATE` from 0.2.0).
+pub fn versioned() -> bool {
+    // SAFETY: guarded catalog lookups that answer InvalidOid when missing.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"flagship".as_ptr(), true);
+        schema != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"cache_versions".as_ptr(), schema) != pg_sys::InvalidOid
+    }
 }
 
-/// Values loaded from plans and customers, valid while the entitlement
-/// generation they were loaded at holds; emptied rather than grown past
-/// `limit` entries.
+/// The SQL for the sum of the configuration versions of the environment
+/// whose id `environment` gives (its organization, project and itself), as
+/// the statement's snapshot sees them; NULL before 0.3.0's SQL is installed.
+pub fn configuration_version_sql(environment: &str) -> String {
+    if versioned() {
+        format!(
+            "(SELECT coalesce(sum(v.configuration), 0)::bigint \
+                FROM flagship.environments ve \
+                JOIN flagship.cache_versions v ON v.organization_id = ve.organization_id \
+                 AND v.scope IN (ve.organization_id, ve.project_id, ve.id) \
+               WHERE ve.id = {environment})"
+        )
+    } else {
+        "NULL::bigint".to_string()
+    }
+}
+
+pub fn entitlement_signal() -> u64 {
+    ENTITLEMENT_SIGNAL.with(Cell::get)
+}
+
+fn entitlement_version_sql() -> &'static str {
+    if versioned() {
+        "(SELECT coalesce(max(v.entitlements), 0)::bigint \
+            FROM flagship.environments ve \
+            JOIN flagship.cache_versions v ON v.organization_id = ve.organization_id \
+             AND v.scope = ve.organization_id \
+           WHERE ve.id = $1)"
+    } else {
+        "NULL::bigint"
+    }
+}
+
+/// The entitlement version of the environment's organization, read once
+/// per signal.
+fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
+    let checked = Checked::entitlements();
+    let key = *environment.as_bytes();
+    let known = ENTITLEMENT_VERSIONS.with(|versions| {
+        versions
+            .borrow()
+            .get(&key)
+            .filter(|(at, _)| at.holds_for_entitlements())
+            .map(|(_, version)| *version)
+    });
+    if let Some(version) = known {
+        return version;
+    }
+    let version = Spi::get_one_with_args::<i64>(
+        &format!("SELECT {}", entitlement_version_sql()),
+        &[environment.into()],
+    )
+    .unwrap_or_else(|error| panic!("reading entitlement versions: {error}"));
+    ENTITLEMENT_VERSIONS.with(|versions| {
+        let mut versions = versions.borrow_mut();
+        if versions.len() >= MAX_NAMES {
+            versions.clear();
+        }
+        versions.insert(key, (checked, version));
+    });
+    version
+}
+
+/// Values loaded from plans and customers of one environment, valid while
+/// no signal came or, after one, while the organization's entitlement
+/// version holds; emptied rather than grown past `limit` entries.
 pub struct Stamped<K, V> {
-    entries: HashMap<K, (u64, V), FxBuildHasher>,
+    entries: HashMap<K, StampedEntry<V>, FxBuildHasher>,
     limit: usize,
+}
+
+struct StampedEntry<V> {
+    checked: Checked,
+    version: Option<i64>,
+    value: V,
 }
 
 impl<K, V> Stamped<K, V> {
@@ -149,61 +454,87 @@ impl<K, V> Stamped<K, V> {
     }
 }
 
-/// The cached value for `key`, or what `load` returns (then cached). The
-/// cache is not borrowed while loading, which may run queries that come
-/// back here.
+/// The cached value for `key` (of `environment`), or what `load` returns
+/// with the version it was read at (then cached). The cache is not
+/// borrowed while loading, which may run queries that come back here.
 pub fn stamped<K: Hash + Eq, V: Clone>(
     cache: &'static LocalKey<RefCell<Stamped<K, V>>>,
+    environment: pgrx::Uuid,
     key: K,
-    load: impl FnOnce() -> V,
+    load: impl FnOnce() -> (V, Option<i64>),
 ) -> V {
-    let current = entitlement_generation();
+    let checked = Checked::entitlements();
     let cached = cache.with(|cache| {
-        cache
-            .borrow()
-            .entries
-            .get(&key)
-            .filter(|(generation, _)| *generation == current)
-            .map(|(_, value)| value.clone())
+        cache.borrow().entries.get(&key).map(|entry| {
+            (
+                entry.checked.holds_for_entitlements(),
+                entry.version,
+                entry.value.clone(),
+            )
+        })
     });
-    if let Some(value) = cached {
-        return value;
+    match cached {
+        Some((true, _, value)) => return value,
+        Some((false, Some(version), value))
+            if entitlement_version(environment) == Some(version) =>
+        {
+            cache.with(|cache| {
+                if let Some(entry) = cache.borrow_mut().entries.get_mut(&key) {
+                    entry.checked = checked;
+                }
+            });
+            return value;
+        }
+        _ => {}
     }
-    let loaded = load();
+    let (loaded, version) = load();
     cache.with(|cache| {
         let mut cache = cache.borrow_mut();
         if cache.entries.len() >= cache.limit {
             cache.entries.clear();
         }
-        cache.entries.insert(key, (current, loaded.clone()));
+        cache.entries.insert(
+            key,
+            StampedEntry {
+                checked,
+                version,
+                value: loaded.clone(),
+            },
+        );
     });
     loaded
 }
 
 /// Runs `function(arguments)`, a SQL function returning jsonb about plans
-/// and customers, and notes the relation whose invalidations stale it.
+/// and customers whose first argument is the environment, and reads the
+/// entitlement version in the same statement (one snapshot for both).
 pub fn load_entitlement_document(
     function: &str,
     arguments: &[pgrx::datum::DatumWithOid<'_>],
-) -> Option<serde_json::Value> {
+) -> (Option<serde_json::Value>, Option<i64>) {
     let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
     let query = format!(
-        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})::text",
-        placeholders.join(", ")
+        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})::text, {}",
+        placeholders.join(", "),
+        entitlement_version_sql()
     );
-    let (watched, document) = Spi::connect(|client| {
+    let (watched, document, version) = Spi::connect(|client| {
         let row = client.select(&query, Some(1), arguments)?.first();
-        Ok::<_, pgrx::spi::Error>((row.get::<pg_sys::Oid>(1)?, row.get::<String>(2)?))
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<pg_sys::Oid>(1)?,
+            row.get::<String>(2)?,
+            row.get::<i64>(3)?,
+        ))
     })
     .unwrap_or_else(|error| panic!("{function}: {error}"));
     if let Some(watched) = watched {
-        watch_entitlements(watched);
+        WATCHED_ENTITLEMENTS.with(|cell| cell.set(watched));
     }
     // Read as text and parsed here, so that a stored document too deep or
     // too large to read (written around the CHECK constraints) makes this
     // one customer unknown, with a warning, instead of raising inside an
     // evaluation.
-    match crate::jsonb::parse_document(&document?) {
+    let document = document.and_then(|text| match crate::jsonb::parse_document(&text) {
         Ok(document) => Some(document),
         Err(why) => {
             pgrx::warning!(
@@ -211,55 +542,38 @@ pub fn load_entitlement_document(
             );
             None
         }
-    }
-}
-
-/// Remembers which relation's invalidations stale the entitlement cache.
-pub fn watch_entitlements(relation: pg_sys::Oid) {
-    WATCHED_ENTITLEMENTS.with(|watched| watched.set(relation));
-}
-
-/// Stales what depends on `relation`: entitlements alone for their
-/// relation, everything for the flags' relation or InvalidOid ("everything
-/// changed", e.g. after an invalidation queue overflow), nothing otherwise.
-fn bump_for(relation: pg_sys::Oid) {
-    let entitlements = WATCHED_ENTITLEMENTS.with(Cell::get);
-    if relation != pg_sys::InvalidOid && relation == entitlements {
-        bump_entitlements();
-    } else if relation == pg_sys::InvalidOid || relation == WATCHED_RELATION.with(Cell::get) {
-        bump();
-    }
-}
-
-pub fn lookup(key: &CacheKey) -> Option<Resolved> {
-    let current = generation();
-    ENTRIES.with(|entries| {
-        entries
-            .borrow()
-            .get(key)
-            .filter(|entry| entry.generation == current)
-            .map(|entry| entry.resolved.clone())
-    })
-}
-
-/// Stores what was built, stamped with the generation observed *before*
-/// building, so an invalidation that arrived meanwhile makes it stale.
-pub fn store(key: CacheKey, built_at: u64, resolved: Resolved, watched: pg_sys::Oid) {
-    WATCHED_RELATION.with(|relation| relation.set(watched));
-    ENTRIES.with(|entries| {
-        let mut entries = entries.borrow_mut();
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
-        }
-        entries.retain(|_, entry| entry.generation == generation());
-        entries.insert(
-            key,
-            Entry {
-                generation: built_at,
-                resolved,
-            },
-        );
     });
+    (document, version)
+}
+
+/// Remembers which relation's invalidations signal configuration changes.
+pub fn watch_configuration(relation: pg_sys::Oid) {
+    WATCHED_RELATION.with(|watched| watched.set(relation));
+}
+
+fn signal_configuration() {
+    CONFIGURATION_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
+    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(completions_now()));
+}
+
+fn signal_entitlements() {
+    ENTITLEMENT_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
+    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(completions_now()));
+}
+
+/// Signals what depends on `relation`: entitlements for their relation,
+/// configuration for the flags' relation, both for InvalidOid
+/// ("everything may have changed", e.g. after an invalidation queue
+/// overflow), nothing otherwise.
+fn signal_for(relation: pg_sys::Oid) {
+    if relation == pg_sys::InvalidOid {
+        signal_configuration();
+        signal_entitlements();
+    } else if relation == WATCHED_ENTITLEMENTS.with(Cell::get) {
+        signal_entitlements();
+    } else if relation == WATCHED_RELATION.with(Cell::get) {
+        signal_configuration();
+    }
 }
 
 // The three callbacks are called only by PostgreSQL, with the arguments its
@@ -267,10 +581,11 @@ pub fn store(key: CacheKey, built_at: u64, resolved: Resolved, watched: pg_sys::
 // than unwinding into C. They only bump counters.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    // InvalidOid means "everything" (e.g. after an invalidation queue overflow).
-    bump_for(relid);
+    signal_for(relid);
 }
 
+/// An abort (of a transaction or a savepoint) may take back rows this
+/// backend compiled: everything is checked against the versions again.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_transaction_event(
     event: pg_sys::XactEvent::Type,
@@ -279,7 +594,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT
         || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
     {
-        bump();
+        signal_for(pg_sys::InvalidOid);
     }
 }
 
@@ -291,14 +606,15 @@ unsafe extern "C-unwind" fn on_subtransaction_event(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        bump();
+        signal_for(pg_sys::InvalidOid);
     }
 }
 
 /// Registers the one relcache callback this library uses (a backend has
 /// only ten slots, shared by every extension) and the abort callbacks.
 pub fn register_callbacks() {
-    // SAFETY: called once from _PG_init, in the backend's main thread.
+    // SAFETY: called once from _PG_init, in the backend's main thread, with
+    // functions of the callback types PostgreSQL expects.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
@@ -309,12 +625,108 @@ pub fn register_callbacks() {
     }
 }
 
-/// Called by the statement triggers on configuration tables. Takes the
-/// relation to invalidate so the trigger names it (`'flagship.features'::regclass`).
+/// Called by the statement triggers on configuration tables (the function
+/// `flagship.configuration_changed`, not the FlagShip roles: it is not
+/// executable by PUBLIC). Takes the relation to signal, which the trigger
+/// names (`'flagship.features'::regclass`).
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn invalidate_cache(relation: pg_sys::Oid) {
     // SAFETY: registers a relcache invalidation for the current transaction;
     // PostgreSQL sends it to other backends at commit and drops it on abort.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
-    bump_for(relation);
+    signal_for(relation);
+}
+
+/// This backend's cache, for tests and DBAs: compiled environments, their
+/// estimated size in bytes, located environment names, and how many
+/// environments it has compiled since it started.
+#[pg_extern(volatile, parallel_unsafe)]
+pub fn cache_usage() -> pgrx::JsonB {
+    let (environments, bytes, names) = usage();
+    pgrx::JsonB(serde_json::json!({
+        "environments": environments,
+        "bytes": bytes,
+        "names": names,
+        "loads": LOADS.with(Cell::get),
+        "limit_bytes": cache_limit_bytes(),
+    }))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::test_support::{organization_with_shop, text};
+
+    fn usage(field: &str) -> i64 {
+        text(&format!("SELECT flagship.cache_usage() ->> '{field}'"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Bug of #14: every spelling of an environment compiled a copy of its
+    /// own (40 spellings of a 10 MB variant took a backend to 431 MB).
+    #[pg_test]
+    fn one_compiled_copy_per_environment_however_it_is_named() {
+        organization_with_shop("spell", "Spell");
+        Spi::run(
+            r#"SELECT flagship.put_flag('shop', '{"key": "f", "environments": {"production": {"enabled": true}}}')"#,
+        )
+        .unwrap();
+        let id = text(
+            "SELECT e.id::text FROM flagship.environments e JOIN flagship.projects p ON p.id = e.project_id \
+              WHERE p.key = 'shop' AND e.key = 'production' \
+                AND e.organization_id = flagship.current_organization_id()",
+        );
+        let before = usage("environments");
+        let loads = usage("loads");
+        for name in [
+            "shop/production".to_string(),
+            format!("{}/shop/production", text("SELECT slug FROM flagship.organizations WHERE id = flagship.current_organization_id()")),
+            id.clone(),
+            id.to_uppercase(),
+            " shop/production ".to_string(),
+        ] {
+            assert_eq!(
+                text(&format!("SELECT flagship.flagship_evaluate('f', '{{}}', '{name}') ->> 'reason'")),
+                "STATIC",
+                "{name}"
+            );
+        }
+        assert_eq!(usage("environments"), before + 1);
+        assert_eq!(usage("loads"), loads + 1);
+    }
+
+    /// Bug of #14: past 256 environments the cache started over and then
+    /// reloaded on every call. Now it drops the least recently used within
+    /// flagship.cache_size, and answers stay exact through evictions.
+    #[pg_test]
+    fn eviction_under_the_memory_limit_keeps_answers_exact() {
+        organization_with_shop("evict", "Evict");
+        Spi::run("SET LOCAL flagship.cache_size = 64").unwrap();
+        let projects = 24;
+        for i in 0..projects {
+            Spi::run(&format!(
+                r#"SELECT flagship.create_project(flagship.current_organization_id(), 'p{i}', 'P{i}');
+                   SELECT flagship.put_flag('p{i}', '{{"key": "which", "kind": "multivariate", "off_variant": "v",
+                       "variants": {{"v": "project {i}"}}, "environments": {{"production": {{"enabled": true}}}}}}')"#
+            ))
+            .unwrap();
+        }
+        for round in 0..3 {
+            for i in 0..projects {
+                assert_eq!(
+                    text(&format!(
+                        "SELECT flagship.flagship_evaluate('which', '{{}}', 'p{i}/production') ->> 'value'"
+                    )),
+                    format!("project {i}"),
+                    "round {round}"
+                );
+            }
+            let bytes = usage("bytes");
+            assert!(bytes <= 64 * 1024 + 16 * 1024, "{bytes} bytes held");
+        }
+        assert!(usage("environments") < projects, "nothing was evicted");
+    }
 }

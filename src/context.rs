@@ -194,7 +194,7 @@ pub struct RawIdentity<'a> {
 }
 
 /// A `RawIdentity` copied out of the settings, to keep across queries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdentityKey {
     pub user: pg_sys::Oid,
     pub authenticated: Option<[u8; 16]>,

@@ -62,12 +62,15 @@ thread_local! {
 /// The customer with this external key in the environment, if any.
 pub fn customer(environment: pgrx::Uuid, external_key: &str) -> Option<Rc<Customer>> {
     let key = (*environment.as_bytes(), external_key.to_string());
-    cache::stamped(&CUSTOMERS, key, || {
-        let document = cache::load_entitlement_document(
+    cache::stamped(&CUSTOMERS, environment, key, || {
+        let (document, version) = cache::load_entitlement_document(
             "customer_entitlements",
             &[environment.into(), external_key.into()],
-        )?;
-        Some(Rc::new(Customer::from_document(&document)))
+        );
+        (
+            document.map(|document| Rc::new(Customer::from_document(&document))),
+            version,
+        )
     })
 }
 

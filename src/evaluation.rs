@@ -10,8 +10,8 @@ use pgrx::prelude::*;
 use serde_json::Value;
 
 use crate::args::TextArg;
-use crate::cache::{self, CacheKey, Resolved};
-use crate::context::{self, RawIdentity};
+use crate::cache::{self, CompiledKey, Located, Resolved};
+use crate::context::{self, IdentityKey, RawIdentity};
 use crate::encoded;
 use crate::entitlements::{self, Customer, EnvironmentEntitlements};
 use crate::exposures;
@@ -39,7 +39,7 @@ fn evaluation_snapshot(
 fn snapshot_for(
     environment: Option<&str>,
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
-    cache::accept_invalidations_once_per_statement();
+    cache::accept_invalidations();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
     // The identity is copied only on a miss, before any query runs.
     let recalled = RawIdentity::with_current(explicit, |identity| {
@@ -48,9 +48,9 @@ fn snapshot_for(
     let resolved = match recalled {
         Ok(resolved) => resolved,
         Err(identity) => {
-            let built_at = cache::generation();
-            let resolved = lookup_or_load(explicit)?;
-            cache::remember(identity, built_at, resolved.clone());
+            let checked = cache::Checked::configuration();
+            let resolved = locate_and_compile(explicit, &identity, checked)?;
+            cache::remember(identity, checked, resolved.clone());
             resolved
         }
     };
@@ -68,7 +68,14 @@ fn snapshot_for(
     }
 }
 
-fn lookup_or_load(explicit: Option<&str>) -> Result<Resolved, (ErrorCode, String)> {
+/// Where the name points (from the name cache while no change was
+/// signalled, else one query that also reads the environment's versions),
+/// then its compiled form for this role and organization.
+fn locate_and_compile(
+    explicit: Option<&str>,
+    identity: &IdentityKey,
+    checked: cache::Checked,
+) -> Result<Resolved, (ErrorCode, String)> {
     let name = match explicit {
         Some(name) => name.to_string(),
         None => context::environment().ok_or_else(|| {
@@ -78,63 +85,83 @@ fn lookup_or_load(explicit: Option<&str>) -> Result<Resolved, (ErrorCode, String
             )
         })?,
     };
-    let key = CacheKey {
+    let located = match cache::located(identity) {
+        Some(located) => located,
+        None => {
+            let located = locate(&name);
+            cache::remember_location(identity.clone(), checked, located.clone());
+            located
+        }
+    };
+    let (environment_id, version) = match located {
+        Located::Found(environment_id, version) => (environment_id, version),
+        Located::NotFound(message) => return Ok(Resolved::NotFound(message)),
+    };
+    let key = CompiledKey {
         // SAFETY: GetUserId returns a backend global; it cannot raise.
         user: unsafe { crate::unguarded::GetUserId() },
         organization: context::organization_id().map(|id| *id.as_bytes()),
-        environment: name,
+        environment: *environment_id.as_bytes(),
     };
-    Ok(match cache::lookup(&key) {
-        Some(resolved) => resolved,
-        None => {
-            let built_at = cache::generation();
-            let (watched, resolved) = load(&key.environment);
-            cache::store(key, built_at, resolved.clone(), watched);
-            resolved
-        }
-    })
+    let snapshot = cache::compiled(key, version, || load(environment_id, &name));
+    Ok(Resolved::Found(snapshot, environment_id))
 }
 
-fn load(environment: &str) -> (pg_sys::Oid, Resolved) {
-    let (watched, candidates) = Spi::connect(|client| {
+/// The environments a name can mean for this session, and the versions
+/// of the one it means, in one statement.
+fn locate(environment: &str) -> Located {
+    let query = format!(
+        "SELECT 'flagship.features'::regclass::oid, c.ids, \
+                CASE WHEN cardinality(c.ids) = 1 THEN {} END \
+           FROM (SELECT flagship.environment_candidates($1) AS ids) c",
+        cache::configuration_version_sql("c.ids[1]")
+    );
+    let (watched, candidates, version) = Spi::connect(|client| {
         let row = client
-            .select(
-                "SELECT 'flagship.features'::regclass::oid, flagship.environment_candidates($1)",
-                Some(1),
-                &[environment.into()],
-            )?
+            .select(&query, Some(1), &[environment.into()])?
             .first();
         Ok::<_, pgrx::spi::Error>((
             row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
             row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
+            row.get::<i64>(3)?,
         ))
     })
-    .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"));
+    .unwrap_or_else(|error| panic!("locating environment \"{environment}\": {error}"));
+    cache::watch_configuration(watched);
+    match candidates.as_slice() {
+        [one] => Located::Found(*one, version),
+        [] => Located::NotFound(format!("environment \"{environment}\" not found")),
+        many => Located::NotFound(format!(
+            "environment \"{environment}\" is ambiguous: {} organizations have it",
+            many.len()
+        )),
+    }
+}
 
-    let environment_id = match candidates.as_slice() {
-        [one] => *one,
-        [] => {
-            return (
-                watched,
-                Resolved::NotFound(format!("environment \"{environment}\" not found")),
-            )
-        }
-        many => {
-            return (
-                watched,
-                Resolved::NotFound(format!(
-                    "environment \"{environment}\" is ambiguous: {} organizations have it",
-                    many.len()
-                )),
-            )
-        }
-    };
+fn load(environment_id: pgrx::Uuid, environment: &str) -> cache::Loaded {
     let rows = load_rows(environment_id)
         .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"));
-    (
-        watched,
-        Resolved::Found(Rc::new(compile(rows)), environment_id),
-    )
+    // The compiled form's size, roughly: its documents' text, twice over
+    // for the parsed and compiled structures, plus a fixed cost per item.
+    let bytes = 4096
+        + rows
+            .flags
+            .iter()
+            .map(|(key, definition, config)| {
+                512 + 2 * (key.len() + definition.len() + config.as_ref().map_or(0, String::len))
+            })
+            .sum::<usize>()
+        + rows
+            .segments
+            .iter()
+            .map(|(key, definition)| 256 + 2 * (key.len() + definition.len()))
+            .sum::<usize>();
+    let version = rows.version;
+    cache::Loaded {
+        snapshot: compile(rows),
+        version,
+        bytes,
+    }
 }
 
 /// One environment's stored documents, as text, one row per flag and per
@@ -144,41 +171,52 @@ struct StoredRows {
     flags: Vec<(String, String, Option<String>)>,
     /// Key, definition.
     segments: Vec<(String, String)>,
+    /// The versions these rows were read at.
+    version: Option<i64>,
 }
 
-const FLAG_ROWS: &str = "\
-    SELECT f.key, (to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[])::text, \
-           CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END \
-      FROM flagship.environments e \
-      JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
-      LEFT JOIN flagship.feature_rules r \
-        ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
-     WHERE e.id = $1";
-
-const SEGMENT_ROWS: &str = "\
-    SELECT s.key, (to_jsonb(s) - '{organization_id,project_id,id,created_at,updated_at}'::text[])::text \
-      FROM flagship.environments e \
-      JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
-     WHERE e.id = $1";
+/// Every row one environment's evaluation needs, and its versions, in one
+/// statement, so that all of it comes from one snapshot.
+fn rows_query() -> String {
+    format!(
+        "SELECT 'flag', f.key, \
+                (to_jsonb(f) - '{{organization_id,project_id,id,created_at,updated_at}}'::text[])::text, \
+                CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END, NULL::bigint \
+           FROM flagship.environments e \
+           JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
+           LEFT JOIN flagship.feature_rules r \
+             ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
+          WHERE e.id = $1 \
+         UNION ALL \
+         SELECT 'segment', s.key, \
+                (to_jsonb(s) - '{{organization_id,project_id,id,created_at,updated_at}}'::text[])::text, NULL, NULL \
+           FROM flagship.environments e \
+           JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
+          WHERE e.id = $1 \
+         UNION ALL \
+         SELECT 'version', NULL, NULL, NULL, {}",
+        cache::configuration_version_sql("$1")
+    )
+}
 
 fn load_rows(environment_id: pgrx::Uuid) -> Result<StoredRows, pgrx::spi::Error> {
+    let query = rows_query();
     Spi::connect(|client| {
-        let mut flags = Vec::new();
-        for row in client.select(FLAG_ROWS, None, &[environment_id.into()])? {
-            flags.push((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?.unwrap_or_default(),
-                row.get::<String>(3)?,
-            ));
+        let mut rows = StoredRows {
+            flags: Vec::new(),
+            segments: Vec::new(),
+            version: None,
+        };
+        for row in client.select(&query, None, &[environment_id.into()])? {
+            let key = row.get::<String>(2)?.unwrap_or_default();
+            let definition = row.get::<String>(3)?.unwrap_or_default();
+            match row.get::<String>(1)?.as_deref() {
+                Some("flag") => rows.flags.push((key, definition, row.get::<String>(4)?)),
+                Some("segment") => rows.segments.push((key, definition)),
+                _ => rows.version = row.get::<i64>(5)?,
+            }
         }
-        let mut segments = Vec::new();
-        for row in client.select(SEGMENT_ROWS, None, &[environment_id.into()])? {
-            segments.push((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?.unwrap_or_default(),
-            ));
-        }
-        Ok(StoredRows { flags, segments })
+        Ok(rows)
     })
 }
 
@@ -386,16 +424,18 @@ impl Drop for Extracted<'_, '_> {
             return;
         }
         let mut slots = std::mem::take(&mut self.slots);
-        // Keep small string buffers for the next call, not a large document.
+        // Keep small string buffers for the next call, not a large document
+        // (the next `from` moves what was read back to `spare`).
         for slot in &mut slots[..self.keys.len()] {
-            slot.reset();
-            let small = match slot.spare.get_mut() {
-                Value::String(text) => text.capacity() <= 256,
-                Value::Array(_) | Value::Object(_) => false,
-                _ => true,
-            };
-            if !small {
-                slot.spare.set(Value::Null);
+            if let Some(Some(value)) = slot.read.get_mut() {
+                let small = match value {
+                    Value::String(text) => text.capacity() <= 256,
+                    Value::Array(_) | Value::Object(_) => false,
+                    _ => true,
+                };
+                if !small {
+                    *value = Value::Null;
+                }
             }
         }
         SPARE_SLOTS.with(|spare| spare.borrow_mut().push(slots));

@@ -21,9 +21,16 @@ use crate::rules::Resolution;
 static LOG_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 static COUNT_EXPOSURES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
-/// Environment → flag → variant → evaluations not yet flushed.
+/// (Organization, environment) → flag → variant → evaluations not yet
+/// flushed. Keyed by the organization the evaluating session acted for, as
+/// row-level security sees it (zeros for none), so that in a pooled
+/// backend each organization's sessions see and flush only their own.
 type Map<K, V> = HashMap<K, V, FxBuildHasher>;
-type Pending = Map<[u8; 16], Map<String, Map<String, i64>>>;
+type Pending = Map<([u8; 16], [u8; 16]), Map<String, Map<String, i64>>>;
+
+fn session_organization() -> [u8; 16] {
+    crate::context::organization_id().map_or([0; 16], |id| *id.as_bytes())
+}
 
 thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(HashMap::default());
@@ -95,7 +102,13 @@ fn record(
 ) {
     if count_exposures {
         if let Some(variant) = resolution.variant {
-            count(environment, resolution.key, variant);
+            add(
+                session_organization(),
+                environment,
+                resolution.key,
+                variant,
+                1,
+            );
         }
     }
     if rate > 0.0 && draw() < rate {
@@ -112,14 +125,18 @@ fn record(
     }
 }
 
-fn count(environment: pgrx::Uuid, flag: &str, variant: &str) {
-    add(environment, flag, variant, 1);
-}
-
-fn add(environment: pgrx::Uuid, flag: &str, variant: &str, evaluations: i64) {
+fn add(
+    organization: [u8; 16],
+    environment: pgrx::Uuid,
+    flag: &str,
+    variant: &str,
+    evaluations: i64,
+) {
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
-        let flags = pending.entry(*environment.as_bytes()).or_default();
+        let flags = pending
+            .entry((organization, *environment.as_bytes()))
+            .or_default();
         // Look up by &str first so a warm counter costs no allocation.
         let variants = match flags.get_mut(flag) {
             Some(variants) => variants,
@@ -136,11 +153,15 @@ fn add(environment: pgrx::Uuid, flag: &str, variant: &str, evaluations: i64) {
 
 type Row = (pgrx::Uuid, String, String, i64);
 
-fn pending_rows() -> Vec<Row> {
+/// The counts of `organization`'s sessions.
+fn pending_rows(organization: [u8; 16]) -> Vec<Row> {
     PENDING.with(|pending| {
         let pending = pending.borrow();
         let mut rows = Vec::new();
-        for (environment, flags) in pending.iter() {
+        for ((owner, environment), flags) in pending.iter() {
+            if *owner != organization {
+                continue;
+            }
             for (flag, variants) in flags {
                 for (variant, count) in variants {
                     rows.push((
@@ -157,7 +178,8 @@ fn pending_rows() -> Vec<Row> {
     })
 }
 
-/// This backend's counts not yet flushed.
+/// This backend's counts not yet flushed, of the session's organization
+/// only (other organizations' stay pending for their own sessions).
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn pending_exposures() -> TableIterator<
     'static,
@@ -168,7 +190,7 @@ pub fn pending_exposures() -> TableIterator<
         name!(evaluations, i64),
     ),
 > {
-    TableIterator::new(pending_rows())
+    TableIterator::new(pending_rows(session_organization()))
 }
 
 /// Adds this backend's counts to `flagship.flag_exposures` (per
@@ -177,7 +199,8 @@ pub fn pending_exposures() -> TableIterator<
 /// aborts, the counts become pending again.
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn flush_exposures() -> i64 {
-    let rows = pending_rows();
+    let organization = session_organization();
+    let rows = pending_rows(organization);
     if rows.is_empty() {
         return 0;
     }
@@ -203,11 +226,15 @@ pub fn flush_exposures() -> i64 {
         ],
     )
     .unwrap_or_else(|error| crate::errors::invalid_parameter(error.to_string(), None));
-    PENDING.with(|pending| pending.borrow_mut().clear());
+    PENDING.with(|pending| {
+        pending
+            .borrow_mut()
+            .retain(|(owner, _), _| *owner != organization)
+    });
     let flushed = rows.clone();
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
         for (environment, flag, variant, count) in flushed {
-            add(environment, &flag, &variant, count);
+            add(organization, environment, &flag, &variant, count);
         }
     });
     counts.iter().sum()
@@ -282,6 +309,38 @@ mod tests {
             "f/off=3,f/on=3"
         );
         assert_eq!(text("SELECT flagship.flush_exposures()::text"), "0");
+    }
+
+    /// Bug of #14: in a pooled backend, pending_exposures() showed the
+    /// previous tenant's environment, flags and counts, and
+    /// flush_exposures() then dropped them silently.
+    #[pg_test]
+    fn counts_belong_to_the_organization_that_made_them() {
+        setup();
+        let first = text("SELECT flagship.current_organization_id()::text");
+        Spi::run("SET LOCAL flagship.count_exposures = on").unwrap();
+        evaluate(2, "{}");
+        organization_with_shop("expo-two", "Expo Two");
+        Spi::run(
+            "SELECT flagship.put_flag('shop', '{\"key\": \"f\", \"environments\": {\"production\": {\"enabled\": true}}}')",
+        )
+        .unwrap();
+        evaluate(1, "{}");
+        assert_eq!(
+            text("SELECT string_agg(flag_key || '/' || variant || '=' || evaluations, ',') FROM flagship.pending_exposures()"),
+            "f/on=1"
+        );
+        assert_eq!(text("SELECT flagship.flush_exposures()::text"), "1");
+        Spi::run(&format!("SET LOCAL flagship.organization_id = '{first}'")).unwrap();
+        assert_eq!(
+            text("SELECT string_agg(flag_key || '/' || variant || '=' || evaluations, ',') FROM flagship.pending_exposures()"),
+            "f/off=2"
+        );
+        assert_eq!(text("SELECT flagship.flush_exposures()::text"), "2");
+        assert_eq!(
+            text("SELECT sum(evaluations)::text FROM flagship.flag_exposures WHERE organization_id = flagship.current_organization_id()"),
+            "2"
+        );
     }
 
     #[pg_test]

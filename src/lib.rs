@@ -55,7 +55,8 @@ extension_sql_file!(
         flags::validate_flag_environment,
         flags::validate_flag_config,
         flags::validate_segment,
-        cache::invalidate_cache
+        cache::invalidate_cache,
+        cache::cache_usage
     ]
 );
 extension_sql_file!(
@@ -91,6 +92,7 @@ extension_sql_file!(
 pub extern "C-unwind" fn _PG_init() {
     context::register_settings();
     exposures::register_settings();
+    cache::register_settings();
     cache::register_callbacks();
 }
 

@@ -9,7 +9,7 @@
 
 use std::ffi::{c_char, c_int};
 
-use pgrx::pg_sys::{JsonbContainer, JsonbValue, Oid, TimestampTz};
+use pgrx::pg_sys::{JsonbContainer, JsonbValue, Oid, Snapshot, TimestampTz};
 
 extern "C" {
     /// Binary search of an object container's keys (jsonb_util.c); given
@@ -27,4 +27,11 @@ extern "C" {
     /// When the current top-level statement started (xact.c): returns a
     /// backend global.
     pub fn GetCurrentStatementStartTimestamp() -> TimestampTz;
+
+    /// Whether a snapshot is active (snapmgr.c): reads a backend global.
+    pub fn ActiveSnapshotSet() -> bool;
+
+    /// The active snapshot (snapmgr.c): returns a backend global; only
+    /// call it when `ActiveSnapshotSet` says there is one.
+    pub fn GetActiveSnapshot() -> Snapshot;
 }

@@ -98,12 +98,15 @@ fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
         customer.to_string(),
         metric.to_string(),
     );
-    cache::stamped(&FACTS, key, || {
-        let document = cache::load_entitlement_document(
+    cache::stamped(&FACTS, environment, key, || {
+        let (document, version) = cache::load_entitlement_document(
             "usage_facts",
             &[environment.into(), customer.into(), metric.into()],
         );
-        Rc::new(Facts::from_document(&document.unwrap_or(Value::Null)))
+        (
+            Rc::new(Facts::from_document(&document.unwrap_or(Value::Null))),
+            version,
+        )
     })
 }
 

@@ -235,7 +235,7 @@ fn every_configuration_table_is_audited() {
                  OR EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
                                AND a.attname = 'organization_id' AND NOT a.attisdropped))
             AND c.relname NOT IN ('usage_counters', 'usage_ledger', 'flag_exposures',
-                                  'audit_events', 'audit_chain_heads')
+                                  'audit_events', 'audit_chain_heads', 'cache_versions')
             AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid
                                AND t.tgfoid = 'flagship.audit_change'::regproc)",
     );

@@ -13,5 +13,6 @@ mod invalidation;
 mod isolation;
 mod keys;
 mod migration;
+mod tenants;
 mod upgrade;
 mod usage;
