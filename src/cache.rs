@@ -44,11 +44,11 @@ static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 thread_local! {
     static CONFIGURATION_SIGNAL: Cell<u64> = const { Cell::new(0) };
     static ENTITLEMENT_SIGNAL: Cell<u64> = const { Cell::new(0) };
-    /// How many transactions had completed when the last signal of each
-    /// kind arrived: a check made under an older snapshot may not have seen
-    /// the change that sent it, so it holds only for snapshots as old.
-    static CONFIGURATION_SIGNALLED_AT: Cell<u64> = const { Cell::new(0) };
-    static ENTITLEMENT_SIGNALLED_AT: Cell<u64> = const { Cell::new(0) };
+    /// The next transaction id when the last signal of each kind arrived
+    /// (0: none yet). A check made under a snapshot that may not see the
+    /// change that sent it is not conclusive; see `Checked`.
+    static CONFIGURATION_SIGNALLED_AT: Cell<u32> = const { Cell::new(0) };
+    static ENTITLEMENT_SIGNALLED_AT: Cell<u32> = const { Cell::new(0) };
     static WATCHED_RELATION: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static WATCHED_ENTITLEMENTS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static COMPILED: RefCell<Lru> = RefCell::new(Lru::default());
@@ -77,54 +77,85 @@ pub fn register_settings() {
     );
 }
 
-/// When a cached answer was last confirmed: the signal count then, and
-/// the active snapshot's count of completed transactions. It holds while
-/// no signal has arrived since and the confirming snapshot was taken after
-/// the last signal's change had completed.
+/// When a cached answer was last confirmed, and whether that confirmation
+/// settles it for later snapshots too. A signal announces a commit that a
+/// snapshot taken before it arrived may not see (REPEATABLE READ, or a
+/// statement that started just before the commit): a check under such a
+/// snapshot answers for that snapshot only, and the next statement checks
+/// again. A check is conclusive when every transaction that existed when
+/// the signal arrived had finished before its snapshot (the snapshot's
+/// xmin is past the next transaction id of that moment).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Checked {
     signal: u64,
-    completions: u64,
+    conclusive: bool,
 }
 
 impl Checked {
     pub fn configuration() -> Checked {
         Checked {
             signal: configuration_signal(),
-            // SAFETY: reads the backend's active snapshot, if any.
-            completions: unsafe { snapshot_completions() },
+            conclusive: sees_everything_since(CONFIGURATION_SIGNALLED_AT.with(Cell::get)),
         }
     }
 
     fn entitlements() -> Checked {
         Checked {
             signal: entitlement_signal(),
-            // SAFETY: as above.
-            completions: unsafe { snapshot_completions() },
+            conclusive: sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get)),
         }
     }
 
     fn holds_for_configuration(&self) -> bool {
-        self.signal == configuration_signal()
-            && self.completions >= CONFIGURATION_SIGNALLED_AT.with(Cell::get)
+        self.conclusive && self.signal == configuration_signal()
     }
 
     fn holds_for_entitlements(&self) -> bool {
-        self.signal == entitlement_signal()
-            && self.completions >= ENTITLEMENT_SIGNALLED_AT.with(Cell::get)
+        self.conclusive && self.signal == entitlement_signal()
+    }
+}
+
+/// Whether the active snapshot sees every transaction older than
+/// `next_at_signal` as finished (true when there was no signal).
+fn sees_everything_since(next_at_signal: u32) -> bool {
+    if next_at_signal == 0 {
+        return true;
+    }
+    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
+    // the snapshot is only dereferenced when one is set.
+    let xmin = unsafe {
+        if !crate::unguarded::ActiveSnapshotSet() {
+            return false;
+        }
+        (*crate::unguarded::GetActiveSnapshot()).xmin
+    };
+    // Transaction ids wrap around: compare as PostgreSQL does.
+    (xmin.into_inner().wrapping_sub(next_at_signal) as i32) >= 0
+}
+
+/// The next transaction id to be assigned (its low 32 bits).
+fn next_transaction_id() -> u32 {
+    // SAFETY: ShmemVariableCache points to shared memory set up before any
+    // backend runs; an aligned u64 is read whole on the 64-bit platforms
+    // pgrx supports, and a value a moment old is an older id, which only
+    // makes `sees_everything_since` more cautious.
+    unsafe {
+        let cache = pg_sys::ShmemVariableCache;
+        if cache.is_null() {
+            u32::MAX
+        } else {
+            std::ptr::read_volatile(std::ptr::addr_of!((*cache).nextXid.value)) as u32
+        }
     }
 }
 
 /// How many transactions have completed so far (procarray's counter).
 fn completions_now() -> u64 {
-    // SAFETY: ShmemVariableCache points to shared memory set up before any
-    // backend runs; an aligned u64 is read whole on every platform
-    // PostgreSQL 15 supports with 64-bit atomics, and a value a moment old
-    // only makes a later check more cautious.
+    // SAFETY: as for next_transaction_id.
     unsafe {
         let cache = pg_sys::ShmemVariableCache;
         if cache.is_null() {
-            u64::MAX
+            0
         } else {
             std::ptr::read_volatile(std::ptr::addr_of!((*cache).xactCompletionCount))
         }
@@ -225,40 +256,21 @@ pub fn usage() -> (usize, usize, usize) {
 }
 
 /// Picks up other sessions' committed changes when a statement starts and
-/// whenever the active snapshot has seen commits since the last look, so a
+/// whenever transactions have completed since the last look, so a
 /// statement sees every change committed before its snapshot, even inside
 /// a DO block or a loop. Later evaluations under the same snapshot do not
 /// look again: a query filtering a million rows on a flag pays for the
 /// guarded call once. This backend's own changes arrive at its next command.
 pub fn accept_invalidations() {
-    // SAFETY: both return backend globals; they neither allocate nor raise.
-    let seen = unsafe {
-        (
-            crate::unguarded::GetCurrentStatementStartTimestamp(),
-            snapshot_completions(),
-        )
-    };
+    // SAFETY: returns a backend global; it neither allocates nor raises.
+    let seen = (
+        unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() },
+        completions_now(),
+    );
     if ACCEPTED_AT.replace(seen) != seen {
         // SAFETY: guarded; it runs our (guarded) relcache callback, which
         // only bumps counters, and may raise on a broken invalidation queue.
         unsafe { pg_sys::AcceptInvalidationMessages() };
-    }
-}
-
-/// How many transactions had completed when the active snapshot was taken
-/// (0 when there is none or it is not known).
-///
-/// # Safety
-/// Reads the backend's active snapshot, if any; call from a backend.
-unsafe fn snapshot_completions() -> u64 {
-    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
-    // the snapshot is only dereferenced when one is set.
-    unsafe {
-        if crate::unguarded::ActiveSnapshotSet() {
-            (*crate::unguarded::GetActiveSnapshot()).snapXactCompletionCount
-        } else {
-            0
-        }
     }
 }
 
@@ -553,12 +565,12 @@ pub fn watch_configuration(relation: pg_sys::Oid) {
 
 fn signal_configuration() {
     CONFIGURATION_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
-    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(completions_now()));
+    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(next_transaction_id().max(1)));
 }
 
 fn signal_entitlements() {
     ENTITLEMENT_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
-    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(completions_now()));
+    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(next_transaction_id().max(1)));
 }
 
 /// Signals what depends on `relation`: entitlements for their relation,

@@ -53,7 +53,9 @@ fn another_organizations_change_does_not_reload_this_ones_flags() {
 
 /// Bug of #14: inside one DO block under READ COMMITTED a plain SELECT saw
 /// another session's committed kill switch at its next statement while
-/// flagship_enabled kept the old answer until the block ended.
+/// flagship_evaluate kept the old answer until the block ended. Each round
+/// of the loop reads the table first, then evaluates: whenever the read
+/// shows the switch off, the evaluation (a later statement) must too.
 #[test]
 fn a_kill_switch_is_seen_inside_a_do_block_as_a_table_read_sees_it() {
     let mut writer = connect();
@@ -65,40 +67,42 @@ fn a_kill_switch_is_seen_inside_a_do_block_as_a_table_read_sees_it() {
             "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
         ))
         .unwrap();
+    assert_eq!(reason(&mut worker), "STATIC");
     let flip = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(400));
         put_flag(&mut writer, &org, OFF);
     });
-    // The block reads the table once (taking its lock), then polls it: no
-    // new lock is taken, so nothing but the snapshot tells evaluation.
     worker
         .batch_execute(
             r#"DO $do$
-           DECLARE before text := flagship.flagship_evaluate('f') ->> 'reason';
-           BEGIN
-             FOR i IN 1..100 LOOP
-               EXIT WHEN NOT (SELECT bool_and(enabled) FROM flagship.feature_rules
-                              WHERE organization_id = flagship.current_organization_id());
-               PERFORM pg_sleep(0.05);
-             END LOOP;
-             PERFORM set_config('flagship_test.seen',
-                 before || ' ' || (flagship.flagship_evaluate('f') ->> 'reason'), false);
-           END $do$"#,
+               DECLARE
+                 rounds text := '';
+                 enabled boolean;
+                 answer text;
+               BEGIN
+                 FOR i IN 1..30 LOOP
+                   SELECT bool_and(r.enabled) INTO enabled FROM flagship.feature_rules r
+                    WHERE r.organization_id = flagship.current_organization_id();
+                   answer := flagship.flagship_evaluate('f') ->> 'reason';
+                   rounds := rounds || CASE WHEN enabled THEN 'on:' ELSE 'off:' END || answer || ' ';
+                   PERFORM pg_sleep(0.05);
+                 END LOOP;
+                 PERFORM set_config('flagship_test.rounds', rounds, false);
+               END $do$"#,
         )
         .unwrap();
-    let seen = text(&mut worker, "SELECT current_setting('flagship_test.seen')");
     flip.join().unwrap();
-    assert_eq!(seen, "STATIC DISABLED");
-    // And the same in a loop of a function without COMMIT between rounds.
-    worker
-        .batch_execute(
-            "CREATE OR REPLACE FUNCTION pg_temp.worker_round() RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN RETURN flagship.flagship_evaluate('f') ->> 'reason'; END $$",
-        )
-        .unwrap();
-    assert_eq!(
-        text(&mut worker, "SELECT pg_temp.worker_round()"),
-        "DISABLED"
+    let rounds = text(
+        &mut worker,
+        "SELECT current_setting('flagship_test.rounds')",
+    );
+    assert!(
+        rounds.contains("off:"),
+        "the switch never flipped: {rounds}"
+    );
+    assert!(
+        !rounds.contains("off:STATIC") && !rounds.contains("on:DISABLED"),
+        "evaluation and the table disagreed: {rounds}"
     );
 }
 
