@@ -39,6 +39,10 @@ use pgrx::prelude::*;
 use crate::context::{IdentityKey, RawIdentity};
 use crate::rules::Snapshot;
 
+/// Per organization (its uuid's bytes): when its entitlement version was last
+/// confirmed, and the version seen then (`None`: the organization has none).
+type EntitlementVersions = HashMap<[u8; 16], (Checked, Option<i64>), FxBuildHasher>;
+
 static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 thread_local! {
@@ -60,8 +64,7 @@ thread_local! {
     /// The statement start and snapshot whose invalidations were last
     /// accepted; no statement starts at MIN, so the first call accepts.
     static ACCEPTED_AT: Cell<(pg_sys::TimestampTz, u64)> = const { Cell::new((i64::MIN, 0)) };
-    static ENTITLEMENT_VERSIONS: RefCell<HashMap<[u8; 16], (Checked, Option<i64>), FxBuildHasher>> =
-        RefCell::new(HashMap::default());
+    static ENTITLEMENT_VERSIONS: RefCell<EntitlementVersions> = RefCell::new(HashMap::default());
 }
 
 pub fn register_settings() {

@@ -657,7 +657,7 @@ mod tests {
                         let found = context.read_into(key, slot);
                         match reference.get(key) {
                             Some(expected) => prop_assert!(
-                                found && same_json(&slot, expected),
+                                found && same_json(slot, expected),
                                 "key {key:?}: read {slot} (found: {found}), expected {expected} in {text}"
                             ),
                             None => prop_assert!(!found, "absent key {key:?} found in {text}"),
