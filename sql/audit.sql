@@ -30,6 +30,19 @@ CREATE TABLE flagship.audit_events (
     diff            jsonb       NOT NULL,
     transaction_id  bigint      NOT NULL,
     hash            bytea       NOT NULL,
+    -- Who really wrote it, whatever the claimed actor says: the login role
+    -- (session_user), the role whose rights applied (the caller of any
+    -- SECURITY DEFINER function) and, in key mode, the API key. Hashed
+    -- with the rest; NULL only in events written before 0.3.0.
+    session_role    text,
+    acting_role     text,
+    key_id          uuid,
+    -- What the change feed names (not hashed: derived from the row, for
+    -- flagship.changes_since): the kind and key an application caches,
+    -- and the environment when the change belongs to one.
+    change_kind     text,
+    change_key      text,
+    environment_id  uuid,
     -- `id` comes from a sequence and needs no index of its own: each
     -- index costs every configuration write.
     PRIMARY KEY (organization_id, chain_seq),
@@ -79,11 +92,14 @@ GRANT SELECT ON flagship.audit_events, flagship.audit_chain_heads
 
 -- The hash of one event: its content and the previous hash, serialised as
 -- a jsonb array (canonical text, unambiguous separators), times as epoch
--- seconds so that neither DateStyle nor TimeZone changes the digest.
+-- seconds so that neither DateStyle nor TimeZone changes the digest. The
+-- roles and key (0.3.0) extend the array only when present, so events
+-- written before them keep their hashes.
 CREATE FUNCTION flagship.audit_digest(
     previous_hash bytea, chain_seq bigint, id bigint, organization_id uuid,
     occurred_at timestamptz, actor text, action text, resource_type text,
-    resource_id text, diff jsonb, transaction_id bigint)
+    resource_id text, diff jsonb, transaction_id bigint,
+    session_role text, acting_role text, key_id uuid)
 RETURNS bytea
 LANGUAGE sql
 STABLE PARALLEL SAFE
@@ -91,25 +107,37 @@ STABLE PARALLEL SAFE
 -- (a SET would make every transaction plan it again); it calls only
 -- pg_catalog functions, which no search_path can shadow.
 AS $fn$
-    SELECT sha256(convert_to(jsonb_build_array(
+    SELECT sha256(convert_to((jsonb_build_array(
         encode(previous_hash, 'hex'), chain_seq, id, organization_id,
         extract(epoch FROM occurred_at), actor, action, resource_type,
-        resource_id, diff, transaction_id)::text, 'UTF8'))
+        resource_id, diff, transaction_id)
+        || CASE WHEN session_role IS NULL AND acting_role IS NULL AND key_id IS NULL
+                THEN '[]'::jsonb
+                ELSE jsonb_build_array(session_role, acting_role, key_id) END)::text, 'UTF8'))
 $fn$;
 
 -- Nobody edits the trail. A superuser who must (a court order, a broken
 -- restore) says so first with SET flagship.audit_maintenance = on; the
 -- chain then shows where history was rewritten.
+CREATE FUNCTION flagship.audit_maintenance_declared() RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT current_setting('flagship.audit_maintenance', true) = 'on'
+           AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+$fn$;
+REVOKE ALL ON FUNCTION flagship.audit_maintenance_declared() FROM PUBLIC;
+
 CREATE FUNCTION flagship.audit_events_append_only() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    IF current_setting('flagship.audit_maintenance', true) = 'on'
-       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    IF flagship.audit_maintenance_declared() THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
     END IF;
-    RAISE EXCEPTION 'audit_events is append-only: % refused', TG_OP
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
 END
@@ -122,6 +150,35 @@ CREATE TRIGGER audit_chain_heads_append_only BEFORE DELETE ON flagship.audit_cha
     FOR EACH ROW EXECUTE FUNCTION flagship.audit_events_append_only();
 CREATE TRIGGER audit_chain_heads_no_truncate BEFORE TRUNCATE ON flagship.audit_chain_heads
     FOR EACH STATEMENT EXECUTE FUNCTION flagship.audit_events_append_only();
+
+-- A head moves only forward, one event at a time, and only from inside the
+-- audit trigger (trigger depth 2: the trigger of a configuration change
+-- updating the head). Moving it back or aside needs audit_maintenance too.
+CREATE FUNCTION flagship.audit_chain_heads_forward_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF (pg_trigger_depth() > 1 AND NEW.organization_id = OLD.organization_id
+        AND NEW.last_seq = OLD.last_seq + 1)
+       OR flagship.audit_maintenance_declared() THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'audit_chain_heads moves only with the trail: UPDATE refused'
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain with an anchor will show the edit';
+END
+$fn$;
+CREATE TRIGGER audit_chain_heads_forward_only BEFORE UPDATE ON flagship.audit_chain_heads
+    FOR EACH ROW EXECUTE FUNCTION flagship.audit_chain_heads_forward_only();
+
+-- The guards fire under session_replication_role = replica too, where
+-- ordinary triggers are skipped: that setting must not open the trail.
+ALTER TABLE flagship.audit_events ENABLE ALWAYS TRIGGER audit_events_append_only;
+ALTER TABLE flagship.audit_events ENABLE ALWAYS TRIGGER audit_events_no_truncate;
+ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_append_only;
+ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_no_truncate;
+ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_forward_only;
 
 -- The audit and change-feed trigger. Arguments: the change-feed kind, the
 -- primary-key columns naming a row (besides organization_id), then the
@@ -148,6 +205,8 @@ DECLARE
     environment uuid;
     event_id bigint;
     acting text;
+    acting_role text;
+    key uuid;
     xact bigint;
     appended int;
 BEGIN
@@ -211,6 +270,8 @@ BEGIN
 
     event_id := nextval('flagship.audit_events_id_seq');
     acting := flagship.current_actor();
+    acting_role := flagship.acting_role();
+    key := flagship.current_key_id();
     xact := pg_current_xact_id()::text::bigint;
     FOR attempt IN 1..2 LOOP
         WITH link AS (
@@ -218,13 +279,18 @@ BEGIN
                SET last_seq = h.last_seq + 1,
                    last_hash = flagship.audit_digest(
                        h.last_hash, h.last_seq + 1, event_id, org, now(), acting,
-                       lower(TG_OP), TG_TABLE_NAME, resource, changes, xact)
+                       lower(TG_OP), TG_TABLE_NAME, resource, changes, xact,
+                       session_user, acting_role, key)
              WHERE h.organization_id = org
             RETURNING h.last_seq, h.last_hash)
         INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
-                                           resource_type, resource_id, diff, transaction_id, hash)
+                                           resource_type, resource_id, diff, transaction_id, hash,
+                                           session_role, acting_role, key_id,
+                                           change_kind, change_key, environment_id)
         SELECT org, event_id, link.last_seq, now(), acting, lower(TG_OP),
-               TG_TABLE_NAME, resource, changes, xact, link.last_hash
+               TG_TABLE_NAME, resource, changes, xact, link.last_hash,
+               session_user, acting_role, key,
+               TG_ARGV[0], subject_key, environment
           FROM link;
         GET DIAGNOSTICS appended = ROW_COUNT;
         EXIT WHEN appended > 0;
@@ -233,9 +299,11 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END LOOP;
 
-    PERFORM pg_notify('flagship_changes', jsonb_build_object(
-        'organization', org, 'environment', environment,
-        'kind', TG_ARGV[0], 'key', subject_key)::text);
+    -- Any role may LISTEN to any channel, so the payload carries nothing
+    -- row-level security would hide: only the event's database-wide id.
+    -- A listener asks flagship.changes_since what changed in its own
+    -- organization.
+    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
     RETURN NULL;
 END
 $fn$;
@@ -296,7 +364,14 @@ SELECT flagship.audit_table(t.name, t.kind, t.left_out)
 -- as a head that no event reaches (`reason`: "truncated", first_broken_id
 -- NULL). Invoker's rights: a session that may not read the trail is told
 -- so rather than shown an empty, valid chain.
-CREATE FUNCTION flagship.verify_audit_chain(organization_id uuid)
+--
+-- Without an anchor the chain proves only that it is consistent: whoever
+-- may bypass the guards (a superuser) can rewrite it and re-hash it, or
+-- cut it short and move the head back. `anchor` is an earlier answer of
+-- audit_head, kept outside the database; the chain must still hold that
+-- hash at that position, so a rewrite, a deletion or a wipe of anything up
+-- to the anchor is detected (`reason`: "anchor not found").
+CREATE FUNCTION flagship.verify_audit_chain(organization_id uuid, anchor jsonb DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 STABLE
@@ -308,7 +383,20 @@ DECLARE
     last_seq bigint;
     last_hash bytea;
     broken record;
+    anchor_seq bigint;
+    anchor_hash bytea;
 BEGIN
+    IF anchor IS NOT NULL THEN
+        IF jsonb_typeof(anchor) IS DISTINCT FROM 'object'
+           OR jsonb_typeof(anchor->'seq') IS DISTINCT FROM 'number'
+           OR (anchor->>'hash') !~ '^[0-9a-f]{64}$' THEN
+            RAISE EXCEPTION 'anchor: expected {"seq": <number>, "hash": "<64 hex digits>"} from flagship.audit_head, got %', anchor
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        anchor_seq := (anchor->>'seq')::bigint;
+        anchor_hash := decode(anchor->>'hash', 'hex');
+    END IF;
+
     SELECT * INTO head FROM flagship.audit_chain_heads h
      WHERE h.organization_id = verify_audit_chain.organization_id;
     IF head IS NULL THEN
@@ -320,6 +408,11 @@ BEGIN
             RAISE EXCEPTION 'the audit trail of organization "%" is not readable here', verify_audit_chain.organization_id
                 USING ERRCODE = 'insufficient_privilege',
                       HINT = 'set flagship.organization_id to it and act as a member holding audit:read';
+        END IF;
+        IF anchor_seq > 0 THEN
+            -- The anchor saw events that are gone with their head: a wipe.
+            RETURN jsonb_build_object('valid', false, 'checked', 0, 'first_broken_id', NULL,
+                                      'reason', 'anchor not found');
         END IF;
         IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
             RAISE EXCEPTION 'organization "%" not found', verify_audit_chain.organization_id
@@ -340,7 +433,8 @@ BEGIN
      WHERE e.chain_seq <> e.expected_seq
         OR e.hash IS DISTINCT FROM flagship.audit_digest(
                e.previous_hash, e.chain_seq, e.id, e.organization_id, e.occurred_at, e.actor,
-               e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id)
+               e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id,
+               e.session_role, e.acting_role, e.key_id)
      ORDER BY e.chain_seq
      LIMIT 1;
 
@@ -356,7 +450,65 @@ BEGIN
         RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
                                   'reason', 'truncated');
     END IF;
+    IF anchor_seq > 0 AND NOT EXISTS (
+           SELECT FROM flagship.audit_events a
+            WHERE a.organization_id = verify_audit_chain.organization_id
+              AND a.chain_seq = anchor_seq AND a.hash = anchor_hash) THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
+                                  'reason', 'anchor not found');
+    END IF;
     RETURN jsonb_build_object('valid', true, 'checked', checked, 'first_broken_id', NULL);
 END
 $fn$;
-GRANT EXECUTE ON FUNCTION flagship.verify_audit_chain(uuid) TO flagship_admin, flagship_auditor;
+GRANT EXECUTE ON FUNCTION flagship.verify_audit_chain(uuid, jsonb) TO flagship_admin, flagship_auditor;
+
+-- The chain's newest link, to be copied outside the database (a ticket, a
+-- log shipper, another system) and handed back to verify_audit_chain
+-- later: {"seq", "hash" (hex), "at"}; seq 0 before the first event.
+CREATE FUNCTION flagship.audit_head(organization_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    verdict jsonb := flagship.verify_audit_chain(audit_head.organization_id);
+    newest flagship.audit_events;
+BEGIN
+    -- An anchor of a broken chain would vouch for the break.
+    IF NOT (verdict->>'valid')::boolean THEN
+        RAISE EXCEPTION 'the audit trail of organization "%" does not verify: %', audit_head.organization_id, verdict
+            USING ERRCODE = 'data_corrupted';
+    END IF;
+    SELECT a.* INTO newest FROM flagship.audit_events a
+     WHERE a.organization_id = audit_head.organization_id
+     ORDER BY a.chain_seq DESC LIMIT 1;
+    RETURN jsonb_build_object('seq', coalesce(newest.chain_seq, 0),
+                              'hash', coalesce(encode(newest.hash, 'hex'), ''),
+                              'at', newest.occurred_at);
+END
+$fn$;
+GRANT EXECUTE ON FUNCTION flagship.audit_head(uuid) TO flagship_admin, flagship_auditor;
+
+-- What changed in the session's organization after position `after` of its
+-- chain (0: from the beginning), for caches woken by flagship_changes. It
+-- names only what members of the organization may read anyway (flag,
+-- plan, customer keys), so applications need no audit:read; positions
+-- commit in order, so a cursor never skips a change.
+CREATE FUNCTION flagship.changes_since(after bigint DEFAULT 0)
+RETURNS TABLE (seq bigint, id bigint, occurred_at timestamptz, kind text, key text,
+               environment_id uuid, action text)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT a.chain_seq, a.id, a.occurred_at, a.change_kind, a.change_key, a.environment_id, a.action
+      FROM flagship.audit_events a
+     WHERE a.organization_id = flagship.current_organization_id()
+       AND a.chain_seq > coalesce(changes_since.after, 0)
+     ORDER BY a.chain_seq
+     LIMIT 10000
+$fn$;
+REVOKE ALL ON FUNCTION flagship.changes_since(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.changes_since(bigint) TO flagship_admin, flagship_app, flagship_auditor;

@@ -42,6 +42,60 @@ GRANT INSERT ON flagship.api_keys TO flagship_admin;
 GRANT UPDATE (name, revoked_at, expires_at, usage_limit) ON flagship.api_keys TO flagship_admin;
 GRANT DELETE ON flagship.api_keys TO flagship_admin;
 
+-- Uses of a key with a usage limit are counted by a sequence of the key's
+-- own: nextval is never rolled back, so a verification spends a use
+-- whether its transaction commits, rolls back, or is rolled back to a
+-- savepoint. usage_count mirrors it for display (transactionally, so it
+-- may lag). After a crash a sequence resumes up to 32 values ahead
+-- (PostgreSQL logs sequences ahead of use): a key may then lose up to 32
+-- uses, never gain one.
+CREATE FUNCTION flagship.key_use_sequence(key_id uuid) RETURNS text
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT 'flagship.' || quote_ident('api_key_uses_' || replace(key_id::text, '-', ''))
+$fn$;
+REVOKE ALL ON FUNCTION flagship.key_use_sequence(uuid) FROM PUBLIC;
+
+-- Creates a limited key's sequence if it is missing, continuing from the
+-- uses already counted. The sequence belongs to api_keys.key_hash, so it
+-- goes with the table (DROP EXTENSION) and pg_dump keeps its position.
+CREATE FUNCTION flagship.ensure_key_use_sequence(key_id uuid, used bigint) RETURNS regclass
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    name constant text := flagship.key_use_sequence(key_id);
+BEGIN
+    IF to_regclass(name) IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE %s START WITH %s OWNED BY flagship.api_keys.key_hash',
+                       name, coalesce(used, 0) + 1);
+    END IF;
+    RETURN name::regclass;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.ensure_key_use_sequence(uuid, bigint) FROM PUBLIC;
+
+CREATE FUNCTION flagship.api_keys_use_sequence() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        EXECUTE format('DROP SEQUENCE IF EXISTS %s', flagship.key_use_sequence(OLD.id));
+    ELSIF NEW.usage_limit IS NOT NULL THEN
+        PERFORM flagship.ensure_key_use_sequence(NEW.id, NEW.usage_count);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.api_keys_use_sequence() FROM PUBLIC;
+CREATE TRIGGER api_keys_use_sequence AFTER INSERT OR DELETE OR UPDATE OF usage_limit ON flagship.api_keys
+    FOR EACH ROW EXECUTE FUNCTION flagship.api_keys_use_sequence();
+
 CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
                                        environment text DEFAULT NULL,
                                        expires_at timestamptz DEFAULT NULL,
@@ -64,12 +118,19 @@ BEGIN
     IF name IS NULL OR btrim(name) = '' THEN
         RAISE EXCEPTION 'name: must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A scope is a permission, or every permission of one resource; a typo
+    -- is refused now rather than failing at first use.
     SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
-     WHERE s IS NULL OR s !~ '^[a-z_]+:([a-z_]+|\*)$' LIMIT 1;
+     WHERE s IS NULL
+        OR NOT EXISTS (SELECT FROM flagship.permissions p
+                        WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
+     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'scopes: "%" is not a scope', coalesce(bad_scope, 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'scopes are permissions like features:read, or resource:*';
+                  HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
+                      SELECT p.key FROM flagship.permissions p
+                      UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
     END IF;
     IF expires_at IS NOT NULL AND expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
@@ -115,6 +176,7 @@ DECLARE
     key_row flagship.api_keys;
     organization_status text;
     code text;
+    uses bigint;
 BEGIN
     IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
         SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
@@ -132,10 +194,14 @@ BEGIN
             code := 'FORBIDDEN';
         ELSIF key_row.usage_limit IS NOT NULL THEN
             -- Counting uses is a write by nature; only limited keys pay it.
-            UPDATE flagship.api_keys k SET usage_count = k.usage_count + 1, last_used_at = now()
-             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
-               AND k.usage_count < k.usage_limit;
-            code := CASE WHEN FOUND THEN 'VALID' ELSE 'USAGE_EXCEEDED' END;
+            uses := nextval(flagship.ensure_key_use_sequence(key_row.id, key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
         ELSE
             code := 'VALID';
             -- At most one write a minute per key, so busy keys do not turn

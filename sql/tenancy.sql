@@ -175,14 +175,18 @@ AS $fn$
            AND rp.permission = has_permission.permission)
 $fn$;
 
--- Whether the session's actor (flagship.actor, the JWT `sub`, else the
--- database user) holds a permission in the session's organization.
+-- Whether the session's actor may use a permission in the session's
+-- organization. In key mode (flagship.authenticate) the actor is the key:
+-- its scopes decide, whatever flagship.actor or the JWT claim. Otherwise
+-- the actor (flagship.actor, the JWT `sub`, else the database user) must
+-- hold it through a member role.
 CREATE FUNCTION flagship.actor_may(permission text) RETURNS boolean
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.has_permission(flagship.current_actor(), permission)
+    SELECT coalesce(flagship.key_grants(permission),
+                    flagship.has_permission(flagship.current_actor(), permission))
 $fn$;
 
 -- Every tenant table gets the same isolation: RLS enabled and forced, and

@@ -247,6 +247,19 @@ SELECT flagship.isolate_tenant_table(t)
 CREATE POLICY usage_ledger_kind_valid ON flagship.usage_ledger AS RESTRICTIVE
     FOR INSERT WITH CHECK (kind IN ('record', 'set'));
 
+-- Consumption changes only through record_usage and set_usage: the table
+-- grants below exist for those functions, which run as their caller, and
+-- these policies refuse any write they do not make (a restrictive policy
+-- binds every role but superusers and BYPASSRLS roles).
+CREATE POLICY usage_counters_insert_by_functions ON flagship.usage_counters AS RESTRICTIVE
+    FOR INSERT WITH CHECK ((SELECT flagship.usage_writes_open()));
+CREATE POLICY usage_counters_update_by_functions ON flagship.usage_counters AS RESTRICTIVE
+    FOR UPDATE USING ((SELECT flagship.usage_writes_open()));
+CREATE POLICY usage_counters_delete_by_functions ON flagship.usage_counters AS RESTRICTIVE
+    FOR DELETE USING ((SELECT flagship.usage_writes_open()));
+CREATE POLICY usage_ledger_insert_by_functions ON flagship.usage_ledger AS RESTRICTIVE
+    FOR INSERT WITH CHECK ((SELECT flagship.usage_writes_open()));
+
 GRANT SELECT ON flagship.metrics, flagship.plans, flagship.plan_features, flagship.usage_limits,
                 flagship.customers, flagship.subscriptions, flagship.customer_feature_overrides,
                 flagship.customer_limit_overrides, flagship.usage_counters, flagship.usage_ledger

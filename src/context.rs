@@ -3,7 +3,7 @@
 //! claims. Anything unset, empty or malformed means "no organization", which
 //! RLS turns into "no rows" rather than an error.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{CStr, CString};
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -20,21 +20,76 @@ static REQUIRE_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// transaction mode) never hands it to the next client.
 #[derive(Debug, Clone)]
 pub struct KeySession {
+    pub key_id: pgrx::Uuid,
     pub organization: pgrx::Uuid,
     pub environment: Option<pgrx::Uuid>,
     pub scopes: Vec<String>,
 }
 
+/// The key session an `authenticate` replaced, and the subtransaction that
+/// replaced it: rolling that subtransaction back restores it, as it rolls
+/// back the table writes made there.
+struct Replaced {
+    in_subtransaction: pg_sys::SubTransactionId,
+    previous: Option<KeySession>,
+}
+
 thread_local! {
     static KEY_SESSION: RefCell<Option<KeySession>> = const { RefCell::new(None) };
+    static REPLACED: RefCell<Vec<Replaced>> = const { RefCell::new(Vec::new()) };
+    /// How many of FlagShip's usage functions are running in this backend:
+    /// while none is, row-level security refuses every write to the usage
+    /// counters and ledger (`usage_writes_open`).
+    static USAGE_WRITERS: Cell<u32> = const { Cell::new(0) };
 }
 
 pub fn key_session() -> Option<KeySession> {
     KEY_SESSION.with(|session| session.borrow().clone())
 }
 
-fn set_key_session(session: Option<KeySession>) {
-    KEY_SESSION.with(|current| *current.borrow_mut() = session);
+/// Makes `session` the transaction's key context, remembering what it
+/// replaces until the current subtransaction ends.
+fn replace_key_session(session: Option<KeySession>) {
+    // SAFETY: reads a backend global; cannot raise.
+    let in_subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let previous = KEY_SESSION.with(|current| current.replace(session));
+    REPLACED.with(|replaced| {
+        replaced.borrow_mut().push(Replaced {
+            in_subtransaction,
+            previous,
+        })
+    });
+}
+
+fn clear_key_session() {
+    KEY_SESSION.with(|current| current.replace(None));
+    REPLACED.with(|replaced| replaced.borrow_mut().clear());
+    USAGE_WRITERS.with(|writers| writers.set(0));
+}
+
+/// Open while FlagShip's own usage functions write counters and the ledger;
+/// the tables' policies refuse every other write, so neither table grants
+/// nor a forged idempotency key let an application edit consumption.
+pub struct UsageWrites(());
+
+impl UsageWrites {
+    pub fn open() -> Self {
+        USAGE_WRITERS.with(|writers| writers.set(writers.get() + 1));
+        UsageWrites(())
+    }
+}
+
+impl Drop for UsageWrites {
+    fn drop(&mut self) {
+        USAGE_WRITERS.with(|writers| writers.set(writers.get().saturating_sub(1)));
+    }
+}
+
+/// Whether a usage function of FlagShip is writing (see `UsageWrites`):
+/// the write policies of usage_counters and usage_ledger.
+#[pg_extern(stable, parallel_restricted)]
+pub fn usage_writes_open() -> bool {
+    USAGE_WRITERS.with(|writers| writers.get() > 0)
 }
 
 /// Whether the transaction's API key, if any, grants `scope`
@@ -72,7 +127,7 @@ pub fn bound_environment() -> Option<pgrx::Uuid> {
 }
 
 // Called only by PostgreSQL at transaction end; #[pg_guard] turns a panic
-// into an ERROR rather than unwinding into C. Clears a thread-local.
+// into an ERROR rather than unwinding into C. Clears thread-locals.
 #[pg_guard]
 unsafe extern "C-unwind" fn end_key_session(
     event: pg_sys::XactEvent::Type,
@@ -87,8 +142,40 @@ unsafe extern "C-unwind" fn end_key_session(
             | XACT_EVENT_PARALLEL_COMMIT
             | XACT_EVENT_PARALLEL_ABORT
     ) {
-        set_key_session(None);
+        clear_key_session();
     }
+}
+
+// Called only by PostgreSQL when a subtransaction (a savepoint, a PL/pgSQL
+// exception block) ends. An authentication made inside a subtransaction
+// that rolls back is undone with it; one that commits now belongs to the
+// parent.
+#[pg_guard]
+unsafe extern "C-unwind" fn end_key_subtransaction(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    REPLACED.with(|replaced| {
+        let mut replaced = replaced.borrow_mut();
+        if event == SUBXACT_EVENT_ABORT_SUB {
+            while replaced
+                .last()
+                .is_some_and(|entry| entry.in_subtransaction == subtransaction)
+            {
+                let entry = replaced.pop().expect("checked above");
+                KEY_SESSION.with(|current| current.replace(entry.previous));
+            }
+        } else if event == SUBXACT_EVENT_COMMIT_SUB {
+            for entry in replaced.iter_mut() {
+                if entry.in_subtransaction == subtransaction {
+                    entry.in_subtransaction = parent;
+                }
+            }
+        }
+    });
 }
 
 pub fn register_settings() {
@@ -116,8 +203,12 @@ pub fn register_settings() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    // SAFETY: called once from _PG_init.
-    unsafe { pg_sys::RegisterXactCallback(Some(end_key_session), std::ptr::null_mut()) };
+    // SAFETY: called once from _PG_init; the callbacks are plain functions
+    // that live as long as the library.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(end_key_session), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(end_key_subtransaction), std::ptr::null_mut());
+    }
     GucRegistry::define_string_guc(
         c"flagship.actor",
         c"Who is making configuration changes, for the audit trail.",
@@ -314,7 +405,7 @@ pub fn current_organization_id() -> Option<pgrx::Uuid> {
 /// a key context.
 #[pg_extern(volatile)]
 pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
-    set_key_session(None);
+    replace_key_session(None);
     let verified =
         Spi::get_one_with_args::<pgrx::JsonB>("SELECT flagship.verify_api_key($1)", &[key.into()])
             .unwrap_or_else(|error| panic!("verifying the key: {error}"))
@@ -328,21 +419,24 @@ pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
             .map(|id| pgrx::Uuid::from_bytes(*id.as_bytes()))
     };
     if verified.get("valid") == Some(&serde_json::Value::Bool(true)) {
-        if let Some(organization) = uuid("organization_id") {
-            set_key_session(Some(KeySession {
-                organization,
-                environment: uuid("environment_id"),
-                scopes: verified
-                    .get("scopes")
-                    .and_then(serde_json::Value::as_array)
-                    .map(|scopes| {
-                        scopes
-                            .iter()
-                            .filter_map(|scope| scope.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }));
+        if let (Some(key_id), Some(organization)) = (uuid("key_id"), uuid("organization_id")) {
+            KEY_SESSION.with(|current| {
+                current.replace(Some(KeySession {
+                    key_id,
+                    organization,
+                    environment: uuid("environment_id"),
+                    scopes: verified
+                        .get("scopes")
+                        .and_then(serde_json::Value::as_array)
+                        .map(|scopes| {
+                            scopes
+                                .iter()
+                                .filter_map(|scope| scope.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }))
+            });
         }
     }
     pgrx::JsonB(verified)
@@ -354,22 +448,47 @@ pub fn current_scopes() -> Option<Vec<String>> {
     key_session().map(|session| session.scopes)
 }
 
-/// The actor recorded in the audit trail: `flagship.actor`, else the JWT
-/// `sub` claim, else the database user. The user is the session's current
+/// The actor recorded in the audit trail. In key mode it is the key
+/// (`api_key:<key id>`), whatever the settings or claims say. Otherwise it
+/// is what the application claims: `flagship.actor`, else the JWT `sub`
+/// claim, else the database role (`acting_role`).
+#[pg_extern(stable, parallel_safe)]
+pub fn current_actor() -> String {
+    if let Some(key_id) = KEY_SESSION.with(|session| session.borrow().as_ref().map(|s| s.key_id)) {
+        return format!("api_key:{key_id}");
+    }
+    setting_text(&ACTOR)
+        .or_else(|| jwt_claim("sub"))
+        .unwrap_or_else(acting_role)
+}
+
+/// The role whose rights the session's statement runs with: the current
 /// role outside any SECURITY DEFINER function (the outer user), so the
 /// audit trigger and create_organization, which run as the extension's
 /// owner, still name whoever called them.
-#[pg_extern(stable, parallel_safe)]
-pub fn current_actor() -> String {
-    setting_text(&ACTOR)
-        .or_else(|| jwt_claim("sub"))
-        .unwrap_or_else(|| {
-            // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises.
-            unsafe {
-                let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
-                CStr::from_ptr(name).to_string_lossy().into_owned()
-            }
-        })
+#[pg_extern(stable, parallel_restricted)]
+pub fn acting_role() -> String {
+    // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises (inside
+    // pgrx's guard, as a panic) for a dropped role.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// The API key this transaction authenticated with (NULL without one).
+#[pg_extern(stable, parallel_restricted)]
+pub fn current_key_id() -> Option<pgrx::Uuid> {
+    KEY_SESSION.with(|session| session.borrow().as_ref().map(|s| s.key_id))
+}
+
+/// In key mode, whether the key's scopes grant `permission`; NULL outside
+/// key mode, where members' roles decide (`flagship.actor_may`).
+#[pg_extern(stable, parallel_restricted)]
+pub fn key_grants(permission: &str) -> Option<bool> {
+    KEY_SESSION
+        .with(|session| session.borrow().is_some())
+        .then(|| scope_allows(permission))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

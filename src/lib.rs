@@ -43,7 +43,10 @@ extension_sql_file!(
     requires = [
         "bootstrap",
         context::current_organization_id,
-        context::current_actor
+        context::current_actor,
+        context::acting_role,
+        context::current_key_id,
+        context::key_grants
     ]
 );
 extension_sql_file!(
@@ -67,7 +70,8 @@ extension_sql_file!(
         usage::usage_period_start,
         usage::usage_period_end,
         evaluation::environment_id,
-        flags::check_stored_value
+        flags::check_stored_value,
+        context::usage_writes_open
     ]
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);

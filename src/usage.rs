@@ -203,6 +203,8 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let key = [UUIDOID, UUIDOID, UUIDOID, TIMESTAMPTZOID];
     let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
+    // Only these statements may write counters and the ledger.
+    let _writes = crate::context::UsageWrites::open();
     Spi::connect_mut(|client| {
         STATEMENTS.with(|statements| {
             let statements = statements.get_or_init(|| Statements {
@@ -774,8 +776,8 @@ mod tests {
         assert_eq!(code, "42501");
         let (code, _) = failure("UPDATE flagship.usage_ledger SET amount = 0");
         assert_eq!(code, "42501");
-        // An application writing the ledger itself may append only the two
-        // kinds of change (a restrictive policy: see sql/usage.sql).
+        // An application may not write the ledger itself, whatever the kind
+        // (restrictive policies: see sql/usage.sql); record_usage may.
         Spi::run("CREATE ROLE flagship_test_app NOLOGIN IN ROLE flagship_app").unwrap();
         Spi::run("SET LOCAL ROLE flagship_test_app").unwrap();
         let append = |kind: &str| {
@@ -789,7 +791,7 @@ mod tests {
         let (code, message) = failure(&append("bogus"));
         assert_eq!(code, "42501", "{message}");
         assert!(message.contains("usage_ledger"), "{message}");
-        assert_eq!(failure(&append("record")).0, "none");
+        assert_eq!(failure(&append("record")).0, "42501");
         Spi::run("RESET ROLE").unwrap();
     }
 

@@ -97,9 +97,15 @@ pub fn text(client: &mut Client, sql: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The SQLSTATE a statement fails with, or "none".
+/// The SQLSTATE a statement fails with, or "none". Inside a transaction
+/// the statement runs in a savepoint that is rolled back; outside one it
+/// runs (and, if it succeeds, commits) on its own.
 pub fn sqlstate(client: &mut Client, sql: &str) -> String {
-    client.batch_execute("SAVEPOINT probe").unwrap();
+    let in_transaction = match client.batch_execute("SAVEPOINT probe") {
+        Ok(()) => true,
+        Err(error) if error.code().map(|code| code.code()) == Some("25P01") => false,
+        Err(error) => panic!("SAVEPOINT probe: {error}"),
+    };
     let outcome = match client.batch_execute(sql) {
         Ok(()) => "none".to_string(),
         Err(error) => {
@@ -111,6 +117,32 @@ pub fn sqlstate(client: &mut Client, sql: &str) -> String {
                 .unwrap_or_else(|| format!("no sqlstate: {error}"))
         }
     };
-    client.batch_execute("ROLLBACK TO SAVEPOINT probe").unwrap();
+    if in_transaction {
+        client.batch_execute("ROLLBACK TO SAVEPOINT probe").unwrap();
+    }
     outcome
+}
+
+/// A new LOGIN role, member of `groups`, and a connection that logs in as
+/// it: not a superuser, nothing granted but the groups.
+pub fn login_as(su: &mut Client, prefix: &str, groups: &[&str]) -> (String, Client) {
+    let role = unique(prefix).replace('-', "_");
+    let membership = if groups.is_empty() {
+        String::new()
+    } else {
+        format!(" IN ROLE {}", groups.join(", "))
+    };
+    su.batch_execute(&format!("CREATE ROLE {role} LOGIN{membership}"))
+        .unwrap();
+    let host = text(su, "SELECT current_setting('unix_socket_directories')");
+    let port = text(su, "SELECT current_setting('port')");
+    let database = text(su, "SELECT current_database()::text");
+    let client = postgres::Config::new()
+        .host(host.split(',').next().unwrap().trim())
+        .port(port.parse().unwrap())
+        .user(&role)
+        .dbname(&database)
+        .connect(postgres::NoTls)
+        .unwrap();
+    (role, client)
 }
