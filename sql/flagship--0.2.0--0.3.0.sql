@@ -559,8 +559,26 @@ REVOKE ALL ON FUNCTION flagship.api_keys_use_sequence() FROM PUBLIC;
 CREATE TRIGGER api_keys_use_sequence AFTER INSERT OR DELETE OR UPDATE OF usage_limit ON flagship.api_keys
     FOR EACH ROW EXECUTE FUNCTION flagship.api_keys_use_sequence();
 
--- Keys limited before 0.3.0 get their sequence at their next verification,
--- continuing from usage_count.
+-- Keys limited before 0.3.0 get their sequence now, continuing from
+-- usage_count. Created by this script, a sequence would become a member of
+-- the extension (left out of pg_dump); it is handed back to the database,
+-- as sequences created after the upgrade are.
+DO $keys$
+DECLARE
+    sequence regclass;
+BEGIN
+    FOR sequence IN
+        SELECT flagship.ensure_key_use_sequence(k.id, k.usage_count)
+          FROM flagship.api_keys k WHERE k.usage_limit IS NOT NULL
+    LOOP
+        EXECUTE format('ALTER EXTENSION flagship DROP SEQUENCE %s', sequence);
+    END LOOP;
+END
+$keys$;
+ALTER TABLE flagship.api_keys
+    ADD CONSTRAINT api_keys_scopes_present CHECK (array_position(scopes, NULL) IS NULL);
+ALTER FUNCTION flagship.record_usage(text, text, bigint, text, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION flagship.set_usage(text, text, bigint, text) SET search_path = pg_catalog, pg_temp;
 
 CREATE OR REPLACE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
                                        environment text DEFAULT NULL,
@@ -575,6 +593,7 @@ DECLARE
     secret text;
     plaintext text;
     bad_scope text;
+    issuer flagship.api_keys;
 BEGIN
     IF organization_id IS NULL
        OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
@@ -597,6 +616,25 @@ BEGIN
                   HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
                       SELECT p.key FROM flagship.permissions p
                       UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
+    END IF;
+    -- A key issues no key wider than itself: within its scopes, its
+    -- environment binding, its expiry and its usage limit.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        SELECT k.scopes, k.environment_id, k.expires_at, k.usage_limit
+          INTO issuer.scopes, issuer.environment_id, issuer.expires_at, issuer.usage_limit
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
+        IF (cardinality(issuer.scopes) > 0
+            AND (cardinality(coalesce(scopes, '{}')) = 0
+                 OR EXISTS (SELECT FROM unnest(scopes) s WHERE NOT flagship.key_grants(s))))
+           OR (issuer.environment_id IS NOT NULL
+               AND (environment IS NULL
+                    OR flagship.resolve_environment(environment) IS DISTINCT FROM issuer.environment_id))
+           OR (issuer.expires_at IS NOT NULL AND (expires_at IS NULL OR expires_at > issuer.expires_at))
+           OR (issuer.usage_limit IS NOT NULL AND usage_limit IS NULL) THEN
+            RAISE EXCEPTION 'a key may not issue a key wider than itself'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'stay within the scopes, environment, expiry and usage limit of the key this transaction authenticated with';
+        END IF;
     END IF;
     IF expires_at IS NOT NULL AND expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';

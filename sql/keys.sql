@@ -25,6 +25,7 @@ CREATE TABLE flagship.api_keys (
     CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
     CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
     CONSTRAINT api_keys_usage_limit_valid CHECK (usage_limit IS NULL OR usage_limit > 0),
+    CONSTRAINT api_keys_scopes_present CHECK (array_position(scopes, NULL) IS NULL),
     FOREIGN KEY (organization_id, project_id, environment_id)
         REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
 );
@@ -109,6 +110,7 @@ DECLARE
     secret text;
     plaintext text;
     bad_scope text;
+    issuer flagship.api_keys;
 BEGIN
     IF organization_id IS NULL
        OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
@@ -131,6 +133,25 @@ BEGIN
                   HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
                       SELECT p.key FROM flagship.permissions p
                       UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
+    END IF;
+    -- A key issues no key wider than itself: within its scopes, its
+    -- environment binding, its expiry and its usage limit.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        SELECT k.scopes, k.environment_id, k.expires_at, k.usage_limit
+          INTO issuer.scopes, issuer.environment_id, issuer.expires_at, issuer.usage_limit
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
+        IF (cardinality(issuer.scopes) > 0
+            AND (cardinality(coalesce(scopes, '{}')) = 0
+                 OR EXISTS (SELECT FROM unnest(scopes) s WHERE NOT flagship.key_grants(s))))
+           OR (issuer.environment_id IS NOT NULL
+               AND (environment IS NULL
+                    OR flagship.resolve_environment(environment) IS DISTINCT FROM issuer.environment_id))
+           OR (issuer.expires_at IS NOT NULL AND (expires_at IS NULL OR expires_at > issuer.expires_at))
+           OR (issuer.usage_limit IS NOT NULL AND usage_limit IS NULL) THEN
+            RAISE EXCEPTION 'a key may not issue a key wider than itself'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'stay within the scopes, environment, expiry and usage limit of the key this transaction authenticated with';
+        END IF;
     END IF;
     IF expires_at IS NOT NULL AND expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';

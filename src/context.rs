@@ -431,7 +431,10 @@ pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
                         .map(|scopes| {
                             scopes
                                 .iter()
-                                .filter_map(|scope| scope.as_str().map(str::to_string))
+                                // A scope that is not text (a NULL written
+                                // straight into the table) grants nothing,
+                                // and keeps the key restricted.
+                                .map(|scope| scope.as_str().unwrap_or("-").to_string())
                                 .collect()
                         })
                         .unwrap_or_default(),

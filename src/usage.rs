@@ -203,8 +203,6 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let key = [UUIDOID, UUIDOID, UUIDOID, TIMESTAMPTZOID];
     let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
-    // Only these statements may write counters and the ledger.
-    let _writes = crate::context::UsageWrites::open();
     Spi::connect_mut(|client| {
         STATEMENTS.with(|statements| {
             let statements = statements.get_or_init(|| Statements {
@@ -397,7 +395,10 @@ pub fn check_usage_limit(
 /// Consumes `amount` atomically: over a hard limit nothing is recorded; an
 /// idempotency key replays the first answer and counts once; a rollback of
 /// the caller's transaction refunds.
+// The search path is pinned: while usage writes are open, no function or
+// operator of the caller's choosing may run.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 pub fn record_usage(
     customer: &str,
     metric: &str,
@@ -414,6 +415,8 @@ pub fn record_usage(
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
     };
+    // Only these statements may write counters and the ledger.
+    let _writes = crate::context::UsageWrites::open();
     let answer = with_statements(|client, statements| {
         if let Some(key) = idempotency_key {
             // A duplicate racing the first call waits here until that call's
@@ -457,7 +460,10 @@ pub fn record_usage(
 
 /// Sets a gauge (seats, projects) to `value`; a hard limit refuses values
 /// above it and records nothing.
+// The search path is pinned: while usage writes are open, no function or
+// operator of the caller's choosing may run.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 pub fn set_usage(
     customer: &str,
     metric: &str,
@@ -477,6 +483,8 @@ pub fn set_usage(
             Some("use record_usage to add to a sum"),
         );
     }
+    // Only these statements may write counters and the ledger.
+    let _writes = crate::context::UsageWrites::open();
     let answer = with_statements(|client, statements| {
         if subject
             .terms

@@ -425,3 +425,45 @@ fn an_anchor_detects_rewrites_deletions_and_wipes() {
         su.batch_execute("RESET flagship.organization_id").unwrap();
     }
 }
+
+#[test]
+fn a_key_issues_no_key_wider_than_itself() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "widen");
+    let issuer = issue(&mut su, &org, "api_keys:write", "");
+    let (_, mut admin) = login_as(&mut su, "widen", &["flagship_admin"]);
+    admin
+        .batch_execute(&format!("BEGIN; SELECT flagship.authenticate('{issuer}')"))
+        .unwrap();
+    for wider in [
+        format!("SELECT flagship.issue_api_key('{org}', 'all')"),
+        format!("SELECT flagship.issue_api_key('{org}', 'more', ARRAY['features:write'])"),
+        format!("SELECT flagship.issue_api_key('{org}', 'star', ARRAY['api_keys:*'])"),
+    ] {
+        assert_eq!(sqlstate(&mut admin, &wider), "42501", "{wider}");
+    }
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            &format!("SELECT flagship.issue_api_key('{org}', 'same', ARRAY['api_keys:write'])")
+        ),
+        "none"
+    );
+    admin.batch_execute("ROLLBACK").unwrap();
+}
+
+#[test]
+fn usage_writers_run_with_a_pinned_search_path() {
+    let mut su = connect();
+    // A caller's search path would otherwise choose the functions and
+    // operators their statements call while usage writes are open.
+    assert_eq!(
+        text(
+            &mut su,
+            "SELECT string_agg(p.proname || '=' || array_to_string(p.proconfig, ';'), ',' ORDER BY p.proname)
+               FROM pg_proc p WHERE p.pronamespace = 'flagship'::regnamespace
+                AND p.proname IN ('record_usage', 'set_usage')"
+        ),
+        "record_usage=search_path=pg_catalog, pg_temp,set_usage=search_path=pg_catalog, pg_temp"
+    );
+}
