@@ -237,8 +237,14 @@ CREATE TABLE flagship.cache_versions (
     scope           uuid   NOT NULL,
     configuration   bigint NOT NULL DEFAULT 0,
     entitlements    bigint NOT NULL DEFAULT 0,
+    -- The transaction that last bumped it. A backend reads, once per
+    -- signal, which organizations changed since the oldest transaction its
+    -- previous read could not see (one query for every organization it
+    -- serves, instead of one per environment); see src/cache.rs.
+    changed_by      xid8   NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (organization_id, scope)
 );
+CREATE INDEX cache_versions_changed_by ON flagship.cache_versions (changed_by);
 GRANT SELECT ON flagship.cache_versions TO flagship_admin, flagship_app, flagship_auditor;
 SELECT flagship.isolate_tenant_table('cache_versions');
 SELECT pg_catalog.pg_extension_config_dump('flagship.cache_versions', '');
@@ -266,7 +272,8 @@ BEGIN
       FROM unnest(changed) AS r
     ON CONFLICT (organization_id, scope) DO UPDATE
        SET configuration = v.configuration + EXCLUDED.configuration,
-           entitlements = v.entitlements + EXCLUDED.entitlements;
+           entitlements = v.entitlements + EXCLUDED.entitlements,
+           changed_by = EXCLUDED.changed_by;
     RETURN NULL;
 END
 $fn$;
@@ -311,7 +318,8 @@ AS $fn$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         UPDATE flagship.cache_versions
-           SET configuration = configuration + 1, entitlements = entitlements + 1;
+           SET configuration = configuration + 1, entitlements = entitlements + 1,
+               changed_by = pg_current_xact_id();
     END IF;
     PERFORM flagship.invalidate_cache(TG_ARGV[0]::regclass);
     RETURN NULL;

@@ -26,7 +26,7 @@
 //! `ALTER EXTENSION flagship UPDATE`), every signal means a reload, as then.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::rc::Rc;
 use std::thread::LocalKey;
@@ -61,10 +61,36 @@ thread_local! {
     static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
     /// Environments compiled by this backend since it started.
     static LOADS: Cell<u64> = const { Cell::new(0) };
+    /// Names located (each one query for the environment and its
+    /// versions), and reads of which organizations changed.
+    static LOCATES: Cell<u64> = const { Cell::new(0) };
+    static CHANGE_READS: Cell<u64> = const { Cell::new(0) };
     /// The statement start and snapshot whose invalidations were last
     /// accepted; no statement starts at MIN, so the first call accepts.
     static ACCEPTED_AT: Cell<(pg_sys::TimestampTz, u64)> = const { Cell::new((i64::MIN, 0)) };
     static ENTITLEMENT_VERSIONS: RefCell<EntitlementVersions> = RefCell::new(HashMap::default());
+    /// The last read of which organizations changed (`read_changes`).
+    static LAST_CHANGE_READ: Cell<Option<ChangeRead>> = const { Cell::new(None) };
+    /// Organizations whose cached checks the change reads vouch for, with
+    /// the signals (configuration, entitlements) from which they do: a
+    /// check made at an older signal is repeated with a query.
+    static TRACKED: RefCell<HashMap<[u8; 16], (u64, u64), FxBuildHasher>> =
+        RefCell::new(HashMap::default());
+    /// Organizations checked with a query since the last read: tracked from
+    /// the next read on.
+    static WANTED: RefCell<HashSet<[u8; 16], FxBuildHasher>> = RefCell::new(HashSet::default());
+    /// The owner of flagship.cache_versions (InvalidOid: not looked up yet).
+    static VERSIONS_OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+/// One read of the change log: the signals it answered for, and the xmin
+/// (a full transaction id) of the snapshot it ran under. Every transaction
+/// older than that xmin had ended and was visible to the read.
+#[derive(Clone, Copy, Debug)]
+struct ChangeRead {
+    configuration: u64,
+    entitlements: u64,
+    horizon: u64,
 }
 
 pub fn register_settings() {
@@ -88,52 +114,281 @@ pub fn register_settings() {
 /// again. A check is conclusive when every transaction that existed when
 /// the signal arrived had finished before its snapshot (the snapshot's
 /// xmin is past the next transaction id of that moment).
+///
+/// A check also holds after later signals while the change reads show that
+/// its organization (as row-level security saw it) has not changed since
+/// (`read_changes`): another organization's change costs one read per
+/// backend, not a query per cached environment.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Checked {
     signal: u64,
     conclusive: bool,
+    organization: Option<[u8; 16]>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Configuration,
+    Entitlements,
 }
 
 impl Checked {
     pub fn configuration() -> Checked {
-        Checked {
-            signal: configuration_signal(),
-            conclusive: sees_everything_since(CONFIGURATION_SIGNALLED_AT.with(Cell::get)),
-        }
+        Checked::now(Kind::Configuration)
     }
 
     fn entitlements() -> Checked {
+        Checked::now(Kind::Entitlements)
+    }
+
+    fn now(kind: Kind) -> Checked {
+        let (signal, signalled_at) = match kind {
+            Kind::Configuration => (configuration_signal(), &CONFIGURATION_SIGNALLED_AT),
+            Kind::Entitlements => (entitlement_signal(), &ENTITLEMENT_SIGNALLED_AT),
+        };
+        let organization = crate::context::organization_id().map(|id| *id.as_bytes());
+        if let Some(organization) = organization {
+            WANTED.with(|wanted| {
+                let mut wanted = wanted.borrow_mut();
+                if wanted.len() < MAX_NAMES {
+                    wanted.insert(organization);
+                }
+            });
+        }
         Checked {
-            signal: entitlement_signal(),
-            conclusive: sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get)),
+            signal,
+            conclusive: sees_everything_since(signalled_at.with(Cell::get)),
+            organization,
+        }
+    }
+
+    /// The organization this check was made for, if any.
+    pub fn organization(&self) -> Option<[u8; 16]> {
+        self.organization
+    }
+
+    /// This check, made for an environment of `organization`: it stays
+    /// valid while that organization does not change, whoever asked.
+    pub fn in_organization(self, organization: pgrx::Uuid) -> Checked {
+        let organization = *organization.as_bytes();
+        if self.organization != Some(organization) {
+            WANTED.with(|wanted| {
+                let mut wanted = wanted.borrow_mut();
+                if wanted.len() < MAX_NAMES {
+                    wanted.insert(organization);
+                }
+            });
+        }
+        Checked {
+            organization: Some(organization),
+            ..self
         }
     }
 
     fn holds_for_configuration(&self) -> bool {
-        self.conclusive && self.signal == configuration_signal()
+        self.conclusive
+            && (self.signal == configuration_signal() || self.unchanged_since(Kind::Configuration))
     }
 
     fn holds_for_entitlements(&self) -> bool {
-        self.conclusive && self.signal == entitlement_signal()
+        self.conclusive
+            && (self.signal == entitlement_signal() || self.unchanged_since(Kind::Entitlements))
+    }
+
+    /// Whether the last change read answered for the current signal and
+    /// vouches for this check's organization from this check's signal on.
+    fn unchanged_since(&self, kind: Kind) -> bool {
+        let Some(organization) = self.organization else {
+            return false;
+        };
+        let Some(read) = LAST_CHANGE_READ.with(Cell::get) else {
+            return false;
+        };
+        let (current, read_at) = match kind {
+            Kind::Configuration => (configuration_signal(), read.configuration),
+            Kind::Entitlements => (entitlement_signal(), read.entitlements),
+        };
+        read_at == current
+            && TRACKED.with(|tracked| {
+                tracked.borrow().get(&organization).is_some_and(|from| {
+                    self.signal
+                        >= match kind {
+                            Kind::Configuration => from.0,
+                            Kind::Entitlements => from.1,
+                        }
+                })
+            })
     }
 }
 
-/// Whether the active snapshot sees every transaction older than
-/// `next_at_signal` as finished (true when there was no signal).
+/// Reads, once per signal, which organizations changed since the previous
+/// read: the organizations of the `cache_versions` rows whose last writer
+/// is not older than the previous read's xmin. A check of an organization
+/// that is not among them still holds (`Checked::unchanged_since`).
+///
+/// Why that is exact: a change a check did not see was made by a
+/// transaction still running, or not yet started, when the check's snapshot
+/// was taken, so its id is at least that snapshot's xmin, which is at least
+/// the xmin of the read before the check (snapshots' xmin never goes back).
+/// A later writer of the same row committed after it, so it too is at
+/// least that old; the row's `changed_by` is then found by the next read.
+/// Reads run only under a snapshot that sees every change signalled so far
+/// (as conclusive checks do), and as the table's owner: another
+/// organization's rows are read only here, and only their organization ids
+/// leave the query, to this backend's cache and nowhere else.
+pub fn read_changes() {
+    let configuration = configuration_signal();
+    let entitlements = entitlement_signal();
+    let last = LAST_CHANGE_READ.with(Cell::get);
+    let unchanged = match last {
+        Some(read) => read.configuration == configuration && read.entitlements == entitlements,
+        // Before any signal every check holds by its signal alone: the
+        // first read waits for the first signal (a new backend's first
+        // evaluation runs one query fewer).
+        None => configuration == 0 && entitlements == 0,
+    };
+    if unchanged {
+        return;
+    }
+    // The read runs under the statement's snapshot, and counts only when
+    // that snapshot sees every change signalled so far (as conclusive
+    // checks do). Under REPEATABLE READ and SERIALIZABLE the snapshot is the
+    // transaction's: checks there answer for it alone, as without reads.
+    // SAFETY: reads a backend global; cannot raise.
+    let isolation = unsafe { pg_sys::XactIsoLevel };
+    if isolation >= pg_sys::XACT_REPEATABLE_READ as i32
+        || !sees_everything_since(CONFIGURATION_SIGNALLED_AT.with(Cell::get))
+        || !sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get))
+        || !versioned()
+    {
+        return;
+    }
+    let since = last.map(|read| read.horizon.to_string());
+    let (horizon, changed) = as_versions_owner(|| {
+        Spi::connect(|client| {
+            let row = client
+                .select(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
+                            ARRAY(SELECT DISTINCT v.organization_id FROM flagship.cache_versions v \
+                                   WHERE v.changed_by >= $1::xid8)",
+                    Some(1),
+                    &[since.into()],
+                )?
+                .first();
+            Ok::<_, pgrx::spi::Error>((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
+            ))
+        })
+        .unwrap_or_else(|error| panic!("reading which organizations changed: {error}"))
+    });
+    CHANGE_READS.with(|reads| reads.set(reads.get() + 1));
+    let Ok(horizon) = horizon.parse::<u64>() else {
+        return;
+    };
+    TRACKED.with(|tracked| {
+        let mut tracked = tracked.borrow_mut();
+        for organization in &changed {
+            if let Some(from) = tracked.get_mut(organization.as_bytes()) {
+                *from = (configuration, entitlements);
+            }
+        }
+        for organization in WANTED.with(|wanted| std::mem::take(&mut *wanted.borrow_mut())) {
+            tracked
+                .entry(organization)
+                .or_insert((configuration, entitlements));
+        }
+        if tracked.len() > MAX_NAMES {
+            tracked.clear();
+        }
+    });
+    LAST_CHANGE_READ.with(|read| {
+        read.set(Some(ChangeRead {
+            configuration,
+            entitlements,
+            horizon,
+        }))
+    });
+}
+
+/// The first column of the first row of a read-only query. Not
+/// `Spi::get_one`: that one runs as a write, which gives the transaction an
+/// id, and from then on every query of the transaction takes a snapshot of
+/// its own, so a statement would see changes committed after it began.
+fn read_one<T: FromDatum + IntoDatum>(
+    query: &str,
+    arguments: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    Spi::connect(|client| client.select(query, Some(1), arguments)?.first().get_one())
+}
+
+/// Runs `read` as the owner of flagship.cache_versions with row-level
+/// security not forced, as PostgreSQL's own foreign-key checks do, then
+/// becomes the caller again (also when `read` raises: the restore runs while
+/// unwinding, and an aborted transaction restores the user itself).
+fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
+    let mut owner = VERSIONS_OWNER.with(Cell::get);
+    if owner == pg_sys::InvalidOid {
+        owner = read_one::<pg_sys::Oid>(
+            "SELECT c.relowner FROM pg_catalog.pg_class c \
+              WHERE c.oid = 'flagship.cache_versions'::pg_catalog.regclass",
+            &[],
+        )
+        .unwrap_or_else(|error| panic!("looking up the owner of cache_versions: {error}"))
+        .unwrap_or(pg_sys::InvalidOid);
+        VERSIONS_OWNER.with(|cell| cell.set(owner));
+    }
+    struct Restore(pg_sys::Oid, std::ffi::c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back the user and security context read below;
+            // a plain assignment of backend globals that cannot raise.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut user = pg_sys::InvalidOid;
+    let mut context: std::ffi::c_int = 0;
+    // SAFETY: reads and assigns backend globals; neither call can raise.
+    // The flags are PostgreSQL's for a temporary change of user (no SET
+    // ROLE possible meanwhile) that does not force row-level security.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int
+                | pg_sys::SECURITY_NOFORCE_RLS as std::ffi::c_int,
+        );
+    }
+    let _restore = Restore(user, context);
+    read()
+}
+
+/// Whether the active snapshot sees every change signalled when the next
+/// transaction id was `next_at_signal` (true when there was no signal).
+/// A transaction sends its signal after it has ended, so it is visible to
+/// any snapshot taken after the signal arrived. Two ways to know that the
+/// snapshot is one: every transaction older than the signal had ended
+/// before it (its xmin), or it saw a transaction at or past that id end
+/// (its xmax), which a snapshot taken before the signal cannot have seen.
+/// The second keeps checks conclusive while some old transaction stays
+/// open (an idle session, a long report), as long as others commit.
 fn sees_everything_since(next_at_signal: u32) -> bool {
     if next_at_signal == 0 {
         return true;
     }
     // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
     // the snapshot is only dereferenced when one is set.
-    let xmin = unsafe {
+    let (xmin, xmax) = unsafe {
         if !crate::unguarded::ActiveSnapshotSet() {
             return false;
         }
-        (*crate::unguarded::GetActiveSnapshot()).xmin
+        let snapshot = crate::unguarded::GetActiveSnapshot();
+        ((*snapshot).xmin, (*snapshot).xmax)
     };
     // Transaction ids wrap around: compare as PostgreSQL does.
-    (xmin.into_inner().wrapping_sub(next_at_signal) as i32) >= 0
+    let since = |xid: pg_sys::TransactionId| xid.into_inner().wrapping_sub(next_at_signal) as i32;
+    since(xmin) >= 0 || since(xmax) > 0
 }
 
 /// The next transaction id to be assigned (its low 32 bits).
@@ -176,8 +431,9 @@ pub enum Resolved {
 /// What a name located, valid while the signal it was read at holds.
 #[derive(Clone)]
 pub enum Located {
-    /// The environment's id and the version its compiled form must have.
-    Found(pgrx::Uuid, Option<i64>),
+    /// The environment's id, the version its compiled form must have, and
+    /// the organization it belongs to.
+    Found(pgrx::Uuid, Option<i64>, pgrx::Uuid),
     NotFound(String),
 }
 
@@ -303,14 +559,15 @@ pub fn remember(identity: IdentityKey, checked: Checked, resolved: Resolved) {
     });
 }
 
-/// Where this identity's environment name pointed, if no signal came since.
-pub fn located(identity: &IdentityKey) -> Option<Located> {
+/// Where this identity's environment name pointed, and the check that
+/// vouches for it, while that check holds.
+pub fn located(identity: &IdentityKey) -> Option<(Located, Checked)> {
     NAMES.with(|names| {
         names
             .borrow()
             .get(identity)
             .filter(|named| named.checked.holds_for_configuration())
-            .map(|named| named.located.clone())
+            .map(|named| (named.located.clone(), named.checked))
     })
 }
 
@@ -318,6 +575,7 @@ pub fn located(identity: &IdentityKey) -> Option<Located> {
 const MAX_NAMES: usize = 65_536;
 
 pub fn remember_location(identity: IdentityKey, checked: Checked, located: Located) {
+    LOCATES.with(|locates| locates.set(locates.get() + 1));
     NAMES.with(|names| {
         let mut names = names.borrow_mut();
         if names.len() >= MAX_NAMES {
@@ -419,7 +677,6 @@ fn entitlement_version_sql() -> &'static str {
 /// The entitlement version of the environment's organization, read once
 /// per signal.
 fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
-    let checked = Checked::entitlements();
     let key = *environment.as_bytes();
     let known = ENTITLEMENT_VERSIONS.with(|versions| {
         versions
@@ -431,7 +688,9 @@ fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
     if let Some(version) = known {
         return version;
     }
-    let version = Spi::get_one_with_args::<i64>(
+    // Taken before the query: a signal arriving during it is not vouched for.
+    let checked = Checked::entitlements();
+    let version = read_one::<i64>(
         &format!("SELECT {}", entitlement_version_sql()),
         &[environment.into()],
     )
@@ -478,7 +737,7 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
     key: K,
     load: impl FnOnce() -> (V, Option<i64>),
 ) -> V {
-    let checked = Checked::entitlements();
+    read_changes();
     let cached = cache.with(|cache| {
         cache.borrow().entries.get(&key).map(|entry| {
             (
@@ -488,8 +747,12 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
             )
         })
     });
+    if let Some((true, _, value)) = cached {
+        return value;
+    }
+    // Taken before any query: a signal arriving during one is not vouched for.
+    let checked = Checked::entitlements();
     match cached {
-        Some((true, _, value)) => return value,
         Some((false, Some(version), value))
             if entitlement_version(environment) == Some(version) =>
         {
@@ -609,6 +872,8 @@ unsafe extern "C-unwind" fn on_transaction_event(
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT
         || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
     {
+        // SAFETY: reads the aborting transaction's state; cannot raise.
+        forget_changes_if(unsafe { pg_sys::GetTopTransactionIdIfAny() });
         signal_for(pg_sys::InvalidOid);
     }
 }
@@ -621,7 +886,19 @@ unsafe extern "C-unwind" fn on_subtransaction_event(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // SAFETY: reads the aborting subtransaction's state; cannot raise.
+        forget_changes_if(unsafe { pg_sys::GetCurrentTransactionIdIfAny() });
         signal_for(pg_sys::InvalidOid);
+    }
+}
+
+/// A (sub)transaction that wrote and aborted takes back versions this
+/// backend may have seen uncommitted; its rows' `changed_by` go back to older
+/// writers, which no read would report. Every check is then repeated with
+/// a query, and organizations are tracked anew.
+fn forget_changes_if(writer: pg_sys::TransactionId) {
+    if writer != pg_sys::InvalidTransactionId {
+        TRACKED.with(|tracked| tracked.borrow_mut().clear());
     }
 }
 
@@ -653,8 +930,9 @@ pub fn invalidate_cache(relation: pg_sys::Oid) {
 }
 
 /// This backend's cache, for tests and DBAs: compiled environments, their
-/// estimated size in bytes, located environment names, and how many
-/// environments it has compiled since it started.
+/// estimated size in bytes, located environment names, and since it
+/// started how many environments it compiled, names it located and change
+/// reads it made.
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn cache_usage() -> pgrx::JsonB {
     let (environments, bytes, names) = usage();
@@ -663,6 +941,8 @@ pub fn cache_usage() -> pgrx::JsonB {
         "bytes": bytes,
         "names": names,
         "loads": LOADS.with(Cell::get),
+        "locates": LOCATES.with(Cell::get),
+        "change_reads": CHANGE_READS.with(Cell::get),
         "limit_bytes": cache_limit_bytes(),
     }))
 }

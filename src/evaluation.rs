@@ -7,6 +7,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
 use serde_json::Value;
 
 use crate::args::TextArg;
@@ -40,6 +41,7 @@ fn snapshot_for(
     environment: Option<&str>,
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
     cache::accept_invalidations();
+    cache::read_changes();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
     // The identity is copied only on a miss, before any query runs.
     let recalled = RawIdentity::with_current(explicit, |identity| {
@@ -48,8 +50,8 @@ fn snapshot_for(
     let resolved = match recalled {
         Ok(resolved) => resolved,
         Err(identity) => {
-            let checked = cache::Checked::configuration();
-            let resolved = locate_and_compile(explicit, &identity, checked)?;
+            let (resolved, checked) =
+                locate_and_compile(explicit, &identity, cache::Checked::configuration())?;
             cache::remember(identity, checked, resolved.clone());
             resolved
         }
@@ -70,12 +72,13 @@ fn snapshot_for(
 
 /// Where the name points (from the name cache while no change was
 /// signalled, else one query that also reads the environment's versions),
-/// then its compiled form for this role and organization.
+/// then its compiled form for this role and organization, and the check
+/// that vouches for both (made for the environment's organization).
 fn locate_and_compile(
     explicit: Option<&str>,
     identity: &IdentityKey,
     checked: cache::Checked,
-) -> Result<Resolved, (ErrorCode, String)> {
+) -> Result<(Resolved, cache::Checked), (ErrorCode, String)> {
     let name = match explicit {
         Some(name) => name.to_string(),
         None => context::environment().ok_or_else(|| {
@@ -85,17 +88,29 @@ fn locate_and_compile(
             )
         })?,
     };
-    let located = match cache::located(identity) {
-        Some(located) => located,
+    let (located, checked) = match cache::located(identity) {
+        Some(found) => found,
         None => {
             let located = locate(&name);
+            // A name pins its organization when the session names one (the
+            // candidates come from it alone), or names it itself (a uuid
+            // or '<org>/<project>/<env>'). '<project>/<env>' with no
+            // organization could come to mean two environments when
+            // another organization adds it: any change rechecks it.
+            let pinned = checked.organization().is_some() || name.split('/').count() != 2;
+            let checked = match located {
+                Located::Found(_, _, organization) if pinned => {
+                    checked.in_organization(organization)
+                }
+                _ => checked,
+            };
             cache::remember_location(identity.clone(), checked, located.clone());
-            located
+            (located, checked)
         }
     };
     let (environment_id, version) = match located {
-        Located::Found(environment_id, version) => (environment_id, version),
-        Located::NotFound(message) => return Ok(Resolved::NotFound(message)),
+        Located::Found(environment_id, version, _) => (environment_id, version),
+        Located::NotFound(message) => return Ok((Resolved::NotFound(message), checked)),
     };
     let key = CompiledKey {
         // SAFETY: GetUserId returns a backend global; it cannot raise.
@@ -104,32 +119,49 @@ fn locate_and_compile(
         environment: *environment_id.as_bytes(),
     };
     let snapshot = cache::compiled(key, version, || load(environment_id, &name));
-    Ok(Resolved::Found(snapshot, environment_id))
+    Ok((Resolved::Found(snapshot, environment_id), checked))
 }
 
 /// The environments a name can mean for this session, and the versions
 /// of the one it means, in one statement.
 fn locate(environment: &str) -> Located {
-    let query = format!(
-        "SELECT 'flagship.features'::regclass::oid, c.ids, \
-                CASE WHEN cardinality(c.ids) = 1 THEN {} END \
-           FROM (SELECT flagship.environment_candidates($1) AS ids) c",
-        cache::configuration_version_sql("c.ids[1]")
-    );
-    let (watched, candidates, version) = Spi::connect(|client| {
-        let row = client
-            .select(&query, Some(1), &[environment.into()])?
-            .first();
-        Ok::<_, pgrx::spi::Error>((
-            row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-            row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
-            row.get::<i64>(3)?,
-        ))
+    let query = || {
+        format!(
+            "SELECT 'flagship.features'::regclass::oid, c.ids, \
+                    CASE WHEN cardinality(c.ids) = 1 THEN {} END, \
+                    (SELECT e.organization_id FROM flagship.environments e \
+                      WHERE e.id = c.ids[1] AND cardinality(c.ids) = 1) \
+               FROM (SELECT flagship.environment_candidates($1) AS ids) c",
+            cache::configuration_version_sql("c.ids[1]")
+        )
+    };
+    let (watched, candidates, version, organization) = Spi::connect(|client| {
+        select_kept(
+            client,
+            &LOCATE_STATEMENT,
+            query,
+            environment.into(),
+            pg_sys::TEXTOID,
+            |found| {
+                let row = found.first();
+                Ok((
+                    row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
+                    row.get::<i64>(3)?,
+                    row.get::<pgrx::Uuid>(4)?,
+                ))
+            },
+        )
     })
     .unwrap_or_else(|error| panic!("locating environment \"{environment}\": {error}"));
     cache::watch_configuration(watched);
     match candidates.as_slice() {
-        [one] => Located::Found(*one, version),
+        [one] => match organization {
+            Some(organization) => Located::Found(*one, version, organization),
+            // Gone between the two reads of one snapshot: cannot happen,
+            // but answers as absent rather than trusting a half answer.
+            None => Located::NotFound(format!("environment \"{environment}\" not found")),
+        },
         [] => Located::NotFound(format!("environment \"{environment}\" not found")),
         many => Located::NotFound(format!(
             "environment \"{environment}\" is ambiguous: {} organizations have it",
@@ -180,8 +212,11 @@ struct StoredRows {
 fn rows_query() -> String {
     format!(
         "SELECT 'flag', f.key, \
-                (to_jsonb(f) - '{{organization_id,project_id,id,created_at,updated_at}}'::text[])::text, \
-                CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END, NULL::bigint \
+                row_to_json(f)::text, \
+                CASE WHEN r.feature_id IS NOT NULL THEN \
+                     json_build_object('enabled', r.enabled, 'targets', r.targets, \
+                                       'rules', r.rules, 'default', r.default_serve)::text END, \
+                NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
            LEFT JOIN flagship.feature_rules r \
@@ -189,7 +224,7 @@ fn rows_query() -> String {
           WHERE e.id = $1 \
          UNION ALL \
          SELECT 'segment', s.key, \
-                (to_jsonb(s) - '{{organization_id,project_id,id,created_at,updated_at}}'::text[])::text, NULL, NULL \
+                row_to_json(s)::text, NULL, NULL \
            FROM flagship.environments e \
            JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
           WHERE e.id = $1 \
@@ -199,25 +234,91 @@ fn rows_query() -> String {
     )
 }
 
-fn load_rows(environment_id: pgrx::Uuid) -> Result<StoredRows, pgrx::spi::Error> {
-    let query = rows_query();
-    Spi::connect(|client| {
-        let mut rows = StoredRows {
-            flags: Vec::new(),
-            segments: Vec::new(),
-            version: None,
-        };
-        for row in client.select(&query, None, &[environment_id.into()])? {
-            let key = row.get::<String>(2)?.unwrap_or_default();
-            let definition = row.get::<String>(3)?.unwrap_or_default();
-            match row.get::<String>(1)?.as_deref() {
-                Some("flag") => rows.flags.push((key, definition, row.get::<String>(4)?)),
-                Some("segment") => rows.segments.push((key, definition)),
-                _ => rows.version = row.get::<i64>(5)?,
-            }
+/// A statement planned once per backend, and again when the version table
+/// appears (its text depends on it): planning the loading statements cost
+/// more than running them. PostgreSQL plans a kept statement again itself
+/// when a table it reads changes, or the role it runs as.
+type KeptStatement = RefCell<Option<(bool, OwnedPreparedStatement)>>;
+
+thread_local! {
+    static ROWS_STATEMENT: KeptStatement = const { RefCell::new(None) };
+    static LOCATE_STATEMENT: KeptStatement = const { RefCell::new(None) };
+}
+
+/// Runs the kept statement `kept` (planned from `sql` on first use) and
+/// hands its rows to `read`. The statement stays borrowed while it runs:
+/// the loading statements call nothing that loads again.
+fn select_kept<R>(
+    client: &pgrx::spi::SpiClient<'_>,
+    kept: &'static std::thread::LocalKey<KeptStatement>,
+    sql: impl FnOnce() -> String,
+    argument: pgrx::datum::DatumWithOid<'_>,
+    argument_type: pg_sys::Oid,
+    read: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> Result<R, pgrx::spi::Error>,
+) -> Result<R, pgrx::spi::Error> {
+    let versioned = cache::versioned();
+    kept.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell
+            .as_ref()
+            .is_none_or(|(for_versioned, _)| *for_versioned != versioned)
+        {
+            let statement = client
+                .prepare(&sql(), &[PgOid::from(argument_type)])?
+                .keep();
+            *cell = Some((versioned, statement));
         }
-        Ok(rows)
+        let (_, statement) = cell.as_ref().expect("prepared above");
+        read(client.select(statement, None, &[argument])?)
     })
+}
+
+fn load_rows(environment_id: pgrx::Uuid) -> Result<StoredRows, pgrx::spi::Error> {
+    Spi::connect(|client| {
+        select_kept(
+            client,
+            &ROWS_STATEMENT,
+            rows_query,
+            environment_id.into(),
+            pg_sys::UUIDOID,
+            |found| {
+                let mut rows = StoredRows {
+                    flags: Vec::new(),
+                    segments: Vec::new(),
+                    version: None,
+                };
+                for row in found {
+                    let key = row.get::<String>(2)?.unwrap_or_default();
+                    let definition = row.get::<String>(3)?.unwrap_or_default();
+                    match row.get::<String>(1)?.as_deref() {
+                        Some("flag") => rows.flags.push((key, definition, row.get::<String>(4)?)),
+                        Some("segment") => rows.segments.push((key, definition)),
+                        _ => rows.version = row.get::<i64>(5)?,
+                    }
+                }
+                Ok(rows)
+            },
+        )
+    })
+}
+
+/// A stored row (`row_to_json`: plain json, no key sorting, the cheapest
+/// text PostgreSQL makes of a row) as the document it stores: without the
+/// columns that place it, which the documents do not have.
+fn parse_stored_row(text: &str) -> Result<Value, String> {
+    let mut document = crate::jsonb::parse_document(text)?;
+    if let Value::Object(fields) = &mut document {
+        for placement in [
+            "organization_id",
+            "project_id",
+            "id",
+            "created_at",
+            "updated_at",
+        ] {
+            fields.remove(placement);
+        }
+    }
+    Ok(document)
 }
 
 /// Compiles one environment's stored documents. The validators refuse on
@@ -230,7 +331,7 @@ fn compile(rows: StoredRows) -> Snapshot {
     let mut broken_segments: Vec<String> = Vec::new();
     let mut segments = Vec::new();
     for (key, text) in rows.segments {
-        match crate::jsonb::parse_document(&text)
+        match parse_stored_row(&text)
             .and_then(|document| parse_segment(&document).map_err(|error| error.to_string()))
         {
             Ok(segment) => segments.push(segment),
@@ -262,7 +363,7 @@ fn compile_flag(
     broken_segments: &[String],
 ) -> Result<LoadedFlag, String> {
     let unreadable = |why: String| format!("its stored document {why}");
-    let definition = crate::jsonb::parse_document(definition).map_err(unreadable)?;
+    let definition = parse_stored_row(definition).map_err(unreadable)?;
     let definition = parse_flag_definition(&definition).map_err(|error| error.to_string())?;
     let config = match config {
         None => None,

@@ -19,9 +19,99 @@ fn reason(client: &mut Client) -> String {
 }
 
 fn loads(client: &mut Client) -> i64 {
-    text(client, "SELECT flagship.cache_usage() ->> 'loads'")
-        .parse()
-        .unwrap()
+    cache_count(client, "loads")
+}
+
+fn cache_count(client: &mut Client, field: &str) -> i64 {
+    text(
+        client,
+        &format!("SELECT flagship.cache_usage() ->> '{field}'"),
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Bug of #14 ("noisy neighbour", still at 0.33x in the first fix): every
+/// signal made each cached environment re-read its versions with a query
+/// of its own. Now a backend reads once per signal which organizations
+/// changed; the environments of the others are not queried again.
+#[test]
+fn another_organizations_change_costs_one_read_not_a_query_per_environment() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let quiet: Vec<String> = (0..5)
+        .map(|_| organization(&mut writer, "quiet-many").1)
+        .collect();
+    let (noisy, _) = organization(&mut writer, "noisy-many");
+    for slug in &quiet {
+        let id = text(
+            &mut writer,
+            &format!("SELECT id::text FROM flagship.organizations WHERE slug = '{slug}'"),
+        );
+        put_flag(&mut writer, &id, ON);
+    }
+    put_flag(&mut writer, &noisy, ON);
+    // The reader serves the five organizations by full name, as a pooled
+    // backend of a multi-tenant service would (no organization set: the
+    // test connects as a superuser, whom row-level security lets see all).
+    let evaluate_all = |reader: &mut Client| {
+        for slug in &quiet {
+            assert_eq!(
+                text(
+                    reader,
+                    &format!("SELECT flagship.flagship_evaluate('f', '{{}}', '{slug}/shop/production') ->> 'reason'")
+                ),
+                "STATIC"
+            );
+        }
+    };
+    evaluate_all(&mut reader);
+    // The first change after warming up starts tracking the organizations.
+    put_flag(&mut writer, &noisy, OFF);
+    writer.batch_execute("SELECT pg_current_xact_id()").unwrap();
+    evaluate_all(&mut reader);
+    let (loads_before, locates_before, reads_before) = (
+        loads(&mut reader),
+        cache_count(&mut reader, "locates"),
+        cache_count(&mut reader, "change_reads"),
+    );
+    for round in 0..5 {
+        put_flag(&mut writer, &noisy, if round % 2 == 0 { ON } else { OFF });
+        // Other tests of this run may hold old transactions open, so the
+        // reader's snapshot knows the change arrived only once a newer
+        // transaction ends (as on any busy server): end one.
+        writer.batch_execute("SELECT pg_current_xact_id()").unwrap();
+        evaluate_all(&mut reader);
+    }
+    assert_eq!(loads(&mut reader), loads_before, "reloaded");
+    assert_eq!(
+        cache_count(&mut reader, "locates"),
+        locates_before,
+        "queried a quiet organization's versions again"
+    );
+    assert_eq!(cache_count(&mut reader, "change_reads"), reads_before + 5);
+    // A change of one of them is seen by the next statement, and costs
+    // that organization alone a query and a reload.
+    let changed = text(
+        &mut writer,
+        &format!(
+            "SELECT id::text FROM flagship.organizations WHERE slug = '{}'",
+            quiet[2]
+        ),
+    );
+    put_flag(&mut writer, &changed, OFF);
+    assert_eq!(
+        text(
+            &mut reader,
+            &format!(
+                "SELECT flagship.flagship_evaluate('f', '{{}}', '{}/shop/production') ->> 'reason'",
+                quiet[2]
+            )
+        ),
+        "DISABLED"
+    );
+    assert_eq!(loads(&mut reader), loads_before + 1);
+    assert_eq!(cache_count(&mut reader, "locates"), locates_before + 1);
 }
 
 /// Bug of #14 ("noisy neighbour"): any commit anywhere discarded every
@@ -171,5 +261,55 @@ fn application_roles_cannot_signal_other_backends() {
         );
         assert_eq!(sqlstate(&mut su, "SELECT flagship.cache_usage()"), "42501");
         su.batch_execute("ROLLBACK").unwrap();
+    }
+}
+
+/// Bug found while building the change reads: a cache check ran its query
+/// with `Spi::get_one`, which pgrx runs as a write. That gave read-only
+/// transactions a transaction id, and every later query of the transaction
+/// a snapshot of its own (a statement saw changes committed after it
+/// began). Evaluating and checking limits never assigns one.
+#[test]
+fn evaluations_and_limit_checks_never_take_a_transaction_id() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "readonly");
+    put_flag(&mut writer, &org, ON);
+    writer
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}';
+             SELECT flagship.put_metric('shop', '{{\"key\": \"calls\"}}');
+             SELECT flagship.put_plan('shop', '{{\"key\": \"pro\", \"limits\": {{\"calls\": {{\"limit\": 10}}}}}}');
+             SELECT flagship.put_customer('shop/production', '{{\"key\": \"acme\", \"plan\": \"pro\"}}')"
+        ))
+        .unwrap();
+    reader
+        .batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+        .unwrap();
+    let read_everything = "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'reason', \
+                                  flagship.check_usage_limit('acme', 'calls', 1, 'shop/production') ->> 'allowed'";
+    for round in 0..3 {
+        // Changes of both kinds arrive before each round.
+        writer
+            .batch_execute(&format!(
+                "SELECT flagship.put_customer('shop/production', '{{\"key\": \"acme\", \"plan\": \"pro\", \"attributes\": {{\"round\": {round}}}}}');
+                 SELECT flagship.put_flag('shop', '{ON}')"
+            ))
+            .unwrap();
+        reader.batch_execute("BEGIN").unwrap();
+        let row = reader.query_one(read_everything, &[]).unwrap();
+        assert_eq!(
+            (row.get::<_, String>(0), row.get::<_, String>(1)),
+            ("STATIC".to_string(), "true".to_string())
+        );
+        assert_eq!(
+            text(
+                &mut reader,
+                "SELECT coalesce(pg_current_xact_id_if_assigned()::text, 'none')"
+            ),
+            "none",
+            "round {round}"
+        );
+        reader.batch_execute("COMMIT").unwrap();
     }
 }
