@@ -81,6 +81,40 @@ thread_local! {
     static WANTED: RefCell<HashSet<[u8; 16], FxBuildHasher>> = RefCell::new(HashSet::default());
     /// The owner of flagship.cache_versions (InvalidOid: not looked up yet).
     static VERSIONS_OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Bumped when a writing (sub)transaction aborts after this transaction
+    /// loaded something while writing (`LoadStamp`).
+    static ABORT_GENERATION: Cell<u64> = const { Cell::new(0) };
+    static LOADED_WHILE_WRITING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a cached value may hold this backend's own uncommitted writes.
+/// Versions are counters: a value compiled under a version an aborted
+/// transaction of this backend wrote (V+1) would match a later, different
+/// V+1. Values loaded while the transaction had written are dropped when a
+/// writing (sub)transaction of this backend aborts.
+#[derive(Clone, Copy, Debug)]
+struct LoadStamp {
+    while_writing: bool,
+    generation: u64,
+}
+
+impl LoadStamp {
+    fn now() -> LoadStamp {
+        // SAFETY: reads the transaction's state; cannot raise.
+        let while_writing =
+            unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+        if while_writing {
+            LOADED_WHILE_WRITING.with(|loaded| loaded.set(true));
+        }
+        LoadStamp {
+            while_writing,
+            generation: ABORT_GENERATION.with(Cell::get),
+        }
+    }
+
+    fn revoked(&self) -> bool {
+        self.while_writing && self.generation != ABORT_GENERATION.with(Cell::get)
+    }
 }
 
 /// One read of the change log: the signals it answered for, and the xmin
@@ -268,9 +302,11 @@ pub fn read_changes() {
         Spi::connect(|client| {
             let row = client
                 .select(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
+                    // Runs as the owner: every name is qualified, so the
+                    // caller's search path (or pg_temp) chooses nothing.
+                    "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::pg_catalog.text, \
                             ARRAY(SELECT DISTINCT v.organization_id FROM flagship.cache_versions v \
-                                   WHERE v.changed_by >= $1::xid8)",
+                                   WHERE v.changed_by OPERATOR(pg_catalog.>=) $1::pg_catalog.xid8)",
                     Some(1),
                     &[since.into()],
                 )?
@@ -350,13 +386,16 @@ fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
     let mut context: std::ffi::c_int = 0;
     // SAFETY: reads and assigns backend globals; neither call can raise.
     // The flags are PostgreSQL's for a temporary change of user (no SET
-    // ROLE possible meanwhile) that does not force row-level security.
+    // ROLE possible meanwhile), a restricted operation (as maintenance
+    // commands run user code: no temporary objects, no session state) that
+    // does not force row-level security.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
             owner,
             context
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as std::ffi::c_int
                 | pg_sys::SECURITY_NOFORCE_RLS as std::ffi::c_int,
         );
     }
@@ -473,6 +512,7 @@ struct Compiled {
     snapshot: Rc<Snapshot>,
     bytes: usize,
     used: u64,
+    stamp: LoadStamp,
 }
 
 #[derive(Default)]
@@ -598,7 +638,7 @@ pub fn compiled(
         lru.clock += 1;
         let clock = lru.clock;
         let entry = lru.entries.get_mut(&key)?;
-        if version.is_none() || entry.version != version {
+        if version.is_none() || entry.version != version || entry.stamp.revoked() {
             return None;
         }
         entry.used = clock;
@@ -607,6 +647,7 @@ pub fn compiled(
     if let Some(snapshot) = hit {
         return snapshot;
     }
+    let stamp = LoadStamp::now();
     let loaded = load();
     LOADS.with(|loads| loads.set(loads.get() + 1));
     let snapshot = Rc::new(loaded.snapshot);
@@ -620,6 +661,7 @@ pub fn compiled(
                 snapshot: snapshot.clone(),
                 bytes: loaded.bytes,
                 used,
+                stamp,
             },
         ) {
             lru.bytes -= old.bytes;
@@ -717,6 +759,7 @@ struct StampedEntry<V> {
     checked: Checked,
     version: Option<i64>,
     value: V,
+    stamp: LoadStamp,
 }
 
 impl<K, V> Stamped<K, V> {
@@ -739,13 +782,18 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
 ) -> V {
     read_changes();
     let cached = cache.with(|cache| {
-        cache.borrow().entries.get(&key).map(|entry| {
-            (
-                entry.checked.holds_for_entitlements(),
-                entry.version,
-                entry.value.clone(),
-            )
-        })
+        cache
+            .borrow()
+            .entries
+            .get(&key)
+            .filter(|entry| !entry.stamp.revoked())
+            .map(|entry| {
+                (
+                    entry.checked.holds_for_entitlements(),
+                    entry.version,
+                    entry.value.clone(),
+                )
+            })
     });
     if let Some((true, _, value)) = cached {
         return value;
@@ -765,6 +813,7 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
         }
         _ => {}
     }
+    let stamp = LoadStamp::now();
     let (loaded, version) = load();
     cache.with(|cache| {
         let mut cache = cache.borrow_mut();
@@ -777,6 +826,7 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
                 checked,
                 version,
                 value: loaded.clone(),
+                stamp,
             },
         );
     });
@@ -876,6 +926,16 @@ unsafe extern "C-unwind" fn on_transaction_event(
         forget_changes_if(unsafe { pg_sys::GetTopTransactionIdIfAny() });
         signal_for(pg_sys::InvalidOid);
     }
+    if matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_ABORT
+            | pg_sys::XactEvent::XACT_EVENT_PREPARE
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+    ) {
+        LOADED_WHILE_WRITING.with(|loaded| loaded.set(false));
+    }
 }
 
 #[pg_guard]
@@ -899,6 +959,9 @@ unsafe extern "C-unwind" fn on_subtransaction_event(
 fn forget_changes_if(writer: pg_sys::TransactionId) {
     if writer != pg_sys::InvalidTransactionId {
         TRACKED.with(|tracked| tracked.borrow_mut().clear());
+        if LOADED_WHILE_WRITING.with(Cell::get) {
+            ABORT_GENERATION.with(|generation| generation.set(generation.get() + 1));
+        }
     }
 }
 

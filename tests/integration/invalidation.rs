@@ -120,3 +120,27 @@ fn many_sessions_converge_after_a_change() {
         assert_eq!(reason(reader), "DISABLED");
     }
 }
+
+/// Found by review (#14): versions are counters, so a configuration this
+/// backend compiled inside a savepoint that rolled back (version V+1) was
+/// served again when a different change brought the version to V+1.
+#[test]
+fn a_rolled_back_version_is_not_served_when_the_number_comes_back() {
+    let (mut writer, mut fresh, org) = writer_and_reader("reused-version");
+    use_production(&mut writer, &org);
+    let evaluate = "SELECT flagship.flagship_evaluate('f', '{\"targeting_key\": \"u-1\"}')::text";
+    writer.batch_execute("BEGIN; SAVEPOINT s").unwrap();
+    put_flag(&mut writer, &org, OFF);
+    assert_eq!(reason(&mut writer), "DISABLED");
+    writer.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    // Another change of the same row: the same version number, other content.
+    put_flag(
+        &mut writer,
+        &org,
+        r#"{"key": "f", "environments": {"production": {"enabled": true, "default": {"rollout": {"on": 0, "off": 100}}}}}"#,
+    );
+    let inside = text(&mut writer, evaluate);
+    writer.batch_execute("COMMIT").unwrap();
+    assert_eq!(inside, text(&mut fresh, evaluate));
+    assert!(!inside.contains("DISABLED"), "{inside}");
+}
