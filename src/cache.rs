@@ -38,6 +38,7 @@ use pgrx::prelude::*;
 
 use crate::context::{IdentityKey, RawIdentity};
 use crate::rules::Snapshot;
+use crate::statement_reads;
 
 /// Per organization (its uuid's bytes): when its entitlement version was last
 /// confirmed, and the version seen then (`None`: the organization has none).
@@ -300,23 +301,23 @@ pub fn read_changes() {
     let since = last.map(|read| read.horizon.to_string());
     let (horizon, changed) = as_versions_owner(|| {
         Spi::connect(|client| {
-            let row = client
-                .select(
-                    // Runs as the owner: every name is qualified, so the
-                    // caller's search path (or pg_temp) chooses nothing.
+            let row = statement_reads::select(
+                client,
+                // Runs as the owner: every name is qualified, so the
+                // caller's search path (or pg_temp) chooses nothing.
+                statement_reads::Query::Text(
                     "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::pg_catalog.text, \
                             ARRAY(SELECT DISTINCT v.organization_id FROM flagship.cache_versions v \
                                    WHERE v.changed_by OPERATOR(pg_catalog.>=) $1::pg_catalog.xid8)",
-                    Some(1),
-                    &[since.into()],
-                )?
-                .first();
-            Ok::<_, pgrx::spi::Error>((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
-            ))
+                ),
+                &[since.into()],
+                1,
+            );
+            (
+                row.get::<String>(0, 1).unwrap_or_default(),
+                row.get::<Vec<pgrx::Uuid>>(0, 2).unwrap_or_default(),
+            )
         })
-        .unwrap_or_else(|error| panic!("reading which organizations changed: {error}"))
     });
     CHANGE_READS.with(|reads| reads.set(reads.get() + 1));
     let Ok(horizon) = horizon.parse::<u64>() else {
@@ -347,15 +348,14 @@ pub fn read_changes() {
     });
 }
 
-/// The first column of the first row of a read-only query. Not
-/// `Spi::get_one`: that one runs as a write, which gives the transaction an
-/// id, and from then on every query of the transaction takes a snapshot of
-/// its own, so a statement would see changes committed after it began.
-fn read_one<T: FromDatum + IntoDatum>(
-    query: &str,
-    arguments: &[pgrx::datum::DatumWithOid<'_>],
-) -> Result<Option<T>, pgrx::spi::Error> {
-    Spi::connect(|client| client.select(query, Some(1), arguments)?.first().get_one())
+/// The first column of the first row of a read-only query, under the
+/// statement's snapshot (`statement_reads`). Not `Spi::get_one`: that one
+/// runs as a write, which gives the transaction an id, and from then on
+/// every query of the transaction takes a snapshot of its own.
+fn read_one<T: FromDatum>(query: &str, arguments: &[pgrx::datum::DatumWithOid<'_>]) -> Option<T> {
+    Spi::connect(|client| {
+        statement_reads::select(client, statement_reads::Query::Text(query), arguments, 1).get(0, 1)
+    })
 }
 
 /// Runs `read` as the owner of flagship.cache_versions with row-level
@@ -370,7 +370,6 @@ fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
               WHERE c.oid = 'flagship.cache_versions'::pg_catalog.regclass",
             &[],
         )
-        .unwrap_or_else(|error| panic!("looking up the owner of cache_versions: {error}"))
         .unwrap_or(pg_sys::InvalidOid);
         VERSIONS_OWNER.with(|cell| cell.set(owner));
     }
@@ -735,8 +734,7 @@ fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
     let version = read_one::<i64>(
         &format!("SELECT {}", entitlement_version_sql()),
         &[environment.into()],
-    )
-    .unwrap_or_else(|error| panic!("reading entitlement versions: {error}"));
+    );
     ENTITLEMENT_VERSIONS.with(|versions| {
         let mut versions = versions.borrow_mut();
         if versions.len() >= MAX_NAMES {
@@ -847,14 +845,14 @@ pub fn load_entitlement_document(
         entitlement_version_sql()
     );
     let (watched, document, version) = Spi::connect(|client| {
-        let row = client.select(&query, Some(1), arguments)?.first();
-        Ok::<_, pgrx::spi::Error>((
-            row.get::<pg_sys::Oid>(1)?,
-            row.get::<String>(2)?,
-            row.get::<i64>(3)?,
-        ))
-    })
-    .unwrap_or_else(|error| panic!("{function}: {error}"));
+        let row =
+            statement_reads::select(client, statement_reads::Query::Text(&query), arguments, 1);
+        (
+            row.get::<pg_sys::Oid>(0, 1),
+            row.get::<String>(0, 2),
+            row.get::<i64>(0, 3),
+        )
+    });
     if let Some(watched) = watched {
         WATCHED_ENTITLEMENTS.with(|cell| cell.set(watched));
     }

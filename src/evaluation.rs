@@ -6,8 +6,8 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 
+use crate::statement_reads::{self, KeptPlan, Query};
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 use serde_json::Value;
 
 use crate::args::TextArg;
@@ -118,7 +118,7 @@ fn locate_and_compile(
         organization: context::organization_id().map(|id| *id.as_bytes()),
         environment: *environment_id.as_bytes(),
     };
-    let snapshot = cache::compiled(key, version, || load(environment_id, &name));
+    let snapshot = cache::compiled(key, version, || load(environment_id));
     Ok((Resolved::Found(snapshot, environment_id), checked))
 }
 
@@ -135,25 +135,20 @@ fn locate(environment: &str) -> Located {
             cache::configuration_version_sql("c.ids[1]")
         )
     };
-    let (watched, candidates, version, organization) = Spi::connect(|client| {
-        select_kept(
-            client,
-            &LOCATE_STATEMENT,
-            query,
-            environment.into(),
-            pg_sys::TEXTOID,
-            |found| {
-                let row = found.first();
-                Ok((
-                    row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                    row.get::<Vec<pgrx::Uuid>>(2)?.unwrap_or_default(),
-                    row.get::<i64>(3)?,
-                    row.get::<pgrx::Uuid>(4)?,
-                ))
-            },
-        )
-    })
-    .unwrap_or_else(|error| panic!("locating environment \"{environment}\": {error}"));
+    let (watched, candidates, version, organization) = select_kept(
+        &LOCATE_STATEMENT,
+        query,
+        environment.into(),
+        pg_sys::TEXTOID,
+        |found| {
+            (
+                found.get::<pg_sys::Oid>(0, 1).unwrap_or(pg_sys::InvalidOid),
+                found.get::<Vec<pgrx::Uuid>>(0, 2).unwrap_or_default(),
+                found.get::<i64>(0, 3),
+                found.get::<pgrx::Uuid>(0, 4),
+            )
+        },
+    );
     cache::watch_configuration(watched);
     match candidates.as_slice() {
         [one] => match organization {
@@ -170,9 +165,8 @@ fn locate(environment: &str) -> Located {
     }
 }
 
-fn load(environment_id: pgrx::Uuid, environment: &str) -> cache::Loaded {
-    let rows = load_rows(environment_id)
-        .unwrap_or_else(|error| panic!("loading environment \"{environment}\": {error}"));
+fn load(environment_id: pgrx::Uuid) -> cache::Loaded {
+    let rows = load_rows(environment_id);
     // The compiled form's size, roughly: its documents' text, twice over
     // for the parsed and compiled structures, plus a fixed cost per item.
     let bytes = 4096
@@ -236,70 +230,71 @@ fn rows_query() -> String {
 
 /// A statement planned once per backend, and again when the version table
 /// appears (its text depends on it): planning the loading statements cost
-/// more than running them. PostgreSQL plans a kept statement again itself
-/// when a table it reads changes, or the role it runs as.
-type KeptStatement = RefCell<Option<(bool, OwnedPreparedStatement)>>;
+/// more than running them.
+type KeptStatement = RefCell<Option<(bool, KeptPlan)>>;
 
 thread_local! {
     static ROWS_STATEMENT: KeptStatement = const { RefCell::new(None) };
     static LOCATE_STATEMENT: KeptStatement = const { RefCell::new(None) };
 }
 
-/// Runs the kept statement `kept` (planned from `sql` on first use) and
-/// hands its rows to `read`. The statement stays borrowed while it runs:
-/// the loading statements call nothing that loads again.
+/// Runs the kept statement `kept` (planned from `sql` on first use)
+/// read-only under the statement's snapshot (`statement_reads`) and hands
+/// its rows to `read`. The statement stays borrowed while it runs: the
+/// loading statements call nothing that loads again.
 fn select_kept<R>(
-    client: &pgrx::spi::SpiClient<'_>,
     kept: &'static std::thread::LocalKey<KeptStatement>,
     sql: impl FnOnce() -> String,
     argument: pgrx::datum::DatumWithOid<'_>,
     argument_type: pg_sys::Oid,
-    read: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> Result<R, pgrx::spi::Error>,
-) -> Result<R, pgrx::spi::Error> {
+    read: impl FnOnce(&statement_reads::Rows<'_>) -> R,
+) -> R {
     let versioned = cache::versioned();
-    kept.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell
-            .as_ref()
-            .is_none_or(|(for_versioned, _)| *for_versioned != versioned)
-        {
-            let statement = client
-                .prepare(&sql(), &[PgOid::from(argument_type)])?
-                .keep();
-            *cell = Some((versioned, statement));
-        }
-        let (_, statement) = cell.as_ref().expect("prepared above");
-        read(client.select(statement, None, &[argument])?)
+    Spi::connect(|client| {
+        kept.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell
+                .as_ref()
+                .is_none_or(|(for_versioned, _)| *for_versioned != versioned)
+            {
+                *cell = Some((
+                    versioned,
+                    KeptPlan::prepare(client, &sql(), &[argument_type]),
+                ));
+            }
+            let (_, plan) = cell.as_ref().expect("prepared above");
+            let rows = statement_reads::select(client, Query::Kept(plan), &[argument], 0);
+            read(&rows)
+        })
     })
 }
 
-fn load_rows(environment_id: pgrx::Uuid) -> Result<StoredRows, pgrx::spi::Error> {
-    Spi::connect(|client| {
-        select_kept(
-            client,
-            &ROWS_STATEMENT,
-            rows_query,
-            environment_id.into(),
-            pg_sys::UUIDOID,
-            |found| {
-                let mut rows = StoredRows {
-                    flags: Vec::new(),
-                    segments: Vec::new(),
-                    version: None,
-                };
-                for row in found {
-                    let key = row.get::<String>(2)?.unwrap_or_default();
-                    let definition = row.get::<String>(3)?.unwrap_or_default();
-                    match row.get::<String>(1)?.as_deref() {
-                        Some("flag") => rows.flags.push((key, definition, row.get::<String>(4)?)),
-                        Some("segment") => rows.segments.push((key, definition)),
-                        _ => rows.version = row.get::<i64>(5)?,
-                    }
+fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
+    select_kept(
+        &ROWS_STATEMENT,
+        rows_query,
+        environment_id.into(),
+        pg_sys::UUIDOID,
+        |found| {
+            let mut rows = StoredRows {
+                flags: Vec::new(),
+                segments: Vec::new(),
+                version: None,
+            };
+            for row in 0..found.len() {
+                let key = found.get::<String>(row, 2).unwrap_or_default();
+                let definition = found.get::<String>(row, 3).unwrap_or_default();
+                match found.get::<String>(row, 1).as_deref() {
+                    Some("flag") => rows
+                        .flags
+                        .push((key, definition, found.get::<String>(row, 4))),
+                    Some("segment") => rows.segments.push((key, definition)),
+                    _ => rows.version = found.get::<i64>(row, 5),
                 }
-                Ok(rows)
-            },
-        )
-    })
+            }
+            rows
+        },
+    )
 }
 
 /// A stored row (`row_to_json`: plain json, no key sorting, the cheapest

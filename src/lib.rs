@@ -28,6 +28,7 @@ mod exposures;
 mod flags;
 mod imports;
 mod jsonb;
+mod statement_reads;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;

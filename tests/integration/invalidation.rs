@@ -144,3 +144,38 @@ fn a_rolled_back_version_is_not_served_when_the_number_comes_back() {
     assert_eq!(inside, text(&mut fresh, evaluate));
     assert!(!inside.contains("DISABLED"), "{inside}");
 }
+
+/// Found by review (#14): once a READ COMMITTED transaction has written,
+/// pgrx runs every query as a write, with a snapshot of its own, so a cache
+/// check in the middle of a statement saw a change committed after the
+/// statement began. The caches' reads now always run read-only, under the
+/// statement's snapshot.
+#[test]
+fn one_statement_of_a_writing_transaction_sees_one_configuration() {
+    let (mut writer, mut reader, org) = writer_and_reader("steady-writing");
+    let statement = std::thread::spawn(move || {
+        reader
+            .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+            .unwrap();
+        let answers = text(
+            &mut reader,
+            "SELECT (flagship.flagship_evaluate('f') ->> 'reason') || ' ' || \
+                    (SELECT pg_sleep(1.5))::text || ' ' || \
+                    (flagship.flagship_evaluate('f') ->> 'reason')",
+        );
+        (answers, reader)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    put_flag(&mut writer, &org, OFF);
+    let (answers, mut reader) = statement.join().unwrap();
+    assert_eq!(
+        answers, "STATIC  STATIC",
+        "the configuration changed mid-statement"
+    );
+    assert_eq!(
+        reason(&mut reader),
+        "DISABLED",
+        "the next statement missed it"
+    );
+    reader.batch_execute("COMMIT").unwrap();
+}
