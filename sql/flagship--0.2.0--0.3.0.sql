@@ -729,3 +729,14 @@ BEGIN
                               'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes));
 END
 $fn$;
+
+-- Functions that read this backend's key session, caches or exposure
+-- counts run in the leader only: a parallel worker has none of them and
+-- would answer for another context (#15).
+ALTER FUNCTION flagship.flagship_evaluate(text, jsonb, text) PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.flagship_enabled(text, jsonb, text) PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.flagship_evaluate_all(jsonb, text) PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.environment_id(text) PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.current_organization_id() PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.current_scopes() PARALLEL RESTRICTED;
+ALTER FUNCTION flagship.current_actor() PARALLEL RESTRICTED;

@@ -393,7 +393,7 @@ pub fn environment() -> Option<String> {
 
 /// The organization this session acts for, or NULL. RLS policies call it once
 /// per query (wrapped in a sub-select).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn current_organization_id() -> Option<pgrx::Uuid> {
     organization_id()
 }
@@ -446,7 +446,7 @@ pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
 }
 
 /// The scopes of the key this transaction authenticated with (NULL without one).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn current_scopes() -> Option<Vec<String>> {
     key_session().map(|session| session.scopes)
 }
@@ -455,7 +455,7 @@ pub fn current_scopes() -> Option<Vec<String>> {
 /// (`api_key:<key id>`), whatever the settings or claims say. Otherwise it
 /// is what the application claims: `flagship.actor`, else the JWT `sub`
 /// claim, else the database role (`acting_role`).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn current_actor() -> String {
     if let Some(key_id) = KEY_SESSION.with(|session| session.borrow().as_ref().map(|s| s.key_id)) {
         return format!("api_key:{key_id}");

@@ -579,7 +579,7 @@ fn resolve<R>(
 
 /// Evaluates one flag for a context. Never raises for a missing flag,
 /// environment or a malformed context: the result says what went wrong.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn flagship_evaluate(
     flag_key: Option<TextArg>,
     context: default!(Option<JsonbArg>, "'{}'"),
@@ -598,7 +598,7 @@ pub fn flagship_evaluate(
 
 /// True when the flag's value for this context is `true`; false for every
 /// other value and every error. Meant for WHERE clauses, views and policies.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn flagship_enabled(
     flag_key: Option<TextArg>,
     context: default!(Option<JsonbArg>, "'{}'"),
@@ -614,7 +614,7 @@ pub fn flagship_enabled(
 
 /// Every live flag of the environment for one context: `{key: details}`,
 /// what a client SDK needs to bootstrap.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn flagship_evaluate_all(
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
@@ -680,7 +680,7 @@ fn all_flags(
 /// session's `flagship.environment`), from the same per-backend cache that
 /// evaluation uses, so usage calls resolve it without a query. Unknown or
 /// ambiguous names raise 22023 naming them.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 pub fn environment_id(environment: Option<&str>) -> pgrx::Uuid {
     match snapshot_for(environment) {
         Ok((_, environment_id)) => environment_id,

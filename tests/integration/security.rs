@@ -467,3 +467,43 @@ fn usage_writers_run_with_a_pinned_search_path() {
         "record_usage=search_path=pg_catalog, pg_temp,set_usage=search_path=pg_catalog, pg_temp"
     );
 }
+
+/// Found by review (#15): evaluation was marked parallel safe, but a
+/// parallel worker has none of the leader's backend state (the key
+/// session, caches): forced into a worker, a key-mode evaluation answered
+/// as if no key had been presented. It now runs in the leader.
+#[test]
+fn key_mode_evaluation_is_never_handed_to_a_parallel_worker() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "parallel");
+    su.batch_execute(&format!(
+        "SET flagship.organization_id = '{org}';
+         SELECT flagship.put_flag('shop', '{{\"key\": \"f\", \"environments\": {{\"production\": {{\"enabled\": true}}}}}}');
+         RESET flagship.organization_id"
+    ))
+    .unwrap();
+    let key = text(
+        &mut su,
+        &format!("SELECT flagship.issue_api_key('{org}', 'reader', ARRAY['features:read'])"),
+    );
+    let mut session = connect();
+    session
+        .batch_execute(&format!(
+            "SET flagship.require_key = on; SET force_parallel_mode = on;
+             BEGIN; SELECT flagship.authenticate('{key}')"
+        ))
+        .unwrap();
+    let answer = text(
+        &mut session,
+        "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'reason'",
+    );
+    let organization = text(
+        &mut session,
+        "SELECT flagship.current_organization_id()::text",
+    );
+    session.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        (answer.as_str(), organization.as_str()),
+        ("STATIC", org.as_str())
+    );
+}
