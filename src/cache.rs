@@ -257,7 +257,7 @@ impl Checked {
 }
 
 /// Reads, once per signal, which organizations changed since the previous
-/// read: the organizations of the `cache_versions` rows whose last writer
+/// read (true when it read): the organizations of the `cache_versions` rows whose last writer
 /// is not older than the previous read's xmin. A check of an organization
 /// that is not among them still holds (`Checked::unchanged_since`).
 ///
@@ -271,7 +271,7 @@ impl Checked {
 /// (as conclusive checks do), and as the table's owner: another
 /// organization's rows are read only here, and only their organization ids
 /// leave the query, to this backend's cache and nowhere else.
-pub fn read_changes() {
+pub fn read_changes() -> bool {
     let configuration = configuration_signal();
     let entitlements = entitlement_signal();
     let last = LAST_CHANGE_READ.with(Cell::get);
@@ -283,7 +283,7 @@ pub fn read_changes() {
         None => configuration == 0 && entitlements == 0,
     };
     if unchanged {
-        return;
+        return false;
     }
     // The read runs under the statement's snapshot, and counts only when
     // that snapshot sees every change signalled so far (as conclusive
@@ -296,7 +296,7 @@ pub fn read_changes() {
         || !sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get))
         || !versioned()
     {
-        return;
+        return false;
     }
     let since = last.map(|read| read.horizon.to_string());
     let (horizon, changed) = as_versions_owner(|| {
@@ -321,7 +321,7 @@ pub fn read_changes() {
     });
     CHANGE_READS.with(|reads| reads.set(reads.get() + 1));
     let Ok(horizon) = horizon.parse::<u64>() else {
-        return;
+        return false;
     };
     TRACKED.with(|tracked| {
         let mut tracked = tracked.borrow_mut();
@@ -346,6 +346,7 @@ pub fn read_changes() {
             horizon,
         }))
     });
+    true
 }
 
 /// The first column of the first row of a read-only query, under the

@@ -41,12 +41,19 @@ fn snapshot_for(
     environment: Option<&str>,
 ) -> Result<(Rc<Snapshot>, pgrx::Uuid), (ErrorCode, String)> {
     cache::accept_invalidations();
-    cache::read_changes();
     let explicit = environment.map(str::trim).filter(|name| !name.is_empty());
     // The identity is copied only on a miss, before any query runs.
-    let recalled = RawIdentity::with_current(explicit, |identity| {
-        cache::recall(identity).ok_or_else(|| identity.to_key())
-    });
+    let recall = || {
+        RawIdentity::with_current(explicit, |identity| {
+            cache::recall(identity).ok_or_else(|| identity.to_key())
+        })
+    };
+    let mut recalled = recall();
+    // A miss after a signal may hold once the change read vouches for it:
+    // the read runs only then, off the path of a warm call.
+    if recalled.is_err() && cache::read_changes() {
+        recalled = recall();
+    }
     let resolved = match recalled {
         Ok(resolved) => resolved,
         Err(identity) => {
