@@ -73,13 +73,15 @@ SELECT flagship.isolate_tenant_table(t, 'features:write')
   FROM unnest(ARRAY['features', 'feature_rules', 'segments']) AS t;
 
 -- A feature_rules row as the environment object of a flag document: the one
--- shape the validator, the cache loader and export all read.
+-- shape the validator, the cache loader and export all read. STABLE, as
+-- jsonb_build_object is, and without a SET clause, so the planner inlines
+-- it: the cache loader calls it once per flag of every environment it
+-- compiles. It names only pg_catalog, so no search_path can change it.
 CREATE FUNCTION flagship.environment_config(config flagship.feature_rules) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $fn$
-    SELECT jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
-                              'rules', config.rules, 'default', config.default_serve)
+    SELECT pg_catalog.jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
+                                         'rules', config.rules, 'default', config.default_serve)
 $fn$;
 
 GRANT SELECT ON flagship.features, flagship.feature_rules, flagship.segments

@@ -740,3 +740,12 @@ ALTER FUNCTION flagship.environment_id(text) PARALLEL RESTRICTED;
 ALTER FUNCTION flagship.current_organization_id() PARALLEL RESTRICTED;
 ALTER FUNCTION flagship.current_scopes() PARALLEL RESTRICTED;
 ALTER FUNCTION flagship.current_actor() PARALLEL RESTRICTED;
+
+-- The cache loader reads a flag's environment through environment_config
+-- again, now inlined by the planner (#14, cold loads).
+CREATE OR REPLACE FUNCTION flagship.environment_config(config flagship.feature_rules) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+    SELECT pg_catalog.jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
+                                         'rules', config.rules, 'default', config.default_serve)
+$fn$;

@@ -183,12 +183,7 @@ impl Checked {
         };
         let organization = crate::context::organization_id().map(|id| *id.as_bytes());
         if let Some(organization) = organization {
-            WANTED.with(|wanted| {
-                let mut wanted = wanted.borrow_mut();
-                if wanted.len() < MAX_NAMES {
-                    wanted.insert(organization);
-                }
-            });
+            want(organization);
         }
         Checked {
             signal,
@@ -207,12 +202,7 @@ impl Checked {
     pub fn in_organization(self, organization: pgrx::Uuid) -> Checked {
         let organization = *organization.as_bytes();
         if self.organization != Some(organization) {
-            WANTED.with(|wanted| {
-                let mut wanted = wanted.borrow_mut();
-                if wanted.len() < MAX_NAMES {
-                    wanted.insert(organization);
-                }
-            });
+            want(organization);
         }
         Checked {
             organization: Some(organization),
@@ -254,6 +244,16 @@ impl Checked {
                 })
             })
     }
+}
+
+/// Tracks `organization` from the next change read on (`WANTED`).
+fn want(organization: [u8; 16]) {
+    WANTED.with(|wanted| {
+        let mut wanted = wanted.borrow_mut();
+        if wanted.len() < MAX_NAMES {
+            wanted.insert(organization);
+        }
+    });
 }
 
 /// Reads, once per signal, which organizations changed since the previous
@@ -434,8 +434,11 @@ fn sees_everything_since(next_at_signal: u32) -> bool {
 fn next_transaction_id() -> u32 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any
     // backend runs; an aligned u64 is read whole on the 64-bit platforms
-    // pgrx supports, and a value a moment old is an older id, which only
-    // makes `sees_everything_since` more cautious.
+    // pgrx supports. Read in the relcache callback, the value is past the
+    // sender's id: the sender took its id (under XidGenLock) before it
+    // queued the invalidation, and reading the queue takes its lock, so the
+    // store is visible here. `sees_everything_since` relies on that bound
+    // (an older value would make its xmax test too lenient).
     unsafe {
         let cache = pg_sys::ShmemVariableCache;
         if cache.is_null() {
@@ -925,14 +928,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
         forget_changes_if(unsafe { pg_sys::GetTopTransactionIdIfAny() });
         signal_for(pg_sys::InvalidOid);
     }
-    if matches!(
-        event,
-        pg_sys::XactEvent::XACT_EVENT_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_ABORT
-            | pg_sys::XactEvent::XACT_EVENT_PREPARE
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
-            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-    ) {
+    if crate::context::ends_transaction(event) {
         LOADED_WHILE_WRITING.with(|loaded| loaded.set(false));
     }
 }

@@ -133,17 +133,24 @@ unsafe extern "C-unwind" fn end_key_session(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
+    if ends_transaction(event) {
+        clear_key_session();
+    }
+}
+
+/// Whether a transaction callback's `event` ends the transaction (commit,
+/// abort or prepare, of a backend or of a parallel worker): where state
+/// that lives only as long as the transaction is let go.
+pub fn ends_transaction(event: pg_sys::XactEvent::Type) -> bool {
     use pg_sys::XactEvent::*;
-    if matches!(
+    matches!(
         event,
         XACT_EVENT_COMMIT
             | XACT_EVENT_ABORT
             | XACT_EVENT_PREPARE
             | XACT_EVENT_PARALLEL_COMMIT
             | XACT_EVENT_PARALLEL_ABORT
-    ) {
-        clear_key_session();
-    }
+    )
 }
 
 // Called only by PostgreSQL when a subtransaction (a savepoint, a PL/pgSQL

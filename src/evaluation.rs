@@ -214,9 +214,7 @@ fn rows_query() -> String {
     format!(
         "SELECT 'flag', f.key, \
                 row_to_json(f)::text, \
-                CASE WHEN r.feature_id IS NOT NULL THEN \
-                     json_build_object('enabled', r.enabled, 'targets', r.targets, \
-                                       'rules', r.rules, 'default', r.default_serve)::text END, \
+                CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END, \
                 NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \

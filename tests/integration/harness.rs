@@ -134,15 +134,21 @@ pub fn login_as(su: &mut Client, prefix: &str, groups: &[&str]) -> (String, Clie
     };
     su.batch_execute(&format!("CREATE ROLE {role} LOGIN{membership}"))
         .unwrap();
+    let database = text(su, "SELECT current_database()::text");
+    let client = connect_as(su, &role, &database);
+    (role, client)
+}
+
+/// A new connection to `database` of the server `su` is connected to, as
+/// `user` (the test server trusts local connections).
+pub fn connect_as(su: &mut Client, user: &str, database: &str) -> Client {
     let host = text(su, "SELECT current_setting('unix_socket_directories')");
     let port = text(su, "SELECT current_setting('port')");
-    let database = text(su, "SELECT current_database()::text");
-    let client = postgres::Config::new()
+    postgres::Config::new()
         .host(host.split(',').next().unwrap().trim())
         .port(port.parse().unwrap())
-        .user(&role)
-        .dbname(&database)
+        .user(user)
+        .dbname(database)
         .connect(postgres::NoTls)
-        .unwrap();
-    (role, client)
+        .unwrap()
 }

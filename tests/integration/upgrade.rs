@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use postgres::Client;
 
-use crate::harness::{connect, text, unique};
+use crate::harness::{connect, connect_as, text, unique};
 
 /// Versions whose install script is archived in `sql/archive/`; each needs
 /// an upgrade path to this one in `sql/`.
@@ -93,16 +93,8 @@ fn database(su: &mut Client, prefix: &str) -> (String, Client) {
     let name = unique(prefix).replace('-', "_");
     su.batch_execute(&format!("CREATE DATABASE {name}"))
         .unwrap();
-    let host = text(su, "SELECT current_setting('unix_socket_directories')");
-    let port = text(su, "SELECT current_setting('port')");
     let user = text(su, "SELECT current_user::text");
-    let client = postgres::Config::new()
-        .host(&host)
-        .port(port.parse().unwrap())
-        .user(&user)
-        .dbname(&name)
-        .connect(postgres::NoTls)
-        .unwrap();
+    let client = connect_as(su, &user, &name);
     (name, client)
 }
 
