@@ -395,6 +395,21 @@ fn an_anchor_detects_rewrites_deletions_and_wipes() {
                     "UPDATE flagship.audit_events SET actor = 'nobody' WHERE organization_id = '{org}' AND chain_seq = 1"
                 ))
                 .unwrap();
+                // No anchor is handed out for a chain that does not verify,
+                // and a malformed anchor is refused, naming the field.
+                assert_eq!(
+                    sqlstate(&mut su, &format!("SELECT flagship.audit_head('{org}')")),
+                    "XX001"
+                );
+                assert_eq!(
+                    sqlstate(
+                        &mut su,
+                        &format!(
+                            "SELECT flagship.verify_audit_chain('{org}', '{{\"seq\": \"one\"}}')"
+                        )
+                    ),
+                    "22023"
+                );
                 rehash(&mut su, &org);
             }
             "delete newest" => {
