@@ -17,10 +17,10 @@ use crate::encoded;
 use crate::entitlements::{self, Customer, EnvironmentEntitlements};
 use crate::exposures;
 use crate::jsonb::{Builder, BuiltJsonb, JsonbArg};
-use crate::rules::conditions::Attributes;
-use crate::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
-use crate::rules::engine::ErrorCode;
-use crate::rules::{Resolution, Snapshot};
+use flagship_engine::rules::conditions::Attributes;
+use flagship_engine::rules::document::{parse_environment_config, parse_flag_definition, parse_segment};
+use flagship_engine::rules::engine::ErrorCode;
+use flagship_engine::rules::{Resolution, Snapshot};
 
 /// `snapshot_for`, for evaluation: an API key must grant `features:read`.
 fn evaluation_snapshot(
@@ -180,14 +180,15 @@ fn load(environment_id: pgrx::Uuid) -> cache::Loaded {
         + rows
             .flags
             .iter()
-            .map(|(key, definition, config)| {
-                512 + 2 * (key.len() + definition.len() + config.as_ref().map_or(0, String::len))
+            .map(|flag| {
+                512 + 2 * (flag.definition.text_bytes
+                    + flag.config.as_ref().map_or(0, |config| config.text_bytes))
             })
             .sum::<usize>()
         + rows
             .segments
             .iter()
-            .map(|(key, definition)| 256 + 2 * (key.len() + definition.len()))
+            .map(|segment| 256 + 2 * segment.text_bytes)
             .sum::<usize>();
     let version = rows.version;
     cache::Loaded {
@@ -197,38 +198,98 @@ fn load(environment_id: pgrx::Uuid) -> cache::Loaded {
     }
 }
 
-/// One environment's stored documents, as text, one row per flag and per
-/// segment, so that a row that cannot be read fails alone.
+/// One environment's stored documents, one per flag and per segment, so
+/// that a row that cannot be read fails alone.
 struct StoredRows {
-    /// Key, flag-level definition, this environment's configuration.
-    flags: Vec<(String, String, Option<String>)>,
-    /// Key, definition.
-    segments: Vec<(String, String)>,
+    flags: Vec<StoredFlag>,
+    segments: Vec<StoredDocument>,
     /// The versions these rows were read at.
     version: Option<i64>,
 }
 
+/// A stored row as the document it stores (the columns that place it, and
+/// the timestamps, left out: documents do not have them).
+struct StoredDocument {
+    key: String,
+    document: Result<Value, String>,
+    /// The text read, for the cache's memory accounting.
+    text_bytes: usize,
+}
+
+struct StoredFlag {
+    definition: StoredDocument,
+    /// This environment's configuration, when it has one.
+    config: Option<StoredDocument>,
+}
+
+/// How a column of the loading statement becomes a document field.
+#[derive(Clone, Copy)]
+enum Column {
+    Text,
+    Boolean,
+    /// jsonb, read as its text.
+    Json,
+}
+
+/// The loading statement's columns, by position (1-based): a flag row
+/// (tag 'flag') uses 2-16, a segment row ('segment') 2, 4-6, 8 and 14, the
+/// version row ('version') 17. The tables' columns are read one by one,
+/// not as `row_to_json` of the row, which spent most of a cold load
+/// printing uuids and timestamps the documents do not have and escaping
+/// the jsonb text a second time.
+const FLAG_FIELDS: &[(&str, i32, Column)] = &[
+    ("key", 2, Column::Text),
+    ("kind", 3, Column::Text),
+    ("name", 4, Column::Text),
+    ("description", 5, Column::Text),
+    ("variants", 6, Column::Json),
+    ("off_variant", 7, Column::Text),
+    ("prerequisites", 8, Column::Json),
+    ("salt", 9, Column::Text),
+    ("archived", 10, Column::Boolean),
+    ("bucketing", 11, Column::Text),
+];
+/// Column 12 says whether the flag has a configuration row here.
+const HAS_CONFIG_COLUMN: i32 = 12;
+const CONFIG_FIELDS: &[(&str, i32, Column)] = &[
+    ("enabled", 13, Column::Boolean),
+    ("targets", 14, Column::Json),
+    ("rules", 15, Column::Json),
+    ("default", 16, Column::Json),
+];
+const SEGMENT_FIELDS: &[(&str, i32, Column)] = &[
+    ("key", 2, Column::Text),
+    ("name", 4, Column::Text),
+    ("description", 5, Column::Text),
+    ("included", 6, Column::Json),
+    ("excluded", 8, Column::Json),
+    ("conditions", 14, Column::Json),
+];
+const VERSION_COLUMN: i32 = 17;
+
 /// Every row one environment's evaluation needs, and its versions, in one
-/// statement, so that all of it comes from one snapshot.
+/// statement, so that all of it comes from one snapshot. Column positions:
+/// `FLAG_FIELDS`, `CONFIG_FIELDS`, `SEGMENT_FIELDS`, `VERSION_COLUMN`.
 fn rows_query() -> String {
     format!(
-        "SELECT 'flag', f.key, \
-                row_to_json(f)::text, \
-                CASE WHEN r.feature_id IS NOT NULL THEN flagship.environment_config(r)::text END, \
-                NULL::bigint \
+        "SELECT 'flag', f.key, f.kind, f.name, f.description, f.variants::text, f.off_variant, \
+                f.prerequisites::text, f.salt, f.archived, f.bucketing, \
+                r.feature_id IS NOT NULL, r.enabled, r.targets::text, r.rules::text, \
+                r.default_serve::text, NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
            LEFT JOIN flagship.feature_rules r \
              ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
           WHERE e.id = $1 \
          UNION ALL \
-         SELECT 'segment', s.key, \
-                row_to_json(s)::text, NULL, NULL \
+         SELECT 'segment', s.key, NULL, s.name, s.description, s.included::text, NULL, \
+                s.excluded::text, NULL, NULL, NULL, NULL, NULL, s.conditions::text, NULL, NULL, NULL \
            FROM flagship.environments e \
            JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
           WHERE e.id = $1 \
          UNION ALL \
-         SELECT 'version', NULL, NULL, NULL, {}",
+         SELECT 'version', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                NULL, NULL, NULL, {}",
         cache::configuration_version_sql("$1")
     )
 }
@@ -287,14 +348,18 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
                 version: None,
             };
             for row in 0..found.len() {
-                let key = found.get::<String>(row, 2).unwrap_or_default();
-                let definition = found.get::<String>(row, 3).unwrap_or_default();
                 match found.get::<String>(row, 1).as_deref() {
-                    Some("flag") => rows
-                        .flags
-                        .push((key, definition, found.get::<String>(row, 4))),
-                    Some("segment") => rows.segments.push((key, definition)),
-                    _ => rows.version = found.get::<i64>(row, 5),
+                    Some("flag") => rows.flags.push(StoredFlag {
+                        definition: stored_document(found, row, FLAG_FIELDS),
+                        config: found
+                            .get::<bool>(row, HAS_CONFIG_COLUMN)
+                            .unwrap_or(false)
+                            .then(|| stored_document(found, row, CONFIG_FIELDS)),
+                    }),
+                    Some("segment") => rows
+                        .segments
+                        .push(stored_document(found, row, SEGMENT_FIELDS)),
+                    _ => rows.version = found.get::<i64>(row, VERSION_COLUMN),
                 }
             }
             rows
@@ -302,23 +367,47 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
     )
 }
 
-/// A stored row (`row_to_json`: plain json, no key sorting, the cheapest
-/// text PostgreSQL makes of a row) as the document it stores: without the
-/// columns that place it, which the documents do not have.
-fn parse_stored_row(text: &str) -> Result<Value, String> {
-    let mut document = crate::jsonb::parse_document(text)?;
-    if let Value::Object(fields) = &mut document {
-        for placement in [
-            "organization_id",
-            "project_id",
-            "id",
-            "created_at",
-            "updated_at",
-        ] {
-            fields.remove(placement);
-        }
+/// Row `row`'s `fields` as a document object: a NULL column is a `null`
+/// field, as the documents were written.
+fn stored_document(
+    found: &statement_reads::Rows<'_>,
+    row: usize,
+    fields: &[(&str, i32, Column)],
+) -> StoredDocument {
+    let mut document = serde_json::Map::with_capacity(fields.len());
+    let mut text_bytes = 0;
+    let mut unreadable = None;
+    for &(field, column, kind) in fields {
+        let value = match kind {
+            Column::Boolean => found.get::<bool>(row, column).map(Value::Bool),
+            Column::Text => found.get::<String>(row, column).map(|text| {
+                text_bytes += text.len();
+                Value::String(text)
+            }),
+            Column::Json => found.get::<String>(row, column).and_then(|text| {
+                text_bytes += text.len();
+                match crate::jsonb::parse_document(&text) {
+                    Ok(value) => Some(value),
+                    Err(why) => {
+                        unreadable.get_or_insert(format!("its stored \"{field}\" {why}"));
+                        None
+                    }
+                }
+            }),
+        };
+        document.insert(field.to_string(), value.unwrap_or(Value::Null));
     }
-    Ok(document)
+    StoredDocument {
+        key: match document.get("key") {
+            Some(Value::String(key)) => key.clone(),
+            _ => String::new(),
+        },
+        document: match unreadable {
+            Some(why) => Err(why),
+            None => Ok(Value::Object(document)),
+        },
+        text_bytes,
+    }
 }
 
 /// Compiles one environment's stored documents. The validators refuse on
@@ -330,17 +419,19 @@ fn compile(rows: StoredRows) -> Snapshot {
     let mut unloadable: Vec<(String, String)> = Vec::new();
     let mut broken_segments: Vec<String> = Vec::new();
     let mut segments = Vec::new();
-    for (key, text) in rows.segments {
-        match parse_stored_row(&text)
+    for stored in rows.segments {
+        match stored
+            .document
             .and_then(|document| parse_segment(&document).map_err(|error| error.to_string()))
         {
             Ok(segment) => segments.push(segment),
-            Err(_) => broken_segments.push(key),
+            Err(_) => broken_segments.push(stored.key),
         }
     }
     let mut flags = Vec::new();
-    for (key, definition, config) in rows.flags {
-        match compile_flag(&definition, config.as_deref(), &broken_segments) {
+    for stored in rows.flags {
+        let key = stored.definition.key.clone();
+        match compile_flag(stored, &broken_segments) {
             Ok(flag) => flags.push(flag),
             Err(why) => unloadable.push((key, why)),
         }
@@ -353,24 +444,18 @@ fn compile(rows: StoredRows) -> Snapshot {
 }
 
 type LoadedFlag = (
-    crate::rules::document::FlagDefinition,
-    Option<crate::rules::document::EnvironmentConfig>,
+    flagship_engine::rules::document::FlagDefinition,
+    Option<flagship_engine::rules::document::EnvironmentConfig>,
 );
 
-fn compile_flag(
-    definition: &str,
-    config: Option<&str>,
-    broken_segments: &[String],
-) -> Result<LoadedFlag, String> {
-    let unreadable = |why: String| format!("its stored document {why}");
-    let definition = parse_stored_row(definition).map_err(unreadable)?;
+fn compile_flag(stored: StoredFlag, broken_segments: &[String]) -> Result<LoadedFlag, String> {
+    let definition = stored.definition.document?;
     let definition = parse_flag_definition(&definition).map_err(|error| error.to_string())?;
-    let config = match config {
+    let config = match stored.config {
         None => None,
-        Some(text) => {
-            let config = crate::jsonb::parse_document(text).map_err(unreadable)?;
+        Some(config) => {
             let config = parse_environment_config(
-                &config,
+                &config.document?,
                 &definition.variants,
                 definition.bucketing.unwrap_or_default(),
                 "",
@@ -700,7 +785,7 @@ pub fn environment_id(environment: Option<&str>) -> pgrx::Uuid {
 /// clients and DBAs check the frozen bucketing mapping.
 #[pg_extern(immutable, parallel_safe, strict)]
 pub fn bucket(salt: &str, value: &str) -> i32 {
-    crate::bucketing::bucket(salt, value) as i32
+    flagship_engine::bucketing::bucket(salt, value) as i32
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -1020,7 +1105,7 @@ mod tests {
             "unleash"
         );
         // The stored profile places subjects as Unleash does.
-        let expected = if crate::profiles::unleash_variant_target("42", "u", 3) <= 1 {
+        let expected = if flagship_engine::profiles::unleash_variant_target("42", "u", 3) <= 1 {
             "on"
         } else {
             "off"
@@ -1327,7 +1412,7 @@ mod tests {
         let broken = text("SELECT flagship.flagship_evaluate('broken')::text");
         assert_eq!(
             broken,
-            r#"{"key": "broken", "value": null, "reason": "ERROR", "variant": null, "error_code": "GENERAL", "error_message": "flag \"broken\" cannot be evaluated: its stored document nests deeper than 128 levels of JSON"}"#
+            r#"{"key": "broken", "value": null, "reason": "ERROR", "variant": null, "error_code": "GENERAL", "error_message": "flag \"broken\" cannot be evaluated: its stored \"variants\" nests deeper than 128 levels of JSON"}"#
         );
         assert_eq!(reason("healthy", "{}"), "STATIC");
         assert_eq!(
