@@ -37,7 +37,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::context::{IdentityKey, RawIdentity};
-use crate::rules::Snapshot;
+use flagship_engine::rules::Snapshot;
 use crate::statement_reads;
 
 /// Per organization (its uuid's bytes): when its entitlement version was last

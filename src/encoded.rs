@@ -13,7 +13,7 @@ use std::rc::Rc;
 use rustc_hash::FxBuildHasher;
 
 use crate::jsonb::BuiltJsonb;
-use crate::rules::{Reason, Resolution, Snapshot};
+use flagship_engine::rules::{Reason, Resolution, Snapshot};
 
 /// Identifies a result by where its parts live in the snapshot: the
 /// addresses stay valid, and unique, while the memo holds the snapshot.

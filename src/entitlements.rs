@@ -13,7 +13,7 @@ use rustc_hash::FxBuildHasher;
 use serde_json::Value;
 
 use crate::cache::{self, Stamped};
-use crate::rules::Entitlements;
+use flagship_engine::rules::Entitlements;
 
 /// One customer as plan-kind flags see it.
 pub struct Customer {

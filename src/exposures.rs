@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 use serde_json::json;
 
 use crate::jsonb::JsonbArg;
-use crate::rules::Resolution;
+use flagship_engine::rules::Resolution;
 
 static LOG_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 static COUNT_EXPOSURES: GucSetting<bool> = GucSetting::<bool>::new(false);

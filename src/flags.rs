@@ -8,12 +8,12 @@ use pgrx::JsonB;
 use crate::jsonb::DocumentArg;
 use serde_json::{json, Map, Value};
 
-use crate::bucketing::Profile;
+use flagship_engine::bucketing::Profile;
 use crate::errors::invalid_parameter;
-use crate::rules::document::{
+use flagship_engine::rules::document::{
     check_value_depth, parse_environment_config, parse_flag_document, parse_segment,
 };
-use crate::rules::ValidationError;
+use flagship_engine::rules::ValidationError;
 
 fn refuse(subject: &str, key: Option<&str>, error: ValidationError) -> ! {
     let hint = error

@@ -1,4 +1,4 @@
-//! The SQL face of the importers: translation in Rust (`crate::migration`),
+//! The SQL face of the importers: translation in Rust (`flagship_engine::migration`),
 //! storage through `put_flag` in `sql/migration.sql`, so imported flags pass
 //! the same validation, policies and audit as any other write.
 
@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::errors::{invalid_parameter, raise};
 use crate::jsonb::DocumentArg;
-use crate::migration::{growthbook, unleash, ImportError};
-use crate::rules::document::parse_conditions;
+use flagship_engine::migration::{growthbook, unleash, ImportError};
+use flagship_engine::rules::document::parse_conditions;
 
 fn refuse(source: &str, error: ImportError) -> ! {
     match error {

@@ -1,24 +1,15 @@
 //! FlagShip: feature flags, plan entitlements, usage limits, API keys and an
 //! audit trail inside PostgreSQL.
 //!
-//! The pure core (`rules`, `bucketing`, `profiles`, `periods`, `limits`) knows nothing of PostgreSQL and is
-//! tested with plain `cargo test`; the other modules are the thin pgrx shell
-//! around it. Tables, policies and grants live in `sql/`.
+//! The pure core is the `flagship-engine` crate (`engine/`), which knows
+//! nothing of PostgreSQL; the modules here are the pgrx shell around it.
+//! Tables, policies and grants live in `sql/`.
 
 use pgrx::prelude::*;
-
-pub mod bucketing;
-pub mod limits;
-pub mod migration;
-pub mod periods;
-pub mod profiles;
-pub mod rules;
 
 mod args;
 mod audit;
 mod cache;
-#[cfg(test)]
-mod conformance_cases;
 mod context;
 mod encoded;
 mod entitlements;

@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
 use crate::jsonb::BuiltJsonb;
-use crate::limits::{self, Facts, Reason, Terms};
-use crate::periods::{self, Period};
+use flagship_engine::limits::{self, Facts, Reason, Terms};
+use flagship_engine::periods::{self, Period};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
