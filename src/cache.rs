@@ -37,8 +37,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::context::{IdentityKey, RawIdentity};
+use crate::postgres::{backend, callbacks, statement_reads};
 use flagship_engine::rules::Snapshot;
-use crate::statement_reads;
 
 /// Per organization (its uuid's bytes): when its entitlement version was last
 /// confirmed, and the version seen then (`None`: the organization has none).
@@ -101,9 +101,7 @@ struct LoadStamp {
 
 impl LoadStamp {
     fn now() -> LoadStamp {
-        // SAFETY: reads the transaction's state; cannot raise.
-        let while_writing =
-            unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+        let while_writing = backend::top_transaction_id_if_any() != pg_sys::InvalidTransactionId;
         if while_writing {
             LOADED_WHILE_WRITING.with(|loaded| loaded.set(true));
         }
@@ -289,9 +287,7 @@ pub fn read_changes() -> bool {
     // that snapshot sees every change signalled so far (as conclusive
     // checks do). Under REPEATABLE READ and SERIALIZABLE the snapshot is the
     // transaction's: checks there answer for it alone, as without reads.
-    // SAFETY: reads a backend global; cannot raise.
-    let isolation = unsafe { pg_sys::XactIsoLevel };
-    if isolation >= pg_sys::XACT_REPEATABLE_READ as i32
+    if backend::snapshot_per_transaction()
         || !sees_everything_since(CONFIGURATION_SIGNALLED_AT.with(Cell::get))
         || !sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get))
         || !versioned()
@@ -374,33 +370,7 @@ fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
         .unwrap_or(pg_sys::InvalidOid);
         VERSIONS_OWNER.with(|cell| cell.set(owner));
     }
-    struct Restore(pg_sys::Oid, std::ffi::c_int);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: puts back the user and security context read below;
-            // a plain assignment of backend globals that cannot raise.
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
-    let mut user = pg_sys::InvalidOid;
-    let mut context: std::ffi::c_int = 0;
-    // SAFETY: reads and assigns backend globals; neither call can raise.
-    // The flags are PostgreSQL's for a temporary change of user (no SET
-    // ROLE possible meanwhile), a restricted operation (as maintenance
-    // commands run user code: no temporary objects, no session state) that
-    // does not force row-level security.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as std::ffi::c_int
-                | pg_sys::SECURITY_NOFORCE_RLS as std::ffi::c_int,
-        );
-    }
-    let _restore = Restore(user, context);
-    read()
+    backend::as_owner_without_forced_security(owner, read)
 }
 
 /// Whether the active snapshot sees every change signalled when the next
@@ -416,50 +386,12 @@ fn sees_everything_since(next_at_signal: u32) -> bool {
     if next_at_signal == 0 {
         return true;
     }
-    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
-    // the snapshot is only dereferenced when one is set.
-    let (xmin, xmax) = unsafe {
-        if !crate::unguarded::ActiveSnapshotSet() {
-            return false;
-        }
-        let snapshot = crate::unguarded::GetActiveSnapshot();
-        ((*snapshot).xmin, (*snapshot).xmax)
+    let Some((xmin, xmax)) = backend::active_snapshot_bounds() else {
+        return false;
     };
     // Transaction ids wrap around: compare as PostgreSQL does.
     let since = |xid: pg_sys::TransactionId| xid.into_inner().wrapping_sub(next_at_signal) as i32;
     since(xmin) >= 0 || since(xmax) > 0
-}
-
-/// The next transaction id to be assigned (its low 32 bits).
-fn next_transaction_id() -> u32 {
-    // SAFETY: ShmemVariableCache points to shared memory set up before any
-    // backend runs; an aligned u64 is read whole on the 64-bit platforms
-    // pgrx supports. Read in the relcache callback, the value is past the
-    // sender's id: the sender took its id (under XidGenLock) before it
-    // queued the invalidation, and reading the queue takes its lock, so the
-    // store is visible here. `sees_everything_since` relies on that bound
-    // (an older value would make its xmax test too lenient).
-    unsafe {
-        let cache = pg_sys::ShmemVariableCache;
-        if cache.is_null() {
-            u32::MAX
-        } else {
-            std::ptr::read_volatile(std::ptr::addr_of!((*cache).nextXid.value)) as u32
-        }
-    }
-}
-
-/// How many transactions have completed so far (procarray's counter).
-fn completions_now() -> u64 {
-    // SAFETY: as for next_transaction_id.
-    unsafe {
-        let cache = pg_sys::ShmemVariableCache;
-        if cache.is_null() {
-            0
-        } else {
-            std::ptr::read_volatile(std::ptr::addr_of!((*cache).xactCompletionCount))
-        }
-    }
 }
 
 /// What an environment name resolved to.
@@ -564,15 +496,10 @@ pub fn usage() -> (usize, usize, usize) {
 /// look again: a query filtering a million rows on a flag pays for the
 /// guarded call once. This backend's own changes arrive at its next command.
 pub fn accept_invalidations() {
-    // SAFETY: returns a backend global; it neither allocates nor raises.
-    let seen = (
-        unsafe { crate::unguarded::GetCurrentStatementStartTimestamp() },
-        completions_now(),
-    );
+    let seen = (backend::statement_start(), backend::completions_now());
     if ACCEPTED_AT.replace(seen) != seen {
-        // SAFETY: guarded; it runs our (guarded) relcache callback, which
-        // only bumps counters, and may raise on a broken invalidation queue.
-        unsafe { pg_sys::AcceptInvalidationMessages() };
+        // Runs our relcache callback, which only bumps counters.
+        backend::accept_invalidation_messages();
     }
 }
 
@@ -678,12 +605,7 @@ pub fn compiled(
 /// Whether this database has 0.3.0's version table (not before
 /// `ALTER EXTENSION flagship UPDATE` from 0.2.0).
 pub fn versioned() -> bool {
-    // SAFETY: guarded catalog lookups that answer InvalidOid when missing.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(c"flagship".as_ptr(), true);
-        schema != pg_sys::InvalidOid
-            && pg_sys::get_relname_relid(c"cache_versions".as_ptr(), schema) != pg_sys::InvalidOid
-    }
+    backend::relation_exists(c"flagship", c"cache_versions")
 }
 
 /// The SQL for the sum of the configuration versions of the environment
@@ -864,7 +786,7 @@ pub fn load_entitlement_document(
     // too large to read (written around the CHECK constraints) makes this
     // one customer unknown, with a warning, instead of raising inside an
     // evaluation.
-    let document = document.and_then(|text| match crate::jsonb::parse_document(&text) {
+    let document = document.and_then(|text| match crate::postgres::jsonb::parse_document(&text) {
         Ok(document) => Some(document),
         Err(why) => {
             pgrx::warning!(
@@ -883,12 +805,12 @@ pub fn watch_configuration(relation: pg_sys::Oid) {
 
 fn signal_configuration() {
     CONFIGURATION_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
-    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(next_transaction_id().max(1)));
+    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
 }
 
 fn signal_entitlements() {
     ENTITLEMENT_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
-    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(next_transaction_id().max(1)));
+    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
 }
 
 /// Signals what depends on `relation`: entitlements for their relation,
@@ -906,26 +828,13 @@ fn signal_for(relation: pg_sys::Oid) {
     }
 }
 
-// The three callbacks are called only by PostgreSQL, with the arguments its
-// callback types promise; #[pg_guard] turns a panic into an ERROR rather
-// than unwinding into C. They only bump counters.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    signal_for(relid);
-}
-
 /// An abort (of a transaction or a savepoint) may take back rows this
 /// backend compiled: everything is checked against the versions again.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+fn on_transaction_event(event: pg_sys::XactEvent::Type) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT
         || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
     {
-        // SAFETY: reads the aborting transaction's state; cannot raise.
-        forget_changes_if(unsafe { pg_sys::GetTopTransactionIdIfAny() });
+        forget_changes_if(backend::top_transaction_id_if_any());
         signal_for(pg_sys::InvalidOid);
     }
     if crate::context::ends_transaction(event) {
@@ -933,16 +842,13 @@ unsafe extern "C-unwind" fn on_transaction_event(
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_subtransaction_event(
+fn on_subtransaction_event(
     event: pg_sys::SubXactEvent::Type,
-    _subid: pg_sys::SubTransactionId,
+    _subtransaction: pg_sys::SubTransactionId,
     _parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        // SAFETY: reads the aborting subtransaction's state; cannot raise.
-        forget_changes_if(unsafe { pg_sys::GetCurrentTransactionIdIfAny() });
+        forget_changes_if(backend::current_transaction_id_if_any());
         signal_for(pg_sys::InvalidOid);
     }
 }
@@ -963,16 +869,9 @@ fn forget_changes_if(writer: pg_sys::TransactionId) {
 /// Registers the one relcache callback this library uses (a backend has
 /// only ten slots, shared by every extension) and the abort callbacks.
 pub fn register_callbacks() {
-    // SAFETY: called once from _PG_init, in the backend's main thread, with
-    // functions of the callback types PostgreSQL expects.
-    unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(
-            Some(on_relcache_invalidation),
-            pg_sys::Datum::from(0),
-        );
-        pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_event), std::ptr::null_mut());
-    }
+    callbacks::on_relation_invalidation(signal_for);
+    callbacks::on_transaction_event(on_transaction_event);
+    callbacks::on_subtransaction_event(on_subtransaction_event);
 }
 
 /// Called by the statement triggers on configuration tables (the function
@@ -981,9 +880,7 @@ pub fn register_callbacks() {
 /// names (`'flagship.features'::regclass`).
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn invalidate_cache(relation: pg_sys::Oid) {
-    // SAFETY: registers a relcache invalidation for the current transaction;
-    // PostgreSQL sends it to other backends at commit and drops it on abort.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
+    backend::invalidate_relation(relation);
     signal_for(relation);
 }
 
@@ -1008,78 +905,7 @@ pub fn cache_usage() -> pgrx::JsonB {
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
-    use pgrx::prelude::*;
-
-    use crate::test_support::{organization_with_shop, text};
-
-    fn usage(field: &str) -> i64 {
-        text(&format!("SELECT flagship.cache_usage() ->> '{field}'"))
-            .parse()
-            .unwrap()
-    }
-
-    /// Bug of #14: every spelling of an environment compiled a copy of its
-    /// own (40 spellings of a 10 MB variant took a backend to 431 MB).
-    #[pg_test]
-    fn one_compiled_copy_per_environment_however_it_is_named() {
-        organization_with_shop("spell", "Spell");
-        Spi::run(
-            r#"SELECT flagship.put_flag('shop', '{"key": "f", "environments": {"production": {"enabled": true}}}')"#,
-        )
-        .unwrap();
-        let id = text(
-            "SELECT e.id::text FROM flagship.environments e JOIN flagship.projects p ON p.id = e.project_id \
-              WHERE p.key = 'shop' AND e.key = 'production' \
-                AND e.organization_id = flagship.current_organization_id()",
-        );
-        let before = usage("environments");
-        let loads = usage("loads");
-        for name in [
-            "shop/production".to_string(),
-            format!("{}/shop/production", text("SELECT slug FROM flagship.organizations WHERE id = flagship.current_organization_id()")),
-            id.clone(),
-            id.to_uppercase(),
-            " shop/production ".to_string(),
-        ] {
-            assert_eq!(
-                text(&format!("SELECT flagship.flagship_evaluate('f', '{{}}', '{name}') ->> 'reason'")),
-                "STATIC",
-                "{name}"
-            );
-        }
-        assert_eq!(usage("environments"), before + 1);
-        assert_eq!(usage("loads"), loads + 1);
-    }
-
-    /// Bug of #14: past 256 environments the cache started over and then
-    /// reloaded on every call. Now it drops the least recently used within
-    /// flagship.cache_size, and answers stay exact through evictions.
-    #[pg_test]
-    fn eviction_under_the_memory_limit_keeps_answers_exact() {
-        organization_with_shop("evict", "Evict");
-        Spi::run("SET LOCAL flagship.cache_size = 64").unwrap();
-        let projects = 24;
-        for i in 0..projects {
-            Spi::run(&format!(
-                r#"SELECT flagship.create_project(flagship.current_organization_id(), 'p{i}', 'P{i}');
-                   SELECT flagship.put_flag('p{i}', '{{"key": "which", "kind": "multivariate", "off_variant": "v",
-                       "variants": {{"v": "project {i}"}}, "environments": {{"production": {{"enabled": true}}}}}}')"#
-            ))
-            .unwrap();
-        }
-        for round in 0..3 {
-            for i in 0..projects {
-                assert_eq!(
-                    text(&format!(
-                        "SELECT flagship.flagship_evaluate('which', '{{}}', 'p{i}/production') ->> 'value'"
-                    )),
-                    format!("project {i}"),
-                    "round {round}"
-                );
-            }
-            let bytes = usage("bytes");
-            assert!(bytes <= 64 * 1024 + 16 * 1024, "{bytes} bytes held");
-        }
-        assert!(usage("environments") < projects, "nothing was evicted");
-    }
+    // In a file of its own to keep this one short; #[pg_schema] needs the
+    // module inline.
+    include!("cache/tests.rs");
 }

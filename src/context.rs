@@ -4,8 +4,9 @@
 //! RLS turns into "no rows" rather than an error.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 
+use crate::postgres::{backend, callbacks, settings};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
@@ -50,8 +51,7 @@ pub fn key_session() -> Option<KeySession> {
 /// Makes `session` the transaction's key context, remembering what it
 /// replaces until the current subtransaction ends.
 fn replace_key_session(session: Option<KeySession>) {
-    // SAFETY: reads a backend global; cannot raise.
-    let in_subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let in_subtransaction = backend::current_subtransaction_id();
     let previous = KEY_SESSION.with(|current| current.replace(session));
     REPLACED.with(|replaced| {
         replaced.borrow_mut().push(Replaced {
@@ -126,13 +126,8 @@ pub fn bound_environment() -> Option<pgrx::Uuid> {
     KEY_SESSION.with(|session| session.borrow().as_ref().and_then(|s| s.environment))
 }
 
-// Called only by PostgreSQL at transaction end; #[pg_guard] turns a panic
-// into an ERROR rather than unwinding into C. Clears thread-locals.
-#[pg_guard]
-unsafe extern "C-unwind" fn end_key_session(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+/// At transaction end: the key session lives as long as the transaction.
+fn end_key_session(event: pg_sys::XactEvent::Type) {
     if ends_transaction(event) {
         clear_key_session();
     }
@@ -153,16 +148,13 @@ pub fn ends_transaction(event: pg_sys::XactEvent::Type) -> bool {
     )
 }
 
-// Called only by PostgreSQL when a subtransaction (a savepoint, a PL/pgSQL
-// exception block) ends. An authentication made inside a subtransaction
-// that rolls back is undone with it; one that commits now belongs to the
-// parent.
-#[pg_guard]
-unsafe extern "C-unwind" fn end_key_subtransaction(
+/// When a subtransaction (a savepoint, a PL/pgSQL exception block) ends:
+/// an authentication made inside one that rolls back is undone with it;
+/// one that commits now belongs to the parent.
+fn end_key_subtransaction(
     event: pg_sys::SubXactEvent::Type,
     subtransaction: pg_sys::SubTransactionId,
     parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
     REPLACED.with(|replaced| {
@@ -210,12 +202,8 @@ pub fn register_settings() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    // SAFETY: called once from _PG_init; the callbacks are plain functions
-    // that live as long as the library.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(end_key_session), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(end_key_subtransaction), std::ptr::null_mut());
-    }
+    callbacks::on_transaction_event(end_key_session);
+    callbacks::on_subtransaction_event(end_key_subtransaction);
     GucRegistry::define_string_guc(
         c"flagship.actor",
         c"Who is making configuration changes, for the audit trail.",
@@ -235,15 +223,7 @@ fn setting_text(setting: &GucSetting<Option<CString>>) -> Option<String> {
 
 /// A claim from `request.jwt.claims`, as PostgREST and Supabase set it.
 fn jwt_claim(claim: &str) -> Option<String> {
-    // SAFETY: GetConfigOption with missing_ok returns NULL or a valid C string
-    // owned by the GUC machinery, which we copy before anything can change it.
-    let raw = unsafe {
-        let ptr = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
-        if ptr.is_null() {
-            return None;
-        }
-        CStr::from_ptr(ptr).to_string_lossy().into_owned()
-    };
+    let raw = settings::text(c"request.jwt.claims")?;
     if raw.trim().is_empty() {
         return None;
     }
@@ -251,25 +231,6 @@ fn jwt_claim(claim: &str) -> Option<String> {
     match claims.get(claim)? {
         serde_json::Value::String(text) if !text.trim().is_empty() => Some(text.clone()),
         _ => None,
-    }
-}
-
-/// The raw text of a string setting, borrowed from the GUC machinery. The
-/// GUC machinery frees a value when the setting changes, which only SQL can
-/// do; the borrow is only used inside `RawIdentity::with_current`, whose
-/// closure cannot keep it.
-fn setting_bytes<'a>(setting: &GucSetting<Option<CString>>) -> &'a [u8] {
-    // SAFETY: `as_ptr` points to the setting's current value, NULL or a
-    // NUL-terminated string owned by the GUC machinery; it stays allocated
-    // until the setting is next assigned, which cannot happen while
-    // `with_current` compares it (no SQL runs there).
-    unsafe {
-        let raw = *setting.as_ptr();
-        if raw.is_null() {
-            &[]
-        } else {
-            CStr::from_ptr(raw).to_bytes()
-        }
     }
 }
 
@@ -319,43 +280,34 @@ impl RawIdentity<'_> {
                 .map(|session| *session.organization.as_bytes())
         });
         let require_key = REQUIRE_KEY.get();
-        let organization = if authenticated.is_some() || require_key {
-            &[][..]
-        } else {
-            let raw = setting_bytes(&ORGANIZATION_ID);
-            if raw.iter().all(u8::is_ascii_whitespace) {
+        settings::with_borrowed(|settings| {
+            let organization = if authenticated.is_some() || require_key {
                 &[][..]
             } else {
-                raw
-            }
-        };
-        let claims = if organization.is_empty() && authenticated.is_none() && !require_key {
-            // SAFETY: GetConfigOption with missing_ok returns NULL or the
-            // setting's current value, owned by the GUC machinery and valid
-            // as long as `setting_bytes`'s borrows are.
-            unsafe {
-                let raw = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
-                if raw.is_null() {
+                let raw = settings.ours(&ORGANIZATION_ID);
+                if raw.iter().all(u8::is_ascii_whitespace) {
                     &[][..]
                 } else {
-                    CStr::from_ptr(raw).to_bytes()
+                    raw
                 }
-            }
-        } else {
-            &[]
-        };
-        let identity = RawIdentity {
-            // SAFETY: GetUserId returns a backend global; it cannot raise.
-            user: unsafe { crate::unguarded::GetUserId() },
-            authenticated,
-            require_key,
-            organization,
-            claims,
-            environment: environment
-                .map(str::as_bytes)
-                .unwrap_or_else(|| setting_bytes(&ENVIRONMENT)),
-        };
-        inspect(&identity)
+            };
+            let claims = if organization.is_empty() && authenticated.is_none() && !require_key {
+                settings.named(c"request.jwt.claims")
+            } else {
+                &[]
+            };
+            let identity = RawIdentity {
+                user: backend::user_id(),
+                authenticated,
+                require_key,
+                organization,
+                claims,
+                environment: environment
+                    .map(str::as_bytes)
+                    .unwrap_or_else(|| settings.ours(&ENVIRONMENT)),
+            };
+            inspect(&identity)
+        })
     }
 
     pub fn to_key(&self) -> IdentityKey {
@@ -478,12 +430,7 @@ pub fn current_actor() -> String {
 /// owner, still name whoever called them.
 #[pg_extern(stable, parallel_restricted)]
 pub fn acting_role() -> String {
-    // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises (inside
-    // pgrx's guard, as a panic) for a dropped role.
-    unsafe {
-        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
-        CStr::from_ptr(name).to_string_lossy().into_owned()
-    }
+    backend::outer_user_name()
 }
 
 /// The API key this transaction authenticated with (NULL without one).

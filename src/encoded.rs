@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use rustc_hash::FxBuildHasher;
 
-use crate::jsonb::BuiltJsonb;
+use crate::postgres::jsonb::BuiltJsonb;
 use flagship_engine::rules::{Reason, Resolution, Snapshot};
 
 /// Identifies a result by where its parts live in the snapshot: the

@@ -8,7 +8,6 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::rc::Rc;
 
-use pgrx::prelude::*;
 use rustc_hash::FxBuildHasher;
 use serde_json::Value;
 
@@ -81,8 +80,7 @@ pub struct EnvironmentEntitlements {
 
 impl Entitlements for EnvironmentEntitlements {
     fn grants(&self, customer: &str, flag: &str) -> bool {
-        // SAFETY: reads the statement's start time, a backend global.
-        let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        let now = crate::postgres::backend::statement_start();
         let now_epoch = (now + crate::usage::POSTGRES_EPOCH_MICROS) as f64 / 1_000_000.0;
         self::customer(self.environment, customer)
             .is_some_and(|found| found.grants(flag, now_epoch))

@@ -15,7 +15,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use serde_json::json;
 
-use crate::jsonb::JsonbArg;
+use crate::postgres::jsonb::JsonbArg;
+use crate::postgres::settings;
 use flagship_engine::rules::Resolution;
 
 static LOG_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
@@ -82,10 +83,8 @@ fn draw() -> f64 {
 /// both features are off.
 #[inline(always)]
 pub fn observe(environment: pgrx::Uuid, resolution: &Resolution, context: Option<&JsonbArg>) {
-    // SAFETY: the settings are plain values PostgreSQL writes on this, the
-    // backend's only thread; reading the cells directly skips pgrx's
-    // thread check, which costs more than the rest of this function.
-    let (count_exposures, rate) = unsafe { (*COUNT_EXPOSURES.as_ptr(), *LOG_RATE.as_ptr()) };
+    let count_exposures = settings::plain(&COUNT_EXPOSURES);
+    let rate = settings::plain(&LOG_RATE);
     if count_exposures || rate > 0.0 {
         record(environment, resolution, context, count_exposures, rate);
     }

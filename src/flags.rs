@@ -5,11 +5,11 @@
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::jsonb::DocumentArg;
+use crate::postgres::jsonb::DocumentArg;
 use serde_json::{json, Map, Value};
 
-use flagship_engine::bucketing::Profile;
 use crate::errors::invalid_parameter;
+use flagship_engine::bucketing::Profile;
 use flagship_engine::rules::document::{
     check_value_depth, parse_environment_config, parse_flag_document, parse_segment,
 };

@@ -7,7 +7,7 @@ use pgrx::JsonB;
 use serde_json::Value;
 
 use crate::errors::{invalid_parameter, raise};
-use crate::jsonb::DocumentArg;
+use crate::postgres::jsonb::DocumentArg;
 use flagship_engine::migration::{growthbook, unleash, ImportError};
 use flagship_engine::rules::document::parse_conditions;
 

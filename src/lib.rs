@@ -5,9 +5,12 @@
 //! nothing of PostgreSQL; the modules here are the pgrx shell around it.
 //! Tables, policies and grants live in `sql/`.
 
+// Only `postgres` (the FFI boundary) may write `unsafe`: the compiler
+// holds that, not a convention.
+#![deny(unsafe_code)]
+
 use pgrx::prelude::*;
 
-mod args;
 mod audit;
 mod cache;
 mod context;
@@ -18,12 +21,10 @@ mod evaluation;
 mod exposures;
 mod flags;
 mod imports;
-mod jsonb;
-mod statement_reads;
+mod postgres;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;
-mod unguarded;
 mod usage;
 
 ::pgrx::pg_module_magic!(name, version);

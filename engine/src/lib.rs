@@ -11,6 +11,8 @@
 //!
 //! `cargo test -p flagship-engine` runs all of it without a database.
 
+#![forbid(unsafe_code)]
+
 pub mod bucketing;
 pub mod limits;
 pub mod migration;

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{connect, organization, sqlstate};
 
-#[path = "../../src/conformance_cases.rs"]
+#[path = "../../engine/src/conformance_cases.rs"]
 mod conformance_cases;
 
 fn quote(text: &str) -> String {

@@ -91,7 +91,7 @@ impl JsonbArg<'_> {
         let mut found = MaybeUninit::<pg_sys::JsonbValue>::uninit();
         // SAFETY: the key is passed with its length, so it need not be
         // NUL-terminated; the result is either NULL or `found`.
-        let result = crate::unguarded::getKeyJsonValueFromContainer(
+        let result = crate::postgres::unguarded::getKeyJsonValueFromContainer(
             self.root(),
             key.as_ptr().cast::<c_char>(),
             key.len() as c_int,
@@ -280,7 +280,7 @@ impl FromDatum for JsonbArg<'_> {
     }
 }
 
-crate::args::arg_from_datum!(JsonbArg<'fcx>);
+crate::postgres::args::arg_from_datum!(JsonbArg<'fcx>);
 
 impl_sql_translatable!(JsonbArg<'_>, arg_only = "jsonb");
 
@@ -594,7 +594,7 @@ impl FromDatum for DocumentArg<'_> {
     }
 }
 
-crate::args::arg_from_datum!(DocumentArg<'fcx>);
+crate::postgres::args::arg_from_datum!(DocumentArg<'fcx>);
 
 impl_sql_translatable!(DocumentArg<'_>, arg_only = "jsonb");
 
@@ -602,116 +602,7 @@ impl_sql_translatable!(DocumentArg<'_>, arg_only = "jsonb");
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
-    use std::ffi::CString;
-
-    use pgrx::prelude::*;
-    use proptest::prelude::*;
-    use serde_json::Value;
-
-    use super::{BuiltJsonb, JsonbArg};
-    use crate::test_support::generated::{self, same_json};
-
-    /// A jsonb datum parsed by PostgreSQL from JSON text.
-    fn jsonb_from_text(text: &str) -> pg_sys::Datum {
-        let text = CString::new(text).expect("generated text has no NUL");
-        // SAFETY: jsonb_in takes a NUL-terminated string and returns a new
-        // jsonb in the current memory context (or raises, guarded).
-        unsafe {
-            pgrx::direct_function_call_as_datum(
-                pg_sys::jsonb_in,
-                &[Some(pg_sys::Datum::from(text.as_ptr()))],
-            )
-        }
-        .expect("jsonb_in returns a value")
-    }
-
-    fn arg<'a>(datum: pg_sys::Datum) -> JsonbArg<'a> {
-        // SAFETY: a jsonb datum that lives in the test's memory context.
-        unsafe { JsonbArg::from_polymorphic_datum(datum, false, pg_sys::InvalidOid) }
-            .expect("not null")
-    }
-
-    /// Runs each case in a memory context of its own, freed after it.
-    fn in_own_context<R>(case: impl FnOnce() -> R) -> R {
-        // SAFETY: the case's allocations are used only inside it.
-        unsafe { pgrx::PgMemoryContexts::new("flagship test case").switch_to(|_| case()) }
-    }
-
-    #[pg_test]
-    fn the_binary_reader_agrees_with_serde_json() {
-        let slot = std::cell::RefCell::new(Value::String("a previous call's buffer".into()));
-        let cases = (
-            generated::members(),
-            prop::collection::vec(generated::key(), 0..4),
-        );
-        generated::runner(10_000, "jsonb reader")
-            .run(&cases, |(members, probes)| {
-                let text = generated::object_text(&members);
-                let reference: Value = serde_json::from_str(&text).expect("generated JSON");
-                let reference = reference.as_object().expect("an object");
-                in_own_context(|| {
-                    let slot = &mut *slot.borrow_mut();
-                    let context = arg(jsonb_from_text(&text));
-                    prop_assert!(context.is_object());
-                    for key in members.iter().map(|(key, _)| key).chain(&probes) {
-                        let found = context.read_into(key, slot);
-                        match reference.get(key) {
-                            Some(expected) => prop_assert!(
-                                found && same_json(slot, expected),
-                                "key {key:?}: read {slot} (found: {found}), expected {expected} in {text}"
-                            ),
-                            None => prop_assert!(!found, "absent key {key:?} found in {text}"),
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .unwrap();
-    }
-
-    #[pg_test]
-    fn the_reader_refuses_what_is_not_an_object() {
-        generated::runner(2_000, "jsonb reader, non-objects")
-            .run(&generated::value(), |value| {
-                in_own_context(|| {
-                    let context = arg(jsonb_from_text(&value.to_string()));
-                    prop_assert_eq!(context.is_object(), value.is_object());
-                    if !value.is_object() {
-                        let mut slot = Value::Null;
-                        prop_assert!(!context.read_into("k1", &mut slot));
-                    }
-                    Ok(())
-                })
-            })
-            .unwrap();
-    }
-
-    #[pg_test]
-    fn the_builders_agree_with_serde_json() {
-        let documents = prop_oneof![
-            generated::value(),
-            generated::scalar(),
-            // Objects of scalars take the one-call flat_object path.
-            prop::collection::vec((generated::key(), generated::scalar()), 0..200)
-                .prop_map(|pairs| Value::Object(pairs.into_iter().collect())),
-            generated::members().prop_map(|pairs| Value::Object(pairs.into_iter().collect())),
-        ];
-        generated::runner(10_000, "jsonb builders")
-            .run(&documents, |value| {
-                in_own_context(|| {
-                    let expected = arg(jsonb_from_text(&value.to_string())).to_text();
-                    let built = BuiltJsonb::from_value(&value);
-                    prop_assert_eq!(
-                        arg(built.0).to_text(),
-                        expected.clone(),
-                        "built from {}",
-                        value
-                    );
-                    let copied = BuiltJsonb::from_bytes(&built.to_bytes());
-                    prop_assert_eq!(arg(copied.0).to_text(), expected);
-                    Ok(())
-                })
-            })
-            .unwrap();
-    }
+    // In a file of its own to keep this one short; #[pg_schema] needs the
+    // module inline.
+    include!("jsonb/tests.rs");
 }

@@ -1,0 +1,164 @@
+//! The backend's own state, read and changed through safe functions:
+//! who is running, which transaction, what the active snapshot sees, and
+//! the invalidation queue. Each wraps one C call or one global.
+
+use std::ffi::{c_int, CStr};
+
+use pgrx::pg_sys;
+
+use super::unguarded;
+
+/// The current user id.
+pub fn user_id() -> pg_sys::Oid {
+    // SAFETY: GetUserId returns a backend global; it cannot raise.
+    unsafe { unguarded::GetUserId() }
+}
+
+/// The name of the session's outer user: whoever called, outside any
+/// SECURITY DEFINER function.
+pub fn outer_user_name() -> String {
+    // SAFETY: GetUserNameFromId returns a palloc'd copy, or raises (inside
+    // pgrx's guard, as a panic) for a dropped role.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// When the current top-level statement started.
+pub fn statement_start() -> pg_sys::TimestampTz {
+    // SAFETY: returns a backend global; it neither allocates nor raises.
+    unsafe { unguarded::GetCurrentStatementStartTimestamp() }
+}
+
+/// When the transaction started: `now()`.
+pub fn transaction_start() -> pg_sys::TimestampTz {
+    // SAFETY: reads the transaction start time, a backend global.
+    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
+}
+
+/// The top-level transaction's id, InvalidTransactionId until it writes.
+pub fn top_transaction_id_if_any() -> pg_sys::TransactionId {
+    // SAFETY: reads the transaction's state; cannot raise.
+    unsafe { pg_sys::GetTopTransactionIdIfAny() }
+}
+
+/// The current (sub)transaction's id, InvalidTransactionId until it writes.
+pub fn current_transaction_id_if_any() -> pg_sys::TransactionId {
+    // SAFETY: reads the transaction's state; cannot raise.
+    unsafe { pg_sys::GetCurrentTransactionIdIfAny() }
+}
+
+/// The current subtransaction's id (the top level's outside savepoints).
+pub fn current_subtransaction_id() -> pg_sys::SubTransactionId {
+    // SAFETY: reads a backend global; cannot raise.
+    unsafe { pg_sys::GetCurrentSubTransactionId() }
+}
+
+/// Whether the transaction keeps one snapshot (REPEATABLE READ or
+/// SERIALIZABLE) rather than taking one per statement.
+pub fn snapshot_per_transaction() -> bool {
+    // SAFETY: reads a backend global; cannot raise.
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+/// The active snapshot's xmin and xmax, if a snapshot is active.
+pub fn active_snapshot_bounds() -> Option<(pg_sys::TransactionId, pg_sys::TransactionId)> {
+    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
+    // the snapshot is only dereferenced when one is set.
+    unsafe {
+        if !unguarded::ActiveSnapshotSet() {
+            return None;
+        }
+        let snapshot = unguarded::GetActiveSnapshot();
+        Some(((*snapshot).xmin, (*snapshot).xmax))
+    }
+}
+
+/// The next transaction id to be assigned (its low 32 bits).
+pub fn next_transaction_id() -> u32 {
+    // SAFETY: ShmemVariableCache points to shared memory set up before any
+    // backend runs; an aligned u64 is read whole on the 64-bit platforms
+    // pgrx supports. Read in the relcache callback, the value is past the
+    // sender's id: the sender took its id (under XidGenLock) before it
+    // queued the invalidation, and reading the queue takes its lock, so the
+    // store is visible here. `cache::sees_everything_since` relies on that
+    // bound (an older value would make its xmax test too lenient).
+    unsafe {
+        let cache = pg_sys::ShmemVariableCache;
+        if cache.is_null() {
+            u32::MAX
+        } else {
+            std::ptr::read_volatile(std::ptr::addr_of!((*cache).nextXid.value)) as u32
+        }
+    }
+}
+
+/// How many transactions have completed so far (procarray's counter).
+pub fn completions_now() -> u64 {
+    // SAFETY: as for next_transaction_id.
+    unsafe {
+        let cache = pg_sys::ShmemVariableCache;
+        if cache.is_null() {
+            0
+        } else {
+            std::ptr::read_volatile(std::ptr::addr_of!((*cache).xactCompletionCount))
+        }
+    }
+}
+
+/// Reads the invalidation queue: other sessions' committed catalog and
+/// relcache changes, which run the registered callbacks.
+pub fn accept_invalidation_messages() {
+    // SAFETY: guarded; it runs the (guarded) registered callbacks and may
+    // raise on a broken invalidation queue.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+}
+
+/// Queues a relcache invalidation of `relation` for the current
+/// transaction: other backends receive it at commit; an abort drops it.
+pub fn invalidate_relation(relation: pg_sys::Oid) {
+    // SAFETY: guarded; registers an invalidation for this transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
+}
+
+/// Whether `schema`.`relation` exists.
+pub fn relation_exists(schema: &CStr, relation: &CStr) -> bool {
+    // SAFETY: guarded catalog lookups that answer InvalidOid when missing.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        schema != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(relation.as_ptr(), schema) != pg_sys::InvalidOid
+    }
+}
+
+/// Runs `read` as `owner` with row-level security not forced, as
+/// PostgreSQL's own foreign-key checks do, inside a restricted operation
+/// (no temporary objects, no session state, no SET ROLE), then becomes the
+/// caller again: also when `read` raises, since the restore runs while
+/// unwinding (and an aborted transaction restores the user itself).
+pub fn as_owner_without_forced_security<R>(owner: pg_sys::Oid, read: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back the user and security context read below;
+            // a plain assignment of backend globals that cannot raise.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut user = pg_sys::InvalidOid;
+    let mut context: c_int = 0;
+    // SAFETY: reads and assigns backend globals; neither call can raise.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as c_int
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as c_int
+                | pg_sys::SECURITY_NOFORCE_RLS as c_int,
+        );
+    }
+    let _restore = Restore(user, context);
+    read()
+}
