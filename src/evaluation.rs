@@ -18,10 +18,9 @@ use crate::exposures;
 use crate::postgres::args::TextArg;
 use crate::postgres::jsonb::{Builder, BuiltJsonb, JsonbArg};
 use flagship_engine::rules::conditions::Attributes;
-use flagship_engine::rules::document::{
-    parse_environment_config, parse_flag_definition, parse_segment,
-};
+use flagship_engine::rules::document::{parse_flag_definition, parse_segment};
 use flagship_engine::rules::engine::ErrorCode;
+use flagship_engine::rules::environment_config::parse_environment_config;
 use flagship_engine::rules::{Resolution, Snapshot};
 
 /// `snapshot_for`, for evaluation: an API key must grant `features:read`.
@@ -275,7 +274,7 @@ const VERSION_COLUMN: i32 = 17;
 fn rows_query() -> String {
     format!(
         "SELECT 'flag', f.key, f.kind, f.name, f.description, f.variants::text, f.off_variant, \
-                f.prerequisites::text, f.salt, f.archived, f.bucketing, \
+                f.prerequisites::text, f.salt, f.archived, {bucketing}, \
                 r.feature_id IS NOT NULL, r.enabled, r.targets::text, r.rules::text, \
                 r.default_serve::text, NULL::bigint \
            FROM flagship.environments e \
@@ -291,8 +290,16 @@ fn rows_query() -> String {
           WHERE e.id = $1 \
          UNION ALL \
          SELECT 'version', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                NULL, NULL, NULL, {}",
-        cache::configuration_version_sql("$1")
+                NULL, NULL, NULL, {version}",
+        // 0.1.0's features table has no bucketing column: until the SQL is
+        // updated, the column is read by name from the row, where a missing
+        // one is NULL.
+        bucketing = if cache::versioned() {
+            "f.bucketing"
+        } else {
+            "row_to_json(f) ->> 'bucketing'"
+        },
+        version = cache::configuration_version_sql("$1")
     )
 }
 
@@ -448,7 +455,7 @@ fn compile(rows: StoredRows) -> Snapshot {
 
 type LoadedFlag = (
     flagship_engine::rules::document::FlagDefinition,
-    Option<flagship_engine::rules::document::EnvironmentConfig>,
+    Option<flagship_engine::rules::environment_config::EnvironmentConfig>,
 );
 
 fn compile_flag(stored: StoredFlag, broken_segments: &[String]) -> Result<LoadedFlag, String> {

@@ -10,9 +10,9 @@ use serde_json::{json, Map, Value};
 
 use crate::errors::invalid_parameter;
 use flagship_engine::bucketing::Profile;
-use flagship_engine::rules::document::{
-    check_value_depth, parse_environment_config, parse_flag_document, parse_segment,
-};
+use flagship_engine::rules::condition_documents::check_value_depth;
+use flagship_engine::rules::document::{parse_flag_document, parse_segment};
+use flagship_engine::rules::environment_config::parse_environment_config;
 use flagship_engine::rules::ValidationError;
 
 fn refuse(subject: &str, key: Option<&str>, error: ValidationError) -> ! {

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::errors::{invalid_parameter, raise};
 use crate::postgres::jsonb::DocumentArg;
 use flagship_engine::migration::{growthbook, unleash, ImportError};
-use flagship_engine::rules::document::parse_conditions;
+use flagship_engine::rules::condition_documents::parse_conditions;
 
 fn refuse(source: &str, error: ImportError) -> ! {
     match error {

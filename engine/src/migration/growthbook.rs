@@ -9,9 +9,9 @@
 use serde_json::{json, Map, Value};
 
 use super::ImportError;
+use crate::rules::condition_documents::{nesting_depth, MAX_CONDITION_DEPTH};
 use crate::rules::conditions::padded_version;
 use crate::rules::criteria::ELEMENT;
-use crate::rules::document::{nesting_depth, MAX_CONDITION_DEPTH};
 
 type Result<T> = std::result::Result<T, ImportError>;
 

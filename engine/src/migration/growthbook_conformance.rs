@@ -4,8 +4,8 @@
 use serde_json::{Map, Value};
 
 use super::growthbook::translate_condition;
+use crate::rules::condition_documents::parse_conditions;
 use crate::rules::criteria::all_hold;
-use crate::rules::document::parse_conditions;
 
 /// Translates and evaluates one case; Err says why it could not run.
 pub fn evaluate_case(

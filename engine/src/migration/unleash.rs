@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::ImportError;
 use crate::rules::conditions::parse_network;
-use crate::rules::document::is_valid_key;
+use crate::rules::fields::is_valid_key;
 
 /// Unleash's variant for "no variant"; the off variant of imported
 /// multivariate flags.

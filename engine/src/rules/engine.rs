@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 
 use super::conditions::{lookup_path, Attributes};
 use super::criteria::{all_hold, Criterion};
-use super::document::{EnvironmentConfig, FlagDefinition, Kind, Sample, SegmentDefinition, Serve};
+use super::document::{FlagDefinition, Kind, SegmentDefinition};
+use super::environment_config::{EnvironmentConfig, Sample, Serve};
 use crate::bucketing::{self, Profile};
 
 /// How deep prerequisite chains may go; writes refuse cycles, this guards

@@ -2,13 +2,17 @@
 //! compiled environments and evaluation. No PostgreSQL here, so all of it is
 //! tested with plain `cargo test`.
 
+pub mod condition_documents;
 pub mod conditions;
 pub mod criteria;
 pub mod document;
 pub mod engine;
+pub mod environment_config;
+pub mod fields;
 
 #[cfg(test)]
 mod tests;
 
-pub use document::{parse_flag_definition, parse_flag_document, parse_segment, ValidationError};
+pub use document::{parse_flag_definition, parse_flag_document, parse_segment};
 pub use engine::{Entitlements, NoEntitlements, Reason, Resolution, Snapshot};
+pub use fields::ValidationError;
