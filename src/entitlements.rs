@@ -81,7 +81,8 @@ pub struct EnvironmentEntitlements {
 impl Entitlements for EnvironmentEntitlements {
     fn grants(&self, customer: &str, flag: &str) -> bool {
         let now = crate::postgres::backend::statement_start();
-        let now_epoch = (now + crate::usage::POSTGRES_EPOCH_MICROS) as f64 / 1_000_000.0;
+        let now_epoch =
+            (now + crate::postgres::backend::POSTGRES_EPOCH_MICROS) as f64 / 1_000_000.0;
         self::customer(self.environment, customer)
             .is_some_and(|found| found.grants(flag, now_epoch))
     }

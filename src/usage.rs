@@ -21,12 +21,10 @@ use serde_json::{json, Value};
 
 use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
+use crate::postgres::backend;
 use crate::postgres::jsonb::BuiltJsonb;
 use flagship_engine::limits::{self, Facts, Reason, Terms};
 use flagship_engine::periods::{self, Period};
-
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-pub const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// Larger amounts are mistakes, not usage.
 const MAX_AMOUNT: i64 = 1_000_000_000_000;
@@ -36,12 +34,12 @@ fn to_chrono(at: TimestampWithTimeZone, name: &str) -> DateTime<Utc> {
         invalid_parameter(format!("{name} must be a finite timestamp"), None);
     }
     let micros = pg_sys::TimestampTz::from(at);
-    DateTime::from_timestamp_micros(micros + POSTGRES_EPOCH_MICROS)
+    DateTime::from_timestamp_micros(micros + backend::POSTGRES_EPOCH_MICROS)
         .unwrap_or_else(|| invalid_parameter(format!("{name} is out of range"), None))
 }
 
 fn to_postgres(at: DateTime<Utc>) -> TimestampWithTimeZone {
-    TimestampWithTimeZone::try_from(at.timestamp_micros() - POSTGRES_EPOCH_MICROS)
+    TimestampWithTimeZone::try_from(at.timestamp_micros() - backend::POSTGRES_EPOCH_MICROS)
         .unwrap_or_else(|_| invalid_parameter("period bound is out of range", None))
 }
 
@@ -112,8 +110,8 @@ fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
 
 /// `now()`: the transaction's start, as every other time in the transaction.
 fn transaction_now() -> DateTime<Utc> {
-    let now = crate::postgres::backend::transaction_start();
-    DateTime::from_timestamp_micros(now + POSTGRES_EPOCH_MICROS).expect("now is in range")
+    let now = backend::transaction_start();
+    DateTime::from_timestamp_micros(now + backend::POSTGRES_EPOCH_MICROS).expect("now is in range")
 }
 
 fn check_amount(amount: Option<i64>, field: &str) -> i64 {

@@ -47,7 +47,7 @@ impl FromDatum for TextArg<'_> {
             varlena::vardata_any(value).cast::<u8>(),
             varlena::varsize_any_exhdr(value),
         );
-        Some(TextArg(if crate::postgres::jsonb::database_is_utf8() {
+        Some(TextArg(if super::backend::database_is_utf8() {
             // SAFETY: PostgreSQL validated the text against the UTF-8
             // database encoding.
             Cow::Borrowed(std::str::from_utf8_unchecked(bytes))

@@ -162,3 +162,22 @@ pub fn as_owner_without_forced_security<R>(owner: pg_sys::Oid, read: impl FnOnce
     let _restore = Restore(user, context);
     read()
 }
+
+thread_local! {
+    static DATABASE_IS_UTF8: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
+pub fn database_is_utf8() -> bool {
+    DATABASE_IS_UTF8.with(|cell| {
+        // SAFETY: GetDatabaseEncoding returns a backend global set at
+        // connection; it cannot raise.
+        *cell.get_or_init(|| unsafe {
+            pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32
+        })
+    })
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for
+/// turning a `TimestampTz` into Unix time.
+pub const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;

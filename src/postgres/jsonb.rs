@@ -187,7 +187,7 @@ unsafe fn find_key<'a>(container: *const pg_sys::JsonbContainer, key: &[u8]) -> 
 /// Copies jsonb string bytes into `slot`, overwriting the slot's previous
 /// string in place, so a warm slot converts without allocating.
 fn copy_string_into(bytes: &[u8], slot: &mut Value) {
-    let text = if database_is_utf8() {
+    let text = if super::backend::database_is_utf8() {
         // SAFETY: PostgreSQL validated the text against the UTF-8 database
         // encoding when the jsonb was built.
         std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(bytes) })
@@ -232,21 +232,6 @@ unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
         }
         _ => Value::Null,
     }
-}
-
-thread_local! {
-    static DATABASE_IS_UTF8: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
-}
-
-/// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
-pub fn database_is_utf8() -> bool {
-    DATABASE_IS_UTF8.with(|cell| {
-        // SAFETY: GetDatabaseEncoding returns a backend global set at
-        // connection; it cannot raise.
-        *cell.get_or_init(|| unsafe {
-            pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32
-        })
-    })
 }
 
 impl FromDatum for JsonbArg<'_> {
