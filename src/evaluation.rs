@@ -17,7 +17,7 @@ use crate::exposures;
 use crate::postgres::args::TextArg;
 use crate::postgres::jsonb::{Builder, BuiltJsonb, JsonbArg};
 use flagship_engine::rules::conditions::Attributes;
-use flagship_engine::rules::engine::ErrorCode;
+use flagship_engine::rules::resolution::ErrorCode;
 use flagship_engine::rules::{Resolution, Snapshot};
 
 mod loading;

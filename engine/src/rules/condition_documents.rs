@@ -3,11 +3,12 @@
 
 use serde_json::Value;
 
-use super::conditions::{Condition, IfMissing, Operator};
+use super::conditions::Condition;
 use super::criteria::{ArrayTest, Criterion};
 use super::fields::{
     join, object, optional_bool, optional_string, refuse_unknown_fields, Result, ValidationError,
 };
+use super::operators::{IfMissing, Operator};
 
 const CONDITION_FIELDS: &[&str] = &[
     "attribute",

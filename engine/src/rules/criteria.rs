@@ -107,7 +107,7 @@ impl Criterion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::conditions::Operator;
+    use crate::rules::operators::Operator;
     use serde_json::json;
 
     fn leaf(attribute: &str, op: Operator, values: Value) -> Criterion {

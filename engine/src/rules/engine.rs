@@ -3,137 +3,22 @@
 //! context check, environment switch, prerequisites, plan entitlement,
 //! individual targets, rules in order, default.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use rustc_hash::FxBuildHasher;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::conditions::{lookup_path, Attributes};
+use super::conditions::Attributes;
 use super::criteria::{all_hold, Criterion};
 use super::document::{FlagDefinition, Kind, SegmentDefinition};
 use super::environment_config::{EnvironmentConfig, Sample, Serve};
-use crate::bucketing::{self, Profile};
+use super::placement::{scalar_text, targeting_key, CompiledSample, Placement};
+use super::resolution::{Entitlements, ErrorCode, Reason, Resolution};
+use crate::bucketing;
 
 /// How deep prerequisite chains may go; writes refuse cycles, this guards
 /// evaluation against anything that slipped past them.
 const MAX_PREREQUISITE_DEPTH: usize = 16;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Static,
-    Default,
-    TargetingMatch,
-    Split,
-    Disabled,
-    PrerequisiteFailed,
-    NotEntitled,
-    Error,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Static => "STATIC",
-            Reason::Default => "DEFAULT",
-            Reason::TargetingMatch => "TARGETING_MATCH",
-            Reason::Split => "SPLIT",
-            Reason::Disabled => "DISABLED",
-            Reason::PrerequisiteFailed => "PREREQUISITE_FAILED",
-            Reason::NotEntitled => "NOT_ENTITLED",
-            Reason::Error => "ERROR",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    FlagNotFound,
-    EnvironmentNotFound,
-    InvalidContext,
-    TypeMismatch,
-    General,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::FlagNotFound => "FLAG_NOT_FOUND",
-            ErrorCode::EnvironmentNotFound => "ENVIRONMENT_NOT_FOUND",
-            ErrorCode::InvalidContext => "INVALID_CONTEXT",
-            ErrorCode::TypeMismatch => "TYPE_MISMATCH",
-            ErrorCode::General => "GENERAL",
-        }
-    }
-}
-
-static NULL: Value = Value::Null;
-
-/// The outcome of one evaluation, shaped like OpenFeature's resolution
-/// details. It borrows from the compiled snapshot, so answering costs no
-/// allocation unless something went wrong.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resolution<'a> {
-    pub key: &'a str,
-    pub value: &'a Value,
-    pub variant: Option<&'a str>,
-    pub reason: Reason,
-    pub rule: Option<&'a str>,
-    pub error: Option<(ErrorCode, String)>,
-}
-
-impl<'a> Resolution<'a> {
-    pub fn error(key: &'a str, code: ErrorCode, message: impl Into<String>) -> Resolution<'a> {
-        Resolution {
-            key,
-            value: &NULL,
-            variant: None,
-            reason: Reason::Error,
-            rule: None,
-            error: Some((code, message.into())),
-        }
-    }
-
-    pub fn to_json(&self) -> Value {
-        let mut out = Map::with_capacity(7);
-        out.insert("key".into(), Value::String(self.key.to_string()));
-        out.insert("value".into(), self.value.clone());
-        out.insert(
-            "variant".into(),
-            self.variant
-                .map(|variant| Value::String(variant.to_string()))
-                .unwrap_or(Value::Null),
-        );
-        out.insert("reason".into(), Value::String(self.reason.as_str().into()));
-        if let Some(rule) = &self.rule {
-            out.insert("rule".into(), Value::String(rule.to_string()));
-        }
-        if let Some((code, message)) = &self.error {
-            out.insert("error_code".into(), Value::String(code.as_str().into()));
-            out.insert("error_message".into(), Value::String(message.clone()));
-        }
-        Value::Object(out)
-    }
-
-    /// The boolean reading `flagship_enabled` gives: only a true value is on.
-    pub fn is_enabled(&self) -> bool {
-        *self.value == Value::Bool(true)
-    }
-}
-
-/// Answers whether a customer's plan or overrides grant a plan-kind flag.
-pub trait Entitlements {
-    fn grants(&self, customer: &str, flag: &str) -> bool;
-}
-
-/// Until plans are connected, nobody is entitled to anything.
-pub struct NoEntitlements;
-
-impl Entitlements for NoEntitlements {
-    fn grants(&self, _customer: &str, _flag: &str) -> bool {
-        false
-    }
-}
 
 #[derive(Debug)]
 enum CompiledServe {
@@ -148,94 +33,6 @@ enum CompiledServe {
         placement: Placement,
         unplaced: Option<usize>,
     },
-}
-
-#[derive(Debug)]
-enum BucketBy {
-    TargetingKey,
-    Attribute(String, Vec<String>),
-}
-
-/// How a subject is placed: which attributes identify it (the first present
-/// wins), under which salt, with whose hash.
-#[derive(Debug)]
-struct Placement {
-    bucket_by: Vec<BucketBy>,
-    salt: String,
-    flag_key: String,
-    profile: Profile,
-}
-
-impl Placement {
-    fn new(
-        bucket_by: &[String],
-        salt: Option<&String>,
-        flag_key: &str,
-        profile: Profile,
-    ) -> Placement {
-        Placement {
-            bucket_by: bucket_by
-                .iter()
-                .map(|attribute| match attribute.as_str() {
-                    "targeting_key" | "key" => BucketBy::TargetingKey,
-                    attribute => BucketBy::Attribute(
-                        attribute.to_string(),
-                        attribute.split('.').map(str::to_string).collect(),
-                    ),
-                })
-                .collect(),
-            salt: salt.cloned().unwrap_or_else(|| flag_key.to_string()),
-            flag_key: flag_key.to_string(),
-            profile,
-        }
-    }
-
-    /// The value the subject is bucketed by, if the context has one.
-    fn subject<'c>(
-        &self,
-        attributes: &'c dyn Attributes,
-        targeting_key: Option<&'c str>,
-    ) -> Option<Cow<'c, str>> {
-        self.bucket_by.iter().find_map(|bucket_by| match bucket_by {
-            BucketBy::TargetingKey => targeting_key.map(Cow::Borrowed),
-            BucketBy::Attribute(name, path) => scalar_text(lookup_path(attributes, name, path)?),
-        })
-    }
-
-    fn context_keys(&self) -> impl Iterator<Item = &str> {
-        self.bucket_by
-            .iter()
-            .flat_map(|bucket_by| match bucket_by {
-                BucketBy::TargetingKey => [None, None],
-                BucketBy::Attribute(attribute, path) => {
-                    [Some(attribute.as_str()), Some(path[0].as_str())]
-                }
-            })
-            .flatten()
-    }
-}
-
-#[derive(Debug)]
-struct CompiledSample {
-    percent: u32,
-    placement: Placement,
-}
-
-impl CompiledSample {
-    fn admits(&self, attributes: &dyn Attributes, targeting_key: Option<&str>) -> bool {
-        // A subject the context cannot identify is outside every partial
-        // sample (Unleash would draw it at random; evaluation stays
-        // deterministic) and inside a full one only if identified.
-        let Some(subject) = self.placement.subject(attributes, targeting_key) else {
-            return false;
-        };
-        let position = self.placement.profile.sample_position(
-            &self.placement.flag_key,
-            &self.placement.salt,
-            &subject,
-        );
-        position < self.percent
-    }
 }
 
 #[derive(Debug)]
@@ -730,22 +527,6 @@ impl CompiledFlag {
             error: None,
         }
     }
-}
-
-fn scalar_text(value: &Value) -> Option<Cow<'_, str>> {
-    match value {
-        Value::String(text) => Some(Cow::Borrowed(text)),
-        Value::Number(number) => Some(Cow::Owned(number.to_string())),
-        _ => None,
-    }
-}
-
-/// The subject's identity: `targeting_key`, else `key`.
-pub fn targeting_key(attributes: &dyn Attributes) -> Option<Cow<'_, str>> {
-    attributes
-        .get("targeting_key")
-        .and_then(scalar_text)
-        .or_else(|| attributes.get("key").and_then(scalar_text))
 }
 
 fn pick_slot(

@@ -9,10 +9,14 @@ pub mod document;
 pub mod engine;
 pub mod environment_config;
 pub mod fields;
+pub mod operators;
+pub mod placement;
+pub mod resolution;
 
 #[cfg(test)]
 mod tests;
 
 pub use document::{parse_flag_definition, parse_flag_document, parse_segment};
-pub use engine::{Entitlements, NoEntitlements, Reason, Resolution, Snapshot};
+pub use engine::Snapshot;
 pub use fields::ValidationError;
+pub use resolution::{Entitlements, NoEntitlements, Reason, Resolution};

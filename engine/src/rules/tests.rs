@@ -3,7 +3,8 @@
 use serde_json::{json, Value};
 
 use super::document::parse_flag_document;
-use super::engine::{ErrorCode, Reason, Resolution, Snapshot};
+use super::engine::Snapshot;
+use super::resolution::{ErrorCode, Reason, Resolution};
 use super::{parse_segment, Entitlements, NoEntitlements};
 
 fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
