@@ -116,73 +116,117 @@ enum Column {
     Json,
 }
 
-/// The loading statement's columns, by position (1-based): a flag row
-/// (tag 'flag') uses 2-16, a segment row ('segment') 2, 4-6, 8 and 14, the
-/// version row ('version') 17. The tables' columns are read one by one,
-/// not as `row_to_json` of the row, which spent most of a cold load
-/// printing uuids and timestamps the documents do not have and escaping
-/// the jsonb text a second time.
-const FLAG_FIELDS: &[(&str, i32, Column)] = &[
-    ("key", 2, Column::Text),
-    ("kind", 3, Column::Text),
-    ("name", 4, Column::Text),
-    ("description", 5, Column::Text),
-    ("variants", 6, Column::Json),
-    ("off_variant", 7, Column::Text),
-    ("prerequisites", 8, Column::Json),
-    ("salt", 9, Column::Text),
-    ("archived", 10, Column::Boolean),
-    ("bucketing", 11, Column::Text),
+impl Column {
+    /// The typed NULL a row that does not fill this column selects, so the
+    /// branches of the UNION agree on every column's type.
+    fn null(self) -> &'static str {
+        match self {
+            Column::Boolean => "NULL::boolean",
+            Column::Text | Column::Json => "NULL::text",
+        }
+    }
+}
+
+/// A document field, the SQL that reads it, and how.
+struct Field {
+    name: &'static str,
+    sql: &'static str,
+    kind: Column,
+}
+
+const fn field(name: &'static str, sql: &'static str, kind: Column) -> Field {
+    Field { name, sql, kind }
+}
+
+/// The tables' columns are read one by one, not as `row_to_json` of the
+/// row, which spent most of a cold load printing uuids and timestamps the
+/// documents do not have and escaping the jsonb text a second time.
+const FLAG_FIELDS: &[Field] = &[
+    field("key", "f.key", Column::Text),
+    field("kind", "f.kind", Column::Text),
+    field("name", "f.name", Column::Text),
+    field("description", "f.description", Column::Text),
+    field("variants", "f.variants::text", Column::Json),
+    field("off_variant", "f.off_variant", Column::Text),
+    field("prerequisites", "f.prerequisites::text", Column::Json),
+    field("salt", "f.salt", Column::Text),
+    field("archived", "f.archived", Column::Boolean),
+    field("bucketing", "f.bucketing", Column::Text),
 ];
-/// Column 12 says whether the flag has a configuration row here.
-const HAS_CONFIG_COLUMN: i32 = 12;
-const CONFIG_FIELDS: &[(&str, i32, Column)] = &[
-    ("enabled", 13, Column::Boolean),
-    ("targets", 14, Column::Json),
-    ("rules", 15, Column::Json),
-    ("default", 16, Column::Json),
+/// Whether the flag has a configuration row in this environment.
+const HAS_CONFIG: &[Field] = &[field("", "r.feature_id IS NOT NULL", Column::Boolean)];
+const CONFIG_FIELDS: &[Field] = &[
+    field("enabled", "r.enabled", Column::Boolean),
+    field("targets", "r.targets::text", Column::Json),
+    field("rules", "r.rules::text", Column::Json),
+    field("default", "r.default_serve::text", Column::Json),
 ];
-const SEGMENT_FIELDS: &[(&str, i32, Column)] = &[
-    ("key", 2, Column::Text),
-    ("name", 4, Column::Text),
-    ("description", 5, Column::Text),
-    ("included", 6, Column::Json),
-    ("excluded", 8, Column::Json),
-    ("conditions", 14, Column::Json),
+const SEGMENT_FIELDS: &[Field] = &[
+    field("key", "s.key", Column::Text),
+    field("name", "s.name", Column::Text),
+    field("description", "s.description", Column::Text),
+    field("included", "s.included::text", Column::Json),
+    field("excluded", "s.excluded::text", Column::Json),
+    field("conditions", "s.conditions::text", Column::Json),
 ];
-const VERSION_COLUMN: i32 = 17;
+
+/// The loading statement's columns after the row's tag, block by block: a
+/// row fills its own blocks and selects NULL for the others. The statement
+/// and the reader both take positions from this one list, so they cannot
+/// drift apart. The version column follows the last block.
+const BLOCKS: [&[Field]; 4] = [FLAG_FIELDS, HAS_CONFIG, CONFIG_FIELDS, SEGMENT_FIELDS];
+const FLAG_BLOCK: usize = 0;
+const HAS_CONFIG_BLOCK: usize = 1;
+const CONFIG_BLOCK: usize = 2;
+const SEGMENT_BLOCK: usize = 3;
+const VERSION_BLOCK: usize = BLOCKS.len();
+
+/// The position (1-based) of block `block`'s first column.
+fn first_column(block: usize) -> i32 {
+    let before: usize = BLOCKS[..block].iter().map(|fields| fields.len()).sum();
+    2 + before as i32
+}
+
+/// A row's tag and its block columns: the `filled` blocks read, the others
+/// NULL. 0.1.0's features table has no bucketing column: until the SQL is
+/// updated (no version table yet), that column is read by name from the
+/// row, where a missing one is NULL.
+fn select_list(tag: &str, filled: &[usize]) -> String {
+    let mut columns = vec![format!("'{tag}'")];
+    for (block, fields) in BLOCKS.iter().enumerate() {
+        for field in *fields {
+            columns.push(if !filled.contains(&block) {
+                field.kind.null().to_string()
+            } else if field.name == "bucketing" && !cache::versioned() {
+                "row_to_json(f) ->> 'bucketing'".to_string()
+            } else {
+                field.sql.to_string()
+            });
+        }
+    }
+    columns.join(", ")
+}
 
 /// Every row one environment's evaluation needs, and its versions, in one
-/// statement, so that all of it comes from one snapshot. Column positions:
-/// `FLAG_FIELDS`, `CONFIG_FIELDS`, `SEGMENT_FIELDS`, `VERSION_COLUMN`.
+/// statement, so that all of it comes from one snapshot. Columns: `BLOCKS`.
 fn rows_query() -> String {
     format!(
-        "SELECT 'flag', f.key, f.kind, f.name, f.description, f.variants::text, f.off_variant, \
-                f.prerequisites::text, f.salt, f.archived, {bucketing}, \
-                r.feature_id IS NOT NULL, r.enabled, r.targets::text, r.rules::text, \
-                r.default_serve::text, NULL::bigint \
+        "SELECT {flag}, NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
            LEFT JOIN flagship.feature_rules r \
              ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
           WHERE e.id = $1 \
          UNION ALL \
-         SELECT 'segment', s.key, NULL, s.name, s.description, s.included::text, NULL, \
-                s.excluded::text, NULL, NULL, NULL, NULL, NULL, s.conditions::text, NULL, NULL, NULL \
+         SELECT {segment}, NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
           WHERE e.id = $1 \
          UNION ALL \
-         SELECT 'version', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                NULL, NULL, NULL, {version}",
-        // 0.1.0's features table has no bucketing column: until the SQL is
-        // updated, the column is read by name from the row, where a missing
-        // one is NULL.
-        bucketing = if cache::versioned() {
-            "f.bucketing"
-        } else {
-            "row_to_json(f) ->> 'bucketing'"
-        },
+         SELECT {version_row}, {version}",
+        flag = select_list("flag", &[FLAG_BLOCK, HAS_CONFIG_BLOCK, CONFIG_BLOCK]),
+        segment = select_list("segment", &[SEGMENT_BLOCK]),
+        version_row = select_list("version", &[]),
         version = cache::configuration_version_sql("$1")
     )
 }
@@ -243,17 +287,17 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
             for row in 0..found.len() {
                 match found.get::<String>(row, 1).as_deref() {
                     Some("flag") => rows.flags.push(StoredFlag {
-                        definition: stored_document(found, row, FLAG_FIELDS),
+                        definition: stored_document(found, row, FLAG_BLOCK),
                         config: found
-                            .get::<bool>(row, HAS_CONFIG_COLUMN)
+                            .get::<bool>(row, first_column(HAS_CONFIG_BLOCK))
                             .unwrap_or(false)
-                            .then(|| stored_document(found, row, CONFIG_FIELDS)),
+                            .then(|| stored_document(found, row, CONFIG_BLOCK)),
                     }),
                     Some("segment") => {
                         rows.segments
-                            .push(stored_document(found, row, SEGMENT_FIELDS))
+                            .push(stored_document(found, row, SEGMENT_BLOCK))
                     }
-                    _ => rows.version = found.get::<i64>(row, VERSION_COLUMN),
+                    _ => rows.version = found.get::<i64>(row, first_column(VERSION_BLOCK)),
                 }
             }
             rows
@@ -261,18 +305,15 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
     )
 }
 
-/// Row `row`'s `fields` as a document object: a NULL column is a `null`
-/// field, as the documents were written.
-fn stored_document(
-    found: &statement_reads::Rows<'_>,
-    row: usize,
-    fields: &[(&str, i32, Column)],
-) -> StoredDocument {
+/// Row `row`'s block `block` as a document object: a NULL column is a
+/// `null` field, as the documents were written.
+fn stored_document(found: &statement_reads::Rows<'_>, row: usize, block: usize) -> StoredDocument {
+    let fields = BLOCKS[block];
     let mut document = serde_json::Map::with_capacity(fields.len());
     let mut text_bytes = 0;
     let mut unreadable = None;
-    for &(field, column, kind) in fields {
-        let value = match kind {
+    for (column, field) in (first_column(block)..).zip(fields) {
+        let value = match field.kind {
             Column::Boolean => found.get::<bool>(row, column).map(Value::Bool),
             Column::Text => found.get::<String>(row, column).map(|text| {
                 text_bytes += text.len();
@@ -283,13 +324,13 @@ fn stored_document(
                 match crate::postgres::jsonb::parse_document(&text) {
                     Ok(value) => Some(value),
                     Err(why) => {
-                        unreadable.get_or_insert(format!("its stored \"{field}\" {why}"));
+                        unreadable.get_or_insert(format!("its stored \"{}\" {why}", field.name));
                         None
                     }
                 }
             }),
         };
-        document.insert(field.to_string(), value.unwrap_or(Value::Null));
+        document.insert(field.name.to_string(), value.unwrap_or(Value::Null));
     }
     StoredDocument {
         key: match document.get("key") {
