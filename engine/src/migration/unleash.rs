@@ -9,13 +9,18 @@
 //! unknown operator, `IN []`, an invalid semver) are folded here, which is
 //! exact.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
+
+mod constraints;
+mod variants;
 
 use super::ImportError;
 use crate::rules::conditions::parse_network;
 use crate::rules::fields::is_valid_key;
+use constraints::{attribute_for, stickiness_attributes, translate_constraint, Translated};
+use variants::{prerequisite_variants, variant_serve, variant_table};
 
 /// Unleash's variant for "no variant"; the off variant of imported
 /// multivariate flags.
@@ -158,164 +163,6 @@ fn feature_name(feature: &Map<String, Value>) -> &str {
     feature.get("name").and_then(Value::as_str).unwrap_or("")
 }
 
-/// The attribute of a FlagShip context holding an Unleash context field.
-fn attribute_for(context_name: &str) -> String {
-    if STANDARD_FIELDS.contains(&context_name) {
-        context_name.to_string()
-    } else {
-        format!("properties.{context_name}")
-    }
-}
-
-/// Where Unleash looks for a stickiness value: the field itself, then
-/// `properties` (its `resolveContextValue`).
-fn stickiness_attributes(stickiness: &str) -> Vec<String> {
-    match stickiness {
-        "default" => vec!["userId".into(), "sessionId".into()],
-        field if STANDARD_FIELDS.contains(&field) => vec![field.to_string()],
-        field => vec![field.to_string(), format!("properties.{field}")],
-    }
-}
-
-/// A constraint's translation: a condition, or a constant.
-enum Translated {
-    Condition(Value),
-    Always(bool),
-}
-
-fn translate_constraint(constraint: &Value) -> Result<Translated> {
-    let Some(map) = constraint.as_object() else {
-        return Err(ImportError::Invalid(
-            "every constraint must be a JSON object".into(),
-        ));
-    };
-    let context_name = map
-        .get("contextName")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ImportError::Invalid("a constraint needs a \"contextName\"".into()))?;
-    let operator = map.get("operator").and_then(Value::as_str).unwrap_or("");
-    let inverted = map.get("inverted").and_then(Value::as_bool) == Some(true);
-    let case_insensitive = map.get("caseInsensitive").and_then(Value::as_bool) == Some(true);
-    let mut values: Vec<String> = array(map, "values")
-        .iter()
-        .filter_map(|value| text(Some(value)))
-        .collect();
-    let single = text(map.get("value"));
-    if values.is_empty() {
-        values.extend(single.clone());
-    }
-    // What Unleash answers for a constraint that can never hold, after
-    // `inverted` flips it.
-    let never = Translated::Always(inverted);
-    let attribute = attribute_for(context_name);
-    let condition = |op: &str, operands: Value, missing: Value, folds: bool| {
-        let mut condition = json!({"attribute": attribute, "op": op, "values": operands});
-        if inverted {
-            condition["negate"] = Value::Bool(true);
-        }
-        if folds && case_insensitive {
-            condition["case_insensitive"] = Value::Bool(true);
-        }
-        condition["if_missing"] = missing;
-        Translated::Condition(condition)
-    };
-    // Unleash's answer for an absent field: false for every operator but
-    // NOT_IN, then flipped by `inverted`.
-    let missing = |base: bool| Value::Bool(base != inverted);
-    Ok(match operator {
-        "IN" | "NOT_IN" => {
-            let not_in = operator == "NOT_IN";
-            if values.is_empty() {
-                // Nothing is in an empty list.
-                Translated::Always(not_in != inverted)
-            } else {
-                let op = if not_in { "not_in" } else { "in" };
-                condition(op, json!(values), missing(not_in), false)
-            }
-        }
-        "STR_CONTAINS" | "STR_STARTS_WITH" | "STR_ENDS_WITH" => {
-            if values.is_empty() {
-                return Ok(never);
-            }
-            let op = match operator {
-                "STR_CONTAINS" => "contains",
-                "STR_STARTS_WITH" => "starts_with",
-                _ => "ends_with",
-            };
-            condition(op, json!(values), missing(false), true)
-        }
-        "NUM_EQ" | "NUM_GT" | "NUM_GTE" | "NUM_LT" | "NUM_LTE" => {
-            let Some(number) = single
-                .as_deref()
-                .and_then(|text| text.trim().parse::<f64>().ok())
-                .filter(|number| number.is_finite())
-            else {
-                return Ok(never);
-            };
-            let op = match operator {
-                "NUM_EQ" => "eq",
-                "NUM_GT" => "gt",
-                "NUM_GTE" => "gte",
-                "NUM_LT" => "lt",
-                _ => "lte",
-            };
-            condition(op, json!([number]), missing(false), false)
-        }
-        "DATE_AFTER" | "DATE_BEFORE" => {
-            let Some(instant) = single
-                .as_deref()
-                .filter(|text| chrono::DateTime::parse_from_rfc3339(text).is_ok())
-            else {
-                return Ok(never);
-            };
-            let op = if operator == "DATE_AFTER" {
-                "after"
-            } else {
-                "before"
-            };
-            // Unleash compares the clock when the context carries no time.
-            let missing = if context_name == "currentTime" {
-                json!("now")
-            } else {
-                missing(false)
-            };
-            condition(op, json!([instant]), missing, false)
-        }
-        "SEMVER_EQ" | "SEMVER_GT" | "SEMVER_GTE" | "SEMVER_LT" | "SEMVER_LTE" => {
-            // Unleash accepts only strict semantic versions (no "v", no
-            // short forms); anything else makes the constraint false.
-            let Some(version) = single
-                .as_deref()
-                .filter(|text| semver::Version::parse(text).is_ok())
-            else {
-                return Ok(never);
-            };
-            let op = operator.to_ascii_lowercase();
-            condition(&op, json!([version]), missing(false), false)
-        }
-        "REGEX" => {
-            let Some(pattern) = single.filter(|pattern| regex::Regex::new(pattern).is_ok()) else {
-                return Ok(never);
-            };
-            condition("matches", json!([pattern]), missing(false), true)
-        }
-        "IN_CIDR" => {
-            // Unleash ignores the entries it cannot parse.
-            let networks: Vec<&String> = values
-                .iter()
-                .filter(|value| parse_network(value).is_some())
-                .collect();
-            if networks.is_empty() {
-                return Ok(never);
-            }
-            condition("in_cidr", json!(networks), missing(false), false)
-        }
-        // Unleash evaluates an operator it does not know as false, inverted
-        // or not.
-        _ => Translated::Always(false),
-    })
-}
-
 fn percentage(strategy: &Map<String, Value>, field: &str) -> Result<u32> {
     let parameters = strategy.get("parameters").and_then(Value::as_object);
     let raw = parameters.and_then(|p| text(p.get(field)));
@@ -349,126 +196,6 @@ fn comma_list(raw: Option<String>) -> Vec<String> {
         .filter(|item| !item.is_empty())
         .map(str::to_string)
         .collect()
-}
-
-/// One variant list (a feature's or a strategy's) as a FlagShip serve.
-/// `inherited` is the stickiness of the strategy that owns the list.
-fn variant_serve(variants: &[Value], group_id: &str, inherited: Option<String>) -> Value {
-    let weighted: Vec<(&str, u64)> = variants
-        .iter()
-        .map(|variant| {
-            (
-                variant.get("name").and_then(Value::as_str).unwrap_or(""),
-                variant.get("weight").and_then(Value::as_u64).unwrap_or(0),
-            )
-        })
-        .collect();
-    let mut positive = weighted.iter().filter(|(_, weight)| *weight > 0);
-    if let (Some((only, _)), None) = (positive.next(), positive.next()) {
-        // One variant holds every bucket: no hashing, so no stickiness
-        // value is needed either.
-        return json!({"variant": only});
-    }
-    let stickiness = variants
-        .first()
-        .and_then(|variant| variant.get("stickiness"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .or(inherited)
-        .unwrap_or_else(|| "default".into());
-    let bucket_by = match stickiness.as_str() {
-        "default" => vec!["userId".into(), "sessionId".into(), "remoteAddress".into()],
-        other => stickiness_attributes(other),
-    };
-    let rollout: Vec<Value> = weighted
-        .iter()
-        .map(|(name, weight)| json!({"variant": name, "weight": weight}))
-        .collect();
-    // Unleash draws a variant at random for a context without a stickiness
-    // value; FlagShip stays deterministic and serves the first one, so the
-    // feature stays enabled as it does there.
-    let unplaced = weighted
-        .iter()
-        .find(|(_, weight)| *weight > 0)
-        .map(|(name, _)| *name);
-    json!({"rollout": rollout, "bucketing": "unleash", "bucket_by": bucket_by, "salt": group_id,
-           "unplaced": unplaced})
-}
-
-/// The FlagShip value of an Unleash variant: its payload, or true.
-fn variant_value(variant: &Value) -> Value {
-    variant.get("payload").cloned().unwrap_or(Value::Bool(true))
-}
-
-/// Every variant the feature can serve, by name, from the feature and its
-/// strategies. Empty for a feature without variants.
-fn variant_table(feature: &Map<String, Value>) -> Result<BTreeMap<String, Value>> {
-    let name = feature_name(feature);
-    let mut table = BTreeMap::new();
-    let strategy_variants = array(feature, "strategies")
-        .iter()
-        .flat_map(|strategy| strategy.get("variants").and_then(Value::as_array))
-        .flatten();
-    for variant in array(feature, "variants").iter().chain(strategy_variants) {
-        let variant_name = variant.get("name").and_then(Value::as_str).unwrap_or("");
-        if variant_name == DISABLED_VARIANT || !is_valid_key(variant_name) {
-            return Err(ImportError::Unsupported(format!(
-                "feature \"{name}\": variant name \"{variant_name}\" (FlagShip variant names are \
-                 letters, digits, '-', '_' or '.', and \"disabled\" is the off variant)"
-            )));
-        }
-        let value = variant_value(variant);
-        match table.get(variant_name) {
-            Some(known) if *known != value => {
-                return Err(ImportError::Unsupported(format!(
-                    "feature \"{name}\": variant \"{variant_name}\" with two different payloads"
-                )))
-            }
-            _ => {
-                table.insert(variant_name.to_string(), value);
-            }
-        }
-    }
-    Ok(table)
-}
-
-/// The FlagShip variants that stand for an Unleash dependency's wish, or
-/// None when the dependency can never be met.
-fn prerequisite_variants(
-    dependency: &Map<String, Value>,
-    parent: &Map<String, Value>,
-) -> Result<Option<Vec<String>>> {
-    let parent_variants = variant_table(parent)?;
-    let boolean = parent_variants.is_empty();
-    let (on, off): (Vec<String>, &str) = if boolean {
-        (vec!["on".into()], "off")
-    } else {
-        (parent_variants.keys().cloned().collect(), DISABLED_VARIANT)
-    };
-    if dependency.get("enabled").and_then(Value::as_bool) == Some(false) {
-        return Ok(Some(vec![off.to_string()]));
-    }
-    let wanted: Vec<&str> = array(dependency, "variants")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    if wanted.is_empty() {
-        return Ok(Some(on));
-    }
-    // An enabled parent without variants answers Unleash's "disabled"
-    // variant, which FlagShip's boolean flag serves as "on".
-    let chosen: Vec<String> = if boolean {
-        if wanted.contains(&DISABLED_VARIANT) {
-            on
-        } else {
-            Vec::new()
-        }
-    } else {
-        on.into_iter()
-            .filter(|variant| wanted.contains(&variant.as_str()))
-            .collect()
-    };
-    Ok((!chosen.is_empty()).then_some(chosen))
 }
 
 struct Translation {
