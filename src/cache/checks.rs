@@ -12,7 +12,8 @@ use super::{
     configuration_signal, entitlement_signal, versioned, CONFIGURATION_SIGNALLED_AT,
     ENTITLEMENT_SIGNALLED_AT, MAX_NAMES,
 };
-use crate::postgres::{backend, statement_reads};
+use crate::postgres::backend::{self, SnapshotAge};
+use crate::postgres::statement_reads;
 
 thread_local! {
     /// Reads of which organizations changed.
@@ -50,6 +51,11 @@ struct ChangeRead {
 /// the signal arrived had finished before its snapshot (the snapshot's
 /// xmin is past the next transaction id of that moment).
 ///
+/// A check answers only for snapshots that see everything its own saw
+/// (`sees_all_of`): a cursor opened before a change keeps its older
+/// configuration, as a table read in it does, even after a later statement
+/// confirmed the newer one.
+///
 /// A check also holds after later signals while the change reads show that
 /// its organization (as row-level security saw it) has not changed since
 /// (`read_changes`): another organization's change costs one read per
@@ -58,6 +64,8 @@ struct ChangeRead {
 pub struct Checked {
     signal: u64,
     conclusive: bool,
+    /// The checking snapshot's age.
+    snapshot: SnapshotAge,
     organization: Option<[u8; 16]>,
 }
 
@@ -85,9 +93,14 @@ impl Checked {
         if let Some(organization) = organization {
             want(organization);
         }
+        let snapshot = backend::active_snapshot_age();
         Checked {
             signal,
-            conclusive: sees_everything_since(signalled_at.with(Cell::get)),
+            conclusive: snapshot.is_some() && sees_everything_since(signalled_at.with(Cell::get)),
+            snapshot: snapshot.unwrap_or(SnapshotAge {
+                xmax: 0,
+                running: None,
+            }),
             organization,
         }
     }
@@ -113,11 +126,19 @@ impl Checked {
     pub(super) fn holds_for_configuration(&self) -> bool {
         self.conclusive
             && (self.signal == configuration_signal() || self.unchanged_since(Kind::Configuration))
+            && self.not_newer_than_the_snapshot()
     }
 
     pub(super) fn holds_for_entitlements(&self) -> bool {
         self.conclusive
             && (self.signal == entitlement_signal() || self.unchanged_since(Kind::Entitlements))
+            && self.not_newer_than_the_snapshot()
+    }
+
+    /// Whether the active snapshot sees everything the one this check was
+    /// made under saw (an older one, a cursor's, may not).
+    fn not_newer_than_the_snapshot(&self) -> bool {
+        backend::active_snapshot_age().is_some_and(|now| sees_all_of(now, self.snapshot))
     }
 
     /// Whether the last change read answered for the current signal and
@@ -297,6 +318,20 @@ pub(super) fn sees_everything_since(next_at_signal: u32) -> bool {
     // Transaction ids wrap around: compare as PostgreSQL does.
     let since = |xid: pg_sys::TransactionId| xid.into_inner().wrapping_sub(next_at_signal) as i32;
     since(xmin) >= 0 || since(xmax) > 0
+}
+
+/// Whether a snapshot of age `now` sees every transaction one of age
+/// `then` saw as ended. A higher xmax means a transaction completed after
+/// `then` was taken, so `now` came later and sees at least as much. With the
+/// same xmax no transaction id below it can start in between, so the ids
+/// `now` saw running are a subset of `then`'s or a superset of them (when
+/// `now` is older): not more of them means a subset. Transaction ids wrap
+/// around: compared as PostgreSQL does.
+fn sees_all_of(now: SnapshotAge, then: SnapshotAge) -> bool {
+    let ahead = now.xmax.wrapping_sub(then.xmax) as i32;
+    ahead > 0
+        || (ahead == 0
+            && matches!((now.running, then.running), (Some(now), Some(then)) if now <= then))
 }
 
 /// Stops vouching for every organization: after an abort that took back

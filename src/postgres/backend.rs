@@ -75,6 +75,36 @@ pub fn active_snapshot_bounds() -> Option<(pg_sys::TransactionId, pg_sys::Transa
     }
 }
 
+/// What the active snapshot's age can be told by: its xmax (one past the
+/// newest completed transaction id then) and how many transaction ids below
+/// that it saw running (top-level ones; on a standby every known one), or
+/// None when the snapshot cannot say (a standby's overflowed list).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct SnapshotAge {
+    pub xmax: u32,
+    pub running: Option<u32>,
+}
+
+/// The active snapshot's age, if a snapshot is active.
+pub fn active_snapshot_age() -> Option<SnapshotAge> {
+    // SAFETY: as for active_snapshot_bounds.
+    unsafe {
+        if !unguarded::ActiveSnapshotSet() {
+            return None;
+        }
+        let snapshot = &*unguarded::GetActiveSnapshot();
+        let running = if snapshot.takenDuringRecovery {
+            (!snapshot.suboverflowed).then_some(snapshot.subxcnt as u32)
+        } else {
+            Some(snapshot.xcnt)
+        };
+        Some(SnapshotAge {
+            xmax: snapshot.xmax.into_inner(),
+            running,
+        })
+    }
+}
+
 /// The next transaction id to be assigned (its low 32 bits).
 pub fn next_transaction_id() -> u32 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any

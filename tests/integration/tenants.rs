@@ -219,6 +219,44 @@ fn repeatable_read_keeps_its_snapshot() {
     assert_eq!(reason(&mut reader), "DISABLED");
 }
 
+/// Bug of #14 (review): a cursor opened before another session's commit
+/// answered with the newer configuration once a later statement of the
+/// same transaction had confirmed it, while a table read in the cursor
+/// sees the older one. Each fetched row holds the table's view and the
+/// evaluation's, side by side.
+#[test]
+fn a_cursor_keeps_the_configuration_of_its_snapshot() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "cursor");
+    put_flag(&mut writer, &org, ON);
+    reader
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; BEGIN; \
+             DECLARE c CURSOR FOR \
+               SELECT (SELECT bool_and(r.enabled) FROM flagship.feature_rules r \
+                        WHERE r.organization_id = flagship.current_organization_id())::text \
+                      || ':' || (flagship.flagship_evaluate('f', '{{}}', 'shop/production') ->> 'reason') \
+                 FROM generate_series(1, 3)"
+        ))
+        .unwrap();
+    assert_eq!(text(&mut reader, "FETCH 1 FROM c"), "true:STATIC");
+    put_flag(&mut writer, &org, OFF);
+    assert_eq!(
+        reason(&mut reader),
+        "DISABLED",
+        "the next statement missed the commit"
+    );
+    let rest: Vec<String> = reader
+        .query("FETCH 2 FROM c", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(rest, ["true:STATIC", "true:STATIC"]);
+    reader.batch_execute("COMMIT").unwrap();
+}
+
 /// Bug of #14: with a blank flagship.organization_id the cache kept
 /// answering with the JWT's previous organization after the claims changed.
 #[test]
