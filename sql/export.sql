@@ -3,7 +3,9 @@
 -- reproduces the same evaluations and limits (usage itself is not exported:
 -- it is data, kept by pg_dump, not configuration).
 
-CREATE FUNCTION flagship.export_project(project text) RETURNS jsonb
+-- With `customers => false` the document holds configuration only (what
+-- belongs in git; apply_project then leaves customers alone).
+CREATE FUNCTION flagship.export_project(project text, customers boolean DEFAULT true) RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -26,13 +28,14 @@ AS $fn$
                               WHERE m.organization_id = p.organization_id AND m.project_id = p.id), '[]'),
         'plans', coalesce((SELECT jsonb_agg(flagship.plan_document(pl) ORDER BY pl.key)
                              FROM flagship.plans pl
-                            WHERE pl.organization_id = p.organization_id AND pl.project_id = p.id), '[]'),
+                            WHERE pl.organization_id = p.organization_id AND pl.project_id = p.id), '[]'))
+        || CASE WHEN NOT export_project.customers THEN '{}'::jsonb ELSE jsonb_build_object(
         'customers', coalesce((SELECT jsonb_agg(flagship.customer_document(c) || jsonb_build_object('environment', e.key)
                                                 ORDER BY e.key, c.external_key)
                                  FROM flagship.customers c
                                  JOIN flagship.environments e
                                    ON e.organization_id = c.organization_id AND e.id = c.environment_id
-                                WHERE c.organization_id = p.organization_id AND c.project_id = p.id), '[]'))
+                                WHERE c.organization_id = p.organization_id AND c.project_id = p.id), '[]')) END
       FROM flagship.projects p
      WHERE p.id = flagship.resolve_project(project)
 $fn$;
@@ -50,6 +53,19 @@ BEGIN
     IF document IS NULL OR jsonb_typeof(document->'project') <> 'object' THEN
         RAISE EXCEPTION 'import_project: "project" must be an object with key and name'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF document ? 'format' AND document->>'format' IS DISTINCT FROM 'flagship.project/1' THEN
+        RAISE EXCEPTION 'import_project: format: unsupported "%"', document->>'format'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'this version reads "format": "flagship.project/1", as export_project writes';
+    END IF;
+    IF EXISTS (SELECT FROM flagship.projects p
+                WHERE p.organization_id = import_project.organization_id
+                  AND p.key = document->'project'->>'key') THEN
+        RAISE EXCEPTION 'import_project: organization % already has project "%"',
+            organization_id, document->'project'->>'key'
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'flagship.apply_project updates an existing project (plan_project shows what it would change)';
     END IF;
     new_project := flagship.create_project(
         organization_id, document->'project'->>'key', document->'project'->>'name',

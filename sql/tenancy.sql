@@ -263,6 +263,12 @@ BEGIN
         RAISE EXCEPTION 'organization slug "%" is already taken', slug
             USING ERRCODE = 'unique_violation';
     END IF;
+    -- An organization belongs to people, not to a key of another one.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        RAISE EXCEPTION 'an API key cannot create organizations'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'create organizations in a session without flagship.authenticate';
+    END IF;
 
     INSERT INTO flagship.organizations (slug, name)
     VALUES (create_organization.slug, create_organization.name)
@@ -277,6 +283,20 @@ BEGIN
       FROM flagship.roles r
       JOIN flagship.builtin_role_permissions b ON b.role_key = r.key
      WHERE r.organization_id = new_id;
+
+    -- Whoever starts an organization owns it: without a first member
+    -- nobody but a superuser could create its projects (row-level security
+    -- wants the actor to hold projects:write in it) or add members.
+    -- Superusers bypass those policies and are left out.
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = flagship.acting_role()) THEN
+        WITH owner AS (
+            INSERT INTO flagship.members (organization_id, user_key)
+            VALUES (new_id, flagship.current_actor())
+            RETURNING id)
+        INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+        SELECT new_id, owner.id, r.id
+          FROM owner JOIN flagship.roles r ON r.organization_id = new_id AND r.key = 'owner';
+    END IF;
 
     RETURN new_id;
 END

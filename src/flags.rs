@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use crate::errors::invalid_parameter;
 use flagship_engine::bucketing::Profile;
+use flagship_engine::merge_patch::merge_patch;
 use flagship_engine::rules::condition_documents::check_value_depth;
 use flagship_engine::rules::document::{parse_flag_document, parse_segment};
 use flagship_engine::rules::environment_config::parse_environment_config;
@@ -120,6 +121,13 @@ pub fn validate_segment(definition: DocumentArg) -> bool {
     parse_segment(&document)
         .unwrap_or_else(|error| refuse("segment", document_key(&document), error));
     true
+}
+
+/// `target` with the JSON Merge Patch (RFC 7396) `patch` applied: what
+/// `flagship.patch_flag` writes back.
+#[pg_extern(immutable, parallel_safe, strict)]
+pub fn json_merge_patch(target: DocumentArg, patch: DocumentArg) -> JsonB {
+    JsonB(merge_patch(target.value("target"), &patch.value("patch")))
 }
 
 /// Raises 22023 naming `field` unless `value` is a stored value FlagShip can

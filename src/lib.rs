@@ -70,6 +70,11 @@ extension_sql_file!(
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
 extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["export", flags::json_merge_patch]
+);
+extension_sql_file!(
     "../sql/exposures.sql",
     name = "exposures",
     requires = ["usage"]
@@ -82,7 +87,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/audit.sql",
     name = "audit",
-    requires = ["keys", "export", "migration", "exposures"]
+    requires = ["keys", "export", "migration", "exposures", "operations"]
 );
 
 #[pg_guard]

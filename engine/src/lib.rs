@@ -7,7 +7,8 @@
 //! - `bucketing`, `profiles`: where a subject falls in a rollout, and the
 //!   hash profiles other systems use;
 //! - `periods`, `limits`: usage periods and limit decisions;
-//! - `migration`: the Unleash and GrowthBook translators.
+//! - `migration`: the Unleash and GrowthBook translators;
+//! - `merge_patch`: RFC 7396, for patching stored documents.
 //!
 //! `cargo test -p flagship-engine` runs all of it without a database.
 
@@ -15,6 +16,7 @@
 
 pub mod bucketing;
 pub mod limits;
+pub mod merge_patch;
 pub mod migration;
 pub mod periods;
 pub mod profiles;

@@ -13,6 +13,7 @@ mod invalidation;
 mod isolation;
 mod keys;
 mod migration;
+mod operations;
 mod security;
 mod tenants;
 mod upgrade;

@@ -1,0 +1,433 @@
+//! Operating FlagShip day to day (#17, DESIGN.md section 6): an
+//! organization started without a superuser, patching one flag, flags as
+//! code with plan and apply. Sessions are non-superuser login roles.
+
+use postgres::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{connect, login_as, organization, sqlstate, text};
+
+fn document(client: &mut Client, sql: &str) -> Value {
+    serde_json::from_str(&text(client, sql)).unwrap()
+}
+
+/// A flagship_admin login with no superuser step: it creates the
+/// organization, becomes its owner, and builds a project, a flag, a metric,
+/// a plan and a customer that evaluate.
+#[test]
+fn an_admin_starts_an_organization_without_a_superuser() {
+    let mut su = connect();
+    let (login, mut admin) = login_as(&mut su, "ops-founder", &["flagship_admin"]);
+    let slug = crate::harness::unique("ops-founded");
+    let org = text(
+        &mut admin,
+        &format!("SELECT flagship.create_organization('{slug}', 'Founded')::text"),
+    );
+    admin
+        .batch_execute(&format!(
+            r#"SET flagship.organization_id = '{org}';
+               SELECT flagship.create_project('{org}', 'shop', 'Shop');
+               SELECT flagship.put_flag('shop', '{{"key": "f", "kind": "plan",
+                   "environments": {{"production": {{"enabled": true}}}}}}');
+               SELECT flagship.put_metric('shop', '{{"key": "api_calls"}}');
+               SELECT flagship.put_plan('shop', '{{"key": "pro", "features": {{"f": true}},
+                   "limits": {{"api_calls": {{"limit": 10, "period": "month"}}}}}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');"#
+        ))
+        .unwrap();
+    let owners = text(
+        &mut admin,
+        "SELECT string_agg(m.user_key || ':' || r.key, ',')
+           FROM flagship.members m
+           JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+           JOIN flagship.roles r ON r.organization_id = mr.organization_id AND r.id = mr.role_id",
+    );
+    assert_eq!(owners, format!("{login}:owner"));
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT flagship.flagship_evaluate('f', '{\"customer\": \"acme\"}', 'shop/production')
+                    ->> 'value'"
+        ),
+        "true",
+        "the plan grants the customer its flag"
+    );
+    // A superuser's organization gets no member: superusers bypass the
+    // policies, and nobody is made owner behind their back.
+    let (by_su, _) = organization(&mut su, "ops-by-su");
+    assert_eq!(
+        text(
+            &mut su,
+            &format!(
+                "SELECT count(*)::text FROM flagship.members WHERE organization_id = '{by_su}'"
+            )
+        ),
+        "0"
+    );
+}
+
+/// Sets up an organization with project `shop` (and its three
+/// environments), a segment, two flags and a customer, and returns its id
+/// and an admin session working in it.
+fn shop(su: &mut Client, prefix: &str) -> (String, Client) {
+    let (org, _) = organization(su, prefix);
+    crate::harness::add_member(su, &org, "ops-admin", "admin");
+    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    admin
+        .batch_execute(&format!(
+            r#"SET flagship.organization_id = '{org}'; SET flagship.actor = 'ops-admin';
+               SELECT flagship.put_segment('shop', '{{"key": "staff",
+                   "conditions": [{{"attribute": "email", "op": "ends_with", "values": ["@acme.test"]}}]}}');
+               SELECT flagship.put_flag('shop', '{{"key": "checkout", "description": "new checkout",
+                   "environments": {{
+                     "production": {{"enabled": true, "rules": [{{"segment": "staff", "serve": {{"variant": "on"}}}}],
+                                     "default": {{"variant": "off"}}}},
+                     "staging": {{"enabled": true}}}}}}');
+               SELECT flagship.put_flag('shop', '{{"key": "banner",
+                   "environments": {{"production": {{"enabled": true}}}}}}');
+               SELECT flagship.put_metric('shop', '{{"key": "api_calls"}}');
+               SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"api_calls": {{"limit": 5, "period": "month"}}}}}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro",
+                   "billing_anchor": "2026-03-31T10:11:12.345678+00:00"}}');"#
+        ))
+        .unwrap();
+    (org, admin)
+}
+
+fn flag(client: &mut Client, key: &str) -> Value {
+    document(
+        client,
+        &format!(
+            "SELECT flagship.flag_document(f)::text FROM flagship.features f WHERE f.key = '{key}'"
+        ),
+    )
+}
+
+#[test]
+fn patch_flag_changes_one_field_and_keeps_the_rest() {
+    let mut su = connect();
+    let (_, mut admin) = shop(&mut su, "ops-patch");
+    let mut expected = flag(&mut admin, "checkout");
+    let before_patching = checkout_events(&mut admin);
+    admin
+        .batch_execute(
+            r#"SELECT flagship.patch_flag('shop', '{"key": "checkout",
+                   "environments": {"production": {"enabled": false}}}')"#,
+        )
+        .unwrap();
+    expected["environments"]["production"]["enabled"] = json!(false);
+    assert_eq!(flag(&mut admin, "checkout"), expected);
+    let after_first_patch = checkout_events(&mut admin);
+    assert!(after_first_patch > before_patching);
+
+    // null removes a member: staging loses its configuration (and so is off),
+    // the description goes.
+    admin
+        .batch_execute(
+            r#"SELECT flagship.patch_flag('shop', '{"key": "checkout", "description": null,
+                   "environments": {"staging": null}}')"#,
+        )
+        .unwrap();
+    expected.as_object_mut().unwrap().remove("description");
+    expected["environments"]
+        .as_object_mut()
+        .unwrap()
+        .remove("staging");
+    assert_eq!(flag(&mut admin, "checkout"), expected);
+    assert!(
+        checkout_events(&mut admin) > after_first_patch,
+        "each patch is audited like put_flag"
+    );
+
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            r#"SELECT flagship.patch_flag('shop', '{"key": "nope", "archived": true}')"#
+        ),
+        "42704"
+    );
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            r#"SELECT flagship.patch_flag('shop', '{"environments": {}}')"#
+        ),
+        "22023"
+    );
+    // What put_flag refuses, patch_flag refuses, naming the field.
+    let refused = admin
+        .batch_execute(
+            r#"SELECT flagship.patch_flag('shop', '{"key": "checkout",
+                   "environments": {"production": {"default": {"variant": "purple"}}}}')"#,
+        )
+        .unwrap_err();
+    let message = refused.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.contains("checkout") && message.contains("environments.production"),
+        "{message}"
+    );
+}
+
+/// Audit events naming flag "checkout" (the change feed's key).
+fn checkout_events(client: &mut Client) -> i64 {
+    text(
+        client,
+        "SELECT count(*)::text FROM flagship.audit_events WHERE change_key = 'checkout'",
+    )
+    .parse()
+    .unwrap()
+}
+
+fn plan(client: &mut Client, org: &str, document: &Value) -> Value {
+    let answer: Value = client
+        .query_one(
+            "SELECT flagship.plan_project($1::text::uuid, $2::text::jsonb)::text",
+            &[&org, &document.to_string()],
+        )
+        .map(|row| serde_json::from_str(row.get::<_, &str>(0)).unwrap())
+        .unwrap();
+    answer
+}
+
+fn apply(client: &mut Client, org: &str, document: &Value, prune: bool) -> Value {
+    client
+        .query_one(
+            "SELECT flagship.apply_project($1::text::uuid, $2::text::jsonb, $3)::text",
+            &[&org, &document.to_string(), &prune],
+        )
+        .map(|row| serde_json::from_str(row.get::<_, &str>(0)).unwrap())
+        .unwrap()
+}
+
+fn no_changes(unchanged: u64) -> Value {
+    json!({"create": [], "update": [], "delete": [], "unchanged": unchanged})
+}
+
+fn audit_events(client: &mut Client) -> String {
+    text(client, "SELECT count(*)::text FROM flagship.audit_events")
+}
+
+#[test]
+fn plan_and_apply_change_exactly_what_the_document_edits() {
+    let mut su = connect();
+    let (org, mut admin) = shop(&mut su, "ops-plan");
+    let exported = document(
+        &mut admin,
+        "SELECT flagship.export_project('shop', customers => false)::text",
+    );
+    assert!(exported.get("customers").is_none(), "{exported}");
+    // project, 3 environments, 1 segment, 2 flags, 1 metric, 1 plan
+    assert_eq!(plan(&mut admin, &org, &exported), no_changes(9));
+
+    let mut edited = exported.clone();
+    edited["flags"][1]["environments"]["production"]["enabled"] = json!(false);
+    edited["flags"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"key": "dark-mode", "environments": {"staging": {"enabled": true}}}));
+    let planned = plan(&mut admin, &org, &edited);
+    let expected = json!({
+        "create": [{"kind": "flag", "key": "dark-mode", "changes": {
+            "key": {"old": null, "new": "dark-mode"},
+            "kind": {"old": null, "new": "boolean"},
+            "archived": {"old": null, "new": false},
+            "variants": {"old": null, "new": {"on": true, "off": false}},
+            "off_variant": {"old": null, "new": "off"},
+            "prerequisites": {"old": null, "new": []},
+            "environments.staging": {"old": null, "new": {"enabled": true, "rules": [], "targets": {}}}}}],
+        "update": [{"kind": "flag", "key": "checkout", "changes": {
+            "environments.production": {
+                "old": exported["flags"][1]["environments"]["production"],
+                "new": edited["flags"][1]["environments"]["production"]}}}],
+        "delete": [],
+        "unchanged": 8});
+    assert_eq!(planned, expected);
+    assert_eq!(
+        flag(&mut admin, "checkout")["environments"]["production"]["enabled"],
+        json!(true),
+        "plan_project changed something"
+    );
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT count(*)::text FROM flagship.features WHERE key = 'dark-mode'"
+        ),
+        "0"
+    );
+
+    let before = audit_events(&mut admin);
+    assert_eq!(apply(&mut admin, &org, &edited, false), expected);
+    assert_eq!(
+        document(
+            &mut admin,
+            "SELECT flagship.export_project('shop', customers => false)::text"
+        ),
+        edited_with_defaults(&edited, &expected)
+    );
+    let after_first = audit_events(&mut admin);
+    assert_ne!(before, after_first);
+    // The same document again changes nothing, and writes no audit event.
+    assert_eq!(apply(&mut admin, &org, &edited, false), no_changes(10));
+    assert_eq!(audit_events(&mut admin), after_first);
+}
+
+/// The export as apply_project leaves it: the created flag in its stored
+/// form (defaults filled in), in key order.
+fn edited_with_defaults(edited: &Value, plan: &Value) -> Value {
+    let mut expected = edited.clone();
+    let created: serde_json::Map<String, Value> = plan["create"][0]["changes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(field, _)| !field.starts_with("environments."))
+        .map(|(field, change)| (field.clone(), change["new"].clone()))
+        .collect();
+    let mut created = Value::Object(created);
+    created["environments"] = json!({"staging": {"enabled": true, "rules": [], "targets": {}}});
+    let flags = expected["flags"].as_array_mut().unwrap();
+    flags.pop();
+    flags.push(created);
+    flags.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    expected
+}
+
+#[test]
+fn apply_creates_a_project_elsewhere_and_prune_deletes_only_what_is_missing() {
+    let mut su = connect();
+    let (_, mut admin) = shop(&mut su, "ops-source");
+    let exported = document(&mut admin, "SELECT flagship.export_project('shop')::text");
+    assert_eq!(
+        exported["customers"][0]["billing_anchor"],
+        json!("2026-03-31T10:11:12.345678+00:00")
+    );
+
+    // Into an organization without the project: everything is created,
+    // customers included, and the export comes back identical.
+    let (target, mut other) = shop(&mut su, "ops-target");
+    other
+        .batch_execute("DELETE FROM flagship.customers; DELETE FROM flagship.plans; DELETE FROM flagship.metrics;
+                        DELETE FROM flagship.features; DELETE FROM flagship.segments;
+                        UPDATE flagship.projects SET key = 'old-shop'")
+        .unwrap();
+    let created = apply(&mut other, &target, &exported, false);
+    assert_eq!(created["create"].as_array().unwrap().len(), 10, "{created}");
+    assert_eq!(
+        document(&mut other, "SELECT flagship.export_project('shop')::text"),
+        exported
+    );
+
+    // Into the organization that has it, with one flag and the customer
+    // gone from the document: without prune nothing is deleted (the plan
+    // lists what prune would delete); with prune exactly those two go.
+    let mut trimmed = exported.clone();
+    trimmed["flags"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|flag| flag["key"] != "banner");
+    trimmed["customers"] = json!([]);
+    let planned = plan(&mut other, &target, &trimmed);
+    let deleted: Vec<(String, String)> = planned["delete"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["kind"].as_str().unwrap().to_string(),
+                item["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            ("customer".to_string(), "production/acme".to_string()),
+            ("flag".to_string(), "banner".to_string())
+        ]
+    );
+    assert_eq!(
+        apply(&mut other, &target, &trimmed, false)["delete"],
+        json!([])
+    );
+    assert_eq!(
+        text(
+            &mut other,
+            "SELECT string_agg(key, ',' ORDER BY key) FROM flagship.features"
+        ),
+        "banner,checkout"
+    );
+    let pruned = apply(&mut other, &target, &trimmed, true);
+    assert_eq!(pruned["delete"], planned["delete"]);
+    assert_eq!(
+        text(
+            &mut other,
+            "SELECT string_agg(key, ',' ORDER BY key) FROM flagship.features"
+        ),
+        "checkout"
+    );
+    assert_eq!(
+        text(&mut other, "SELECT count(*)::text FROM flagship.customers"),
+        "0"
+    );
+    assert_eq!(
+        text(&mut other, "SELECT count(*)::text FROM flagship.segments"),
+        "1",
+        "prune deleted what the document keeps"
+    );
+}
+
+#[test]
+fn plan_and_apply_refuse_what_they_cannot_read_or_may_not_change() {
+    let mut su = connect();
+    let (org, mut admin) = shop(&mut su, "ops-refuse");
+    let (elsewhere, _) = organization(&mut su, "ops-elsewhere");
+    let mut exported = document(&mut admin, "SELECT flagship.export_project('shop')::text");
+    let run = |client: &mut Client, org: &str, document: &Value| {
+        let error = client
+            .query_one(
+                "SELECT flagship.apply_project($1::text::uuid, $2::text::jsonb)",
+                &[&org, &document.to_string()],
+            )
+            .unwrap_err();
+        let error = error.as_db_error().unwrap();
+        (error.code().code().to_string(), error.message().to_string())
+    };
+    assert_eq!(
+        run(&mut admin, &elsewhere, &exported),
+        (
+            "42501".to_string(),
+            format!("apply_project: this session works in organization {org}, not {elsewhere}")
+        )
+    );
+    exported["format"] = json!("flagship.project/9");
+    assert_eq!(
+        run(&mut admin, &org, &exported),
+        (
+            "22023".to_string(),
+            "apply_project: format: unsupported \"flagship.project/9\"".to_string()
+        )
+    );
+    exported["format"] = json!("flagship.project/1");
+    exported["flags"][0]["environments"]["production"] = json!({"enabled": "yes"});
+    let (code, message) = run(&mut admin, &org, &exported);
+    assert_eq!(code, "22023");
+    assert!(
+        message.contains("environments.production.enabled"),
+        "{message}"
+    );
+    // Nothing of a refused document is written.
+    let current = document(&mut admin, "SELECT flagship.export_project('shop')::text");
+    assert_eq!(plan(&mut admin, &org, &current), no_changes(10));
+    // import_project into an organization that has the project says so.
+    let exported = text(&mut admin, "SELECT flagship.export_project('shop')::text");
+    let error = admin
+        .query_one(
+            "SELECT flagship.import_project($1::text::uuid, $2::text::jsonb)",
+            &[&org, &exported],
+        )
+        .unwrap_err();
+    let error = error.as_db_error().unwrap();
+    assert_eq!(error.code().code(), "23505");
+    assert_eq!(
+        error.message(),
+        format!("import_project: organization {org} already has project \"shop\"")
+    );
+}
