@@ -1316,3 +1316,9 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT flagship.project_changes(organization_id, document, prune, true)
 $fn$;
+
+-- An idempotency key used again for another customer, metric or amount is
+-- refused (#17): record_usage looks a key up across the organization.
+CREATE INDEX usage_ledger_idempotency_by_key
+    ON flagship.usage_ledger (organization_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;

@@ -201,6 +201,11 @@ ALTER SEQUENCE flagship.usage_ledger_id_seq OWNED BY flagship.usage_ledger.id;
 CREATE UNIQUE INDEX usage_ledger_idempotency
     ON flagship.usage_ledger (organization_id, customer_id, metric_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- A key belongs to the organization: record_usage finds its first use
+-- whatever the customer and metric, to refuse a reuse for another call.
+CREATE INDEX usage_ledger_idempotency_by_key
+    ON flagship.usage_ledger (organization_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 -- No time index: `id` grows with time, so billing exports read id ranges
 -- through the primary key, and every extra index would slow each consumption.
 

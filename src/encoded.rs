@@ -2,7 +2,8 @@
 //!
 //! Building a result `jsonb` costs more than evaluating the flag. A
 //! successful result is fully determined by the flag, the variant, the
-//! reason and the rule, all of which live in the compiled snapshot, so the
+//! reason, the rule and the detail, which live in the compiled snapshot
+//! (or are one of a few constants), so the
 //! first encoding of each combination is kept and later calls copy bytes.
 //! Errors carry their own messages and are always built afresh.
 
@@ -13,7 +14,7 @@ use std::rc::Rc;
 use rustc_hash::FxBuildHasher;
 
 use crate::postgres::jsonb::BuiltJsonb;
-use flagship_engine::rules::{Reason, Resolution, Snapshot};
+use flagship_engine::rules::{Denial, Reason, Resolution, Snapshot};
 
 /// Identifies a result by where its parts live in the snapshot: the
 /// addresses stay valid, and unique, while the memo holds the snapshot.
@@ -23,6 +24,7 @@ struct ResultKey {
     variant: usize,
     reason: Reason,
     rule: usize,
+    detail: Option<Denial>,
 }
 
 struct Memo {
@@ -53,6 +55,7 @@ pub fn encode(snapshot: &Rc<Snapshot>, resolution: &Resolution) -> BuiltJsonb {
         variant: address(resolution.variant),
         reason: resolution.reason,
         rule: address(resolution.rule),
+        detail: resolution.detail,
     };
     MEMO.with(|memo| {
         let mut memo = memo.borrow_mut();

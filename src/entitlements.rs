@@ -12,11 +12,18 @@ use rustc_hash::FxBuildHasher;
 use serde_json::Value;
 
 use crate::cache::{self, Stamped};
-use flagship_engine::rules::Entitlements;
+use flagship_engine::rules::{Denial, Entitlements};
+
+#[derive(Clone, Copy)]
+enum Status {
+    Live,
+    Canceled,
+}
 
 /// One customer as plan-kind flags see it.
 pub struct Customer {
-    live: bool,
+    /// Its subscription's status (None: no plan).
+    status: Option<Status>,
     trial_ends_at: Option<f64>,
     features: HashSet<String, FxBuildHasher>,
     pub attributes: Value,
@@ -26,7 +33,11 @@ impl Customer {
     fn from_document(document: &Value) -> Customer {
         let status = document.get("status").and_then(Value::as_str);
         Customer {
-            live: matches!(status, Some("active" | "trialing")),
+            status: match status {
+                Some("active" | "trialing") => Some(Status::Live),
+                Some(_) => Some(Status::Canceled),
+                None => None,
+            },
             trial_ends_at: if status == Some("trialing") {
                 document.get("trial_ends_at").and_then(Value::as_f64)
             } else {
@@ -45,8 +56,16 @@ impl Customer {
         }
     }
 
-    fn grants(&self, flag: &str, now: f64) -> bool {
-        self.live && self.trial_ends_at.is_none_or(|end| now < end) && self.features.contains(flag)
+    fn grants(&self, flag: &str, now: f64) -> Result<(), Denial> {
+        match self.status {
+            None => Err(Denial::NoSubscription),
+            Some(Status::Canceled) => Err(Denial::Canceled),
+            Some(Status::Live) if self.trial_ends_at.is_some_and(|end| now >= end) => {
+                Err(Denial::TrialEnded)
+            }
+            Some(Status::Live) if !self.features.contains(flag) => Err(Denial::NotInPlan),
+            Some(Status::Live) => Ok(()),
+        }
     }
 }
 
@@ -79,12 +98,13 @@ pub struct EnvironmentEntitlements {
 }
 
 impl Entitlements for EnvironmentEntitlements {
-    fn grants(&self, customer: &str, flag: &str) -> bool {
+    fn grants(&self, customer: &str, flag: &str) -> Result<(), Denial> {
         let now = crate::postgres::backend::statement_start();
         let now_epoch =
             (now + crate::postgres::backend::POSTGRES_EPOCH_MICROS) as f64 / 1_000_000.0;
         self::customer(self.environment, customer)
-            .is_some_and(|found| found.grants(flag, now_epoch))
+            .ok_or(Denial::UnknownCustomer)?
+            .grants(flag, now_epoch)
     }
 }
 
@@ -96,17 +116,20 @@ mod tests {
     #[test]
     fn live_subscriptions_grant_their_features_until_the_trial_ends() {
         let active = Customer::from_document(&json!({"status": "active", "features": ["reports"]}));
-        assert!(active.grants("reports", 0.0));
-        assert!(!active.grants("exports", 0.0));
+        assert_eq!(active.grants("reports", 0.0), Ok(()));
+        assert_eq!(active.grants("exports", 0.0), Err(Denial::NotInPlan));
         let trial = Customer::from_document(
             &json!({"status": "trialing", "trial_ends_at": 100.0, "features": ["reports"]}),
         );
-        assert!(trial.grants("reports", 99.0));
-        assert!(!trial.grants("reports", 100.0));
+        assert_eq!(trial.grants("reports", 99.0), Ok(()));
+        assert_eq!(trial.grants("reports", 100.0), Err(Denial::TrialEnded));
         let canceled =
             Customer::from_document(&json!({"status": "canceled", "features": ["reports"]}));
-        assert!(!canceled.grants("reports", 0.0));
+        assert_eq!(canceled.grants("reports", 0.0), Err(Denial::Canceled));
         let unsubscribed = Customer::from_document(&json!({"status": null, "features": []}));
-        assert!(!unsubscribed.grants("reports", 0.0));
+        assert_eq!(
+            unsubscribed.grants("reports", 0.0),
+            Err(Denial::NoSubscription)
+        );
     }
 }

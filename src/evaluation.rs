@@ -74,7 +74,25 @@ fn snapshot_for(
             ))
         }
         Resolved::Found(snapshot, environment_id) => Ok((snapshot, environment_id)),
-        Resolved::NotFound(message) => Err((ErrorCode::EnvironmentNotFound, message)),
+        Resolved::NotFound(message) => Err(not_found(message)),
+    }
+}
+
+/// Why no environment was found. A session with no organization sees no
+/// environment at all under row-level security (unless its role bypasses
+/// it), and is told that rather than that one name is missing.
+fn not_found(message: String) -> (ErrorCode, String) {
+    if context::organization_id().is_none() && !crate::postgres::backend::sees_every_organization()
+    {
+        (
+            ErrorCode::General,
+            "no organization in this session: set flagship.organization_id (SET LOCAL \
+             behind a transaction pooler), send JWT claims with org_id, or call \
+             flagship.authenticate with an API key in this transaction"
+                .to_string(),
+        )
+    } else {
+        (ErrorCode::EnvironmentNotFound, message)
     }
 }
 
@@ -87,14 +105,15 @@ fn locate_and_compile(
     identity: &IdentityKey,
     checked: cache::Checked,
 ) -> Result<(Resolved, cache::Checked), (ErrorCode, String)> {
+    // Without a name: the session's setting, else the environment the
+    // transaction's API key is bound to.
     let name = match explicit {
         Some(name) => name.to_string(),
-        None => context::environment().ok_or_else(|| {
-            (
-                ErrorCode::EnvironmentNotFound,
-                "no environment given: pass one or set flagship.environment".to_string(),
-            )
-        })?,
+        None => context::environment()
+            .or_else(|| context::bound_environment().map(|id| id.to_string()))
+            .ok_or_else(|| {
+                not_found("no environment given: pass one or set flagship.environment".into())
+            })?,
     };
     let (located, checked) = match cache::located(identity) {
         Some(found) => found,

@@ -202,7 +202,8 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
     Spi::connect_mut(|client| {
         STATEMENTS.with(|statements| {
-            let statements = statements.get_or_init(|| Statements {
+            let statements = statements.get_or_init(|| {
+                Statements {
                 consume: prepare(
                     client,
                     &format!(
@@ -250,19 +251,30 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                     ),
                     &with(&change),
                 ),
+                // A key belongs to the organization: its first use, and
+                // what that use recorded (the one with this customer and
+                // metric first, should rows from before 0.3 share a key).
                 find_replay: prepare(
                     client,
-                    "SELECT l.used_after, l.usage_limit, l.enforcement, l.period_start, l.resets_at
+                    "SELECT l.used_after, l.usage_limit, l.enforcement, l.period_start, l.resets_at,
+                            l.customer_id = $2 AND l.metric_id = $3 AND l.amount = $5,
+                            l.amount, c.external_key, m.key
                        FROM flagship.usage_ledger l
-                      WHERE l.organization_id = $1 AND l.customer_id = $2 AND l.metric_id = $3
-                        AND l.idempotency_key = $4",
-                    &[UUIDOID, UUIDOID, UUIDOID, TEXTOID],
+                       JOIN flagship.customers c
+                         ON c.organization_id = l.organization_id AND c.id = l.customer_id
+                       JOIN flagship.metrics m
+                         ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                      WHERE l.organization_id = $1 AND l.idempotency_key = $4
+                      ORDER BY l.customer_id = $2 AND l.metric_id = $3 DESC
+                      LIMIT 1",
+                    &[UUIDOID, UUIDOID, UUIDOID, TEXTOID, INT8OID],
                 ),
                 lock_key: prepare(
                     client,
                     "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                     &[TEXTOID],
                 ),
+            }
             });
             run(client, statements)
         })
@@ -320,12 +332,34 @@ impl Subject {
 }
 
 /// The first answer to an idempotency key, rebuilt from its ledger row and
-/// the terms recorded there (not today's).
-fn replay(found: pgrx::spi::SpiTupleTable<'_>) -> Option<Value> {
+/// the terms recorded there (not today's). A key used again for another
+/// customer, metric or amount is a bug in the caller (a reused key, or a
+/// retry that changed the call): 22023 naming the key, never a silent
+/// replay of an answer to a different question.
+fn replay(
+    found: pgrx::spi::SpiTupleTable<'_>,
+    key: &str,
+    customer: &str,
+    metric: &str,
+    amount: i64,
+) -> Option<Value> {
     if found.is_empty() {
         return None;
     }
     let row = found.first();
+    if spi(row.get::<bool>(6)) != Some(true) {
+        let first_amount = spi(row.get::<i64>(7)).unwrap_or_default();
+        let first_customer = spi(row.get::<String>(8)).unwrap_or_default();
+        let first_metric = spi(row.get::<String>(9)).unwrap_or_default();
+        invalid_parameter(
+            format!(
+                "idempotency key \"{key}\" was first used to record {first_amount} of \
+                 \"{first_metric}\" for customer \"{first_customer}\", not {amount} of \
+                 \"{metric}\" for \"{customer}\""
+            ),
+            Some("a retry must repeat the first call exactly; use a new key for a new call"),
+        );
+    }
     let used_after = spi(row.get::<i64>(1))?;
     let period_start = spi(row.get::<TimestampWithTimeZone>(4));
     let resets_at = spi(row.get::<TimestampWithTimeZone>(5));
@@ -418,7 +452,7 @@ pub fn record_usage(
         if let Some(key) = idempotency_key {
             // A duplicate racing the first call waits here until that call's
             // transaction ends, then finds (or not) its ledger row.
-            let lock = format!("{}/{}/{key}", subject.customer, subject.metric);
+            let lock = format!("{}/{key}", subject.organization);
             spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
             let found = spi(client.select(
                 &statements.find_replay,
@@ -428,9 +462,10 @@ pub fn record_usage(
                     subject.customer.into(),
                     subject.metric.into(),
                     key.into(),
+                    amount.into(),
                 ],
             ));
-            if let Some(mut replayed) = replay(found) {
+            if let Some(mut replayed) = replay(found, key, customer, metric, amount) {
                 if let Value::Object(map) = &mut replayed {
                     map.insert("replayed".into(), json!(true));
                 }

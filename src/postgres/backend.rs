@@ -105,6 +105,14 @@ pub fn active_snapshot_age() -> Option<SnapshotAge> {
     }
 }
 
+/// Whether row-level security lets the current role see every
+/// organization's rows (a superuser, or a role with BYPASSRLS).
+pub fn sees_every_organization() -> bool {
+    // SAFETY: guarded catalog lookups of the current user; they may raise
+    // only if the role vanished, which aborts the statement cleanly.
+    unsafe { pg_sys::superuser() || pg_sys::has_bypassrls_privilege(pg_sys::GetUserId()) }
+}
+
 /// The next transaction id to be assigned (its low 32 bits).
 pub fn next_transaction_id() -> u32 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any

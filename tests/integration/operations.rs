@@ -431,3 +431,202 @@ fn plan_and_apply_refuse_what_they_cannot_read_or_may_not_change() {
         format!("import_project: organization {org} already has project \"shop\"")
     );
 }
+
+/// Bug of #17: a session with no organization was told that the
+/// environment it named did not exist.
+#[test]
+fn an_evaluation_without_an_organization_says_so() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-noorg");
+    crate::harness::put_flag(
+        &mut su,
+        &org,
+        r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#,
+    );
+    let (_, mut app) = login_as(&mut su, "ops-noorg-app", &["flagship_app"]);
+    let answer = document(
+        &mut app,
+        "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production')::text",
+    );
+    assert_eq!(
+        answer,
+        json!({"key": "f", "value": null, "variant": null, "reason": "ERROR",
+               "error_code": "GENERAL",
+               "error_message": "no organization in this session: set flagship.organization_id \
+                   (SET LOCAL behind a transaction pooler), send JWT claims with org_id, or call \
+                   flagship.authenticate with an API key in this transaction"})
+    );
+    // With an organization, a wrong name is still a missing environment.
+    app.batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+        .unwrap();
+    assert_eq!(
+        text(
+            &mut app,
+            "SELECT flagship.flagship_evaluate('f', '{}', 'shop/nowhere') ->> 'error_code'"
+        ),
+        "ENVIRONMENT_NOT_FOUND"
+    );
+}
+
+/// Bug of #17: after authenticate() with a key bound to an environment,
+/// evaluating without naming one said "no environment given".
+#[test]
+fn an_environment_bound_key_is_the_default_environment() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-keyenv");
+    crate::harness::put_flag(
+        &mut su,
+        &org,
+        r#"{"key": "f", "environments": {"staging": {"enabled": true}}}"#,
+    );
+    su.batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+        .unwrap();
+    let key = text(
+        &mut su,
+        &format!(
+            "SELECT flagship.issue_api_key('{org}', 'ops', '{{features:read}}', 'shop/staging')"
+        ),
+    );
+    su.batch_execute("RESET flagship.organization_id").unwrap();
+    let (_, mut app) = login_as(&mut su, "ops-keyenv-app", &["flagship_app"]);
+    app.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        text(
+            &mut app,
+            &format!("SELECT flagship.authenticate('{key}') ->> 'code'")
+        ),
+        "VALID"
+    );
+    assert_eq!(
+        document(&mut app, "SELECT flagship.flagship_evaluate('f')::text"),
+        json!({"key": "f", "value": true, "variant": "on", "reason": "STATIC"})
+    );
+    app.batch_execute("COMMIT").unwrap();
+}
+
+/// Bug of #17: NOT_ENTITLED was one answer for six different causes.
+#[test]
+fn not_entitled_says_why() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-entitled");
+    su.batch_execute(&format!(
+        r#"SET flagship.organization_id = '{org}';
+           SELECT flagship.put_flag('shop', '{{"key": "reports", "kind": "plan",
+               "environments": {{"production": {{"enabled": true}}}}}}');
+           SELECT flagship.put_flag('shop', '{{"key": "exports", "kind": "plan",
+               "environments": {{"production": {{"enabled": true}}}}}}');
+           SELECT flagship.put_plan('shop', '{{"key": "pro", "features": {{"reports": true}}}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "planless"}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "gone", "plan": "pro", "status": "canceled"}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "expired", "plan": "pro", "status": "trialing",
+               "trial_ends_at": "2020-01-01T00:00:00Z"}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');"#
+    ))
+    .unwrap();
+    let answer = |su: &mut Client, flag: &str, context: &str| {
+        document(
+            su,
+            &format!(
+                "SELECT flagship.flagship_evaluate('{flag}', '{context}', 'shop/production')::text"
+            ),
+        )
+    };
+    assert_eq!(
+        answer(&mut su, "reports", "{}"),
+        json!({"key": "reports", "value": false, "variant": "off", "reason": "NOT_ENTITLED",
+               "detail": "the context names no customer (attribute \"customer\")"})
+    );
+    for (flag, customer, detail) in [
+        ("reports", "nobody", "no such customer in this environment"),
+        ("reports", "planless", "the customer has no plan"),
+        ("reports", "gone", "the customer's subscription is canceled"),
+        ("reports", "expired", "the customer's trial has ended"),
+        (
+            "exports",
+            "acme",
+            "neither the customer's plan nor its overrides grant this flag",
+        ),
+    ] {
+        let context = format!(r#"{{"customer": "{customer}"}}"#);
+        assert_eq!(
+            answer(&mut su, flag, &context),
+            json!({"key": flag, "value": false, "variant": "off", "reason": "NOT_ENTITLED",
+                   "detail": detail}),
+            "{customer}"
+        );
+        // flagship_evaluate_all gives each flag the same answer.
+        assert_eq!(
+            document(
+                &mut su,
+                &format!(
+                    "SELECT (flagship.flagship_evaluate_all('{context}', 'shop/production') -> '{flag}')::text"
+                )
+            )["detail"],
+            json!(detail)
+        );
+    }
+    assert_eq!(
+        answer(&mut su, "reports", r#"{"customer": "acme"}"#),
+        json!({"key": "reports", "value": true, "variant": "on", "reason": "STATIC"})
+    );
+}
+
+/// Bug of #17: an idempotency key used again with another amount (or
+/// customer, or metric) replayed the first answer silently.
+#[test]
+fn an_idempotency_key_reused_for_another_call_is_refused() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-idem");
+    su.batch_execute(&format!(
+        r#"SET flagship.organization_id = '{org}';
+           SELECT flagship.put_metric('shop', '{{"key": "api_calls"}}');
+           SELECT flagship.put_metric('shop', '{{"key": "exports"}}');
+           SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{
+               "api_calls": {{"limit": 100, "period": "month"}}, "exports": {{"limit": 100, "period": "month"}}}}}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "globex", "plan": "pro"}}');
+           SET flagship.environment = 'shop/production';"#
+    ))
+    .unwrap();
+    let first = text(
+        &mut su,
+        "SELECT flagship.record_usage('acme', 'api_calls', 1, 'k') ->> 'used'",
+    );
+    assert_eq!(first, "1");
+    assert_eq!(
+        text(
+            &mut su,
+            "SELECT flagship.record_usage('acme', 'api_calls', 1, 'k') ->> 'replayed'"
+        ),
+        "true"
+    );
+    for (customer, metric, amount) in [
+        ("acme", "api_calls", 50_i64),
+        ("globex", "api_calls", 1),
+        ("acme", "exports", 1),
+    ] {
+        let error = su
+            .query_one(
+                "SELECT flagship.record_usage($1, $2, $3, 'k')",
+                &[&customer, &metric, &amount],
+            )
+            .unwrap_err();
+        let error = error.as_db_error().unwrap();
+        assert_eq!(error.code().code(), "22023");
+        assert_eq!(
+            error.message(),
+            format!(
+                "idempotency key \"k\" was first used to record 1 of \"api_calls\" for customer \
+                 \"acme\", not {amount} of \"{metric}\" for \"{customer}\""
+            )
+        );
+    }
+    assert_eq!(
+        text(
+            &mut su,
+            "SELECT string_agg(c.external_key || ':' || u.used, ',' ORDER BY c.external_key)
+               FROM flagship.usage_counters u JOIN flagship.customers c ON c.id = u.customer_id"
+        ),
+        "acme:1"
+    );
+}

@@ -13,7 +13,7 @@ use super::criteria::{all_hold, Criterion};
 use super::document::{FlagDefinition, Kind, SegmentDefinition};
 use super::environment_config::{EnvironmentConfig, Sample, Serve};
 use super::placement::{scalar_text, targeting_key, CompiledSample, Placement};
-use super::resolution::{Entitlements, ErrorCode, Reason, Resolution};
+use super::resolution::{Denial, Entitlements, ErrorCode, Reason, Resolution};
 use crate::bucketing;
 
 /// How deep prerequisite chains may go; writes refuse cycles, this guards
@@ -418,11 +418,14 @@ impl Snapshot {
         }
 
         if flag.kind == Kind::Plan {
-            let customer = attributes.get("customer").and_then(scalar_text);
-            let entitled =
-                customer.is_some_and(|customer| entitlements.grants(&customer, &flag.key));
-            if !entitled {
-                return flag.serve_index(flag.off, Reason::NotEntitled, None);
+            let entitled = match attributes.get("customer").and_then(scalar_text) {
+                Some(customer) => entitlements.grants(&customer, &flag.key),
+                None => Err(Denial::NoCustomer),
+            };
+            if let Err(denial) = entitled {
+                let mut resolution = flag.serve_index(flag.off, Reason::NotEntitled, None);
+                resolution.detail = Some(denial);
+                return resolution;
             }
         }
 
@@ -524,6 +527,7 @@ impl CompiledFlag {
             variant: Some(variant),
             reason,
             rule,
+            detail: None,
             error: None,
         }
     }

@@ -19,4 +19,4 @@ mod tests;
 pub use document::{parse_flag_definition, parse_flag_document, parse_segment};
 pub use engine::Snapshot;
 pub use fields::ValidationError;
-pub use resolution::{Entitlements, NoEntitlements, Reason, Resolution};
+pub use resolution::{Denial, Entitlements, NoEntitlements, Reason, Resolution};

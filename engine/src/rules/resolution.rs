@@ -52,6 +52,32 @@ impl ErrorCode {
     }
 }
 
+/// Why a plan-kind flag answered `NOT_ENTITLED`: integrators must tell "this
+/// customer's plan lacks it" from "the call named no customer", or they
+/// end up failing open on their own bugs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Denial {
+    NoCustomer,
+    UnknownCustomer,
+    NoSubscription,
+    Canceled,
+    TrialEnded,
+    NotInPlan,
+}
+
+impl Denial {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::NoCustomer => "the context names no customer (attribute \"customer\")",
+            Denial::UnknownCustomer => "no such customer in this environment",
+            Denial::NoSubscription => "the customer has no plan",
+            Denial::Canceled => "the customer's subscription is canceled",
+            Denial::TrialEnded => "the customer's trial has ended",
+            Denial::NotInPlan => "neither the customer's plan nor its overrides grant this flag",
+        }
+    }
+}
+
 static NULL: Value = Value::Null;
 
 /// The outcome of one evaluation, shaped like OpenFeature's resolution
@@ -64,6 +90,8 @@ pub struct Resolution<'a> {
     pub variant: Option<&'a str>,
     pub reason: Reason,
     pub rule: Option<&'a str>,
+    /// Why, beyond the reason (`NOT_ENTITLED`'s cause).
+    pub detail: Option<Denial>,
     pub error: Option<(ErrorCode, String)>,
 }
 
@@ -75,12 +103,13 @@ impl<'a> Resolution<'a> {
             variant: None,
             reason: Reason::Error,
             rule: None,
+            detail: None,
             error: Some((code, message.into())),
         }
     }
 
     pub fn to_json(&self) -> Value {
-        let mut out = Map::with_capacity(7);
+        let mut out = Map::with_capacity(8);
         out.insert("key".into(), Value::String(self.key.to_string()));
         out.insert("value".into(), self.value.clone());
         out.insert(
@@ -92,6 +121,9 @@ impl<'a> Resolution<'a> {
         out.insert("reason".into(), Value::String(self.reason.as_str().into()));
         if let Some(rule) = &self.rule {
             out.insert("rule".into(), Value::String(rule.to_string()));
+        }
+        if let Some(detail) = self.detail {
+            out.insert("detail".into(), Value::String(detail.as_str().into()));
         }
         if let Some((code, message)) = &self.error {
             out.insert("error_code".into(), Value::String(code.as_str().into()));
@@ -106,16 +138,17 @@ impl<'a> Resolution<'a> {
     }
 }
 
-/// Answers whether a customer's plan or overrides grant a plan-kind flag.
+/// Answers whether a customer's plan or overrides grant a plan-kind flag,
+/// and if not, why.
 pub trait Entitlements {
-    fn grants(&self, customer: &str, flag: &str) -> bool;
+    fn grants(&self, customer: &str, flag: &str) -> Result<(), Denial>;
 }
 
 /// Until plans are connected, nobody is entitled to anything.
 pub struct NoEntitlements;
 
 impl Entitlements for NoEntitlements {
-    fn grants(&self, _customer: &str, _flag: &str) -> bool {
-        false
+    fn grants(&self, _customer: &str, _flag: &str) -> Result<(), Denial> {
+        Err(Denial::UnknownCustomer)
     }
 }

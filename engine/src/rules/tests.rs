@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use super::document::parse_flag_document;
 use super::engine::Snapshot;
 use super::resolution::{ErrorCode, Reason, Resolution};
-use super::{parse_segment, Entitlements, NoEntitlements};
+use super::{parse_segment, Denial, Entitlements, NoEntitlements};
 
 fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
     let flags = flags
@@ -210,8 +210,12 @@ fn a_cycle_that_slipped_past_writes_does_not_recurse_forever() {
 
 struct Grants(&'static str);
 impl Entitlements for Grants {
-    fn grants(&self, customer: &str, _flag: &str) -> bool {
-        customer == self.0
+    fn grants(&self, customer: &str, _flag: &str) -> Result<(), Denial> {
+        if customer == self.0 {
+            Ok(())
+        } else {
+            Err(Denial::NotInPlan)
+        }
     }
 }
 
@@ -228,7 +232,16 @@ fn plan_flags_need_an_entitlement() {
     let r = s.evaluate("reports", &json!({"customer": "acme"}), &Grants("acme"));
     assert_eq!((r.value.clone(), r.reason), (json!(true), Reason::Static));
     let r = s.evaluate("reports", &json!({}), &Grants("acme"));
-    assert_eq!(r.reason, Reason::NotEntitled);
+    assert_eq!(
+        r.to_json(),
+        json!({"key": "reports", "value": false, "variant": "off", "reason": "NOT_ENTITLED",
+               "detail": "the context names no customer (attribute \"customer\")"})
+    );
+    let r = s.evaluate("reports", &json!({"customer": "globex"}), &Grants("acme"));
+    assert_eq!(
+        (r.reason, r.detail),
+        (Reason::NotEntitled, Some(Denial::NotInPlan))
+    );
 }
 
 fn rollout_flag(weights: Value) -> Snapshot {
