@@ -332,6 +332,12 @@ impl RawIdentity<'_> {
     }
 }
 
+/// Whether this session's organization can only come from an API key
+/// (`flagship.require_key`).
+pub fn key_required() -> bool {
+    REQUIRE_KEY.get()
+}
+
 pub fn organization_id() -> Option<pgrx::Uuid> {
     let authenticated =
         KEY_SESSION.with(|session| session.borrow().as_ref().map(|s| s.organization));

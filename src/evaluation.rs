@@ -82,18 +82,18 @@ fn snapshot_for(
 /// environment at all under row-level security (unless its role bypasses
 /// it), and is told that rather than that one name is missing.
 fn not_found(message: String) -> (ErrorCode, String) {
-    if context::organization_id().is_none() && !crate::postgres::backend::sees_every_organization()
-    {
-        (
-            ErrorCode::General,
-            "no organization in this session: set flagship.organization_id (SET LOCAL \
-             behind a transaction pooler), send JWT claims with org_id, or call \
-             flagship.authenticate with an API key in this transaction"
-                .to_string(),
-        )
-    } else {
-        (ErrorCode::EnvironmentNotFound, message)
+    if context::organization_id().is_some() || crate::postgres::backend::sees_every_organization() {
+        return (ErrorCode::EnvironmentNotFound, message);
     }
+    let why = if context::key_required() {
+        "no organization in this session: it requires an API key \
+         (flagship.require_key), and none was authenticated in this transaction"
+    } else {
+        "no organization in this session: set flagship.organization_id (SET LOCAL \
+         behind a transaction pooler), send JWT claims with org_id, or call \
+         flagship.authenticate with an API key in this transaction"
+    };
+    (ErrorCode::General, why.to_string())
 }
 
 /// Where the name points (from the name cache while no change was

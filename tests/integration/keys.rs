@@ -333,7 +333,16 @@ fn a_key_session_cannot_choose_another_organization() {
     ))
     .unwrap();
     assert_eq!(features(&mut app), "0");
-    assert_eq!(reason(&mut app, "shop/production"), "ENVIRONMENT_NOT_FOUND");
+    // Without a key the session has no organization, and is told so (#17).
+    assert_eq!(reason(&mut app, "shop/production"), "GENERAL");
+    assert_eq!(
+        text(
+            &mut app,
+            "SELECT flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'error_message'"
+        ),
+        "no organization in this session: it requires an API key (flagship.require_key), \
+         and none was authenticated in this transaction"
+    );
 
     // A key opens its own organization, for this transaction only, and only
     // in the environment it is bound to.

@@ -625,7 +625,8 @@ fn an_idempotency_key_reused_for_another_call_is_refused() {
         text(
             &mut su,
             "SELECT string_agg(c.external_key || ':' || u.used, ',' ORDER BY c.external_key)
-               FROM flagship.usage_counters u JOIN flagship.customers c ON c.id = u.customer_id"
+               FROM flagship.usage_counters u JOIN flagship.customers c ON c.id = u.customer_id
+              WHERE u.organization_id = flagship.current_organization_id()"
         ),
         "acme:1"
     );
