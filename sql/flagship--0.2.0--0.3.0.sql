@@ -1322,3 +1322,13 @@ $fn$;
 CREATE INDEX usage_ledger_idempotency_by_key
     ON flagship.usage_ledger (organization_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- Why an evaluation answered as it did (#17).
+CREATE  FUNCTION "explain_evaluation"(
+	"flag_key" TEXT, /* & str */
+	"context" jsonb DEFAULT '{}', /* Option < JsonbArg > */
+	"environment" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* pgrx :: JsonB */
+STABLE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'explain_evaluation_wrapper';

@@ -20,6 +20,7 @@ use flagship_engine::rules::conditions::Attributes;
 use flagship_engine::rules::resolution::ErrorCode;
 use flagship_engine::rules::{Resolution, Snapshot};
 
+mod explain;
 mod loading;
 use loading::{load, locate};
 

@@ -631,3 +631,124 @@ fn an_idempotency_key_reused_for_another_call_is_refused() {
         "acme:1"
     );
 }
+
+/// explain_evaluation: the flagship_evaluate answer plus the steps that
+/// reached it, for each way a flag can decide.
+#[test]
+fn explain_evaluation_shows_each_step() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-explain");
+    su.batch_execute(&format!(
+        r#"SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production';
+           SELECT flagship.put_flag('shop', '{{"key": "gate", "environments": {{"production": {{"enabled": true,
+               "rules": [{{"id": "closed", "conditions": [{{"attribute": "country", "op": "eq", "value": "xx"}}],
+                          "serve": {{"variant": "off"}}}}]}}}}}}');
+           SELECT flagship.put_flag('shop', '{{"key": "checkout", "prerequisites": [{{"flag": "gate"}}],
+               "environments": {{"production": {{"enabled": true, "targets": {{"on": ["vip"]}},
+                 "rules": [
+                   {{"id": "french", "conditions": [{{"attribute": "country", "op": "eq", "value": "fr"}}],
+                     "serve": {{"variant": "on"}}}},
+                   {{"id": "adults", "conditions": [{{"attribute": "age", "op": "gte", "value": 18}}],
+                     "serve": {{"rollout": [{{"variant": "on", "weight": 30}}, {{"variant": "off", "weight": 70}}]}}}}],
+                 "default": {{"variant": "off"}}}}}}}}');
+           SELECT flagship.put_flag('shop', '{{"key": "reports", "kind": "plan",
+               "environments": {{"production": {{"enabled": true}}}}}}');
+           SELECT flagship.put_plan('shop', '{{"key": "basic", "features": {{}}}}');
+           SELECT flagship.put_customer('shop/production', '{{"key": "trial", "plan": "basic", "status": "trialing",
+               "trial_ends_at": "2020-01-01T00:00:00+00:00"}}');"#
+    ))
+    .unwrap();
+    let explain = |su: &mut Client, flag: &str, context: Value| {
+        let answer: Value = su
+            .query_one(
+                "SELECT flagship.explain_evaluation($1, $2::text::jsonb)::text",
+                &[&flag, &context.to_string()],
+            )
+            .map(|row| serde_json::from_str(row.get::<_, &str>(0)).unwrap())
+            .unwrap();
+        // The answer part is exactly what flagship_evaluate says.
+        let evaluated = document(
+            su,
+            &format!(
+                "SELECT flagship.flagship_evaluate('{flag}', '{}')::text",
+                context.to_string().replace('\'', "''")
+            ),
+        );
+        let mut without_trace = answer.clone();
+        without_trace.as_object_mut().unwrap().remove("trace");
+        assert_eq!(without_trace, evaluated, "{flag} {context}");
+        answer
+    };
+
+    // A targeted user.
+    let targeted = explain(&mut su, "checkout", json!({"targeting_key": "vip"}));
+    assert_eq!(targeted["reason"], "TARGETING_MATCH");
+    assert_eq!(
+        targeted["trace"]["targets"],
+        json!({"targeting_key": "vip", "matched": true})
+    );
+    assert_eq!(
+        targeted["trace"]["decided_by"],
+        "the targeting key is targeted"
+    );
+
+    // A rule match after a rule whose condition failed, with the rollout's
+    // bucket and band.
+    let adult = explain(
+        &mut su,
+        "checkout",
+        json!({"targeting_key": "user-7", "country": "de", "age": 40}),
+    );
+    let rules = &adult["trace"]["rules"];
+    assert_eq!(
+        rules[0],
+        json!({"id": "french", "matched": false, "conditions": [
+            {"attribute": "country", "op": "eq", "value": "de", "matched": false}]})
+    );
+    assert_eq!(
+        rules[1]["conditions"],
+        json!([{"attribute": "age", "op": "gte", "value": 40, "matched": true}])
+    );
+    let rollout = &rules[1]["rollout"];
+    assert_eq!(
+        rollout["bands"],
+        json!([{"variant": "on", "from": 0, "to": 30000}, {"variant": "off", "from": 30000, "to": 100000}])
+    );
+    let position = rollout["position"].as_u64().unwrap();
+    let expected_variant = if position < 30000 { "on" } else { "off" };
+    assert_eq!(rollout["variant"], expected_variant);
+    assert_eq!(adult["variant"], expected_variant);
+    assert_eq!(adult["rule"], "adults");
+    assert_eq!(adult["trace"]["decided_by"], "rule \"adults\"");
+    assert_eq!(
+        adult["trace"]["prerequisites"][0]["met"],
+        json!(true),
+        "{adult}"
+    );
+
+    // A failed prerequisite.
+    let blocked = explain(&mut su, "checkout", json!({"country": "xx"}));
+    assert_eq!(blocked["reason"], "PREREQUISITE_FAILED");
+    assert_eq!(
+        blocked["trace"]["prerequisites"][0]["variant"],
+        json!("off")
+    );
+    assert_eq!(
+        blocked["trace"]["decided_by"],
+        "prerequisite \"gate\" is not met"
+    );
+
+    // A plan flag: the customer, plan, status and trial end, and the cause.
+    let trial = explain(&mut su, "reports", json!({"customer": "trial"}));
+    assert_eq!(
+        trial["trace"]["entitlement"],
+        json!({"customer": "trial", "granted": false, "detail": "the customer's trial has ended",
+               "plan": "basic", "status": "trialing", "trial_ends_at": "2020-01-01T00:00:00+00:00"})
+    );
+    let nobody = explain(&mut su, "reports", json!({}));
+    assert_eq!(
+        nobody["trace"]["entitlement"],
+        json!({"customer": null, "granted": false,
+               "detail": "the context names no customer (attribute \"customer\")"})
+    );
+}

@@ -16,6 +16,9 @@ use super::placement::{scalar_text, targeting_key, CompiledSample, Placement};
 use super::resolution::{Denial, Entitlements, ErrorCode, Reason, Resolution};
 use crate::bucketing;
 
+mod explain;
+pub use explain::Decision;
+
 /// How deep prerequisite chains may go; writes refuse cycles, this guards
 /// evaluation against anything that slipped past them.
 const MAX_PREREQUISITE_DEPTH: usize = 16;
