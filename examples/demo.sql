@@ -1,12 +1,21 @@
 -- A sample organization, project, segment and flags, then a few evaluations.
+-- It runs as an application would: a non-superuser role with flagship_admin
+-- starts the organization (and so owns it), and every transaction names its
+-- organization with SET LOCAL, which is what a transaction pooler such as
+-- PgBouncer needs (a session-level SET would leak to the next client).
 CREATE EXTENSION flagship;
+CREATE ROLE demo_admin IN ROLE flagship_admin;
+SET ROLE demo_admin;
 
-SELECT set_config('flagship.organization_id',
-                  flagship.create_organization('acme', 'Acme Inc.')::text, false) \gset
-SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Web shop') \gset
-SET flagship.environment = 'shop/production';
-SET flagship.actor = 'dana@acme.example';  -- who the audit trail names
+BEGIN;
+SET LOCAL flagship.actor = 'dana@acme.example';  -- who the audit trail names, and the new owner
+SELECT flagship.create_organization('acme', 'Acme Inc.') AS org \gset
+COMMIT;
+\set tenant 'SET LOCAL flagship.organization_id = ' :'org' '; SET LOCAL flagship.actor = ''dana@acme.example''; SET LOCAL flagship.environment = ''shop/production'''
 
+BEGIN;
+:tenant;
+SELECT flagship.create_project(:'org', 'shop', 'Web shop') \gset
 SELECT flagship.put_flag('shop', '{"key": "payments-v2", "environments": {"production": {"enabled": true}}}') \gset
 SELECT flagship.put_segment('shop', '{"key": "beta-testers", "included": ["user-42"],
   "conditions": [{"attribute": "email", "op": "ends_with", "values": ["@acme.test"]}]}') \gset
@@ -31,6 +40,10 @@ SELECT flagship.put_flag('shop', '{"key": "checkout-button", "kind": "multivaria
   "environments": {"production": {"enabled": true,
     "default": {"rollout": {"blue": 50, "green": 50}}}}}') \gset
 
+COMMIT;
+
+BEGIN;
+:tenant;
 \echo
 \echo 'flagship_evaluate(flag, context) in shop/production:'
 SELECT context, flagship.flagship_evaluate('new-checkout', context::jsonb) AS result
@@ -48,7 +61,11 @@ SELECT round(100.0 * count(*) FILTER (WHERE flagship.flagship_enabled(
 \echo 'Everything a client SDK needs for one user:'
 SELECT jsonb_pretty(flagship.flagship_evaluate_all('{"targeting_key": "user-1"}')) AS bootstrap;
 
+COMMIT;
+
 -- Plans and usage limits ------------------------------------------------------
+BEGIN;
+:tenant;
 SELECT flagship.put_flag('shop', '{"key": "advanced-reports", "kind": "plan",
   "environments": {"production": {"enabled": true}}}') \gset
 SELECT flagship.put_metric('shop', '{"key": "api_calls", "unit": "calls"}') \gset
@@ -59,9 +76,14 @@ SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"advanced-reports"
 SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro", "billing_anchor": "2024-01-31T00:00:00Z"}') \gset
 SELECT flagship.put_customer('shop/production', '{"key": "tiny-co", "plan": "free"}') \gset
 
-\echo 'Plan-kind flag: on for a customer whose plan grants it:'
-SELECT c AS customer, flagship.flagship_evaluate('advanced-reports', jsonb_build_object('customer', c)) ->> 'reason' AS reason
-  FROM unnest(ARRAY['acme', 'tiny-co']) AS c;
+COMMIT;
+
+BEGIN;
+:tenant;
+\echo 'Plan-kind flag: on for a customer whose plan grants it (and, if not, why):'
+SELECT c AS customer, r ->> 'reason' AS reason, r ->> 'detail' AS detail
+  FROM unnest(ARRAY['acme', 'tiny-co']) AS c,
+       flagship.flagship_evaluate('advanced-reports', jsonb_build_object('customer', c)) AS r;
 
 \echo 'tiny-co may make 3 API calls a day; the 4th is refused and records nothing:'
 SELECT call, r ->> 'allowed' AS allowed, r ->> 'used' AS used, r ->> 'reason' AS reason
@@ -73,7 +95,11 @@ SELECT flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'used' AS 
        flagship.record_usage('acme', 'api_calls', 5, 'request-1') ->> 'replayed' AS replayed;
 SELECT flagship.check_usage_limit('acme', 'api_calls') AS acme_api_calls;
 
+COMMIT;
+
 -- Migrating from Unleash and GrowthBook -----------------------------------------
+BEGIN;
+:tenant;
 -- What GET /api/client/features returns for one Unleash environment.
 \set unleash_state '{"version": 1, "features": [{"name": "checkout-redesign", "enabled": true, "strategies": [{"name": "flexibleRollout", "parameters": {"rollout": "50", "stickiness": "default", "groupId": "checkout-redesign"}, "constraints": [{"contextName": "plan", "operator": "IN", "values": ["pro", "team"]}]}], "variants": [{"name": "compact", "weight": 500, "payload": {"type": "string", "value": "compact"}}, {"name": "roomy", "weight": 500, "payload": {"type": "string", "value": "roomy"}}]}]}'
 SELECT flagship.import_unleash('shop', :'unleash_state', 'production') AS unleash_flags_imported;
@@ -93,14 +119,39 @@ SELECT flagship.put_flag('shop', jsonb_build_object('key', 'new-pricing', 'envir
 SELECT flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.10.1"}') AS dk_on_2_10,
        flagship.flagship_enabled('new-pricing', '{"country": "DK", "appVersion": "2.3.9"}') AS dk_on_2_3;
 
+COMMIT;
+
+-- Day to day: patch one flag, explain an answer, flags as code ---------------
+BEGIN;
+:tenant;
+\echo 'Turn new-checkout off in production only (a JSON Merge Patch of the flag):'
+SELECT flagship.patch_flag('shop', '{"key": "new-checkout", "environments": {"production": {"enabled": false}}}') \gset
+SELECT flagship.flagship_evaluate('new-checkout', '{"targeting_key": "user-1"}') ->> 'reason' AS now;
+SELECT flagship.patch_flag('shop', '{"key": "new-checkout", "environments": {"production": {"enabled": true}}}') \gset
+\echo 'Why did u-7 get the new checkout?'
+SELECT jsonb_pretty(flagship.explain_evaluation('new-checkout',
+  '{"targeting_key": "u-7", "country": "NO", "plan": "enterprise"}') -> 'trace') AS trace;
+\echo 'Flags as code: plan an edited export (staging of checkout-button switched on), then apply it twice:'
+SELECT jsonb_set(flagship.export_project('shop', customers => false),
+                 '{flags,1,environments,staging}', '{"enabled": true}') AS edited \gset
+SELECT jsonb_pretty(flagship.plan_project(:'org', :'edited')) AS plan;
+SELECT flagship.apply_project(:'org', :'edited') -> 'update' -> 0 ->> 'key' AS first_apply_updated;
+SELECT flagship.apply_project(:'org', :'edited') ->> 'unchanged' AS second_apply_unchanged;
+COMMIT;
+
 -- Exposure counts ---------------------------------------------------------------
 -- Counted in memory while evaluating (evaluation never writes), flushed in one statement.
-SET flagship.count_exposures = on;
+BEGIN;
+:tenant;
+SET LOCAL flagship.count_exposures = on;
 SELECT count(*) FILTER (WHERE flagship.flagship_enabled('new-checkout', jsonb_build_object('targeting_key', 'user-' || i))) AS served_on
   FROM generate_series(1, 1000) AS i;
 SELECT flagship.flush_exposures() AS evaluations_flushed;
 SELECT flag_key, variant, evaluations FROM flagship.flag_exposures ORDER BY 1, 2;
-RESET flagship.count_exposures;
+COMMIT;
+
+BEGIN;
+:tenant;
 
 -- Audit trail -------------------------------------------------------------------
 UPDATE flagship.features SET description = 'The one-page checkout'
@@ -115,3 +166,4 @@ SELECT occurred_at::time(0) AS at, actor, resource_type, diff
  WHERE organization_id = flagship.current_organization_id() AND action = 'update'
  ORDER BY chain_seq DESC LIMIT 3;
 SELECT flagship.verify_audit_chain(flagship.current_organization_id()) AS chain;
+COMMIT;
