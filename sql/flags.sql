@@ -394,6 +394,7 @@ DECLARE
     project_row flagship.projects;
     segment_id uuid;
 BEGIN
+    PERFORM flagship.require_permission('features:write', 'put_segment');
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     PERFORM flagship.validate_segment(definition);
     INSERT INTO flagship.segments AS s
@@ -428,6 +429,7 @@ DECLARE
     config jsonb;
     saved_environment uuid;
 BEGIN
+    PERFORM flagship.require_permission('features:write', 'put_flag');
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     -- Validate the whole document first, so errors name paths in it.
     normalized := flagship.validate_flag(definition);

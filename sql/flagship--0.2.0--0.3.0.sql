@@ -1332,3 +1332,417 @@ CREATE  FUNCTION "explain_evaluation"(
 STABLE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'explain_evaluation_wrapper';
+
+
+-- Refusals name the missing permission, and refusals of plans, customers
+-- and metrics name the object (#17): every put_ function and
+-- create_project asks flagship.require_permission first.
+
+-- Refuses, before anything is written, an actor who may not use
+-- `permission` in the session's organization, naming what is missing and
+-- how to get it; the policies would refuse anyway, but only with "new row
+-- violates row-level security policy". Roles that bypass row-level
+-- security (superusers, BYPASSRLS) and sessions without an organization
+-- are left to the policies.
+
+CREATE FUNCTION flagship.require_permission(permission text, action text) RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    granting text;
+BEGIN
+    IF flagship.current_organization_id() IS NULL
+       OR (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user)
+       OR flagship.actor_may(permission) THEN
+        RETURN;
+    END IF;
+    IF flagship.current_key_id() IS NOT NULL THEN
+        RAISE EXCEPTION '%: this transaction''s API key lacks the scope %', action, permission
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('issue a key with %s (flagship.issue_api_key(..., scopes => ARRAY[%L]))',
+                                permission, permission);
+    END IF;
+    SELECT string_agg(DISTINCT r.key, ', ' ORDER BY r.key) INTO granting
+      FROM flagship.roles r
+      JOIN flagship.role_permissions rp ON rp.organization_id = r.organization_id AND rp.role_id = r.id
+     WHERE r.organization_id = flagship.current_organization_id() AND rp.permission = require_permission.permission;
+    RAISE EXCEPTION '%: actor "%" lacks the permission % in organization %',
+        action, flagship.current_actor(), permission, flagship.current_organization_id()
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = format('a member with one of these roles has it: %s; an owner or admin adds the member in flagship.members and the role in flagship.member_roles',
+                            coalesce(granting, 'none'));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.create_project(
+    organization_id uuid,
+    key text,
+    name text,
+    environments text[] DEFAULT '{development,staging,production}')
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_id uuid;
+    env_key text;
+    position int := 0;
+BEGIN
+    PERFORM flagship.require_permission('projects:write', 'create_project');
+    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
+        RAISE EXCEPTION 'organization "%" not found', create_project.organization_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'the organization must exist and match the session''s flagship.organization_id';
+    END IF;
+    IF key IS NULL OR key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(key) > 63 THEN
+        RAISE EXCEPTION 'project key "%" is invalid', key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'key: lowercase letters, digits, ''_'', ''.'' and ''-'', starting with a letter or digit';
+    END IF;
+    IF environments IS NULL OR cardinality(environments) = 0 THEN
+        RAISE EXCEPTION 'project "%" needs at least one environment', key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO flagship.projects (organization_id, key, name)
+    VALUES (create_project.organization_id, create_project.key, coalesce(create_project.name, create_project.key))
+    RETURNING id INTO new_id;
+
+    FOREACH env_key IN ARRAY environments LOOP
+        position := position + 1;
+        IF env_key IS NULL OR env_key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(env_key) > 63 THEN
+            RAISE EXCEPTION 'environment key "%" is invalid', env_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'environments[' || position || ']: lowercase letters, digits, ''_'', ''.'' and ''-''';
+        END IF;
+        -- The first environment listed is where evaluations without one land.
+        INSERT INTO flagship.environments (organization_id, project_id, key, name, is_default)
+        VALUES (create_project.organization_id, new_id, env_key, initcap(env_key), position = 1);
+    END LOOP;
+
+    RETURN new_id;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_segment(project text, definition jsonb)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    segment_id uuid;
+BEGIN
+    PERFORM flagship.require_permission('features:write', 'put_segment');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.validate_segment(definition);
+    INSERT INTO flagship.segments AS s
+        (organization_id, project_id, key, name, description, included, excluded, conditions)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key',
+            definition->>'name', definition->>'description',
+            coalesce(definition->'included', '[]'), coalesce(definition->'excluded', '[]'),
+            coalesce(definition->'conditions', '[]'))
+    ON CONFLICT ON CONSTRAINT segments_key_unique DO UPDATE
+       SET name = EXCLUDED.name, description = EXCLUDED.description,
+           included = EXCLUDED.included, excluded = EXCLUDED.excluded,
+           conditions = EXCLUDED.conditions
+    RETURNING s.id INTO segment_id;
+    RETURN segment_id;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_flag(project text, definition jsonb)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    normalized jsonb;
+    prerequisite jsonb;
+    prerequisite_variants jsonb;
+    missing_variant text;
+    segment_key text;
+    saved_feature uuid;
+    environment_key text;
+    config jsonb;
+    saved_environment uuid;
+BEGIN
+    PERFORM flagship.require_permission('features:write', 'put_flag');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    -- Validate the whole document first, so errors name paths in it.
+    normalized := flagship.validate_flag(definition);
+    -- References to other rows are checked here rather than in the table
+    -- triggers, so that pg_restore may load tables in any order.
+    FOR prerequisite IN SELECT * FROM jsonb_array_elements(normalized->'prerequisites') LOOP
+        SELECT f.variants INTO prerequisite_variants
+          FROM flagship.features f
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = prerequisite->>'flag';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', normalized->>'key', prerequisite->>'flag'
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create the prerequisite flag first';
+        END IF;
+        SELECT wanted INTO missing_variant
+          FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
+                                                  jsonb_build_array(prerequisite->'variant'))) wanted
+         WHERE NOT prerequisite_variants ? wanted
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
+                normalized->>'key', prerequisite->>'flag', missing_variant
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    FOR environment_key, segment_key IN
+        SELECT env.key, rule->>'segment'
+          FROM jsonb_each(coalesce(definition->'environments', '{}')) env
+         CROSS JOIN LATERAL jsonb_array_elements(coalesce(env.value->'rules', '[]')) rule
+         WHERE rule ? 'segment'
+    LOOP
+        IF NOT EXISTS (SELECT FROM flagship.segments s
+                        WHERE s.organization_id = project_row.organization_id
+                          AND s.project_id = project_row.id AND s.key = segment_key) THEN
+            RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
+                normalized->>'key', environment_key, segment_key
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'create it with flagship.put_segment first';
+        END IF;
+    END LOOP;
+
+    INSERT INTO flagship.features AS f
+        (organization_id, project_id, key, kind, name, description, variants,
+         off_variant, prerequisites, salt, archived, bucketing)
+    VALUES (project_row.organization_id, project_row.id, normalized->>'key',
+            normalized->>'kind', normalized->>'name', normalized->>'description',
+            normalized->'variants', normalized->>'off_variant', normalized->'prerequisites',
+            normalized->>'salt', (normalized->>'archived')::boolean, normalized->>'bucketing')
+    ON CONFLICT ON CONSTRAINT features_key_unique DO UPDATE
+       SET kind = EXCLUDED.kind, name = EXCLUDED.name, description = EXCLUDED.description,
+           variants = EXCLUDED.variants, off_variant = EXCLUDED.off_variant,
+           prerequisites = EXCLUDED.prerequisites, salt = EXCLUDED.salt,
+           archived = EXCLUDED.archived, bucketing = EXCLUDED.bucketing
+    RETURNING f.id INTO saved_feature;
+
+    -- A document with "environments" is the whole truth about them: the
+    -- environments it leaves out lose their configuration (and so are off).
+    IF definition ? 'environments' THEN
+        FOR environment_key, config IN SELECT * FROM jsonb_each(coalesce(definition->'environments', '{}')) LOOP
+            SELECT e.id INTO saved_environment
+              FROM flagship.environments e
+             WHERE e.organization_id = project_row.organization_id
+               AND e.project_id = project_row.id AND e.key = environment_key;
+            IF saved_environment IS NULL THEN
+                RAISE EXCEPTION 'flag "%": environments.%: project "%" has no such environment',
+                    normalized->>'key', environment_key, project_row.key
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            INSERT INTO flagship.feature_rules AS r
+                (organization_id, project_id, feature_id, environment_id, enabled, targets, rules, default_serve)
+            VALUES (project_row.organization_id, project_row.id, saved_feature, saved_environment,
+                    coalesce((config->>'enabled')::boolean, false),
+                    coalesce(config->'targets', '{}'), coalesce(config->'rules', '[]'),
+                    config->'default')
+            ON CONFLICT ON CONSTRAINT feature_rules_pkey DO UPDATE
+               SET enabled = EXCLUDED.enabled, targets = EXCLUDED.targets,
+                   rules = EXCLUDED.rules, default_serve = EXCLUDED.default_serve;
+        END LOOP;
+        DELETE FROM flagship.feature_rules r
+         USING flagship.environments e
+         WHERE r.organization_id = project_row.organization_id AND r.feature_id = saved_feature
+           AND e.organization_id = r.organization_id AND e.id = r.environment_id
+           AND NOT (coalesce(definition->'environments', '{}') ? e.key);
+    END IF;
+    RETURN saved_feature;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    target_project uuid := flagship.resolve_project(project);
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_metric');
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum or gauge');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
+    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
+           coalesce(definition->>'aggregation', 'sum')
+      FROM flagship.projects p WHERE p.id = target_project
+    ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
+       SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
+           updated_at = now()
+    RETURNING m.id INTO saved;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the metric it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('metric "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^metric: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_plan(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    project_row flagship.projects;
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_plan');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name')
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+    RETURNING p.id INTO saved;
+
+    DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
+    INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+    SELECT project_row.organization_id, project_row.id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(project_row.organization_id, project_row.id,
+                                     definition->'features', 'features') s;
+
+    DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
+    INSERT INTO flagship.usage_limits
+        (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(project_row.organization_id, project_row.id,
+                                  definition->'limits', 'limits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the plan it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('plan "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^plan: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_customer(environment text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    environment_row flagship.environments;
+    plan_row flagship.plans;
+    saved uuid;
+    new_status text;
+    new_trial_end timestamptz;
+    new_anchor timestamptz;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_customer');
+    SELECT * INTO environment_row FROM flagship.environments e
+     WHERE e.id = flagship.resolve_environment(environment);
+    PERFORM flagship.require_object(definition, 'customer',
+        '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes}');
+    IF jsonb_typeof(definition->'key') IS DISTINCT FROM 'string' OR btrim(definition->>'key') = '' THEN
+        PERFORM flagship.refuse('key', 'must be a non-empty string');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'attributes', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('attributes', 'must be a JSON object');
+    END IF;
+    PERFORM flagship.require_object(coalesce(definition->'overrides', '{}'), 'overrides', '{features,limits}');
+    new_status := coalesce(definition->>'status', 'active');
+    IF new_status NOT IN ('active', 'trialing', 'canceled') THEN
+        PERFORM flagship.refuse('status', format('must be active, trialing or canceled, not "%s"', new_status));
+    END IF;
+    BEGIN
+        new_trial_end := (definition->>'trial_ends_at')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('trial_ends_at', 'must be a timestamp');
+    END;
+    BEGIN
+        new_anchor := (definition->>'billing_anchor')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('billing_anchor', 'must be a timestamp');
+    END;
+    IF new_status = 'trialing' AND new_trial_end IS NULL THEN
+        PERFORM flagship.refuse('trial_ends_at', 'is required while trialing');
+    END IF;
+    IF definition ? 'plan' THEN
+        SELECT * INTO plan_row FROM flagship.plans p
+         WHERE p.organization_id = environment_row.organization_id
+           AND p.project_id = environment_row.project_id AND p.key = definition->>'plan';
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse('plan', format('unknown plan "%s"', definition->>'plan'));
+        END IF;
+    END IF;
+
+    INSERT INTO flagship.customers AS c
+        (organization_id, project_id, environment_id, external_key, name, attributes)
+    VALUES (environment_row.organization_id, environment_row.project_id, environment_row.id,
+            definition->>'key', definition->>'name', coalesce(definition->'attributes', '{}'))
+    ON CONFLICT ON CONSTRAINT customers_key_unique DO UPDATE
+       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = now()
+    RETURNING c.id INTO saved;
+
+    IF plan_row.id IS NULL THEN
+        DELETE FROM flagship.subscriptions s
+         WHERE s.organization_id = environment_row.organization_id AND s.customer_id = saved;
+    ELSE
+        INSERT INTO flagship.subscriptions AS s
+            (organization_id, project_id, customer_id, plan_id, status, trial_ends_at, billing_anchor)
+        VALUES (environment_row.organization_id, environment_row.project_id, saved, plan_row.id,
+                new_status, new_trial_end, coalesce(new_anchor, now()))
+        ON CONFLICT (organization_id, customer_id) DO UPDATE
+           SET plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
+               trial_ends_at = EXCLUDED.trial_ends_at,
+               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = now();
+    END IF;
+
+    DELETE FROM flagship.customer_feature_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    INSERT INTO flagship.customer_feature_overrides (organization_id, customer_id, feature_key, enabled)
+    SELECT environment_row.organization_id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(environment_row.organization_id, environment_row.project_id,
+                                     definition->'overrides'->'features', 'overrides.features') s;
+
+    DELETE FROM flagship.customer_limit_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    INSERT INTO flagship.customer_limit_overrides
+        (organization_id, project_id, customer_id, metric_id, usage_limit, period, enforcement)
+    SELECT environment_row.organization_id, environment_row.project_id, saved,
+           t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(environment_row.organization_id, environment_row.project_id,
+                                  definition->'overrides'->'limits', 'overrides.limits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the customer it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('customer "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^customer: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+END
+$fn$;

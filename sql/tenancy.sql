@@ -189,6 +189,43 @@ AS $fn$
                     flagship.has_permission(flagship.current_actor(), permission))
 $fn$;
 
+-- Refuses, before anything is written, an actor who may not use
+-- `permission` in the session's organization, naming what is missing and
+-- how to get it; the policies would refuse anyway, but only with "new row
+-- violates row-level security policy". Roles that bypass row-level
+-- security (superusers, BYPASSRLS) and sessions without an organization
+-- are left to the policies.
+CREATE FUNCTION flagship.require_permission(permission text, action text) RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    granting text;
+BEGIN
+    IF flagship.current_organization_id() IS NULL
+       OR (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user)
+       OR flagship.actor_may(permission) THEN
+        RETURN;
+    END IF;
+    IF flagship.current_key_id() IS NOT NULL THEN
+        RAISE EXCEPTION '%: this transaction''s API key lacks the scope %', action, permission
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('issue a key with %s (flagship.issue_api_key(..., scopes => ARRAY[%L]))',
+                                permission, permission);
+    END IF;
+    SELECT string_agg(DISTINCT r.key, ', ' ORDER BY r.key) INTO granting
+      FROM flagship.roles r
+      JOIN flagship.role_permissions rp ON rp.organization_id = r.organization_id AND rp.role_id = r.id
+     WHERE r.organization_id = flagship.current_organization_id() AND rp.permission = require_permission.permission;
+    RAISE EXCEPTION '%: actor "%" lacks the permission % in organization %',
+        action, flagship.current_actor(), permission, flagship.current_organization_id()
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = format('a member with one of these roles has it: %s; an owner or admin adds the member in flagship.members and the role in flagship.member_roles',
+                            coalesce(granting, 'none'));
+END
+$fn$;
+
 -- Every tenant table gets the same isolation: RLS enabled and forced, and
 -- rows of the session's organization only. With a write permission, reads
 -- stay per organization while INSERT, UPDATE and DELETE also need the
@@ -318,6 +355,7 @@ DECLARE
     env_key text;
     position int := 0;
 BEGIN
+    PERFORM flagship.require_permission('projects:write', 'create_project');
     IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
         RAISE EXCEPTION 'organization "%" not found', create_project.organization_id
             USING ERRCODE = 'invalid_parameter_value',

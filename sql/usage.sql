@@ -419,9 +419,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    refused text;
+    refused_hint text;
     target_project uuid := flagship.resolve_project(project);
     saved uuid;
 BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_metric');
     PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge') THEN
@@ -436,6 +439,14 @@ BEGIN
            updated_at = now()
     RETURNING m.id INTO saved;
     RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the metric it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('metric "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^metric: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
 END
 $fn$;
 
@@ -444,9 +455,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    refused text;
+    refused_hint text;
     project_row flagship.projects;
     saved uuid;
 BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_plan');
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
@@ -475,6 +489,14 @@ BEGIN
       FROM flagship.metric_limits(project_row.organization_id, project_row.id,
                                   definition->'limits', 'limits') t;
     RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the plan it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('plan "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^plan: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
 END
 $fn$;
 
@@ -483,6 +505,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    refused text;
+    refused_hint text;
     environment_row flagship.environments;
     plan_row flagship.plans;
     saved uuid;
@@ -490,6 +514,7 @@ DECLARE
     new_trial_end timestamptz;
     new_anchor timestamptz;
 BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_customer');
     SELECT * INTO environment_row FROM flagship.environments e
      WHERE e.id = flagship.resolve_environment(environment);
     PERFORM flagship.require_object(definition, 'customer',
@@ -565,6 +590,14 @@ BEGIN
       FROM flagship.metric_limits(environment_row.organization_id, environment_row.project_id,
                                   definition->'overrides'->'limits', 'overrides.limits') t;
     RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the customer it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('customer "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^customer: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
 END
 $fn$;
 

@@ -752,3 +752,87 @@ fn explain_evaluation_shows_each_step() {
                "detail": "the context names no customer (attribute \"customer\")"})
     );
 }
+
+/// Bug of #17: a refusal on a configuration table named neither the
+/// permission nor the membership that was missing.
+#[test]
+fn a_refused_change_names_the_missing_permission() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-perm");
+    crate::harness::add_member(&mut su, &org, "vera@acme.example", "viewer");
+    let (_, mut viewer) = login_as(&mut su, "ops-perm-viewer", &["flagship_admin"]);
+    viewer
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.actor = 'vera@acme.example'"
+        ))
+        .unwrap();
+    for (sql, message, hint_roles) in [
+        (
+            r#"SELECT flagship.put_flag('shop', '{"key": "f"}')"#,
+            format!("put_flag: actor \"vera@acme.example\" lacks the permission features:write in organization {org}"),
+            "admin, developer, owner",
+        ),
+        (
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro"}')"#,
+            format!("put_plan: actor \"vera@acme.example\" lacks the permission plans:write in organization {org}"),
+            "admin, owner",
+        ),
+        (
+            &format!("SELECT flagship.create_project('{org}', 'other', 'Other')"),
+            format!("create_project: actor \"vera@acme.example\" lacks the permission projects:write in organization {org}"),
+            "admin, owner",
+        ),
+    ] {
+        let error = viewer.batch_execute(sql).unwrap_err();
+        let error = error.as_db_error().unwrap();
+        assert_eq!(error.code().code(), "42501", "{sql}");
+        assert_eq!(error.message(), message);
+        assert_eq!(
+            error.hint(),
+            Some(
+                format!(
+                    "a member with one of these roles has it: {hint_roles}; an owner or admin adds \
+                     the member in flagship.members and the role in flagship.member_roles"
+                )
+                .as_str()
+            )
+        );
+    }
+}
+
+/// Bug of #17: `limits.api_calls.period: unknown period "fortnight"` did
+/// not say which plan; every refusal of a plan, customer or metric now
+/// names it.
+#[test]
+fn validation_messages_name_their_object() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "ops-names");
+    su.batch_execute(&format!(
+        r#"SET flagship.organization_id = '{org}';
+           SELECT flagship.put_metric('shop', '{{"key": "api_calls"}}');"#
+    ))
+    .unwrap();
+    for (sql, expected) in [
+        (
+            r#"SELECT flagship.put_plan('shop', '{"key": "team", "limits": {"api_calls": {"period": "fortnight"}}}')"#,
+            r#"plan "team": limits.api_calls.period: unknown period "fortnight" (none, hour, day, week, month, billing_month)"#,
+        ),
+        (
+            r#"SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "platinum"}')"#,
+            r#"customer "acme": plan: unknown plan "platinum""#,
+        ),
+        (
+            r#"SELECT flagship.put_metric('shop', '{"key": "seats", "aggregation": "avg"}')"#,
+            r#"metric "seats": aggregation: must be sum or gauge"#,
+        ),
+        (
+            r#"SELECT flagship.put_metric('shop', '{"key": "seats", "colour": "red"}')"#,
+            r#"metric "seats": unknown field "colour""#,
+        ),
+    ] {
+        let error = su.batch_execute(sql).unwrap_err();
+        let error = error.as_db_error().unwrap();
+        assert_eq!(error.code().code(), "22023", "{sql}");
+        assert_eq!(error.message(), expected);
+    }
+}
