@@ -1664,7 +1664,14 @@ BEGIN
     SELECT * INTO environment_row FROM flagship.environments e
      WHERE e.id = flagship.resolve_environment(environment);
     PERFORM flagship.require_object(definition, 'customer',
-        '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes}');
+        '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes,environment}');
+    -- export_project names each customer's environment: accepted when it is
+    -- the one written to, so an exported customer can be put back as is.
+    IF definition ? 'environment' AND definition->>'environment' IS DISTINCT FROM environment_row.key THEN
+        PERFORM flagship.refuse('environment',
+            format('names "%s", but the customer is written to environment "%s"',
+                   definition->>'environment', environment_row.key));
+    END IF;
     IF jsonb_typeof(definition->'key') IS DISTINCT FROM 'string' OR btrim(definition->>'key') = '' THEN
         PERFORM flagship.refuse('key', 'must be a non-empty string');
     END IF;

@@ -299,6 +299,14 @@ fn apply_creates_a_project_elsewhere_and_prune_deletes_only_what_is_missing() {
         exported["customers"][0]["billing_anchor"],
         json!("2026-03-31T10:11:12.345678+00:00")
     );
+    // An exported customer can be put back as it is (its "environment"
+    // names the one it is written to).
+    admin
+        .query_one(
+            "SELECT flagship.put_customer('shop/production', $1::text::jsonb)",
+            &[&exported["customers"][0].to_string()],
+        )
+        .unwrap();
 
     // Into an organization without the project: everything is created,
     // customers included, and the export comes back identical.
@@ -828,6 +836,10 @@ fn validation_messages_name_their_object() {
         (
             r#"SELECT flagship.put_metric('shop', '{"key": "seats", "colour": "red"}')"#,
             r#"metric "seats": unknown field "colour""#,
+        ),
+        (
+            r#"SELECT flagship.put_customer('shop/production', '{"key": "acme", "environment": "staging"}')"#,
+            r#"customer "acme": environment: names "staging", but the customer is written to environment "production""#,
         ),
     ] {
         let error = su.batch_execute(sql).unwrap_err();
