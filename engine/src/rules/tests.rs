@@ -7,7 +7,9 @@ use super::engine::Snapshot;
 use super::resolution::{ErrorCode, Reason, Resolution};
 use super::{parse_segment, Denial, Entitlements, NoEntitlements};
 
-fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
+/// The compiled snapshot of flag and segment documents in environment
+/// `env` (shared with the explain tests).
+pub(super) fn snapshot(flags: &[Value], segments: &[Value], env: &str) -> Snapshot {
     let flags = flags
         .iter()
         .map(|doc| {

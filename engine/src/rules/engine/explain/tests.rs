@@ -1,23 +1,10 @@
 use serde_json::{json, Value};
 
 use super::Decision;
-use crate::rules::document::parse_flag_document;
-use crate::rules::{parse_segment, Denial, Entitlements, Snapshot};
+use crate::rules::{Denial, Entitlements, Snapshot};
 
 fn snapshot(flags: &[Value], segments: &[Value]) -> Snapshot {
-    let flags = flags
-        .iter()
-        .map(|doc| {
-            let parsed = parse_flag_document(doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
-            let config = parsed.environments.get("p").cloned();
-            (parsed.flag, config)
-        })
-        .collect();
-    let segments = segments
-        .iter()
-        .map(|doc| parse_segment(doc).unwrap())
-        .collect();
-    Snapshot::compile(flags, segments)
+    crate::rules::tests::snapshot(flags, segments, "p")
 }
 
 /// Customers whose key starts with "paid" are entitled to everything.
