@@ -39,6 +39,7 @@ use pgrx::prelude::*;
 use crate::context::{IdentityKey, RawIdentity};
 use crate::postgres::{backend, callbacks, statement_reads};
 
+mod announcements;
 mod checks;
 mod entitlement_stamps;
 use checks::read_one;
@@ -119,6 +120,15 @@ pub fn register_settings() {
         i32::MAX / 1024,
         GucContext::Userset,
         GucFlags::UNIT_KB,
+    );
+    #[cfg(feature = "pg_test")]
+    GucRegistry::define_bool_guc(
+        c"flagship.test_hold_commit_signals",
+        c"Test builds only: keep this session's commit invalidations back.",
+        c"",
+        &HOLD_COMMIT_SIGNALS,
+        GucContext::Suset,
+        GucFlags::default(),
     );
 }
 
@@ -229,6 +239,17 @@ pub fn accept_invalidations() {
         // Runs our relcache callback, which only bumps counters.
         backend::accept_invalidation_messages();
     }
+    // An announced commit this snapshot sees ended is signalled now, in
+    // case its invalidation has not arrived yet. The signal's xid bound is
+    // left as it is: this snapshot, and every later one, sees the change.
+    if announcements::settle() {
+        bump(&CONFIGURATION_SIGNAL);
+        bump(&ENTITLEMENT_SIGNAL);
+    }
+}
+
+fn bump(signal: &'static LocalKey<Cell<u64>>) {
+    signal.with(|signal| signal.set(signal.get().wrapping_add(1)));
 }
 
 pub fn configuration_signal() -> u64 {
@@ -359,12 +380,12 @@ pub fn watch_configuration(relation: pg_sys::Oid) {
 }
 
 fn signal_configuration() {
-    CONFIGURATION_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
+    bump(&CONFIGURATION_SIGNAL);
     CONFIGURATION_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
 }
 
 fn signal_entitlements() {
-    ENTITLEMENT_SIGNAL.with(|signal| signal.set(signal.get().wrapping_add(1)));
+    bump(&ENTITLEMENT_SIGNAL);
     ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
 }
 
@@ -386,6 +407,7 @@ fn signal_for(relation: pg_sys::Oid) {
 /// An abort (of a transaction or a savepoint) may take back rows this
 /// backend compiled: everything is checked against the versions again.
 fn on_transaction_event(event: pg_sys::XactEvent::Type) {
+    announcements::on_transaction_event(event);
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT
         || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
     {
@@ -425,6 +447,10 @@ fn forget_changes_if(writer: pg_sys::TransactionId) {
 /// only ten slots, shared by every extension) and the abort callbacks.
 pub fn register_callbacks() {
     callbacks::on_relation_invalidation(signal_for);
+    callbacks::on_catalog_cache_invalidation(
+        backend::ANNOUNCEMENT_CACHE,
+        announcements::on_announcement,
+    );
     callbacks::on_transaction_event(on_transaction_event);
     callbacks::on_subtransaction_event(on_subtransaction_event);
 }
@@ -435,9 +461,29 @@ pub fn register_callbacks() {
 /// names (`'flagship.features'::regclass`).
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn invalidate_cache(relation: pg_sys::Oid) {
-    backend::invalidate_relation(relation);
+    if !holding_commit_signals() {
+        backend::invalidate_relation(relation);
+    }
+    announcements::wrote();
     signal_for(relation);
 }
+
+/// Test builds only: `flagship.test_hold_commit_signals` keeps a writer's
+/// commit invalidations back, so a test can show that the announcement
+/// alone makes other backends see the commit (the window between a commit
+/// becoming visible and its invalidation arriving, held open).
+#[cfg(feature = "pg_test")]
+fn holding_commit_signals() -> bool {
+    HOLD_COMMIT_SIGNALS.get()
+}
+
+#[cfg(not(feature = "pg_test"))]
+fn holding_commit_signals() -> bool {
+    false
+}
+
+#[cfg(feature = "pg_test")]
+static HOLD_COMMIT_SIGNALS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// This backend's cache, for tests and DBAs: compiled environments, their
 /// estimated size in bytes, located environment names, and since it
@@ -453,6 +499,7 @@ pub fn cache_usage() -> pgrx::JsonB {
         "loads": LOADS.with(Cell::get),
         "locates": LOCATES.with(Cell::get),
         "change_reads": checks::change_reads(),
+        "announcements_pending": announcements::pending(),
         "limit_bytes": cache_limit_bytes(),
     }))
 }

@@ -113,6 +113,65 @@ pub fn sees_every_organization() -> bool {
     unsafe { pg_sys::superuser() || pg_sys::has_bypassrls_privilege(pg_sys::GetUserId()) }
 }
 
+/// The catalog cache whose invalidations carry commit announcements
+/// (`announce_commit`): pg_am's, which changes only with CREATE or DROP
+/// ACCESS METHOD, so its real invalidations are rare, and a stray one costs
+/// a receiver one extra version check.
+pub const ANNOUNCEMENT_CACHE: i32 = pg_sys::SysCacheIdentifier::AMOID as i32;
+
+/// Tells every backend of this database, now and not at commit, that
+/// transaction `xid` is about to commit a change. Sent before the commit
+/// becomes visible, so a backend whose snapshot sees the commit has the
+/// announcement in its queue (PostgreSQL sends a commit's own
+/// invalidations only after making it visible). The xid travels as the
+/// hash value of an invalidation of `ANNOUNCEMENT_CACHE`: receivers drop
+/// pg_am cache entries with that hash, if any, and call its callbacks.
+pub fn announce_commit(xid: pg_sys::TransactionId) {
+    // SAFETY: the message is fully initialised (zeroed, then the catcache
+    // member set); SendSharedInvalidMessages copies it into the queue under
+    // its lock and may raise only on a broken queue.
+    unsafe {
+        let mut message: pg_sys::SharedInvalidationMessage = std::mem::zeroed();
+        message.cc = pg_sys::SharedInvalCatcacheMsg {
+            id: ANNOUNCEMENT_CACHE as i8,
+            dbId: pg_sys::MyDatabaseId,
+            hashValue: xid.into_inner(),
+        };
+        pg_sys::SendSharedInvalidMessages(&message, 1);
+    }
+}
+
+/// Whether the active snapshot sees transaction `xid` as ended (committed
+/// or aborted), None without an active snapshot.
+pub fn active_snapshot_sees_ended(xid: u32) -> Option<bool> {
+    // SAFETY: as for active_snapshot_bounds; `xip` holds `xcnt` ids.
+    unsafe {
+        if !unguarded::ActiveSnapshotSet() {
+            return None;
+        }
+        let snapshot = &*unguarded::GetActiveSnapshot();
+        let before = |a: u32, b: u32| (a.wrapping_sub(b) as i32) < 0;
+        if !before(xid, snapshot.xmax.into_inner()) {
+            return Some(false);
+        }
+        if before(xid, snapshot.xmin.into_inner()) {
+            return Some(true);
+        }
+        let running: &[pg_sys::TransactionId] = if snapshot.takenDuringRecovery {
+            if snapshot.subxip.is_null() {
+                &[]
+            } else {
+                std::slice::from_raw_parts(snapshot.subxip, snapshot.subxcnt.max(0) as usize)
+            }
+        } else if snapshot.xip.is_null() {
+            &[]
+        } else {
+            std::slice::from_raw_parts(snapshot.xip, snapshot.xcnt as usize)
+        };
+        Some(!running.iter().any(|id| id.into_inner() == xid))
+    }
+}
+
 /// The next transaction id to be assigned (its low 32 bits).
 pub fn next_transaction_id() -> u32 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any

@@ -10,6 +10,8 @@ use pgrx::pg_guard;
 use pgrx::pg_sys;
 
 pub type RelationCallback = fn(pg_sys::Oid);
+/// The hash value of a catalog cache invalidation (0: everything).
+pub type CatalogCacheCallback = fn(u32);
 pub type TransactionCallback = fn(pg_sys::XactEvent::Type);
 /// The event, the subtransaction that ends, and its parent.
 pub type SubtransactionCallback =
@@ -26,6 +28,21 @@ pub fn on_relation_invalidation(callback: RelationCallback) {
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(relation_trampoline),
+            pg_sys::Datum::from(callback as usize),
+        );
+    }
+}
+
+/// Calls `callback` with the hash value of every invalidation of the
+/// catalog cache `cache` this backend processes (0 after an invalidation
+/// queue overflow). Call from `_PG_init`.
+pub fn on_catalog_cache_invalidation(cache: i32, callback: CatalogCacheCallback) {
+    // SAFETY: as for on_relation_invalidation; `cache` is a valid
+    // SysCacheIdentifier (PostgreSQL raises otherwise).
+    unsafe {
+        pg_sys::CacheRegisterSyscacheCallback(
+            cache,
+            Some(catalog_cache_trampoline),
             pg_sys::Datum::from(callback as usize),
         );
     }
@@ -54,6 +71,17 @@ unsafe extern "C-unwind" fn relation_trampoline(argument: pg_sys::Datum, relatio
     // SAFETY: `argument` is the RelationCallback registered with it.
     let callback = unsafe { std::mem::transmute::<usize, RelationCallback>(argument.value()) };
     callback(relation);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn catalog_cache_trampoline(
+    argument: pg_sys::Datum,
+    _cache: i32,
+    hash_value: u32,
+) {
+    // SAFETY: `argument` is the CatalogCacheCallback registered with it.
+    let callback = unsafe { std::mem::transmute::<usize, CatalogCacheCallback>(argument.value()) };
+    callback(hash_value);
 }
 
 #[pg_guard]

@@ -219,6 +219,47 @@ fn repeatable_read_keeps_its_snapshot() {
     assert_eq!(reason(&mut reader), "DISABLED");
 }
 
+/// Bug of #14 (review): PostgreSQL makes a commit visible a few
+/// microseconds before it sends the commit's invalidations, and a statement
+/// whose snapshot fell in between answered from the configuration before
+/// the commit while a table read in it saw the change. Here the window is
+/// held open (a test-build setting keeps the writer's commit invalidations
+/// back): the reader's next statement must see the change, through the
+/// writer's announcement alone, in a table read and an evaluation alike.
+#[test]
+fn a_commit_is_seen_before_its_invalidation_arrives() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "window");
+    put_flag(&mut writer, &org, ON);
+    reader
+        .batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+        .unwrap();
+    assert_eq!(reason(&mut reader), "STATIC");
+    assert_eq!(reason(&mut reader), "STATIC");
+    writer
+        .batch_execute("SET flagship.test_hold_commit_signals = on")
+        .unwrap();
+    put_flag(&mut writer, &org, OFF);
+    let seen = text(
+        &mut reader,
+        "SELECT (SELECT bool_and(r.enabled) FROM flagship.feature_rules r
+                  WHERE r.organization_id = flagship.current_organization_id())::text
+                || ':' || (flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'reason')",
+    );
+    assert_eq!(seen, "false:DISABLED");
+    assert_eq!(
+        text(
+            &mut reader,
+            "SELECT flagship.cache_usage() ->> 'announcements_pending'"
+        ),
+        "0"
+    );
+    writer
+        .batch_execute("RESET flagship.test_hold_commit_signals")
+        .unwrap();
+}
+
 /// Bug of #14 (review): a cursor opened before another session's commit
 /// answered with the newer configuration once a later statement of the
 /// same transaction had confirmed it, while a table read in the cursor
