@@ -4,7 +4,8 @@
 -- organization with SET LOCAL, which is what a transaction pooler such as
 -- PgBouncer needs (a session-level SET would leak to the next client).
 CREATE EXTENSION flagship;
-CREATE ROLE demo_admin IN ROLE flagship_admin;
+DO $$ BEGIN CREATE ROLE demo_admin; EXCEPTION WHEN duplicate_object THEN NULL; END $$;  -- roles outlive the demo database
+GRANT flagship_admin TO demo_admin;
 SET ROLE demo_admin;
 
 BEGIN;
