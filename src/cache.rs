@@ -242,8 +242,11 @@ pub fn accept_invalidations() {
     // An announced commit this snapshot sees ended is signalled now, in
     // case its invalidation has not arrived yet. The signal's xid bound is
     // left as it is: this snapshot, and every later one, sees the change.
-    if announcements::settle() {
+    let (configuration, entitlements) = announcements::settle();
+    if configuration {
         bump(&CONFIGURATION_SIGNAL);
+    }
+    if entitlements {
         bump(&ENTITLEMENT_SIGNAL);
     }
 }
@@ -448,8 +451,12 @@ fn forget_changes_if(writer: pg_sys::TransactionId) {
 pub fn register_callbacks() {
     callbacks::on_relation_invalidation(signal_for);
     callbacks::on_catalog_cache_invalidation(
-        backend::ANNOUNCEMENT_CACHE,
-        announcements::on_announcement,
+        backend::CONFIGURATION_ANNOUNCEMENTS,
+        announcements::on_configuration_announcement,
+    );
+    callbacks::on_catalog_cache_invalidation(
+        backend::ENTITLEMENT_ANNOUNCEMENTS,
+        announcements::on_entitlement_announcement,
     );
     callbacks::on_transaction_event(on_transaction_event);
     callbacks::on_subtransaction_event(on_subtransaction_event);
@@ -464,7 +471,14 @@ pub fn invalidate_cache(relation: pg_sys::Oid) {
     if !holding_commit_signals() {
         backend::invalidate_relation(relation);
     }
-    announcements::wrote();
+    // A backend learns which relation is which when it first loads; one
+    // that has not announces both kinds (a receiver checks once more).
+    if relation != WATCHED_ENTITLEMENTS.with(Cell::get) {
+        announcements::wrote(announcements::Change::Configuration);
+    }
+    if relation != WATCHED_RELATION.with(Cell::get) {
+        announcements::wrote(announcements::Change::Entitlements);
+    }
     signal_for(relation);
 }
 

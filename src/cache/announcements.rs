@@ -24,66 +24,113 @@ use crate::postgres::backend;
 /// own invalidation, as without announcements.
 const MAX_PENDING: usize = 4096;
 
+/// Which signals an announcement stands for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Change {
+    Configuration,
+    Entitlements,
+}
+
+impl Change {
+    fn cache(self) -> i32 {
+        match self {
+            Change::Configuration => backend::CONFIGURATION_ANNOUNCEMENTS,
+            Change::Entitlements => backend::ENTITLEMENT_ANNOUNCEMENTS,
+        }
+    }
+}
+
 thread_local! {
-    /// This transaction changed configuration (a statement trigger ran).
-    static WROTE: Cell<bool> = const { Cell::new(false) };
+    /// What this transaction changed (statement triggers ran):
+    /// configuration, entitlements.
+    static WROTE: Cell<(bool, bool)> = const { Cell::new((false, false)) };
     /// Announced commits not yet seen ended by a snapshot of this backend.
-    static PENDING: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PENDING: RefCell<Vec<(u32, Change)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Called by the statement triggers: this transaction will announce its
 /// commit.
-pub(super) fn wrote() {
-    WROTE.with(|wrote| wrote.set(true));
+pub(super) fn wrote(change: Change) {
+    WROTE.with(|wrote| {
+        let (configuration, entitlements) = wrote.get();
+        wrote.set(match change {
+            Change::Configuration => (true, entitlements),
+            Change::Entitlements => (configuration, true),
+        })
+    });
 }
 
-/// Announces the commit of a transaction that changed configuration, at
-/// PRE_COMMIT (before it becomes visible). A transaction that is prepared
-/// for two-phase commit is not announced: COMMIT PREPARED runs elsewhere
-/// later, and only its invalidations tell.
+/// Announces the commit of a transaction that changed configuration or
+/// entitlements, at PRE_COMMIT (before it becomes visible). A transaction
+/// prepared for two-phase commit is not announced: COMMIT PREPARED runs
+/// elsewhere later, and only its invalidations tell.
 pub(super) fn on_transaction_event(event: pg_sys::XactEvent::Type) {
-    if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT && WROTE.with(Cell::get) {
+    if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT {
+        let (configuration, entitlements) = WROTE.with(Cell::get);
         let xid = backend::top_transaction_id_if_any();
         if xid != pg_sys::InvalidTransactionId {
-            backend::announce_commit(xid);
+            if configuration {
+                backend::announce_commit(Change::Configuration.cache(), xid);
+            }
+            if entitlements {
+                backend::announce_commit(Change::Entitlements.cache(), xid);
+            }
         }
     }
     if event == pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE || crate::context::ends_transaction(event)
     {
-        WROTE.with(|wrote| wrote.set(false));
+        WROTE.with(|wrote| wrote.set((false, false)));
     }
 }
 
-/// Receives an announcement (the hash value of an invalidation of the
-/// announcement cache). 0 means the queue overflowed: the relcache
+/// Receives a configuration announcement (the hash value of an
+/// invalidation of its cache). 0 means the queue overflowed: the relcache
 /// callback signals everything then.
-pub(super) fn on_announcement(xid: u32) {
+pub(super) fn on_configuration_announcement(xid: u32) {
+    receive(xid, Change::Configuration);
+}
+
+pub(super) fn on_entitlement_announcement(xid: u32) {
+    receive(xid, Change::Entitlements);
+}
+
+fn receive(xid: u32, change: Change) {
     if xid == 0 {
         return;
     }
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
-        if !pending.contains(&xid) {
+        if !pending.contains(&(xid, change)) {
             if pending.len() >= MAX_PENDING {
                 pending.remove(0);
             }
-            pending.push(xid);
+            pending.push((xid, change));
         }
     });
 }
 
-/// Whether the active snapshot sees an announced commit ended (each one
-/// is then forgotten): the caller signals itself as its invalidation
-/// would. Cheap when nothing is pending, which is almost always.
-pub(super) fn settle() -> bool {
+/// Which kinds of announced commits the active snapshot sees ended
+/// (configuration, entitlements); each one seen is forgotten, and the
+/// caller signals itself as its invalidation would. Cheap when nothing is
+/// pending, which is almost always.
+pub(super) fn settle() -> (bool, bool) {
     PENDING.with(|pending| {
         let mut pending = pending.borrow_mut();
+        let mut settled = (false, false);
         if pending.is_empty() {
-            return false;
+            return settled;
         }
-        let before = pending.len();
-        pending.retain(|xid| backend::active_snapshot_sees_ended(*xid) != Some(true));
-        pending.len() != before
+        pending.retain(|&(xid, change)| {
+            let ended = backend::active_snapshot_sees_ended(xid) == Some(true);
+            if ended {
+                match change {
+                    Change::Configuration => settled.0 = true,
+                    Change::Entitlements => settled.1 = true,
+                }
+            }
+            !ended
+        });
+        settled
     })
 }
 

@@ -113,27 +113,29 @@ pub fn sees_every_organization() -> bool {
     unsafe { pg_sys::superuser() || pg_sys::has_bypassrls_privilege(pg_sys::GetUserId()) }
 }
 
-/// The catalog cache whose invalidations carry commit announcements
-/// (`announce_commit`): pg_am's, which changes only with CREATE or DROP
-/// ACCESS METHOD, so its real invalidations are rare, and a stray one costs
-/// a receiver one extra version check.
-pub const ANNOUNCEMENT_CACHE: i32 = pg_sys::SysCacheIdentifier::AMOID as i32;
+/// The catalog caches whose invalidations carry commit announcements
+/// (`announce_commit`), one per kind of change: pg_am's two, which change
+/// only with CREATE or DROP ACCESS METHOD, so their real invalidations are
+/// rare, and a stray one costs a receiver one extra version check.
+pub const CONFIGURATION_ANNOUNCEMENTS: i32 = pg_sys::SysCacheIdentifier::AMOID as i32;
+pub const ENTITLEMENT_ANNOUNCEMENTS: i32 = pg_sys::SysCacheIdentifier::AMNAME as i32;
 
 /// Tells every backend of this database, now and not at commit, that
 /// transaction `xid` is about to commit a change. Sent before the commit
 /// becomes visible, so a backend whose snapshot sees the commit has the
 /// announcement in its queue (PostgreSQL sends a commit's own
 /// invalidations only after making it visible). The xid travels as the
-/// hash value of an invalidation of `ANNOUNCEMENT_CACHE`: receivers drop
-/// pg_am cache entries with that hash, if any, and call its callbacks.
-pub fn announce_commit(xid: pg_sys::TransactionId) {
+/// hash value of an invalidation of `cache` (one of the two above):
+/// receivers drop pg_am cache entries with that hash, if any, and call its
+/// callbacks.
+pub fn announce_commit(cache: i32, xid: pg_sys::TransactionId) {
     // SAFETY: the message is fully initialised (zeroed, then the catcache
     // member set); SendSharedInvalidMessages copies it into the queue under
     // its lock and may raise only on a broken queue.
     unsafe {
         let mut message: pg_sys::SharedInvalidationMessage = std::mem::zeroed();
         message.cc = pg_sys::SharedInvalCatcacheMsg {
-            id: ANNOUNCEMENT_CACHE as i8,
+            id: cache as i8,
             dbId: pg_sys::MyDatabaseId,
             hashValue: xid.into_inner(),
         };

@@ -255,9 +255,35 @@ fn a_commit_is_seen_before_its_invalidation_arrives() {
         ),
         "0"
     );
+
+    // The same for entitlements: a customer's plan changes under a warm
+    // plan-kind flag.
     writer
-        .batch_execute("RESET flagship.test_hold_commit_signals")
+        .batch_execute(&format!(
+            r#"RESET flagship.test_hold_commit_signals;
+               SET flagship.organization_id = '{org}';
+               SELECT flagship.put_flag('shop', '{{"key": "reports", "kind": "plan",
+                   "environments": {{"production": {{"enabled": true}}}}}}');
+               SELECT flagship.put_plan('shop', '{{"key": "pro", "features": {{"reports": true}}}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');"#
+        ))
         .unwrap();
+    let entitled = |reader: &mut Client| {
+        text(
+            reader,
+            r#"SELECT flagship.flagship_evaluate('reports', '{"customer": "acme"}', 'shop/production') ->> 'reason'"#,
+        )
+    };
+    assert_eq!(entitled(&mut reader), "STATIC");
+    assert_eq!(entitled(&mut reader), "STATIC");
+    writer
+        .batch_execute(
+            r#"SET flagship.test_hold_commit_signals = on;
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro", "status": "canceled"}');
+               RESET flagship.test_hold_commit_signals;"#,
+        )
+        .unwrap();
+    assert_eq!(entitled(&mut reader), "NOT_ENTITLED");
 }
 
 /// Bug of #14 (review): a cursor opened before another session's commit
