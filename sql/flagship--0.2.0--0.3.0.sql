@@ -1753,3 +1753,316 @@ EXCEPTION WHEN invalid_parameter_value THEN
     RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
 END
 $fn$;
+
+
+-- Keys of customers, with addresses and rotation (#18).
+ALTER TABLE flagship.api_keys
+    ADD COLUMN customer_id uuid,
+    ADD COLUMN allowed_ips cidr[],
+    ADD COLUMN rolled_from uuid,
+    ADD CONSTRAINT api_keys_customer FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
+    ADD CONSTRAINT api_keys_allowed_ips_present CHECK (array_position(allowed_ips, NULL) IS NULL);
+CREATE INDEX api_keys_customer_idx ON flagship.api_keys (organization_id, customer_id)
+    WHERE customer_id IS NOT NULL;
+GRANT SELECT (customer_id, allowed_ips, rolled_from)
+    ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
+GRANT UPDATE (allowed_ips) ON flagship.api_keys TO flagship_admin;
+
+DROP FUNCTION flagship.issue_api_key(uuid, text, text[], text, timestamptz, bigint);
+DROP FUNCTION flagship.verify_api_key(text);
+DROP FUNCTION flagship.authenticate(text);
+
+-- `customer` (an external key of the key's environment) makes the key the
+-- customer's: verification names it, and usage calls in key mode act for
+-- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
+CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
+                                       environment text DEFAULT NULL,
+                                       expires_at timestamptz DEFAULT NULL,
+                                       usage_limit bigint DEFAULT NULL,
+                                       customer text DEFAULT NULL,
+                                       allowed_ips text[] DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    environment_row flagship.environments;
+    secret text;
+    plaintext text;
+    bad_scope text;
+    issuer flagship.api_keys;
+    customer_id uuid;
+    networks cidr[];
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
+    IF organization_id IS NULL
+       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+        RAISE EXCEPTION 'organization_id: organization not found'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'name: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A scope is a permission, or every permission of one resource; a typo
+    -- is refused now rather than failing at first use.
+    SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
+     WHERE s IS NULL
+        OR NOT EXISTS (SELECT FROM flagship.permissions p
+                        WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'scopes: "%" is not a scope', coalesce(bad_scope, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
+                      SELECT p.key FROM flagship.permissions p
+                      UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
+    END IF;
+    -- A key issues no key wider than itself: within its scopes, its
+    -- environment binding, its expiry and its usage limit.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        SELECT k.scopes, k.environment_id, k.expires_at, k.usage_limit
+          INTO issuer.scopes, issuer.environment_id, issuer.expires_at, issuer.usage_limit
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
+        IF (cardinality(issuer.scopes) > 0
+            AND (cardinality(coalesce(scopes, '{}')) = 0
+                 OR EXISTS (SELECT FROM unnest(scopes) s WHERE NOT flagship.key_grants(s))))
+           OR (issuer.environment_id IS NOT NULL
+               AND (environment IS NULL
+                    OR flagship.resolve_environment(environment) IS DISTINCT FROM issuer.environment_id))
+           OR (issuer.expires_at IS NOT NULL AND (expires_at IS NULL OR expires_at > issuer.expires_at))
+           OR (issuer.usage_limit IS NOT NULL AND usage_limit IS NULL) THEN
+            RAISE EXCEPTION 'a key may not issue a key wider than itself'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'stay within the scopes, environment, expiry and usage limit of the key this transaction authenticated with';
+        END IF;
+    END IF;
+    IF expires_at IS NOT NULL AND expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF usage_limit IS NOT NULL AND usage_limit <= 0 THEN
+        RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF environment IS NOT NULL THEN
+        SELECT * INTO environment_row FROM flagship.environments e
+         WHERE e.id = flagship.resolve_environment(environment);
+        -- A name or uuid of another organization's environment is refused
+        -- exactly like one that does not exist.
+        IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
+            RAISE EXCEPTION 'environment "%" not found', environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    IF customer IS NOT NULL THEN
+        IF environment_row.id IS NULL THEN
+            RAISE EXCEPTION 'customer: a customer''s key needs its environment (customers belong to one)'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c.id INTO customer_id FROM flagship.customers c
+         WHERE c.organization_id = environment_row.organization_id
+           AND c.environment_id = environment_row.id AND c.external_key = customer;
+        IF customer_id IS NULL THEN
+            RAISE EXCEPTION 'customer: no customer "%" in environment "%"', customer, environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
+    -- A key limited to addresses issues none usable from anywhere.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        SELECT k.allowed_ips, k.customer_id INTO issuer.allowed_ips, issuer.customer_id
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
+        IF (issuer.allowed_ips IS NOT NULL
+            AND (networks IS NULL OR EXISTS (SELECT FROM unnest(networks) n
+                                              WHERE NOT EXISTS (SELECT FROM unnest(issuer.allowed_ips) a
+                                                                 WHERE n <<= a))))
+           OR (issuer.customer_id IS NOT NULL AND customer_id IS DISTINCT FROM issuer.customer_id) THEN
+            RAISE EXCEPTION 'a key may not issue a key wider than itself'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'stay within the addresses and the customer of the key this transaction authenticated with';
+        END IF;
+    END IF;
+
+    secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
+                      THEN 'fs_live_' ELSE 'fs_test_' END || secret;
+    INSERT INTO flagship.api_keys AS k
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, customer_id, allowed_ips)
+    VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
+            sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
+            environment_row.project_id, environment_row.id, expires_at, usage_limit,
+            customer_id, networks);
+    RETURN plaintext;
+END
+$fn$;
+
+-- A CIDR list from text, each entry checked: NULL stays NULL (no limit),
+-- anything unparsable is 22023 naming the entry.
+CREATE FUNCTION flagship.parse_networks(entries text[], field text) RETURNS cidr[]
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parsed cidr[] := '{}';
+    entry text;
+    position int := 0;
+BEGIN
+    IF entries IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(entries) = 0 THEN
+        RAISE EXCEPTION '%: must list at least one address or network (NULL: any address)', field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH entry IN ARRAY entries LOOP
+        position := position + 1;
+        BEGIN
+            parsed := parsed || entry::cidr;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION '%[%]: "%" is not an IPv4 or IPv6 address or network', field, position, coalesce(entry, 'NULL')
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'for example 203.0.113.0/24, 198.51.100.7 or 2001:db8::/32';
+        END;
+        IF entry IS NULL THEN
+            RAISE EXCEPTION '%[%]: "NULL" is not an IPv4 or IPv6 address or network', field, position
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    RETURN parsed;
+END
+$fn$;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+    uses bigint;
+    customer_key text;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        code := 'NOT_FOUND';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        -- An allow-list admits only the addresses it lists: a verification
+        -- that does not say where the call comes from is refused too.
+        ELSIF key_row.allowed_ips IS NOT NULL
+              AND (client_ip IS NULL
+                   OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+            code := 'FORBIDDEN';
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            uses := nextval(flagship.ensure_key_use_sequence(key_row.id, key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
+END
+$fn$;
+
+GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin, flagship_app;
+REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
+
+-- A new key with the same settings (name, scopes, environment, customer,
+-- addresses, expiry, usage limit and the uses counted so far, as
+-- usage_count shows them: uses spent by verifications whose transactions
+-- rolled back are not carried over); the old one keeps verifying for
+-- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
+CREATE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    old flagship.api_keys;
+    plaintext text;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'roll_api_key');
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent; the
+    -- row lock makes two concurrent rolls of one key queue.
+    SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
+      INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
+           old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
+           old.customer_id, old.allowed_ips
+      FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
+    IF old.id IS NULL THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
+        RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'issue a new key with flagship.issue_api_key';
+    END IF;
+    plaintext := (CASE WHEN old.display_prefix LIKE 'fs_test_%' THEN 'fs_test_' ELSE 'fs_live_' END)
+                 || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO flagship.api_keys
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from)
+    VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
+            old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
+            old.usage_count,
+            old.customer_id, old.allowed_ips, old.id);
+    UPDATE flagship.api_keys k
+       SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
+     WHERE k.organization_id = old.organization_id AND k.id = old.id;
+    RETURN plaintext;
+END
+$fn$;
+
+CREATE  FUNCTION "authenticate"(
+	"key" TEXT, /* Option < & str > */
+	"client_ip" inet DEFAULT NULL /* Option < pgrx :: Inet > */
+) RETURNS jsonb /* pgrx :: JsonB */
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'authenticate_wrapper';

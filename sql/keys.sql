@@ -21,14 +21,24 @@ CREATE TABLE flagship.api_keys (
     usage_count     bigint      NOT NULL DEFAULT 0,
     last_used_at    timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
+    -- 0.3.0: the customer a key belongs to (its usage calls act for it),
+    -- the addresses it may be used from, and the key it replaced.
+    customer_id     uuid,
+    allowed_ips     cidr[],
+    rolled_from     uuid,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
     CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
     CONSTRAINT api_keys_usage_limit_valid CHECK (usage_limit IS NULL OR usage_limit > 0),
     CONSTRAINT api_keys_scopes_present CHECK (array_position(scopes, NULL) IS NULL),
     FOREIGN KEY (organization_id, project_id, environment_id)
-        REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE
+        REFERENCES flagship.environments (organization_id, project_id, id) ON DELETE CASCADE,
+    CONSTRAINT api_keys_customer FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
+    CONSTRAINT api_keys_allowed_ips_present CHECK (array_position(allowed_ips, NULL) IS NULL)
 );
+CREATE INDEX api_keys_customer_idx ON flagship.api_keys (organization_id, customer_id)
+    WHERE customer_id IS NOT NULL;
 -- Verification knows nothing but the key: the hash alone finds it.
 CREATE UNIQUE INDEX api_keys_hash ON flagship.api_keys (key_hash);
 
@@ -37,10 +47,11 @@ SELECT flagship.isolate_tenant_table('api_keys', 'api_keys:write');
 
 -- Nobody reads a hash back, not even an administrator.
 GRANT SELECT (organization_id, id, name, display_prefix, scopes, project_id, environment_id,
-              expires_at, revoked_at, usage_limit, usage_count, last_used_at, created_at)
+              expires_at, revoked_at, usage_limit, usage_count, last_used_at, created_at,
+              customer_id, allowed_ips, rolled_from)
     ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
 GRANT INSERT ON flagship.api_keys TO flagship_admin;
-GRANT UPDATE (name, revoked_at, expires_at, usage_limit) ON flagship.api_keys TO flagship_admin;
+GRANT UPDATE (name, revoked_at, expires_at, usage_limit, allowed_ips) ON flagship.api_keys TO flagship_admin;
 GRANT DELETE ON flagship.api_keys TO flagship_admin;
 
 -- Uses of a key with a usage limit are counted by a sequence of the key's
@@ -97,10 +108,15 @@ REVOKE ALL ON FUNCTION flagship.api_keys_use_sequence() FROM PUBLIC;
 CREATE TRIGGER api_keys_use_sequence AFTER INSERT OR DELETE OR UPDATE OF usage_limit ON flagship.api_keys
     FOR EACH ROW EXECUTE FUNCTION flagship.api_keys_use_sequence();
 
+-- `customer` (an external key of the key's environment) makes the key the
+-- customer's: verification names it, and usage calls in key mode act for
+-- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
 CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
                                        environment text DEFAULT NULL,
                                        expires_at timestamptz DEFAULT NULL,
-                                       usage_limit bigint DEFAULT NULL)
+                                       usage_limit bigint DEFAULT NULL,
+                                       customer text DEFAULT NULL,
+                                       allowed_ips text[] DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -111,7 +127,10 @@ DECLARE
     plaintext text;
     bad_scope text;
     issuer flagship.api_keys;
+    customer_id uuid;
+    networks cidr[];
 BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
     IF organization_id IS NULL
        OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
         RAISE EXCEPTION 'organization_id: organization not found'
@@ -170,23 +189,90 @@ BEGIN
         END IF;
     END IF;
 
+    IF customer IS NOT NULL THEN
+        IF environment_row.id IS NULL THEN
+            RAISE EXCEPTION 'customer: a customer''s key needs its environment (customers belong to one)'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c.id INTO customer_id FROM flagship.customers c
+         WHERE c.organization_id = environment_row.organization_id
+           AND c.environment_id = environment_row.id AND c.external_key = customer;
+        IF customer_id IS NULL THEN
+            RAISE EXCEPTION 'customer: no customer "%" in environment "%"', customer, environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
+    -- A key limited to addresses issues none usable from anywhere.
+    IF flagship.current_key_id() IS NOT NULL THEN
+        SELECT k.allowed_ips, k.customer_id INTO issuer.allowed_ips, issuer.customer_id
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
+        IF (issuer.allowed_ips IS NOT NULL
+            AND (networks IS NULL OR EXISTS (SELECT FROM unnest(networks) n
+                                              WHERE NOT EXISTS (SELECT FROM unnest(issuer.allowed_ips) a
+                                                                 WHERE n <<= a))))
+           OR (issuer.customer_id IS NOT NULL AND customer_id IS DISTINCT FROM issuer.customer_id) THEN
+            RAISE EXCEPTION 'a key may not issue a key wider than itself'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'stay within the addresses and the customer of the key this transaction authenticated with';
+        END IF;
+    END IF;
+
     secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
     plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
                       THEN 'fs_live_' ELSE 'fs_test_' END || secret;
     INSERT INTO flagship.api_keys AS k
         (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
-         expires_at, usage_limit)
+         expires_at, usage_limit, customer_id, allowed_ips)
     VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
             sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
-            environment_row.project_id, environment_row.id, expires_at, usage_limit);
+            environment_row.project_id, environment_row.id, expires_at, usage_limit,
+            customer_id, networks);
     RETURN plaintext;
+END
+$fn$;
+
+-- A CIDR list from text, each entry checked: NULL stays NULL (no limit),
+-- anything unparsable is 22023 naming the entry.
+CREATE FUNCTION flagship.parse_networks(entries text[], field text) RETURNS cidr[]
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parsed cidr[] := '{}';
+    entry text;
+    position int := 0;
+BEGIN
+    IF entries IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(entries) = 0 THEN
+        RAISE EXCEPTION '%: must list at least one address or network (NULL: any address)', field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH entry IN ARRAY entries LOOP
+        position := position + 1;
+        BEGIN
+            parsed := parsed || entry::cidr;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION '%[%]: "%" is not an IPv4 or IPv6 address or network', field, position, coalesce(entry, 'NULL')
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'for example 203.0.113.0/24, 198.51.100.7 or 2001:db8::/32';
+        END;
+        IF entry IS NULL THEN
+            RAISE EXCEPTION '%[%]: "NULL" is not an IPv4 or IPv6 address or network', field, position
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    RETURN parsed;
 END
 $fn$;
 
 -- Verification runs before the caller has any organization, so it is
 -- SECURITY DEFINER: it finds the key by hash alone and reveals only what
 -- the key itself grants.
-CREATE FUNCTION flagship.verify_api_key(key text)
+CREATE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -198,6 +284,7 @@ DECLARE
     organization_status text;
     code text;
     uses bigint;
+    customer_key text;
 BEGIN
     IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
         SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
@@ -212,6 +299,12 @@ BEGIN
         SELECT o.status INTO organization_status FROM flagship.organizations o
          WHERE o.id = key_row.organization_id;
         IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        -- An allow-list admits only the addresses it lists: a verification
+        -- that does not say where the call comes from is refused too.
+        ELSIF key_row.allowed_ips IS NOT NULL
+              AND (client_ip IS NULL
+                   OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
             code := 'FORBIDDEN';
         ELSIF key_row.usage_limit IS NOT NULL THEN
             -- Counting uses is a write by nature; only limited keys pay it.
@@ -234,15 +327,71 @@ BEGIN
     END IF;
     IF code <> 'VALID' THEN
         RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
-                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL);
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
     END IF;
     RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
                               'organization_id', key_row.organization_id,
-                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes));
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
 END
 $fn$;
-GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text) TO flagship_admin, flagship_app;
-REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin, flagship_app;
+REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
+
+-- A new key with the same settings (name, scopes, environment, customer,
+-- addresses, expiry, usage limit and the uses counted so far, as
+-- usage_count shows them: uses spent by verifications whose transactions
+-- rolled back are not carried over); the old one keeps verifying for
+-- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
+CREATE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    old flagship.api_keys;
+    plaintext text;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'roll_api_key');
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent; the
+    -- row lock makes two concurrent rolls of one key queue.
+    SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
+      INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
+           old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
+           old.customer_id, old.allowed_ips
+      FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
+    IF old.id IS NULL THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
+        RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'issue a new key with flagship.issue_api_key';
+    END IF;
+    plaintext := (CASE WHEN old.display_prefix LIKE 'fs_test_%' THEN 'fs_test_' ELSE 'fs_live_' END)
+                 || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO flagship.api_keys
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from)
+    VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
+            old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
+            old.usage_count,
+            old.customer_id, old.allowed_ips, old.id);
+    UPDATE flagship.api_keys k
+       SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
+     WHERE k.organization_id = old.organization_id AND k.id = old.id;
+    RETURN plaintext;
+END
+$fn$;
 
 CREATE FUNCTION flagship.revoke_api_key(key_id uuid)
 RETURNS void

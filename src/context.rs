@@ -25,6 +25,8 @@ pub struct KeySession {
     pub organization: pgrx::Uuid,
     pub environment: Option<pgrx::Uuid>,
     pub scopes: Vec<String>,
+    /// The customer (external key) the key belongs to, if any.
+    pub customer: Option<String>,
 }
 
 /// The key session an `authenticate` replaced, and the subtransaction that
@@ -369,13 +371,19 @@ pub fn current_organization_id() -> Option<pgrx::Uuid> {
 /// `verify_api_key` answers; an invalid key leaves the transaction without
 /// a key context.
 #[pg_extern(volatile)]
-pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
+pub fn authenticate(
+    key: Option<&str>,
+    client_ip: default!(Option<pgrx::Inet>, "NULL"),
+) -> pgrx::JsonB {
     replace_key_session(None);
-    let verified =
-        Spi::get_one_with_args::<pgrx::JsonB>("SELECT flagship.verify_api_key($1)", &[key.into()])
-            .unwrap_or_else(|error| panic!("verifying the key: {error}"))
-            .map(|document| document.0)
-            .unwrap_or(serde_json::Value::Null);
+    let client_ip = client_ip.map(|address| address.0);
+    let verified = Spi::get_one_with_args::<pgrx::JsonB>(
+        "SELECT flagship.verify_api_key($1, $2::inet)",
+        &[key.into(), client_ip.into()],
+    )
+    .unwrap_or_else(|error| panic!("verifying the key: {error}"))
+    .map(|document| document.0)
+    .unwrap_or(serde_json::Value::Null);
     let uuid = |field: &str| {
         verified
             .get(field)
@@ -403,11 +411,20 @@ pub fn authenticate(key: Option<&str>) -> pgrx::JsonB {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    customer: verified
+                        .get("customer")
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_string),
                 }))
             });
         }
     }
     pgrx::JsonB(verified)
+}
+
+/// The customer the transaction's API key belongs to, if any.
+pub fn key_customer() -> Option<String> {
+    KEY_SESSION.with(|session| session.borrow().as_ref().and_then(|s| s.customer.clone()))
 }
 
 /// The scopes of the key this transaction authenticated with (NULL without one).

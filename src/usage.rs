@@ -155,6 +155,25 @@ fn subject(customer: &str, metric: &str, environment: Option<&str>) -> Result<Su
     })
 }
 
+/// The customer a usage call acts for: the one it names, or with NULL the
+/// customer the transaction's API key belongs to. A customer's key acts
+/// for that customer alone.
+fn acting_customer(named: Option<&str>) -> String {
+    match (named, crate::context::key_customer()) {
+        (Some(named), Some(own)) if named != own => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("this transaction's API key belongs to customer \"{own}\", not \"{named}\""),
+            Some("a customer's key records and checks usage for that customer only"),
+        ),
+        (Some(named), _) => named.to_string(),
+        (None, Some(own)) => own,
+        (None, None) => invalid_parameter(
+            "customer: must be given (NULL names the customer of the transaction's API key, and there is none)",
+            None,
+        ),
+    }
+}
+
 fn refusal(reason: Reason) -> BuiltJsonb {
     BuiltJsonb::from_value(&limits::result(None, false, 0, reason, None))
 }
@@ -401,13 +420,14 @@ fn current_usage(client: &mut SpiClient<'_>, statements: &Statements, subject: &
 /// Whether `amount` more would be allowed, with no side effects.
 #[pg_extern(stable)]
 pub fn check_usage_limit(
-    customer: &str,
+    customer: Option<&str>,
     metric: &str,
     amount: default!(Option<i64>, 1),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     let amount = check_amount(amount, "amount");
     crate::context::require_scope("usage:read");
+    let customer = &acting_customer(customer);
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
@@ -431,7 +451,7 @@ pub fn check_usage_limit(
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
 pub fn record_usage(
-    customer: &str,
+    customer: Option<&str>,
     metric: &str,
     amount: default!(Option<i64>, 1),
     idempotency_key: default!(Option<&str>, "NULL"),
@@ -442,6 +462,7 @@ pub fn record_usage(
         invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
     }
     crate::context::require_scope("usage:write");
+    let customer = &acting_customer(customer);
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
@@ -497,13 +518,14 @@ pub fn record_usage(
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
 pub fn set_usage(
-    customer: &str,
+    customer: Option<&str>,
     metric: &str,
     value: Option<i64>,
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     let value = check_amount(value, "value");
     crate::context::require_scope("usage:write");
+    let customer = &acting_customer(customer);
     let subject = match subject(customer, metric, environment) {
         Ok(subject) => subject,
         Err(reason) => return refusal(reason),
