@@ -356,7 +356,9 @@ SELECT flagship.audit_table(t.name, t.kind, t.left_out)
                ('customer_feature_overrides', 'customer', '{}'),
                ('customer_limit_overrides', 'customer', '{}'),
                -- Verification bumps usage_count and last_used_at: usage, not configuration.
-               ('api_keys', 'api_key', '{key_hash,usage_count,last_used_at}')) AS t (name, kind, left_out);
+               ('api_keys', 'api_key', '{key_hash,usage_count,last_used_at}'),
+               -- A grant is recorded; consuming it (remaining) is usage, in the ledger.
+               ('credit_grants', 'customer', '{remaining}')) AS t (name, kind, left_out);
 
 -- Recomputes an organization's chain. `first_broken_id` is the first event
 -- whose hash does not follow from its predecessor (edited content, an

@@ -2066,3 +2066,143 @@ CREATE  FUNCTION "authenticate"(
 VOLATILE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'authenticate_wrapper';
+
+
+-- Prepaid credits (#18).
+ALTER TABLE flagship.metrics DROP CONSTRAINT metrics_aggregation_valid,
+    ADD CONSTRAINT metrics_aggregation_valid CHECK (aggregation IN ('sum', 'gauge', 'credits'));
+ALTER TABLE flagship.usage_ledger ADD COLUMN paid_by jsonb;
+ALTER POLICY usage_ledger_kind_valid ON flagship.usage_ledger
+    WITH CHECK (kind IN ('record', 'set', 'credits'));
+
+-- Prepaid credits (0.3) ------------------------------------------------------
+--
+-- A metric with "aggregation": "credits" is consumed from the customer's
+-- grants instead of counted against a limit: grant_credits adds one (with
+-- an optional expiry), record_usage takes from the live grant that expires
+-- first (then the next), locking the grants it reads in one fixed order so
+-- racing consumers queue instead of deadlocking, and never lets a balance
+-- go below zero (CREDITS_EXHAUSTED, nothing recorded). A rollback refunds.
+CREATE TABLE flagship.credit_grants (
+    organization_id uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    customer_id     uuid        NOT NULL,
+    metric_id       uuid        NOT NULL,
+    amount          bigint      NOT NULL,
+    remaining       bigint      NOT NULL,
+    expires_at      timestamptz,
+    idempotency_key text,
+    granted_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, id) ON DELETE CASCADE,
+    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount)
+);
+CREATE INDEX credit_grants_live ON flagship.credit_grants (organization_id, customer_id, metric_id, expires_at)
+    WHERE remaining > 0;
+CREATE UNIQUE INDEX credit_grants_idempotency ON flagship.credit_grants (organization_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+SELECT pg_catalog.pg_extension_config_dump('flagship.credit_grants', '');
+ALTER TABLE flagship.credit_grants ENABLE ROW LEVEL SECURITY;
+ALTER TABLE flagship.credit_grants FORCE ROW LEVEL SECURITY;
+-- Everyone of the organization reads balances; grants are added only by
+-- grant_credits for an actor with plans:write, and balances move only
+-- while record_usage or grant_credits run.
+CREATE POLICY credit_grants_tenant ON flagship.credit_grants FOR SELECT
+    USING (organization_id = (SELECT flagship.current_organization_id()));
+CREATE POLICY credit_grants_insert ON flagship.credit_grants FOR INSERT
+    WITH CHECK (organization_id = (SELECT flagship.current_organization_id())
+                AND (SELECT flagship.actor_may('plans:write'))
+                AND (SELECT flagship.usage_writes_open()));
+CREATE POLICY credit_grants_update ON flagship.credit_grants FOR UPDATE
+    USING (organization_id = (SELECT flagship.current_organization_id())
+           AND (SELECT flagship.usage_writes_open()));
+CREATE POLICY credit_grants_delete ON flagship.credit_grants FOR DELETE
+    USING (organization_id = (SELECT flagship.current_organization_id())
+           AND (SELECT flagship.actor_may('plans:write')));
+GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship_auditor;
+GRANT INSERT, DELETE ON flagship.credit_grants TO flagship_admin;
+GRANT UPDATE (remaining) ON flagship.credit_grants TO flagship_admin, flagship_app;
+
+CREATE OR REPLACE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    target_project uuid := flagship.resolve_project(project);
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_metric');
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge', 'credits') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum, gauge or credits');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
+    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
+           coalesce(definition->>'aggregation', 'sum')
+      FROM flagship.projects p WHERE p.id = target_project
+    ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
+       SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
+           updated_at = now()
+    RETURNING m.id INTO saved;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the metric it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('metric "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^metric: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.metric_limits(in_organization uuid, in_project uuid, limits jsonb, field text)
+RETURNS TABLE (metric_id uuid, usage_limit bigint, period text, enforcement text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    metric_row flagship.metrics;
+    terms jsonb;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(limits, '{}')) LOOP
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = in_organization AND m.project_id = in_project AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse(field || '.' || item.key, format('unknown metric "%s"', item.key));
+        END IF;
+        IF metric_row.aggregation = 'credits' THEN
+            PERFORM flagship.refuse(field || '.' || item.key,
+                'counts credits, which have a balance, not a limit (grant them with flagship.grant_credits)');
+        END IF;
+        terms := flagship.limit_terms(item.value, field || '.' || item.key, metric_row.aggregation);
+        metric_id := metric_row.id;
+        usage_limit := (terms->>'limit')::bigint;
+        period := terms->>'period';
+        enforcement := terms->>'enforcement';
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+CREATE  FUNCTION "grant_credits"(
+	"customer" TEXT, /* Option < & str > */
+	"metric" TEXT, /* & str */
+	"amount" bigint, /* Option < i64 > */
+	"expires_at" timestamp with time zone DEFAULT NULL, /* Option < TimestampWithTimeZone > */
+	"idempotency_key" TEXT DEFAULT NULL, /* Option < & str > */
+	"environment" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* pgrx :: JsonB */
+VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'grant_credits_wrapper';
+
+SELECT flagship.audit_table('credit_grants', 'customer', '{remaining}');

@@ -31,7 +31,7 @@ CREATE TABLE flagship.metrics (
     CONSTRAINT metrics_key_unique UNIQUE (organization_id, project_id, key),
     CONSTRAINT metrics_project_unique UNIQUE (organization_id, project_id, id),
     CONSTRAINT metrics_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
-    CONSTRAINT metrics_aggregation_valid CHECK (aggregation IN ('sum', 'gauge')),
+    CONSTRAINT metrics_aggregation_valid CHECK (aggregation IN ('sum', 'gauge', 'credits')),
     FOREIGN KEY (organization_id, project_id)
         REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
 );
@@ -195,6 +195,9 @@ CREATE TABLE flagship.usage_ledger (
     enforcement     text        NOT NULL,
     resets_at       timestamptz,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
+    -- 0.3.0: which credit grants paid for a consumption of a credits
+    -- metric, [{"grant": id, "amount": n}] (billing export).
+    paid_by         jsonb,
     PRIMARY KEY (organization_id, id)
 );
 ALTER SEQUENCE flagship.usage_ledger_id_seq OWNED BY flagship.usage_ledger.id;
@@ -250,7 +253,7 @@ SELECT flagship.isolate_tenant_table(t)
 -- but superusers and BYPASSRLS roles (the ledger forces row security, so
 -- its owner too).
 CREATE POLICY usage_ledger_kind_valid ON flagship.usage_ledger AS RESTRICTIVE
-    FOR INSERT WITH CHECK (kind IN ('record', 'set'));
+    FOR INSERT WITH CHECK (kind IN ('record', 'set', 'credits'));
 
 -- Consumption changes only through record_usage and set_usage: the table
 -- grants below exist for those functions, which run as their caller, and
@@ -278,6 +281,57 @@ GRANT INSERT, UPDATE, DELETE ON flagship.metrics, flagship.plans, flagship.plan_
 GRANT INSERT, UPDATE ON flagship.usage_counters TO flagship_app, flagship_admin;
 GRANT INSERT ON flagship.usage_ledger TO flagship_app, flagship_admin;
 GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_admin;
+
+-- Prepaid credits (0.3) ------------------------------------------------------
+--
+-- A metric with "aggregation": "credits" is consumed from the customer's
+-- grants instead of counted against a limit: grant_credits adds one (with
+-- an optional expiry), record_usage takes from the live grant that expires
+-- first (then the next), locking the grants it reads in one fixed order so
+-- racing consumers queue instead of deadlocking, and never lets a balance
+-- go below zero (CREDITS_EXHAUSTED, nothing recorded). A rollback refunds.
+CREATE TABLE flagship.credit_grants (
+    organization_id uuid        NOT NULL,
+    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    customer_id     uuid        NOT NULL,
+    metric_id       uuid        NOT NULL,
+    amount          bigint      NOT NULL,
+    remaining       bigint      NOT NULL,
+    expires_at      timestamptz,
+    idempotency_key text,
+    granted_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, id),
+    FOREIGN KEY (organization_id, customer_id)
+        REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, id) ON DELETE CASCADE,
+    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount)
+);
+CREATE INDEX credit_grants_live ON flagship.credit_grants (organization_id, customer_id, metric_id, expires_at)
+    WHERE remaining > 0;
+CREATE UNIQUE INDEX credit_grants_idempotency ON flagship.credit_grants (organization_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+SELECT pg_catalog.pg_extension_config_dump('flagship.credit_grants', '');
+ALTER TABLE flagship.credit_grants ENABLE ROW LEVEL SECURITY;
+ALTER TABLE flagship.credit_grants FORCE ROW LEVEL SECURITY;
+-- Everyone of the organization reads balances; grants are added only by
+-- grant_credits for an actor with plans:write, and balances move only
+-- while record_usage or grant_credits run.
+CREATE POLICY credit_grants_tenant ON flagship.credit_grants FOR SELECT
+    USING (organization_id = (SELECT flagship.current_organization_id()));
+CREATE POLICY credit_grants_insert ON flagship.credit_grants FOR INSERT
+    WITH CHECK (organization_id = (SELECT flagship.current_organization_id())
+                AND (SELECT flagship.actor_may('plans:write'))
+                AND (SELECT flagship.usage_writes_open()));
+CREATE POLICY credit_grants_update ON flagship.credit_grants FOR UPDATE
+    USING (organization_id = (SELECT flagship.current_organization_id())
+           AND (SELECT flagship.usage_writes_open()));
+CREATE POLICY credit_grants_delete ON flagship.credit_grants FOR DELETE
+    USING (organization_id = (SELECT flagship.current_organization_id())
+           AND (SELECT flagship.actor_may('plans:write')));
+GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship_auditor;
+GRANT INSERT, DELETE ON flagship.credit_grants TO flagship_admin;
+GRANT UPDATE (remaining) ON flagship.credit_grants TO flagship_admin, flagship_app;
 
 -- Plan-kind flags and limit checks read metrics, plans, customers,
 -- subscriptions and overrides: any change there marks every backend's
@@ -404,6 +458,10 @@ BEGIN
         IF NOT FOUND THEN
             PERFORM flagship.refuse(field || '.' || item.key, format('unknown metric "%s"', item.key));
         END IF;
+        IF metric_row.aggregation = 'credits' THEN
+            PERFORM flagship.refuse(field || '.' || item.key,
+                'counts credits, which have a balance, not a limit (grant them with flagship.grant_credits)');
+        END IF;
         terms := flagship.limit_terms(item.value, field || '.' || item.key, metric_row.aggregation);
         metric_id := metric_row.id;
         usage_limit := (terms->>'limit')::bigint;
@@ -427,8 +485,8 @@ BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_metric');
     PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
-    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge') THEN
-        PERFORM flagship.refuse('aggregation', 'must be sum or gauge');
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge', 'credits') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum, gauge or credits');
     END IF;
     INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
     SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',

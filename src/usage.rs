@@ -127,6 +127,8 @@ fn check_amount(amount: Option<i64>, field: &str) -> i64 {
     }
 }
 
+mod credits;
+
 /// Ids and terms of one call, or the answer when there is nothing to
 /// consume against.
 struct Subject {
@@ -142,17 +144,26 @@ impl Subject {
     }
 }
 
-fn subject(customer: &str, metric: &str, environment: Option<&str>) -> Result<Subject, Reason> {
+/// What a call meters against: a limit (counted), or prepaid credits.
+enum Metered {
+    Limit(Subject),
+    Credits(credits::Account),
+}
+
+fn metered(customer: &str, metric: &str, environment: Option<&str>) -> Result<Metered, Reason> {
     let environment = crate::evaluation::environment_id(environment);
     let facts = facts(environment, customer, metric);
+    if facts.credits {
+        return credits::Account::from_facts(&facts).map(Metered::Credits);
+    }
     let terms = facts.terms(transaction_now())?;
     let id = |bytes: Option<[u8; 16]>| pgrx::Uuid::from_bytes(bytes.expect("terms imply ids"));
-    Ok(Subject {
+    Ok(Metered::Limit(Subject {
         organization: id(facts.organization),
         customer: id(facts.customer),
         metric: id(facts.metric),
         terms,
-    })
+    }))
 }
 
 /// The customer a usage call acts for: the one it names, or with NULL the
@@ -277,7 +288,7 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                     client,
                     "SELECT l.used_after, l.usage_limit, l.enforcement, l.period_start, l.resets_at,
                             l.customer_id = $2 AND l.metric_id = $3 AND l.amount = $5,
-                            l.amount, c.external_key, m.key
+                            l.amount, c.external_key, m.key, l.kind
                        FROM flagship.usage_ledger l
                        JOIN flagship.customers c
                          ON c.organization_id = l.organization_id AND c.id = l.customer_id
@@ -366,6 +377,7 @@ fn replay(
         return None;
     }
     let row = found.first();
+    let credits = spi(row.get::<String>(10)).as_deref() == Some("credits");
     if spi(row.get::<bool>(6)) != Some(true) {
         let first_amount = spi(row.get::<i64>(7)).unwrap_or_default();
         let first_customer = spi(row.get::<String>(8)).unwrap_or_default();
@@ -380,6 +392,14 @@ fn replay(
         );
     }
     let used_after = spi(row.get::<i64>(1))?;
+    if credits {
+        // A consumption of credits keeps the balance it left.
+        return Some(limits::credits_result(
+            true,
+            used_after,
+            Reason::WithinLimit,
+        ));
+    }
     let period_start = spi(row.get::<TimestampWithTimeZone>(4));
     let resets_at = spi(row.get::<TimestampWithTimeZone>(5));
     let terms = Terms {
@@ -428,8 +448,9 @@ pub fn check_usage_limit(
     let amount = check_amount(amount, "amount");
     crate::context::require_scope("usage:read");
     let customer = &acting_customer(customer);
-    let subject = match subject(customer, metric, environment) {
-        Ok(subject) => subject,
+    let subject = match metered(customer, metric, environment) {
+        Ok(Metered::Limit(subject)) => subject,
+        Ok(Metered::Credits(account)) => return credits::check(&account, amount),
         Err(reason) => return refusal(reason),
     };
     let used = with_statements(|client, statements| current_usage(client, statements, &subject));
@@ -463,25 +484,29 @@ pub fn record_usage(
     }
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
-    let subject = match subject(customer, metric, environment) {
-        Ok(subject) => subject,
+    let metered = match metered(customer, metric, environment) {
+        Ok(metered) => metered,
         Err(reason) => return refusal(reason),
     };
-    // Only these statements may write counters and the ledger.
+    let (organization, customer_id, metric_id) = match &metered {
+        Metered::Limit(subject) => (subject.organization, subject.customer, subject.metric),
+        Metered::Credits(account) => account.ids(),
+    };
+    // Only these statements may write counters, grants and the ledger.
     let _writes = crate::context::UsageWrites::open();
     let answer = with_statements(|client, statements| {
         if let Some(key) = idempotency_key {
             // A duplicate racing the first call waits here until that call's
             // transaction ends, then finds (or not) its ledger row.
-            let lock = format!("{}/{key}", subject.organization);
+            let lock = format!("{organization}/{key}");
             spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
             let found = spi(client.select(
                 &statements.find_replay,
                 Some(1),
                 &[
-                    subject.organization.into(),
-                    subject.customer.into(),
-                    subject.metric.into(),
+                    organization.into(),
+                    customer_id.into(),
+                    metric_id.into(),
                     key.into(),
                     amount.into(),
                 ],
@@ -493,6 +518,10 @@ pub fn record_usage(
                 return replayed;
             }
         }
+        let subject = match &metered {
+            Metered::Limit(subject) => subject,
+            Metered::Credits(account) => return credits::consume(account, amount, idempotency_key),
+        };
         let change = subject.change(amount, idempotency_key);
         for _ in 0..2 {
             if let Some(used_after) =
@@ -511,6 +540,44 @@ pub fn record_usage(
     BuiltJsonb::from_value(&answer)
 }
 
+/// Adds `amount` credits of a credits metric to a customer's balance,
+/// expiring at `expires_at` (never, by default). Needs plans:write.
+// The search path is pinned: while usage writes are open, no function or
+// operator of the caller's choosing may run.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+pub fn grant_credits(
+    customer: Option<&str>,
+    metric: &str,
+    amount: Option<i64>,
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    environment: default!(Option<&str>, "NULL"),
+) -> pgrx::JsonB {
+    Spi::run("SELECT flagship.require_permission('plans:write', 'grant_credits')")
+        .unwrap_or_else(|error| panic!("checking the permission: {error}"));
+    let amount = credits::check_grant(amount, expires_at);
+    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
+        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
+    }
+    let customer = &acting_customer(customer);
+    let account = match metered(customer, metric, environment) {
+        Ok(Metered::Credits(account)) => account,
+        Ok(Metered::Limit(_)) => invalid_parameter(
+            format!("metric: \"{metric}\" does not count credits"),
+            Some("give the metric \"aggregation\": \"credits\" (put_metric)"),
+        ),
+        Err(Reason::MetricNotFound) => {
+            invalid_parameter(format!("metric: unknown metric \"{metric}\""), None)
+        }
+        Err(_) => invalid_parameter(format!("customer: unknown customer \"{customer}\""), None),
+    };
+    let _writes = crate::context::UsageWrites::open();
+    let mut answer = credits::grant(&account, amount, expires_at, idempotency_key);
+    answer["balance"] = json!(credits::balance(&account));
+    pgrx::JsonB(answer)
+}
+
 /// Sets a gauge (seats, projects) to `value`; a hard limit refuses values
 /// above it and records nothing.
 // The search path is pinned: while usage writes are open, no function or
@@ -526,8 +593,13 @@ pub fn set_usage(
     let value = check_amount(value, "value");
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
-    let subject = match subject(customer, metric, environment) {
-        Ok(subject) => subject,
+    let subject = match metered(customer, metric, environment) {
+        Ok(Metered::Limit(subject)) => subject,
+        Ok(Metered::Credits(_)) => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("metric: \"{metric}\" counts credits; set_usage is for gauge metrics"),
+            Some("use record_usage to consume credits and grant_credits to add them"),
+        ),
         Err(reason) => return refusal(reason),
     };
     if !subject.terms.gauge {

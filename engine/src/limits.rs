@@ -17,6 +17,10 @@ pub enum Reason {
     CustomerNotFound,
     MetricNotFound,
     SubscriptionInactive,
+    /// A credits metric whose live grants cannot pay the amount: distinct
+    /// from NOT_ENTITLED, so integrators do not mistake an empty balance
+    /// for a plan without the metric (or fail open on it).
+    CreditsExhausted,
 }
 
 impl Reason {
@@ -29,6 +33,7 @@ impl Reason {
             Reason::CustomerNotFound => "CUSTOMER_NOT_FOUND",
             Reason::MetricNotFound => "METRIC_NOT_FOUND",
             Reason::SubscriptionInactive => "SUBSCRIPTION_INACTIVE",
+            Reason::CreditsExhausted => "CREDITS_EXHAUSTED",
         }
     }
 }
@@ -50,6 +55,8 @@ pub struct Facts {
     pub customer: Option<[u8; 16]>,
     pub metric: Option<[u8; 16]>,
     pub gauge: bool,
+    /// Consumed from prepaid grants, not counted against a limit.
+    pub credits: bool,
     pub status: Option<String>,
     pub trial_ends_at: Option<DateTime<Utc>>,
     pub billing_anchor: Option<DateTime<Utc>>,
@@ -102,6 +109,7 @@ impl Facts {
             customer: uuid_bytes(document.get("customer_id")),
             metric: uuid_bytes(document.get("metric_id")),
             gauge: document.get("aggregation").and_then(Value::as_str) == Some("gauge"),
+            credits: document.get("aggregation").and_then(Value::as_str) == Some("credits"),
             status: document
                 .get("status")
                 .and_then(Value::as_str)
@@ -169,6 +177,22 @@ fn timestamp(at: DateTime<Utc>) -> Value {
     Value::String(at.to_rfc3339_opts(SecondsFormat::AutoSi, false))
 }
 
+/// The answer for a credits metric, in the shape of `result`: `remaining`
+/// is the live balance (after the consumption, for a granted one), and
+/// there is no limit, count or period.
+pub fn credits_result(allowed: bool, balance: i64, reason: Reason) -> Value {
+    json!({
+        "allowed": allowed,
+        "limit": null,
+        "used": null,
+        "remaining": balance,
+        "period_start": null,
+        "resets_at": null,
+        "enforcement": "hard",
+        "reason": reason.as_str(),
+    })
+}
+
 /// The result document: `{"allowed", "limit", "used", "remaining",
 /// "period_start", "resets_at", "enforcement", "reason"}`, plus
 /// `over_limit` for soft limits.
@@ -226,6 +250,7 @@ mod tests {
             customer: Some([2; 16]),
             metric: Some([3; 16]),
             gauge: false,
+            credits: false,
             status: Some(status.into()),
             trial_ends_at: Some(at("2024-06-01T00:00:00Z")),
             billing_anchor: None,

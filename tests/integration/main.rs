@@ -6,6 +6,7 @@
 //! `cargo pgrx test pg15 --runas postgres --pgdata /tmp/fs-pg <name>`.
 
 mod audit;
+mod credits;
 mod customer_keys;
 mod dump_restore;
 mod exposures;

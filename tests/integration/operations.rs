@@ -831,7 +831,7 @@ fn validation_messages_name_their_object() {
         ),
         (
             r#"SELECT flagship.put_metric('shop', '{"key": "seats", "aggregation": "avg"}')"#,
-            r#"metric "seats": aggregation: must be sum or gauge"#,
+            r#"metric "seats": aggregation: must be sum, gauge or credits"#,
         ),
         (
             r#"SELECT flagship.put_metric('shop', '{"key": "seats", "colour": "red"}')"#,

@@ -1,0 +1,200 @@
+//! Prepaid credits (#18, DESIGN.md section 7): grants, consumption from
+//! the grant that expires first, exactness under racing sessions.
+
+use std::time::Duration;
+
+use postgres::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{add_member, connect, login_as, organization, sqlstate, text};
+
+/// An organization with a credits metric `ai_tokens` and customer acme, an
+/// admin session (plans:write) and the organization's id.
+fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
+    let (org, _) = organization(su, prefix);
+    add_member(su, &org, "bea@acme.example", "admin");
+    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    admin
+        .batch_execute(&format!(
+            r#"SET flagship.organization_id = '{org}'; SET flagship.actor = 'bea@acme.example';
+               SET flagship.environment = 'shop/production';
+               SELECT flagship.put_metric('shop', '{{"key": "ai_tokens", "aggregation": "credits"}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme"}}');"#
+        ))
+        .unwrap();
+    (org, admin)
+}
+
+fn answer(client: &mut Client, sql: &str) -> Value {
+    serde_json::from_str(&text(client, &format!("SELECT ({sql})::text"))).unwrap()
+}
+
+fn app_session(su: &mut Client, org: &str, prefix: &str) -> Client {
+    let (_, mut app) = login_as(su, prefix, &["flagship_app"]);
+    app.batch_execute(&format!(
+        "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+    ))
+    .unwrap();
+    app
+}
+
+#[test]
+fn racing_sessions_spend_exactly_the_granted_credits() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "credits-race");
+    // 400 that expire tomorrow (drawn first), 600 that never expire.
+    let first = answer(
+        &mut admin,
+        "flagship.grant_credits('acme', 'ai_tokens', 400, now() + interval '1 day')",
+    );
+    assert_eq!(first["balance"], json!(400));
+    let second = answer(
+        &mut admin,
+        "flagship.grant_credits('acme', 'ai_tokens', 600)",
+    );
+    assert_eq!(second["balance"], json!(1000));
+
+    let sessions: Vec<Client> = (0..8)
+        .map(|i| app_session(&mut su, &org, &format!("credits-racer-{i}")))
+        .collect();
+    let racers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut app)| {
+            std::thread::spawn(move || {
+                let mut spent = 0i64;
+                let mut seed = 17 + i as u64 * 7919;
+                // Random amounts until one is refused, then single credits
+                // until the balance is empty.
+                let mut amount = 1 + (seed % 50) as i64;
+                loop {
+                    let result = answer(
+                        &mut app,
+                        &format!("flagship.record_usage('acme', 'ai_tokens', {amount})"),
+                    );
+                    if result["allowed"] == json!(true) {
+                        spent += amount;
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        if amount > 1 {
+                            amount = 1 + ((seed >> 33) % 50) as i64;
+                        }
+                    } else {
+                        assert_eq!(result["reason"], json!("CREDITS_EXHAUSTED"), "{result}");
+                        if amount == 1 {
+                            return spent;
+                        }
+                        amount = 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let spent: i64 = racers.into_iter().map(|racer| racer.join().unwrap()).sum();
+    assert_eq!(spent, 1000, "the racers spent other than what was granted");
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT concat_ws(' ', sum(remaining), count(*) FILTER (WHERE remaining = 0))
+               FROM flagship.credit_grants"
+        ),
+        "0 2"
+    );
+    // The ledger says which grants paid, and adds up to what was spent.
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT concat_ws(' ', sum(amount), (SELECT sum((p->>'amount')::bigint)
+                                                  FROM flagship.usage_ledger l2,
+                                                       jsonb_array_elements(l2.paid_by) p
+                                                 WHERE l2.kind = 'credits'))
+               FROM flagship.usage_ledger WHERE kind = 'credits'"
+        ),
+        "1000 1000"
+    );
+}
+
+#[test]
+fn credits_expire_refund_on_rollback_and_are_never_not_entitled() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "credits-rules");
+    let mut app = app_session(&mut su, &org, "credits-rules-app");
+    // No grant yet: an empty balance, not "not entitled".
+    assert_eq!(
+        answer(
+            &mut app,
+            "flagship.check_usage_limit('acme', 'ai_tokens', 5)"
+        ),
+        json!({"allowed": false, "limit": null, "used": null, "remaining": 0, "period_start": null,
+               "resets_at": null, "enforcement": "hard", "reason": "CREDITS_EXHAUSTED"})
+    );
+    answer(
+        &mut admin,
+        "flagship.grant_credits('acme', 'ai_tokens', 10, now() + interval '1 second', 'topup-1')",
+    );
+    // The same grant again is replayed; another with the key is refused.
+    let replayed = answer(
+        &mut admin,
+        "flagship.grant_credits('acme', 'ai_tokens', 10, (SELECT expires_at FROM flagship.credit_grants), 'topup-1')",
+    );
+    assert_eq!(replayed["replayed"], json!(true));
+    assert_eq!(replayed["balance"], json!(10));
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            "SELECT flagship.grant_credits('acme', 'ai_tokens', 11, NULL, 'topup-1')"
+        ),
+        "22023"
+    );
+    // A rolled-back consumption refunds.
+    app.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        answer(&mut app, "flagship.record_usage('acme', 'ai_tokens', 7)")["remaining"],
+        json!(3)
+    );
+    app.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        answer(&mut app, "flagship.check_usage_limit('acme', 'ai_tokens')")["remaining"],
+        json!(10)
+    );
+    // More than the balance: refused, nothing taken.
+    let refused = answer(&mut app, "flagship.record_usage('acme', 'ai_tokens', 11)");
+    assert_eq!(refused["reason"], json!("CREDITS_EXHAUSTED"));
+    assert_eq!(refused["remaining"], json!(10));
+    // After the expiry the grant is gone from the balance.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        answer(&mut app, "flagship.check_usage_limit('acme', 'ai_tokens')")["remaining"],
+        json!(0)
+    );
+    assert_eq!(
+        answer(&mut app, "flagship.record_usage('acme', 'ai_tokens', 1)")["reason"],
+        json!("CREDITS_EXHAUSTED")
+    );
+
+    // Refusals: an application may not grant; credits have no limit and
+    // cannot be set; grants are positive and expire in the future.
+    assert_eq!(
+        sqlstate(
+            &mut app,
+            "SELECT flagship.grant_credits('acme', 'ai_tokens', 5)"
+        ),
+        "42501"
+    );
+    for sql in [
+        "SELECT flagship.set_usage('acme', 'ai_tokens', 5)",
+        r#"SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"ai_tokens": {"limit": 5}}}')"#,
+        "SELECT flagship.grant_credits('acme', 'ai_tokens', 0)",
+        "SELECT flagship.grant_credits('acme', 'ai_tokens', 5, now() - interval '1 minute')",
+    ] {
+        assert_eq!(sqlstate(&mut admin, sql), "22023", "{sql}");
+    }
+    // Every grant is in the audit trail; consuming one is not.
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT string_agg(action, ',' ORDER BY chain_seq) FROM flagship.audit_events
+              WHERE resource_type = 'credit_grants'"
+        ),
+        "insert"
+    );
+}
