@@ -535,7 +535,7 @@ pub fn record_usage(
                 break;
             }
         }
-        subject.denied(current_usage(client, statements, &subject))
+        subject.denied(current_usage(client, statements, subject))
     });
     BuiltJsonb::from_value(&answer)
 }
