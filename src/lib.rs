@@ -69,6 +69,7 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
+extension_sql_file!("../sql/events.sql", name = "events", requires = ["keys"]);
 extension_sql_file!(
     "../sql/operations.sql",
     name = "operations",
@@ -87,7 +88,14 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/audit.sql",
     name = "audit",
-    requires = ["keys", "export", "migration", "exposures", "operations"]
+    requires = [
+        "keys",
+        "export",
+        "migration",
+        "exposures",
+        "operations",
+        "events"
+    ]
 );
 
 #[pg_guard]

@@ -72,6 +72,7 @@ fn fixture() -> Fixture {
                SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');
                SELECT flagship.put_metric('shop', '{"key": "tokens", "aggregation": "credits"}');
                SELECT flagship.grant_credits('acme', 'tokens', 100, environment => 'shop/production');
+               SELECT flagship.append_events('[{"type": "FixtureCreated"}]');
                SELECT flagship.issue_api_key(flagship.current_organization_id(), 'fixture');
                SET flagship.count_exposures = on;
                SELECT flagship.flagship_enabled('f', '{}', 'shop/production');

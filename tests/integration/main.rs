@@ -9,6 +9,7 @@ mod audit;
 mod credits;
 mod customer_keys;
 mod dump_restore;
+mod events;
 mod exposures;
 mod harness;
 mod invalidation;
