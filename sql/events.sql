@@ -136,8 +136,7 @@ DECLARE
     items jsonb;
     after bigint;
     last bigint;
-    event jsonb;
-    position int := 0;
+    problem text;
     conflict boolean := false;
 BEGIN
     IF organization IS NULL THEN
@@ -154,25 +153,29 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = '[{"type": "OrderPlaced", "tags": ["order:42"], "data": {...}, "metadata": {...}}]';
     END IF;
-    FOR event IN SELECT * FROM jsonb_array_elements(events) LOOP
-        IF jsonb_typeof(event) <> 'object'
-           OR EXISTS (SELECT FROM jsonb_object_keys(event) k WHERE k NOT IN ('type', 'tags', 'data', 'metadata')) THEN
-            RAISE EXCEPTION 'events[%]: must be an object with "type" and optional "tags", "data", "metadata"', position
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        IF jsonb_typeof(event->'type') IS DISTINCT FROM 'string'
-           OR length(event->>'type') NOT BETWEEN 1 AND 200 THEN
-            RAISE EXCEPTION 'events[%].type: must be a string of 1 to 200 characters', position
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        IF event ? 'tags' AND (jsonb_typeof(event->'tags') <> 'array'
-                               OR EXISTS (SELECT FROM jsonb_array_elements(event->'tags') t
-                                           WHERE jsonb_typeof(t) <> 'string')) THEN
-            RAISE EXCEPTION 'events[%].tags: must be an array of strings', position
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        position := position + 1;
-    END LOOP;
+    -- Every event checked in one statement; the first fault is named.
+    SELECT format('events[%s]%s', x.ordinality - 1, x.fault) INTO problem
+      FROM (SELECT e.ordinality,
+                   CASE WHEN jsonb_typeof(e.event) <> 'object'
+                          OR EXISTS (SELECT FROM jsonb_object_keys(e.event) k
+                                      WHERE k NOT IN ('type', 'tags', 'data', 'metadata'))
+                        THEN ': must be an object with "type" and optional "tags", "data", "metadata"'
+                        WHEN jsonb_typeof(e.event->'type') IS DISTINCT FROM 'string'
+                          OR length(e.event->>'type') NOT BETWEEN 1 AND 200
+                        THEN '.type: must be a string of 1 to 200 characters'
+                        WHEN e.event ? 'tags'
+                         AND (jsonb_typeof(e.event->'tags') <> 'array'
+                              OR EXISTS (SELECT FROM jsonb_array_elements(e.event->'tags') t
+                                          WHERE jsonb_typeof(t) <> 'string'))
+                        THEN '.tags: must be an array of strings'
+                   END AS fault
+              FROM jsonb_array_elements(events) WITH ORDINALITY AS e (event, ordinality)) x
+     WHERE x.fault IS NOT NULL
+     ORDER BY x.ordinality
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%', problem USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     count := jsonb_array_length(events);
 
     IF condition IS NOT NULL THEN
@@ -197,11 +200,17 @@ BEGIN
         END IF;
     END IF;
 
-    -- Take the organization's head (and its lock, held to commit) first ...
-    INSERT INTO flagship.event_heads AS h (organization_id, last_position)
-    VALUES (organization, count)
-    ON CONFLICT (organization_id) DO UPDATE SET last_position = h.last_position + count
+    -- Take the organization's head (and its lock, held to commit) first
+    -- (created by the first append, racing ones meeting in the upsert) ...
+    UPDATE flagship.event_heads h SET last_position = h.last_position + count
+     WHERE h.organization_id = organization
     RETURNING h.last_position INTO last;
+    IF NOT FOUND THEN
+        INSERT INTO flagship.event_heads AS h (organization_id, last_position)
+        VALUES (organization, count)
+        ON CONFLICT (organization_id) DO UPDATE SET last_position = h.last_position + count
+        RETURNING h.last_position INTO last;
+    END IF;
     -- ... then check, in a statement whose snapshot sees every append that
     -- held the head before.
     IF items IS NOT NULL THEN
