@@ -2492,3 +2492,196 @@ BEGIN
         USING start, most;
 END
 $fn$;
+
+
+-- A key issues or rolls only keys within itself (#18, review).
+
+-- Whether a key with these settings stays within the key this transaction
+-- authenticated with (true without one): its scopes, its environment
+-- binding, its expiry, its usage limit, its addresses and its customer. A
+-- key may issue or roll only keys within itself.
+CREATE FUNCTION flagship.within_session_key(scopes text[], environment_id uuid, expires_at timestamptz,
+                                            usage_limit bigint, allowed_ips cidr[], customer_id uuid)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.current_key_id() IS NULL OR coalesce((
+        SELECT NOT ((cardinality(k.scopes) > 0
+                     AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
+                          OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
+                                      WHERE NOT flagship.key_grants(s))))
+                    OR (k.environment_id IS NOT NULL
+                        AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
+                    OR (k.expires_at IS NOT NULL
+                        AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
+                    OR (k.usage_limit IS NOT NULL AND within_session_key.usage_limit IS NULL)
+                    OR (k.allowed_ips IS NOT NULL
+                        AND (within_session_key.allowed_ips IS NULL
+                             OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
+                                         WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
+                    OR (k.customer_id IS NOT NULL
+                        AND within_session_key.customer_id IS DISTINCT FROM k.customer_id))
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id()), false)
+$fn$;
+
+-- `customer` (an external key of the key's environment) makes the key the
+-- customer's: verification names it, and usage calls in key mode act for
+-- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
+CREATE OR REPLACE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
+                                       environment text DEFAULT NULL,
+                                       expires_at timestamptz DEFAULT NULL,
+                                       usage_limit bigint DEFAULT NULL,
+                                       customer text DEFAULT NULL,
+                                       allowed_ips text[] DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    environment_row flagship.environments;
+    secret text;
+    plaintext text;
+    bad_scope text;
+    customer_id uuid;
+    networks cidr[];
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
+    IF organization_id IS NULL
+       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+        RAISE EXCEPTION 'organization_id: organization not found'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'name: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A scope is a permission, or every permission of one resource; a typo
+    -- is refused now rather than failing at first use.
+    SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
+     WHERE s IS NULL
+        OR NOT EXISTS (SELECT FROM flagship.permissions p
+                        WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'scopes: "%" is not a scope', coalesce(bad_scope, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
+                      SELECT p.key FROM flagship.permissions p
+                      UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
+    END IF;
+    -- A key issues no key wider than itself (checked before anything of
+    -- the request is resolved, so a wider request learns nothing more).
+    IF NOT flagship.within_session_key(scopes,
+               CASE WHEN environment IS NOT NULL THEN flagship.resolve_environment(environment) END,
+               expires_at, usage_limit,
+               CASE WHEN allowed_ips IS NOT NULL THEN flagship.parse_networks(allowed_ips, 'allowed_ips') END,
+               CASE WHEN customer IS NOT NULL AND environment IS NOT NULL THEN
+                   (SELECT c.id FROM flagship.customers c
+                     WHERE c.environment_id = flagship.resolve_environment(environment)
+                       AND c.external_key = customer) END) THEN
+        RAISE EXCEPTION 'a key may not issue a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'stay within the scopes, environment, expiry, usage limit, addresses and customer of the key this transaction authenticated with';
+    END IF;
+    IF expires_at IS NOT NULL AND expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF usage_limit IS NOT NULL AND usage_limit <= 0 THEN
+        RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF environment IS NOT NULL THEN
+        SELECT * INTO environment_row FROM flagship.environments e
+         WHERE e.id = flagship.resolve_environment(environment);
+        -- A name or uuid of another organization's environment is refused
+        -- exactly like one that does not exist.
+        IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
+            RAISE EXCEPTION 'environment "%" not found', environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    IF customer IS NOT NULL THEN
+        IF environment_row.id IS NULL THEN
+            RAISE EXCEPTION 'customer: a customer''s key needs its environment (customers belong to one)'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c.id INTO customer_id FROM flagship.customers c
+         WHERE c.organization_id = environment_row.organization_id
+           AND c.environment_id = environment_row.id AND c.external_key = customer;
+        IF customer_id IS NULL THEN
+            RAISE EXCEPTION 'customer: no customer "%" in environment "%"', customer, environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
+
+    secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
+                      THEN 'fs_live_' ELSE 'fs_test_' END || secret;
+    INSERT INTO flagship.api_keys AS k
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, customer_id, allowed_ips)
+    VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
+            sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
+            environment_row.project_id, environment_row.id, expires_at, usage_limit,
+            customer_id, networks);
+    RETURN plaintext;
+END
+$fn$;
+
+-- A new key with the same settings (name, scopes, environment, customer,
+-- addresses, expiry, usage limit and the uses counted so far, as
+-- usage_count shows them: uses spent by verifications whose transactions
+-- rolled back are not carried over); the old one keeps verifying for
+-- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
+CREATE OR REPLACE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    old flagship.api_keys;
+    plaintext text;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'roll_api_key');
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent; the
+    -- row lock makes two concurrent rolls of one key queue.
+    SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
+      INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
+           old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
+           old.customer_id, old.allowed_ips
+      FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
+    IF old.id IS NULL THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT flagship.within_session_key(old.scopes, old.environment_id, old.expires_at, old.usage_limit,
+                                       old.allowed_ips, old.customer_id) THEN
+        RAISE EXCEPTION 'a key may not roll a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
+    END IF;
+    IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
+        RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'issue a new key with flagship.issue_api_key';
+    END IF;
+    plaintext := (CASE WHEN old.display_prefix LIKE 'fs_test_%' THEN 'fs_test_' ELSE 'fs_live_' END)
+                 || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO flagship.api_keys
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from)
+    VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
+            old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
+            old.usage_count,
+            old.customer_id, old.allowed_ips, old.id);
+    UPDATE flagship.api_keys k
+       SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
+     WHERE k.organization_id = old.organization_id AND k.id = old.id;
+    RETURN plaintext;
+END
+$fn$;

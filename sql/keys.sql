@@ -108,6 +108,36 @@ REVOKE ALL ON FUNCTION flagship.api_keys_use_sequence() FROM PUBLIC;
 CREATE TRIGGER api_keys_use_sequence AFTER INSERT OR DELETE OR UPDATE OF usage_limit ON flagship.api_keys
     FOR EACH ROW EXECUTE FUNCTION flagship.api_keys_use_sequence();
 
+-- Whether a key with these settings stays within the key this transaction
+-- authenticated with (true without one): its scopes, its environment
+-- binding, its expiry, its usage limit, its addresses and its customer. A
+-- key may issue or roll only keys within itself.
+CREATE FUNCTION flagship.within_session_key(scopes text[], environment_id uuid, expires_at timestamptz,
+                                            usage_limit bigint, allowed_ips cidr[], customer_id uuid)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.current_key_id() IS NULL OR coalesce((
+        SELECT NOT ((cardinality(k.scopes) > 0
+                     AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
+                          OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
+                                      WHERE NOT flagship.key_grants(s))))
+                    OR (k.environment_id IS NOT NULL
+                        AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
+                    OR (k.expires_at IS NOT NULL
+                        AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
+                    OR (k.usage_limit IS NOT NULL AND within_session_key.usage_limit IS NULL)
+                    OR (k.allowed_ips IS NOT NULL
+                        AND (within_session_key.allowed_ips IS NULL
+                             OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
+                                         WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
+                    OR (k.customer_id IS NOT NULL
+                        AND within_session_key.customer_id IS DISTINCT FROM k.customer_id))
+          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id()), false)
+$fn$;
+
 -- `customer` (an external key of the key's environment) makes the key the
 -- customer's: verification names it, and usage calls in key mode act for
 -- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
@@ -126,7 +156,6 @@ DECLARE
     secret text;
     plaintext text;
     bad_scope text;
-    issuer flagship.api_keys;
     customer_id uuid;
     networks cidr[];
 BEGIN
@@ -153,24 +182,19 @@ BEGIN
                       SELECT p.key FROM flagship.permissions p
                       UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
     END IF;
-    -- A key issues no key wider than itself: within its scopes, its
-    -- environment binding, its expiry and its usage limit.
-    IF flagship.current_key_id() IS NOT NULL THEN
-        SELECT k.scopes, k.environment_id, k.expires_at, k.usage_limit
-          INTO issuer.scopes, issuer.environment_id, issuer.expires_at, issuer.usage_limit
-          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
-        IF (cardinality(issuer.scopes) > 0
-            AND (cardinality(coalesce(scopes, '{}')) = 0
-                 OR EXISTS (SELECT FROM unnest(scopes) s WHERE NOT flagship.key_grants(s))))
-           OR (issuer.environment_id IS NOT NULL
-               AND (environment IS NULL
-                    OR flagship.resolve_environment(environment) IS DISTINCT FROM issuer.environment_id))
-           OR (issuer.expires_at IS NOT NULL AND (expires_at IS NULL OR expires_at > issuer.expires_at))
-           OR (issuer.usage_limit IS NOT NULL AND usage_limit IS NULL) THEN
-            RAISE EXCEPTION 'a key may not issue a key wider than itself'
-                USING ERRCODE = 'insufficient_privilege',
-                      HINT = 'stay within the scopes, environment, expiry and usage limit of the key this transaction authenticated with';
-        END IF;
+    -- A key issues no key wider than itself (checked before anything of
+    -- the request is resolved, so a wider request learns nothing more).
+    IF NOT flagship.within_session_key(scopes,
+               CASE WHEN environment IS NOT NULL THEN flagship.resolve_environment(environment) END,
+               expires_at, usage_limit,
+               CASE WHEN allowed_ips IS NOT NULL THEN flagship.parse_networks(allowed_ips, 'allowed_ips') END,
+               CASE WHEN customer IS NOT NULL AND environment IS NOT NULL THEN
+                   (SELECT c.id FROM flagship.customers c
+                     WHERE c.environment_id = flagship.resolve_environment(environment)
+                       AND c.external_key = customer) END) THEN
+        RAISE EXCEPTION 'a key may not issue a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'stay within the scopes, environment, expiry, usage limit, addresses and customer of the key this transaction authenticated with';
     END IF;
     IF expires_at IS NOT NULL AND expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
@@ -203,20 +227,6 @@ BEGIN
         END IF;
     END IF;
     networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
-    -- A key limited to addresses issues none usable from anywhere.
-    IF flagship.current_key_id() IS NOT NULL THEN
-        SELECT k.allowed_ips, k.customer_id INTO issuer.allowed_ips, issuer.customer_id
-          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id();
-        IF (issuer.allowed_ips IS NOT NULL
-            AND (networks IS NULL OR EXISTS (SELECT FROM unnest(networks) n
-                                              WHERE NOT EXISTS (SELECT FROM unnest(issuer.allowed_ips) a
-                                                                 WHERE n <<= a))))
-           OR (issuer.customer_id IS NOT NULL AND customer_id IS DISTINCT FROM issuer.customer_id) THEN
-            RAISE EXCEPTION 'a key may not issue a key wider than itself'
-                USING ERRCODE = 'insufficient_privilege',
-                      HINT = 'stay within the addresses and the customer of the key this transaction authenticated with';
-        END IF;
-    END IF;
 
     secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
     plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
@@ -371,6 +381,12 @@ BEGIN
       FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT flagship.within_session_key(old.scopes, old.environment_id, old.expires_at, old.usage_limit,
+                                       old.allowed_ips, old.customer_id) THEN
+        RAISE EXCEPTION 'a key may not roll a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
     END IF;
     IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
         RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id

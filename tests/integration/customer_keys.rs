@@ -185,6 +185,44 @@ fn a_rolled_key_verifies_through_its_grace_period_only() {
     );
 }
 
+/// Review of #18: a narrow key holding api_keys:write could roll a wider
+/// key of its organization and receive the new key's plaintext.
+#[test]
+fn a_key_rolls_no_key_wider_than_itself() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "ckey-wider");
+    let wide = text(
+        &mut admin,
+        &format!("SELECT flagship.issue_api_key('{org}', 'wide', ARRAY['plans:*', 'features:*'])"),
+    );
+    let wide_id = verify(&mut admin, &wide, None)["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let narrow = text(
+        &mut admin,
+        &format!("SELECT flagship.issue_api_key('{org}', 'narrow', ARRAY['api_keys:write', 'api_keys:read'])"),
+    );
+    let (_, mut app) = login_as(&mut su, "ckey-wider-app", &["flagship_admin"]);
+    app.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        text(
+            &mut app,
+            &format!("SELECT flagship.authenticate('{narrow}') ->> 'code'")
+        ),
+        "VALID"
+    );
+    assert_eq!(
+        sqlstate(
+            &mut app,
+            &format!("SELECT flagship.roll_api_key('{wide_id}')")
+        ),
+        "42501"
+    );
+    app.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(code(&mut admin, &wide, None), "VALID");
+}
+
 #[test]
 fn an_allow_list_admits_only_its_addresses() {
     let mut su = connect();
