@@ -2494,7 +2494,9 @@ END
 $fn$;
 
 
--- A key issues or rolls only keys within itself (#18, review).
+-- A key issues, rolls or writes only keys within itself; an allow-list
+-- answers before anything else; customer keys list their scopes (#18,
+-- review).
 
 -- Whether a key with these settings stays within the key this transaction
 -- authenticated with (true without one): its scopes, its environment
@@ -2516,7 +2518,8 @@ AS $fn$
                         AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
                     OR (k.expires_at IS NOT NULL
                         AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
-                    OR (k.usage_limit IS NOT NULL AND within_session_key.usage_limit IS NULL)
+                    OR (k.usage_limit IS NOT NULL
+                        AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
                     OR (k.allowed_ips IS NOT NULL
                         AND (within_session_key.allowed_ips IS NULL
                              OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
@@ -2614,6 +2617,13 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;
+    IF customer IS NOT NULL AND cardinality(coalesce(scopes, '{}')) = 0 THEN
+        -- A key without scopes is restricted only by its role: a customer's
+        -- key says what it may do.
+        RAISE EXCEPTION 'scopes: a customer''s key must list its scopes'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'for example ARRAY[''usage:read'', ''usage:write'', ''features:read'']';
+    END IF;
     networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
 
     secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
@@ -2627,6 +2637,79 @@ BEGIN
             environment_row.project_id, environment_row.id, expires_at, usage_limit,
             customer_id, networks);
     RETURN plaintext;
+END
+$fn$;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE OR REPLACE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+    uses bigint;
+    customer_key text;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        code := 'NOT_FOUND';
+    -- An allow-list admits only the addresses it lists, and tells callers
+    -- elsewhere nothing more (not even that the key was revoked); a
+    -- verification that does not say where the call comes from is refused.
+    ELSIF key_row.allowed_ips IS NOT NULL
+          AND (client_ip IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+        code := 'FORBIDDEN';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            uses := nextval(flagship.ensure_key_use_sequence(key_row.id, key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
 END
 $fn$;
 
@@ -2648,14 +2731,13 @@ BEGIN
     IF grace IS NULL OR grace < interval '0' THEN
         RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Row-level security makes another organization's key look absent; the
-    -- row lock makes two concurrent rolls of one key queue.
+    -- Row-level security makes another organization's key look absent.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
            k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips
-      FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
+      FROM flagship.api_keys k WHERE k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -2665,6 +2747,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
     END IF;
+    -- The row lock makes two concurrent rolls of one key queue; the second
+    -- then finds it expired (or still within its grace) as the first left it.
+    SELECT k.expires_at, k.revoked_at, k.usage_count INTO old.expires_at, old.revoked_at, old.usage_count
+      FROM flagship.api_keys k WHERE k.organization_id = old.organization_id AND k.id = old.id FOR UPDATE;
     IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
         RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
             USING ERRCODE = 'invalid_parameter_value',
@@ -2683,5 +2769,83 @@ BEGIN
        SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
      WHERE k.organization_id = old.organization_id AND k.id = old.id;
     RETURN plaintext;
+END
+$fn$;
+
+-- In key mode a key writes only keys within itself, into keys within
+-- itself: it cannot lift its own limits, or another key's, with a plain
+-- UPDATE (the api_keys:write policy alone would let it). Outside key mode
+-- within_session_key is true.
+CREATE POLICY api_keys_insert_within_key ON flagship.api_keys AS RESTRICTIVE FOR INSERT
+    WITH CHECK (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                            allowed_ips, customer_id));
+CREATE POLICY api_keys_update_within_key ON flagship.api_keys AS RESTRICTIVE FOR UPDATE
+    USING (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                       allowed_ips, customer_id))
+    WITH CHECK (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                            allowed_ips, customer_id));
+CREATE POLICY api_keys_delete_within_key ON flagship.api_keys AS RESTRICTIVE FOR DELETE
+    USING (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                       allowed_ips, customer_id));
+
+CREATE OR REPLACE FUNCTION flagship.create_organization(slug text, name text)
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    new_id uuid;
+BEGIN
+    IF slug IS NULL OR slug !~ '^[a-z0-9-]+$' OR length(slug) > 63 THEN
+        RAISE EXCEPTION 'organization slug "%" is invalid', slug
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'slug: 1 to 63 lowercase letters, digits and hyphens';
+    END IF;
+    IF name IS NULL OR length(btrim(name)) = 0 THEN
+        RAISE EXCEPTION 'organization name must not be empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- An organization belongs to people, not to a key of another one (and
+    -- a key learns nothing of other organizations' slugs).
+    IF flagship.current_key_id() IS NOT NULL THEN
+        RAISE EXCEPTION 'an API key cannot create organizations'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'create organizations in a session without flagship.authenticate';
+    END IF;
+    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
+        RAISE EXCEPTION 'organization slug "%" is already taken', slug
+            USING ERRCODE = 'unique_violation';
+    END IF;
+
+    INSERT INTO flagship.organizations (slug, name)
+    VALUES (create_organization.slug, create_organization.name)
+    RETURNING id INTO new_id;
+
+    INSERT INTO flagship.roles (organization_id, key, name, builtin)
+    SELECT new_id, r.key, initcap(r.key), true
+      FROM (VALUES ('owner'), ('admin'), ('developer'), ('viewer')) AS r (key);
+
+    INSERT INTO flagship.role_permissions (organization_id, role_id, permission)
+    SELECT new_id, r.id, b.permission
+      FROM flagship.roles r
+      JOIN flagship.builtin_role_permissions b ON b.role_key = r.key
+     WHERE r.organization_id = new_id;
+
+    -- Whoever starts an organization owns it: without a first member
+    -- nobody but a superuser could create its projects (row-level security
+    -- wants the actor to hold projects:write in it) or add members.
+    -- Superusers bypass those policies and are left out.
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = flagship.acting_role()) THEN
+        WITH owner AS (
+            INSERT INTO flagship.members (organization_id, user_key)
+            VALUES (new_id, flagship.current_actor())
+            RETURNING id)
+        INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+        SELECT new_id, owner.id, r.id
+          FROM owner JOIN flagship.roles r ON r.organization_id = new_id AND r.key = 'owner';
+    END IF;
+
+    RETURN new_id;
 END
 $fn$;

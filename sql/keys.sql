@@ -128,7 +128,8 @@ AS $fn$
                         AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
                     OR (k.expires_at IS NOT NULL
                         AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
-                    OR (k.usage_limit IS NOT NULL AND within_session_key.usage_limit IS NULL)
+                    OR (k.usage_limit IS NOT NULL
+                        AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
                     OR (k.allowed_ips IS NOT NULL
                         AND (within_session_key.allowed_ips IS NULL
                              OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
@@ -226,6 +227,13 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;
+    IF customer IS NOT NULL AND cardinality(coalesce(scopes, '{}')) = 0 THEN
+        -- A key without scopes is restricted only by its role: a customer's
+        -- key says what it may do.
+        RAISE EXCEPTION 'scopes: a customer''s key must list its scopes'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'for example ARRAY[''usage:read'', ''usage:write'', ''features:read'']';
+    END IF;
     networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
 
     secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
@@ -301,6 +309,13 @@ BEGIN
     END IF;
     IF key_row.id IS NULL THEN
         code := 'NOT_FOUND';
+    -- An allow-list admits only the addresses it lists, and tells callers
+    -- elsewhere nothing more (not even that the key was revoked); a
+    -- verification that does not say where the call comes from is refused.
+    ELSIF key_row.allowed_ips IS NOT NULL
+          AND (client_ip IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+        code := 'FORBIDDEN';
     ELSIF key_row.revoked_at IS NOT NULL THEN
         code := 'REVOKED';
     ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
@@ -309,12 +324,6 @@ BEGIN
         SELECT o.status INTO organization_status FROM flagship.organizations o
          WHERE o.id = key_row.organization_id;
         IF organization_status IS DISTINCT FROM 'active' THEN
-            code := 'FORBIDDEN';
-        -- An allow-list admits only the addresses it lists: a verification
-        -- that does not say where the call comes from is refused too.
-        ELSIF key_row.allowed_ips IS NOT NULL
-              AND (client_ip IS NULL
-                   OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
             code := 'FORBIDDEN';
         ELSIF key_row.usage_limit IS NOT NULL THEN
             -- Counting uses is a write by nature; only limited keys pay it.
@@ -371,14 +380,13 @@ BEGIN
     IF grace IS NULL OR grace < interval '0' THEN
         RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Row-level security makes another organization's key look absent; the
-    -- row lock makes two concurrent rolls of one key queue.
+    -- Row-level security makes another organization's key look absent.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
            k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips
-      FROM flagship.api_keys k WHERE k.id = key_id FOR UPDATE;
+      FROM flagship.api_keys k WHERE k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -388,6 +396,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
     END IF;
+    -- The row lock makes two concurrent rolls of one key queue; the second
+    -- then finds it expired (or still within its grace) as the first left it.
+    SELECT k.expires_at, k.revoked_at, k.usage_count INTO old.expires_at, old.revoked_at, old.usage_count
+      FROM flagship.api_keys k WHERE k.organization_id = old.organization_id AND k.id = old.id FOR UPDATE;
     IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
         RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
             USING ERRCODE = 'invalid_parameter_value',
@@ -408,6 +420,22 @@ BEGIN
     RETURN plaintext;
 END
 $fn$;
+
+-- In key mode a key writes only keys within itself, into keys within
+-- itself: it cannot lift its own limits, or another key's, with a plain
+-- UPDATE (the api_keys:write policy alone would let it). Outside key mode
+-- within_session_key is true.
+CREATE POLICY api_keys_insert_within_key ON flagship.api_keys AS RESTRICTIVE FOR INSERT
+    WITH CHECK (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                            allowed_ips, customer_id));
+CREATE POLICY api_keys_update_within_key ON flagship.api_keys AS RESTRICTIVE FOR UPDATE
+    USING (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                       allowed_ips, customer_id))
+    WITH CHECK (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                            allowed_ips, customer_id));
+CREATE POLICY api_keys_delete_within_key ON flagship.api_keys AS RESTRICTIVE FOR DELETE
+    USING (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
+                                       allowed_ips, customer_id));
 
 CREATE FUNCTION flagship.revoke_api_key(key_id uuid)
 RETURNS void

@@ -296,15 +296,16 @@ BEGIN
         RAISE EXCEPTION 'organization name must not be empty'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
-        RAISE EXCEPTION 'organization slug "%" is already taken', slug
-            USING ERRCODE = 'unique_violation';
-    END IF;
-    -- An organization belongs to people, not to a key of another one.
+    -- An organization belongs to people, not to a key of another one (and
+    -- a key learns nothing of other organizations' slugs).
     IF flagship.current_key_id() IS NOT NULL THEN
         RAISE EXCEPTION 'an API key cannot create organizations'
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'create organizations in a session without flagship.authenticate';
+    END IF;
+    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
+        RAISE EXCEPTION 'organization slug "%" is already taken', slug
+            USING ERRCODE = 'unique_violation';
     END IF;
 
     INSERT INTO flagship.organizations (slug, name)

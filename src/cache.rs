@@ -239,15 +239,16 @@ pub fn accept_invalidations() {
         // Runs our relcache callback, which only bumps counters.
         backend::accept_invalidation_messages();
     }
-    // An announced commit this snapshot sees ended is signalled now, in
-    // case its invalidation has not arrived yet. The signal's xid bound is
-    // left as it is: this snapshot, and every later one, sees the change.
+    // An announced commit this snapshot sees ended is signalled now, as its
+    // invalidation would be, in case that has not arrived yet; the xid
+    // bound moves too, so a check made under an older snapshot (a cursor's)
+    // after this does not vouch for later ones.
     let (configuration, entitlements) = announcements::settle();
     if configuration {
-        bump(&CONFIGURATION_SIGNAL);
+        signal_configuration();
     }
     if entitlements {
-        bump(&ENTITLEMENT_SIGNAL);
+        signal_entitlements();
     }
 }
 

@@ -219,8 +219,44 @@ fn a_key_rolls_no_key_wider_than_itself() {
         ),
         "42501"
     );
+    // Nor lift its own limits with a plain UPDATE.
+    app.batch_execute("ROLLBACK; BEGIN").unwrap();
+    let limited = text(
+        &mut admin,
+        &format!(
+            "SELECT flagship.issue_api_key('{org}', 'limited', ARRAY['api_keys:write', 'api_keys:read'],
+                                           usage_limit => 10, allowed_ips => ARRAY['10.0.0.0/8'])"
+        ),
+    );
+    assert_eq!(
+        text(
+            &mut app,
+            &format!("SELECT flagship.authenticate('{limited}', '10.0.0.1') ->> 'code'")
+        ),
+        "VALID"
+    );
+    for sql in [
+        "UPDATE flagship.api_keys SET allowed_ips = NULL WHERE id = flagship.current_key_id()",
+        "UPDATE flagship.api_keys SET usage_limit = NULL WHERE id = flagship.current_key_id()",
+        "UPDATE flagship.api_keys SET usage_limit = 1000 WHERE id = flagship.current_key_id()",
+    ] {
+        assert_eq!(sqlstate(&mut app, sql), "42501", "{sql}");
+        app.batch_execute("ROLLBACK; BEGIN").unwrap();
+        text(
+            &mut app,
+            &format!("SELECT flagship.authenticate('{limited}', '10.0.0.1') ->> 'code'"),
+        );
+    }
     app.batch_execute("ROLLBACK").unwrap();
     assert_eq!(code(&mut admin, &wide, None), "VALID");
+    // A customer's key lists its scopes.
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            &format!("SELECT flagship.issue_api_key('{org}', 'x', '{{}}', 'shop/production', customer => 'acme')")
+        ),
+        "22023"
+    );
 }
 
 #[test]

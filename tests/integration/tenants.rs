@@ -286,6 +286,42 @@ fn a_commit_is_seen_before_its_invalidation_arrives() {
     assert_eq!(entitled(&mut reader), "NOT_ENTITLED");
 }
 
+/// Review of the announcements: a statement settled an announced commit,
+/// then a FETCH on a cursor opened before it made a check under its older
+/// snapshot, and the next statement was answered from that check (the
+/// configuration before the commit) while the commit's own invalidation
+/// was still on its way.
+#[test]
+fn a_cursor_after_an_announcement_does_not_vouch_for_later_statements() {
+    let mut writer = connect();
+    let mut reader = connect();
+    let (org, _) = organization(&mut writer, "settled");
+    put_flag(&mut writer, &org, ON);
+    reader
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; BEGIN; \
+             DECLARE c CURSOR FOR SELECT flagship.flagship_evaluate('f', '{{}}', 'shop/production') ->> 'reason' \
+               FROM generate_series(1, 3)"
+        ))
+        .unwrap();
+    assert_eq!(text(&mut reader, "FETCH 1 FROM c"), "STATIC");
+    writer
+        .batch_execute("SET flagship.test_hold_commit_signals = on")
+        .unwrap();
+    put_flag(&mut writer, &org, OFF);
+    assert_eq!(reason(&mut reader), "DISABLED");
+    assert_eq!(text(&mut reader, "FETCH 1 FROM c"), "STATIC");
+    assert_eq!(
+        reason(&mut reader),
+        "DISABLED",
+        "served the cursor's configuration"
+    );
+    reader.batch_execute("COMMIT").unwrap();
+    writer
+        .batch_execute("RESET flagship.test_hold_commit_signals")
+        .unwrap();
+}
+
 /// Bug of #14 (review): a cursor opened before another session's commit
 /// answered with the newer configuration once a later statement of the
 /// same transaction had confirmed it, while a table read in the cursor
