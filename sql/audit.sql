@@ -248,7 +248,7 @@ BEGIN
     WHEN 'feature_rules' THEN
         SELECT f.key INTO subject_key FROM flagship.features f
          WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
-    WHEN 'plan_features', 'usage_limits' THEN
+    WHEN 'plan_features', 'usage_limits', 'plan_credits' THEN
         SELECT p.key INTO subject_key FROM flagship.plans p
          WHERE p.organization_id = org AND p.id = (subject->>'plan_id')::uuid;
     WHEN 'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides' THEN
@@ -351,6 +351,7 @@ SELECT flagship.audit_table(t.name, t.kind, t.left_out)
                ('plans', 'plan', '{}'),
                ('plan_features', 'plan', '{}'),
                ('usage_limits', 'plan', '{}'),
+               ('plan_credits', 'plan', '{}'),
                ('customers', 'customer', '{}'),
                ('subscriptions', 'customer', '{}'),
                ('customer_feature_overrides', 'customer', '{}'),

@@ -2093,28 +2093,40 @@ CREATE TABLE flagship.credit_grants (
     expires_at      timestamptz,
     idempotency_key text,
     granted_at      timestamptz NOT NULL DEFAULT now(),
+    -- 'grant' (grant_credits) or 'plan' (a plan's grant for the period
+    -- starting at period_start, made by the period's first consumption).
+    source          text        NOT NULL DEFAULT 'grant',
+    period_start    timestamptz,
     PRIMARY KEY (organization_id, id),
     FOREIGN KEY (organization_id, customer_id)
         REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
     FOREIGN KEY (organization_id, metric_id)
         REFERENCES flagship.metrics (organization_id, id) ON DELETE CASCADE,
-    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount)
+    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount),
+    CONSTRAINT credit_grants_source_valid
+        CHECK (source = 'grant' OR (source = 'plan' AND period_start IS NOT NULL))
 );
 CREATE INDEX credit_grants_live ON flagship.credit_grants (organization_id, customer_id, metric_id, expires_at)
     WHERE remaining > 0;
 CREATE UNIQUE INDEX credit_grants_idempotency ON flagship.credit_grants (organization_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- One plan grant per customer, metric and period, however many consumers
+-- race to make it.
+CREATE UNIQUE INDEX credit_grants_plan_period
+    ON flagship.credit_grants (organization_id, customer_id, metric_id, period_start)
+    WHERE source = 'plan';
 SELECT pg_catalog.pg_extension_config_dump('flagship.credit_grants', '');
 ALTER TABLE flagship.credit_grants ENABLE ROW LEVEL SECURITY;
 ALTER TABLE flagship.credit_grants FORCE ROW LEVEL SECURITY;
 -- Everyone of the organization reads balances; grants are added only by
--- grant_credits for an actor with plans:write, and balances move only
--- while record_usage or grant_credits run.
+-- grant_credits for an actor with plans:write (and a plan's own grants by
+-- the usage functions), and balances move only while record_usage or
+-- grant_credits run.
 CREATE POLICY credit_grants_tenant ON flagship.credit_grants FOR SELECT
     USING (organization_id = (SELECT flagship.current_organization_id()));
 CREATE POLICY credit_grants_insert ON flagship.credit_grants FOR INSERT
     WITH CHECK (organization_id = (SELECT flagship.current_organization_id())
-                AND (SELECT flagship.actor_may('plans:write'))
+                AND (source = 'plan' OR (SELECT flagship.actor_may('plans:write')))
                 AND (SELECT flagship.usage_writes_open()));
 CREATE POLICY credit_grants_update ON flagship.credit_grants FOR UPDATE
     USING (organization_id = (SELECT flagship.current_organization_id())
@@ -2123,7 +2135,34 @@ CREATE POLICY credit_grants_delete ON flagship.credit_grants FOR DELETE
     USING (organization_id = (SELECT flagship.current_organization_id())
            AND (SELECT flagship.actor_may('plans:write')));
 GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship_auditor;
-GRANT INSERT, DELETE ON flagship.credit_grants TO flagship_admin;
+
+-- The size of a plan's grant for the period starting at `period_start`:
+-- `amount`, plus what the previous period's plan grant left, up to
+-- `rollover_max`. After periods with no grant at all (nothing consumed,
+-- so nothing was granted) the rollover is least(rollover_max, amount): an
+-- unused period would have left at least its own amount.
+CREATE FUNCTION flagship.plan_grant_amount(organization_id uuid, customer_id uuid, metric_id uuid,
+                                           amount bigint, period_start timestamptz, rollover_max bigint)
+RETURNS bigint
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT plan_grant_amount.amount + coalesce((
+        SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
+                    THEN least(plan_grant_amount.rollover_max, g.remaining)
+                    ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
+          FROM flagship.credit_grants g
+         WHERE g.organization_id = plan_grant_amount.organization_id
+           AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
+           AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
+         ORDER BY g.period_start DESC
+         LIMIT 1), 0)
+$fn$;
+-- Applications insert only a plan's own grants, inside the usage
+-- functions (the insert policy); members with plans:write any grant.
+GRANT INSERT ON flagship.credit_grants TO flagship_admin, flagship_app;
+GRANT DELETE ON flagship.credit_grants TO flagship_admin;
 GRANT UPDATE (remaining) ON flagship.credit_grants TO flagship_admin, flagship_app;
 
 CREATE OR REPLACE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
@@ -2849,3 +2888,340 @@ BEGIN
     RETURN new_id;
 END
 $fn$;
+
+
+-- Plans grant credits per period, with rollover (#18).
+
+-- Credits a plan grants each period (0.3): `amount` of a credits metric
+-- every `period`, plus what the previous period left, up to
+-- `rollover_max`. Granted lazily, by the first consumption of a period.
+CREATE TABLE flagship.plan_credits (
+    organization_id uuid   NOT NULL,
+    project_id      uuid   NOT NULL,
+    plan_id         uuid   NOT NULL,
+    metric_id       uuid   NOT NULL,
+    amount          bigint NOT NULL,
+    period          text   NOT NULL DEFAULT 'month',
+    rollover_max    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (organization_id, plan_id, metric_id),
+    CONSTRAINT plan_credits_amount_valid CHECK (amount > 0),
+    CONSTRAINT plan_credits_period_valid
+        CHECK (period IN ('hour', 'day', 'week', 'month', 'billing_month')),
+    CONSTRAINT plan_credits_rollover_valid CHECK (rollover_max >= 0),
+    FOREIGN KEY (organization_id, project_id, plan_id)
+        REFERENCES flagship.plans (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, project_id, id) ON DELETE CASCADE
+);
+
+SELECT pg_catalog.pg_extension_config_dump('flagship.plan_credits', '');
+
+SELECT flagship.isolate_tenant_table('plan_credits', 'plans:write');
+
+GRANT SELECT ON flagship.plan_credits TO flagship_admin, flagship_app, flagship_auditor;
+
+GRANT INSERT, UPDATE, DELETE ON flagship.plan_credits TO flagship_admin;
+
+SELECT flagship.invalidate_on_change('plan_credits', 'flagship.customers'),
+       flagship.version_on_change('plan_credits', 'entitlements', 'organization_id');
+
+-- `{credits metric key: {"amount", "period", "rollover": {"max"}}}` of a
+-- plan, checked, with defaults (month, no rollover) filled in.
+CREATE FUNCTION flagship.plan_credit_terms(in_organization uuid, in_project uuid, credits jsonb, field text)
+RETURNS TABLE (metric_id uuid, amount bigint, period text, rollover_max bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    metric_row flagship.metrics;
+    path text;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(credits, '{}')) LOOP
+        path := field || '.' || item.key;
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = in_organization AND m.project_id = in_project AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse(path, format('unknown metric "%s"', item.key));
+        ELSIF metric_row.aggregation <> 'credits' THEN
+            PERFORM flagship.refuse(path, 'the metric does not count credits (give it "aggregation": "credits")');
+        END IF;
+        PERFORM flagship.require_object(item.value, path, '{amount,period,rollover}');
+        IF jsonb_typeof(item.value->'amount') IS DISTINCT FROM 'number'
+           OR (item.value->>'amount')::numeric <> trunc((item.value->>'amount')::numeric)
+           OR (item.value->>'amount')::numeric NOT BETWEEN 1 AND 1000000000000 THEN
+            PERFORM flagship.refuse(path || '.amount', 'must be a whole number of credits from 1 to 10^12');
+        END IF;
+        period := coalesce(item.value->>'period', 'month');
+        IF period NOT IN ('hour', 'day', 'week', 'month', 'billing_month') THEN
+            PERFORM flagship.refuse(path || '.period',
+                format('unknown period "%s" (hour, day, week, month, billing_month)', period));
+        END IF;
+        PERFORM flagship.require_object(coalesce(item.value->'rollover', '{}'), path || '.rollover', '{max}');
+        IF item.value->'rollover' ? 'max'
+           AND (jsonb_typeof(item.value->'rollover'->'max') <> 'number'
+                OR (item.value->'rollover'->>'max')::numeric <> trunc((item.value->'rollover'->>'max')::numeric)
+                OR (item.value->'rollover'->>'max')::numeric NOT BETWEEN 0 AND 1000000000000) THEN
+            PERFORM flagship.refuse(path || '.rollover.max', 'must be a whole number of credits from 0 to 10^12');
+        END IF;
+        metric_id := metric_row.id;
+        amount := (item.value->>'amount')::bigint;
+        rollover_max := coalesce((item.value->'rollover'->>'max')::bigint, 0);
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_plan(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    project_row flagship.projects;
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_plan');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'credits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('credits', 'must be an object of credits metric key to {"amount", "period", "rollover"}');
+    END IF;
+
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name')
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+    RETURNING p.id INTO saved;
+
+    DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
+    INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+    SELECT project_row.organization_id, project_row.id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(project_row.organization_id, project_row.id,
+                                     definition->'features', 'features') s;
+
+    DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
+    INSERT INTO flagship.usage_limits
+        (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(project_row.organization_id, project_row.id,
+                                  definition->'limits', 'limits') t;
+
+    DELETE FROM flagship.plan_credits c WHERE c.organization_id = project_row.organization_id AND c.plan_id = saved;
+    INSERT INTO flagship.plan_credits
+        (organization_id, project_id, plan_id, metric_id, amount, period, rollover_max)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.amount, t.period, t.rollover_max
+      FROM flagship.plan_credit_terms(project_row.organization_id, project_row.id,
+                                      definition->'credits', 'credits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the plan it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    refused := format('plan "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^plan: ', ''));
+    IF refused_hint = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.plan_document(plan flagship.plans) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', plan.key, 'name', plan.name,
+        'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
+                                FROM flagship.plan_features f
+                               WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
+        'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
+                              FROM flagship.usage_limits l
+                              JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
+        -- Absent when the plan grants none (0.2.0 documents stay as they were).
+        'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
+                                                                     'rollover', jsonb_build_object('max', c.rollover_max)))
+                      FROM flagship.plan_credits c
+                      JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
+                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id)))
+$fn$;
+
+-- Everything a limit decision needs about one customer and metric, in one
+-- query: ids, subscription status and the limit that applies (a customer
+-- override wins over the plan). The limit functions (Rust, src/usage.rs)
+-- keep the answer per backend until a configuration change; epochs are in
+-- seconds.
+CREATE OR REPLACE FUNCTION flagship.usage_facts(environment_id uuid, customer text, metric text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    facts jsonb;
+BEGIN
+    SELECT jsonb_build_object(
+               'organization_id', c.organization_id, 'customer_id', c.id, 'metric_id', m.id,
+               'aggregation', m.aggregation, 'status', s.status,
+               'trial_ends_at', extract(epoch FROM s.trial_ends_at),
+               'billing_anchor', extract(epoch FROM s.billing_anchor),
+               'has_limit', coalesce(o.metric_id, l.metric_id) IS NOT NULL,
+               'usage_limit', CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END,
+               'period', coalesce(o.period, l.period),
+               'enforcement', coalesce(o.enforcement, l.enforcement),
+               'plan_credits', CASE WHEN pc.metric_id IS NOT NULL THEN
+                   jsonb_build_object('amount', pc.amount, 'period', pc.period,
+                                      'rollover_max', pc.rollover_max) END)
+      INTO facts
+      FROM flagship.customers c
+      LEFT JOIN flagship.metrics m
+        ON m.organization_id = c.organization_id AND m.project_id = c.project_id
+       AND m.key = usage_facts.metric
+      LEFT JOIN flagship.subscriptions s
+        ON s.organization_id = c.organization_id AND s.customer_id = c.id
+      LEFT JOIN flagship.customer_limit_overrides o
+        ON o.organization_id = c.organization_id AND o.customer_id = c.id AND o.metric_id = m.id
+      LEFT JOIN flagship.usage_limits l
+        ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id
+      LEFT JOIN flagship.plan_credits pc
+        ON pc.organization_id = c.organization_id AND pc.plan_id = s.plan_id AND pc.metric_id = m.id
+     WHERE c.environment_id = usage_facts.environment_id AND c.external_key = usage_facts.customer;
+    RETURN coalesce(facts, '{}');
+END
+$fn$;
+
+-- The audit and change-feed trigger. Arguments: the change-feed kind, the
+-- primary-key columns naming a row (besides organization_id), then the
+-- columns left out of the trail: secrets (key hashes) and bookkeeping
+-- (updated_at, usage counts). An UPDATE that changes only those is no
+-- configuration change and records nothing.
+--
+-- SECURITY DEFINER so that it can append to tables no role may write;
+-- current_actor() names the session's user, not the definer.
+CREATE OR REPLACE FUNCTION flagship.audit_change() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    left_out text[] := TG_ARGV[2:];
+    before jsonb;
+    after jsonb;
+    subject jsonb;
+    changes jsonb;
+    org uuid;
+    resource text;
+    subject_key text;
+    environment uuid;
+    event_id bigint;
+    acting text;
+    acting_role text;
+    key uuid;
+    xact bigint;
+    appended int;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        before := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        after := to_jsonb(NEW);
+    END IF;
+    subject := coalesce(after, before);
+
+    IF TG_OP = 'UPDATE' THEN
+        SELECT jsonb_object_agg(n.field, jsonb_build_object('old', before->n.field, 'new', n.value))
+          INTO changes
+          FROM jsonb_each(after - left_out) AS n (field, value)
+         WHERE n.value IS DISTINCT FROM before->n.field;
+    ELSE
+        -- A new row's fields, or a deleted row's, leaving out the empty ones.
+        SELECT jsonb_object_agg(r.field, jsonb_build_object(CASE TG_OP WHEN 'INSERT' THEN 'new' ELSE 'old' END, r.value))
+          INTO changes
+          FROM jsonb_each(subject - left_out) AS r (field, value)
+         WHERE r.value <> 'null';
+    END IF;
+    IF changes IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
+                              ELSE subject->>'organization_id' END;
+    resource := subject->>'id';
+    IF resource IS NULL THEN
+        SELECT string_agg(subject->>column_name, '/' ORDER BY position) INTO resource
+          FROM unnest(string_to_array(TG_ARGV[1], ',')) WITH ORDINALITY AS k (column_name, position);
+    END IF;
+
+    -- The change feed names what an application caches: a flag, a plan,
+    -- a customer, even when the row changed is one of their parts.
+    CASE TG_TABLE_NAME
+    WHEN 'feature_rules' THEN
+        SELECT f.key INTO subject_key FROM flagship.features f
+         WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
+    WHEN 'plan_features', 'usage_limits', 'plan_credits' THEN
+        SELECT p.key INTO subject_key FROM flagship.plans p
+         WHERE p.organization_id = org AND p.id = (subject->>'plan_id')::uuid;
+    WHEN 'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides' THEN
+        SELECT c.external_key, c.environment_id INTO subject_key, environment FROM flagship.customers c
+         WHERE c.organization_id = org AND c.id = (subject->>'customer_id')::uuid;
+    WHEN 'role_permissions' THEN
+        SELECT r.key INTO subject_key FROM flagship.roles r
+         WHERE r.organization_id = org AND r.id = (subject->>'role_id')::uuid;
+    WHEN 'member_roles' THEN
+        SELECT m.user_key INTO subject_key FROM flagship.members m
+         WHERE m.organization_id = org AND m.id = (subject->>'member_id')::uuid;
+    ELSE
+        NULL;
+    END CASE;
+    subject_key := coalesce(subject_key, subject->>'key', subject->>'external_key',
+                            subject->>'user_key', subject->>'slug', resource);
+    environment := coalesce(environment, (subject->>'environment_id')::uuid,
+                            CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
+
+    event_id := nextval('flagship.audit_events_id_seq');
+    acting := flagship.current_actor();
+    acting_role := flagship.acting_role();
+    key := flagship.current_key_id();
+    xact := pg_current_xact_id()::text::bigint;
+    FOR attempt IN 1..2 LOOP
+        WITH link AS (
+            UPDATE flagship.audit_chain_heads h
+               SET last_seq = h.last_seq + 1,
+                   last_hash = flagship.audit_digest(
+                       h.last_hash, h.last_seq + 1, event_id, org, now(), acting,
+                       lower(TG_OP), TG_TABLE_NAME, resource, changes, xact,
+                       session_user, acting_role, key)
+             WHERE h.organization_id = org
+            RETURNING h.last_seq, h.last_hash)
+        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                           resource_type, resource_id, diff, transaction_id, hash,
+                                           session_role, acting_role, key_id,
+                                           change_kind, change_key, environment_id)
+        SELECT org, event_id, link.last_seq, now(), acting, lower(TG_OP),
+               TG_TABLE_NAME, resource, changes, xact, link.last_hash,
+               session_user, acting_role, key,
+               TG_ARGV[0], subject_key, environment
+          FROM link;
+        GET DIAGNOSTICS appended = ROW_COUNT;
+        EXIT WHEN appended > 0;
+        -- The organization's first event starts its chain.
+        INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+
+    -- Any role may LISTEN to any channel, so the payload carries nothing
+    -- row-level security would hide: only the event's database-wide id.
+    -- A listener asks flagship.changes_since what changed in its own
+    -- organization.
+    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    RETURN NULL;
+END
+$fn$;
+
+SELECT flagship.audit_table('plan_credits', 'plan', '{}');

@@ -85,6 +85,28 @@ CREATE TABLE flagship.usage_limits (
         REFERENCES flagship.metrics (organization_id, project_id, id) ON DELETE CASCADE
 );
 
+-- Credits a plan grants each period (0.3): `amount` of a credits metric
+-- every `period`, plus what the previous period left, up to
+-- `rollover_max`. Granted lazily, by the first consumption of a period.
+CREATE TABLE flagship.plan_credits (
+    organization_id uuid   NOT NULL,
+    project_id      uuid   NOT NULL,
+    plan_id         uuid   NOT NULL,
+    metric_id       uuid   NOT NULL,
+    amount          bigint NOT NULL,
+    period          text   NOT NULL DEFAULT 'month',
+    rollover_max    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (organization_id, plan_id, metric_id),
+    CONSTRAINT plan_credits_amount_valid CHECK (amount > 0),
+    CONSTRAINT plan_credits_period_valid
+        CHECK (period IN ('hour', 'day', 'week', 'month', 'billing_month')),
+    CONSTRAINT plan_credits_rollover_valid CHECK (rollover_max >= 0),
+    FOREIGN KEY (organization_id, project_id, plan_id)
+        REFERENCES flagship.plans (organization_id, project_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (organization_id, project_id, metric_id)
+        REFERENCES flagship.metrics (organization_id, project_id, id) ON DELETE CASCADE
+);
+
 CREATE TABLE flagship.customers (
     organization_id uuid        NOT NULL,
     project_id      uuid        NOT NULL,
@@ -232,7 +254,7 @@ DO $dump$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+    FOREACH t IN ARRAY ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'plan_credits', 'customers',
                              'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides',
                              'usage_counters', 'usage_ledger', 'usage_ledger_id_seq'] LOOP
         PERFORM pg_catalog.pg_extension_config_dump(('flagship.' || t)::regclass, '');
@@ -241,7 +263,7 @@ END
 $dump$;
 
 SELECT flagship.isolate_tenant_table(t, 'plans:write')
-  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'plan_credits', 'customers',
                     'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides']) AS t;
 -- Consuming usage is what applications do: no member permission involved.
 SELECT flagship.isolate_tenant_table(t)
@@ -268,12 +290,12 @@ CREATE POLICY usage_counters_delete_by_functions ON flagship.usage_counters AS R
 CREATE POLICY usage_ledger_insert_by_functions ON flagship.usage_ledger AS RESTRICTIVE
     FOR INSERT WITH CHECK ((SELECT flagship.usage_writes_open()));
 
-GRANT SELECT ON flagship.metrics, flagship.plans, flagship.plan_features, flagship.usage_limits,
+GRANT SELECT ON flagship.metrics, flagship.plans, flagship.plan_features, flagship.usage_limits, flagship.plan_credits,
                 flagship.customers, flagship.subscriptions, flagship.customer_feature_overrides,
                 flagship.customer_limit_overrides, flagship.usage_counters, flagship.usage_ledger
     TO flagship_admin, flagship_app, flagship_auditor;
 GRANT INSERT, UPDATE, DELETE ON flagship.metrics, flagship.plans, flagship.plan_features,
-                                flagship.usage_limits, flagship.customers, flagship.subscriptions,
+                                flagship.usage_limits, flagship.plan_credits, flagship.customers, flagship.subscriptions,
                                 flagship.customer_feature_overrides,
                                 flagship.customer_limit_overrides
     TO flagship_admin;
@@ -300,28 +322,40 @@ CREATE TABLE flagship.credit_grants (
     expires_at      timestamptz,
     idempotency_key text,
     granted_at      timestamptz NOT NULL DEFAULT now(),
+    -- 'grant' (grant_credits) or 'plan' (a plan's grant for the period
+    -- starting at period_start, made by the period's first consumption).
+    source          text        NOT NULL DEFAULT 'grant',
+    period_start    timestamptz,
     PRIMARY KEY (organization_id, id),
     FOREIGN KEY (organization_id, customer_id)
         REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
     FOREIGN KEY (organization_id, metric_id)
         REFERENCES flagship.metrics (organization_id, id) ON DELETE CASCADE,
-    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount)
+    CONSTRAINT credit_grants_amounts_valid CHECK (amount > 0 AND remaining BETWEEN 0 AND amount),
+    CONSTRAINT credit_grants_source_valid
+        CHECK (source = 'grant' OR (source = 'plan' AND period_start IS NOT NULL))
 );
 CREATE INDEX credit_grants_live ON flagship.credit_grants (organization_id, customer_id, metric_id, expires_at)
     WHERE remaining > 0;
 CREATE UNIQUE INDEX credit_grants_idempotency ON flagship.credit_grants (organization_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+-- One plan grant per customer, metric and period, however many consumers
+-- race to make it.
+CREATE UNIQUE INDEX credit_grants_plan_period
+    ON flagship.credit_grants (organization_id, customer_id, metric_id, period_start)
+    WHERE source = 'plan';
 SELECT pg_catalog.pg_extension_config_dump('flagship.credit_grants', '');
 ALTER TABLE flagship.credit_grants ENABLE ROW LEVEL SECURITY;
 ALTER TABLE flagship.credit_grants FORCE ROW LEVEL SECURITY;
 -- Everyone of the organization reads balances; grants are added only by
--- grant_credits for an actor with plans:write, and balances move only
--- while record_usage or grant_credits run.
+-- grant_credits for an actor with plans:write (and a plan's own grants by
+-- the usage functions), and balances move only while record_usage or
+-- grant_credits run.
 CREATE POLICY credit_grants_tenant ON flagship.credit_grants FOR SELECT
     USING (organization_id = (SELECT flagship.current_organization_id()));
 CREATE POLICY credit_grants_insert ON flagship.credit_grants FOR INSERT
     WITH CHECK (organization_id = (SELECT flagship.current_organization_id())
-                AND (SELECT flagship.actor_may('plans:write'))
+                AND (source = 'plan' OR (SELECT flagship.actor_may('plans:write')))
                 AND (SELECT flagship.usage_writes_open()));
 CREATE POLICY credit_grants_update ON flagship.credit_grants FOR UPDATE
     USING (organization_id = (SELECT flagship.current_organization_id())
@@ -330,7 +364,34 @@ CREATE POLICY credit_grants_delete ON flagship.credit_grants FOR DELETE
     USING (organization_id = (SELECT flagship.current_organization_id())
            AND (SELECT flagship.actor_may('plans:write')));
 GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship_auditor;
-GRANT INSERT, DELETE ON flagship.credit_grants TO flagship_admin;
+
+-- The size of a plan's grant for the period starting at `period_start`:
+-- `amount`, plus what the previous period's plan grant left, up to
+-- `rollover_max`. After periods with no grant at all (nothing consumed,
+-- so nothing was granted) the rollover is least(rollover_max, amount): an
+-- unused period would have left at least its own amount.
+CREATE FUNCTION flagship.plan_grant_amount(organization_id uuid, customer_id uuid, metric_id uuid,
+                                           amount bigint, period_start timestamptz, rollover_max bigint)
+RETURNS bigint
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT plan_grant_amount.amount + coalesce((
+        SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
+                    THEN least(plan_grant_amount.rollover_max, g.remaining)
+                    ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
+          FROM flagship.credit_grants g
+         WHERE g.organization_id = plan_grant_amount.organization_id
+           AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
+           AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
+         ORDER BY g.period_start DESC
+         LIMIT 1), 0)
+$fn$;
+-- Applications insert only a plan's own grants, inside the usage
+-- functions (the insert policy); members with plans:write any grant.
+GRANT INSERT ON flagship.credit_grants TO flagship_admin, flagship_app;
+GRANT DELETE ON flagship.credit_grants TO flagship_admin;
 GRANT UPDATE (remaining) ON flagship.credit_grants TO flagship_admin, flagship_app;
 
 -- Plan-kind flags and limit checks read metrics, plans, customers,
@@ -338,7 +399,7 @@ GRANT UPDATE (remaining) ON flagship.credit_grants TO flagship_admin, flagship_a
 -- cached entitlements and limit terms stale (flags stay compiled).
 SELECT flagship.invalidate_on_change(t, 'flagship.customers'),
        flagship.version_on_change(t, 'entitlements', 'organization_id')
-  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'customers',
+  FROM unnest(ARRAY['metrics', 'plans', 'plan_features', 'usage_limits', 'plan_credits', 'customers',
                     'subscriptions', 'customer_feature_overrides',
                     'customer_limit_overrides']) AS t;
 
@@ -472,6 +533,53 @@ BEGIN
 END
 $fn$;
 
+-- `{credits metric key: {"amount", "period", "rollover": {"max"}}}` of a
+-- plan, checked, with defaults (month, no rollover) filled in.
+CREATE FUNCTION flagship.plan_credit_terms(in_organization uuid, in_project uuid, credits jsonb, field text)
+RETURNS TABLE (metric_id uuid, amount bigint, period text, rollover_max bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    metric_row flagship.metrics;
+    path text;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(credits, '{}')) LOOP
+        path := field || '.' || item.key;
+        SELECT * INTO metric_row FROM flagship.metrics m
+         WHERE m.organization_id = in_organization AND m.project_id = in_project AND m.key = item.key;
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse(path, format('unknown metric "%s"', item.key));
+        ELSIF metric_row.aggregation <> 'credits' THEN
+            PERFORM flagship.refuse(path, 'the metric does not count credits (give it "aggregation": "credits")');
+        END IF;
+        PERFORM flagship.require_object(item.value, path, '{amount,period,rollover}');
+        IF jsonb_typeof(item.value->'amount') IS DISTINCT FROM 'number'
+           OR (item.value->>'amount')::numeric <> trunc((item.value->>'amount')::numeric)
+           OR (item.value->>'amount')::numeric NOT BETWEEN 1 AND 1000000000000 THEN
+            PERFORM flagship.refuse(path || '.amount', 'must be a whole number of credits from 1 to 10^12');
+        END IF;
+        period := coalesce(item.value->>'period', 'month');
+        IF period NOT IN ('hour', 'day', 'week', 'month', 'billing_month') THEN
+            PERFORM flagship.refuse(path || '.period',
+                format('unknown period "%s" (hour, day, week, month, billing_month)', period));
+        END IF;
+        PERFORM flagship.require_object(coalesce(item.value->'rollover', '{}'), path || '.rollover', '{max}');
+        IF item.value->'rollover' ? 'max'
+           AND (jsonb_typeof(item.value->'rollover'->'max') <> 'number'
+                OR (item.value->'rollover'->>'max')::numeric <> trunc((item.value->'rollover'->>'max')::numeric)
+                OR (item.value->'rollover'->>'max')::numeric NOT BETWEEN 0 AND 1000000000000) THEN
+            PERFORM flagship.refuse(path || '.rollover.max', 'must be a whole number of credits from 0 to 10^12');
+        END IF;
+        metric_id := metric_row.id;
+        amount := (item.value->>'amount')::bigint;
+        rollover_max := coalesce((item.value->'rollover'->>'max')::bigint, 0);
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
 CREATE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -520,13 +628,16 @@ DECLARE
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
-    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
         PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
     END IF;
     IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
         PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'credits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('credits', 'must be an object of credits metric key to {"amount", "period", "rollover"}');
     END IF;
 
     INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
@@ -546,6 +657,13 @@ BEGIN
     SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
       FROM flagship.metric_limits(project_row.organization_id, project_row.id,
                                   definition->'limits', 'limits') t;
+
+    DELETE FROM flagship.plan_credits c WHERE c.organization_id = project_row.organization_id AND c.plan_id = saved;
+    INSERT INTO flagship.plan_credits
+        (organization_id, project_id, plan_id, metric_id, amount, period, rollover_max)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.amount, t.period, t.rollover_max
+      FROM flagship.plan_credit_terms(project_row.organization_id, project_row.id,
+                                      definition->'credits', 'credits') t;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN
     -- Every refusal names the plan it is about, then the field.
@@ -693,7 +811,13 @@ AS $fn$
         'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
                               FROM flagship.usage_limits l
                               JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
-                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}')))
+                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
+        -- Absent when the plan grants none (0.2.0 documents stay as they were).
+        'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
+                                                                     'rollover', jsonb_build_object('max', c.rollover_max)))
+                      FROM flagship.plan_credits c
+                      JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
+                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id)))
 $fn$;
 
 CREATE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS jsonb
@@ -770,7 +894,10 @@ BEGIN
                'has_limit', coalesce(o.metric_id, l.metric_id) IS NOT NULL,
                'usage_limit', CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END,
                'period', coalesce(o.period, l.period),
-               'enforcement', coalesce(o.enforcement, l.enforcement))
+               'enforcement', coalesce(o.enforcement, l.enforcement),
+               'plan_credits', CASE WHEN pc.metric_id IS NOT NULL THEN
+                   jsonb_build_object('amount', pc.amount, 'period', pc.period,
+                                      'rollover_max', pc.rollover_max) END)
       INTO facts
       FROM flagship.customers c
       LEFT JOIN flagship.metrics m
@@ -782,6 +909,8 @@ BEGIN
         ON o.organization_id = c.organization_id AND o.customer_id = c.id AND o.metric_id = m.id
       LEFT JOIN flagship.usage_limits l
         ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id
+      LEFT JOIN flagship.plan_credits pc
+        ON pc.organization_id = c.organization_id AND pc.plan_id = s.plan_id AND pc.metric_id = m.id
      WHERE c.environment_id = usage_facts.environment_id AND c.external_key = usage_facts.customer;
     RETURN coalesce(facts, '{}');
 END

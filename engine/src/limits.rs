@@ -47,6 +47,15 @@ pub struct Limit {
     pub soft: bool,
 }
 
+/// Credits a plan grants each period: `amount`, plus what the previous
+/// period left up to `rollover_max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanCredits {
+    pub amount: i64,
+    pub period: Period,
+    pub rollover_max: i64,
+}
+
 /// What the database knows about one customer and metric (see
 /// `flagship.usage_facts`), kept per backend between changes.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +71,8 @@ pub struct Facts {
     pub billing_anchor: Option<DateTime<Utc>>,
     /// The override if the customer has one, else the plan's.
     pub limit: Option<Limit>,
+    /// The credits the customer's plan grants of this metric, if any.
+    pub plan_credits: Option<PlanCredits>,
 }
 
 /// The terms a decision is made under, at one moment.
@@ -117,7 +128,44 @@ impl Facts {
             trial_ends_at: instant(document.get("trial_ends_at")),
             billing_anchor: instant(document.get("billing_anchor")),
             limit,
+            plan_credits: document
+                .get("plan_credits")
+                .filter(|credits| credits.is_object())
+                .map(|credits| PlanCredits {
+                    amount: credits.get("amount").and_then(Value::as_i64).unwrap_or(0),
+                    period: credits
+                        .get("period")
+                        .and_then(Value::as_str)
+                        .and_then(Period::parse)
+                        .unwrap_or(Period::Month),
+                    rollover_max: credits
+                        .get("rollover_max")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0),
+                }),
         }
+    }
+
+    /// Whether the subscription is live at `now` (active, or trialing
+    /// before the trial's end).
+    pub fn live(&self, now: DateTime<Utc>) -> bool {
+        match self.status.as_deref() {
+            Some("active") => true,
+            Some("trialing") => self.trial_ends_at.is_some_and(|end| now < end),
+            _ => false,
+        }
+    }
+
+    /// The plan's grant for the period holding `now`: amount, rollover cap
+    /// and the period's bounds; None without plan credits or a live
+    /// subscription.
+    pub fn plan_grant(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Option<(i64, i64, DateTime<Utc>, DateTime<Utc>)> {
+        let credits = self.plan_credits.as_ref().filter(|_| self.live(now))?;
+        let (start, end) = periods::window(credits.period, now, self.billing_anchor)?;
+        Some((credits.amount, credits.rollover_max, start, end))
     }
 
     /// The terms in force at `now`, or why there are none.
@@ -128,12 +176,7 @@ impl Facts {
         if self.metric.is_none() {
             return Err(Reason::MetricNotFound);
         }
-        let live = match self.status.as_deref() {
-            Some("active") => true,
-            Some("trialing") => self.trial_ends_at.is_some_and(|end| now < end),
-            _ => false,
-        };
-        if !live {
+        if !self.live(now) {
             return Err(Reason::SubscriptionInactive);
         }
         let limit = self.limit.clone().ok_or(Reason::NotEntitled)?;
@@ -255,6 +298,7 @@ mod tests {
             trial_ends_at: Some(at("2024-06-01T00:00:00Z")),
             billing_anchor: None,
             limit,
+            plan_credits: None,
         }
     }
 

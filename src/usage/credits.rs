@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use serde_json::{json, Value};
 
-use super::{check_amount, first_i64, prepare, spi, MAX_AMOUNT};
+use super::{check_amount, first_i64, prepare, spi, to_postgres, transaction_now, MAX_AMOUNT};
 use crate::errors::invalid_parameter;
 use crate::postgres::jsonb::BuiltJsonb;
 use flagship_engine::limits::{self, Facts, Reason};
@@ -24,6 +24,9 @@ pub(super) struct Account {
     organization: pgrx::Uuid,
     customer: pgrx::Uuid,
     metric: pgrx::Uuid,
+    /// The plan's grant of the current period: amount, rollover cap,
+    /// period start and end.
+    plan_grant: Option<(i64, i64, TimestampWithTimeZone, TimestampWithTimeZone)>,
 }
 
 impl Account {
@@ -36,6 +39,11 @@ impl Account {
                 organization: id(organization),
                 customer: id(customer),
                 metric: id(metric),
+                plan_grant: facts.plan_grant(transaction_now()).map(
+                    |(amount, rollover_max, start, end)| {
+                        (amount, rollover_max, to_postgres(start), to_postgres(end))
+                    },
+                ),
             }),
             (_, None, _) => Err(Reason::CustomerNotFound),
             _ => Err(Reason::MetricNotFound),
@@ -45,6 +53,20 @@ impl Account {
     /// Organization, customer and metric ids.
     pub(super) fn ids(&self) -> (pgrx::Uuid, pgrx::Uuid, pgrx::Uuid) {
         (self.organization, self.customer, self.metric)
+    }
+
+    /// The arguments of the plan grant statements, if the plan grants.
+    fn plan_arguments(&self) -> Option<[pgrx::datum::DatumWithOid<'static>; 7]> {
+        let (amount, rollover_max, start, end) = self.plan_grant?;
+        Some([
+            self.organization.into(),
+            self.customer.into(),
+            self.metric.into(),
+            amount.into(),
+            start.into(),
+            end.into(),
+            rollover_max.into(),
+        ])
     }
 
     fn key(&self) -> [pgrx::datum::DatumWithOid<'static>; 3] {
@@ -62,6 +84,8 @@ const LIVE: &str = "FROM flagship.credit_grants g
        AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > now())";
 
 struct Statements {
+    plan_grant: OwnedPreparedStatement,
+    pending_plan_grant: OwnedPreparedStatement,
     lock_live: OwnedPreparedStatement,
     balance: OwnedPreparedStatement,
     debit: OwnedPreparedStatement,
@@ -73,11 +97,45 @@ thread_local! {
 }
 
 fn with_statements<R>(run: impl FnOnce(&mut pgrx::spi::SpiClient<'_>, &Statements) -> R) -> R {
-    use pg_sys::{INT8OID, JSONBOID, TEXTOID, UUIDOID};
+    use pg_sys::{INT8OID, JSONBOID, TEXTOID, TIMESTAMPTZOID, UUIDOID};
     let account = [UUIDOID, UUIDOID, UUIDOID];
+    // $4-$7: the plan's amount, the period's start and end, the rollover cap.
+    let plan = [
+        UUIDOID,
+        UUIDOID,
+        UUIDOID,
+        INT8OID,
+        TIMESTAMPTZOID,
+        TIMESTAMPTZOID,
+        INT8OID,
+    ];
     Spi::connect_mut(|client| {
         STATEMENTS.with(|statements| {
             let statements = statements.get_or_init(|| Statements {
+                // The period's first consumption makes the plan's grant;
+                // racing ones meet in the unique index.
+                plan_grant: prepare(
+                    client,
+                    "INSERT INTO flagship.credit_grants
+                         (organization_id, customer_id, metric_id, amount, remaining, expires_at,
+                          source, period_start)
+                     SELECT $1, $2, $3, a.amount, a.amount, $6, 'plan', $5
+                       FROM (SELECT flagship.plan_grant_amount($1, $2, $3, $4, $5, $7) AS amount) a
+                     ON CONFLICT (organization_id, customer_id, metric_id, period_start)
+                        WHERE source = 'plan' DO NOTHING",
+                    &plan,
+                ),
+                // What that grant would hold, while nobody has consumed yet.
+                pending_plan_grant: prepare(
+                    client,
+                    "SELECT CASE WHEN EXISTS (SELECT FROM flagship.credit_grants g
+                                               WHERE g.organization_id = $1 AND g.customer_id = $2
+                                                 AND g.metric_id = $3 AND g.source = 'plan'
+                                                 AND g.period_start = $5)
+                                 OR $6 <= now() THEN 0
+                                 ELSE flagship.plan_grant_amount($1, $2, $3, $4, $5, $7) END",
+                    &plan,
+                ),
                 lock_live: prepare(
                     client,
                     &format!(
@@ -131,12 +189,22 @@ pub(super) fn check(account: &Account, amount: i64) -> BuiltJsonb {
 
 pub(super) fn balance(account: &Account) -> i64 {
     with_statements(|client, statements| {
-        first_i64(spi(client.select(
+        let granted = first_i64(spi(client.select(
             &statements.balance,
             Some(1),
             &account.key(),
         )))
-        .unwrap_or(0)
+        .unwrap_or(0);
+        let pending = match account.plan_arguments() {
+            Some(arguments) => first_i64(spi(client.select(
+                &statements.pending_plan_grant,
+                Some(1),
+                &arguments,
+            )))
+            .unwrap_or(0),
+            None => 0,
+        };
+        granted + pending
     })
 }
 
@@ -145,6 +213,9 @@ pub(super) fn balance(account: &Account) -> i64 {
 /// idempotency key was handled by the caller.
 pub(super) fn consume(account: &Account, amount: i64, idempotency_key: Option<&str>) -> Value {
     with_statements(|client, statements| {
+        if let Some(arguments) = account.plan_arguments() {
+            spi(client.update(&statements.plan_grant, None, &arguments));
+        }
         let grants = spi(client.update(&statements.lock_live, None, &account.key()));
         let mut live: Vec<(pgrx::Uuid, i64)> = Vec::new();
         for row in grants {

@@ -198,3 +198,118 @@ fn credits_expire_refund_on_rollback_and_are_never_not_entitled() {
         "insert"
     );
 }
+
+#[test]
+fn plans_grant_credits_each_period_with_rollover() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "credits-plans");
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro",
+                   "credits": {"ai_tokens": {"amount": 100, "period": "month", "rollover": {"max": 50}}}}');
+               SELECT flagship.put_plan('shop', '{"key": "anchored",
+                   "credits": {"ai_tokens": {"amount": 10, "period": "billing_month"}}}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');
+               SELECT flagship.put_customer('shop/production', '{"key": "globex", "plan": "pro"}');
+               SELECT flagship.put_customer('shop/production', '{"key": "initech", "plan": "anchored",
+                   "billing_anchor": "2024-01-31T09:30:00Z"}');"#,
+        )
+        .unwrap();
+    let mut app = app_session(&mut su, &org, "credits-plans-app");
+    // Before any consumption the period's grant is pending, and counted.
+    assert_eq!(
+        answer(&mut app, "flagship.check_usage_limit('acme', 'ai_tokens')")["remaining"],
+        json!(100)
+    );
+    assert_eq!(
+        answer(&mut app, "flagship.record_usage('acme', 'ai_tokens', 30)")["remaining"],
+        json!(70)
+    );
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT concat_ws(' ', g.amount, g.remaining,
+                              g.period_start = flagship.usage_period_start('month', now()),
+                              g.expires_at = flagship.usage_period_end('month', now()))
+               FROM flagship.credit_grants g JOIN flagship.customers c ON c.id = g.customer_id
+              WHERE c.external_key = 'acme' AND g.source = 'plan'"
+        ),
+        "100 70 t t"
+    );
+    // Later consumptions of the period draw from the same grant (one per
+    // period: a unique index, which racing first consumptions meet in).
+    assert_eq!(
+        answer(&mut app, "flagship.record_usage('acme', 'ai_tokens', 1)")["remaining"],
+        json!(69)
+    );
+    // Last period's plan grant left 80: 50 of it (the cap) rolls over.
+    su.batch_execute(&format!(
+        "INSERT INTO flagship.credit_grants (organization_id, customer_id, metric_id, amount, remaining,
+                                             expires_at, source, period_start, granted_at)
+         SELECT c.organization_id, c.id, m.id, 100, 80, flagship.usage_period_start('month', now()), 'plan',
+                flagship.usage_period_start('month', now() - interval '1 month'), now() - interval '1 month'
+           FROM flagship.customers c, flagship.metrics m
+          WHERE c.organization_id = '{org}' AND c.external_key = 'globex' AND m.key = 'ai_tokens'
+            AND m.organization_id = c.organization_id"
+    ))
+    .unwrap();
+    assert_eq!(
+        answer(
+            &mut app,
+            "flagship.check_usage_limit('globex', 'ai_tokens')"
+        )["remaining"],
+        json!(150)
+    );
+    assert_eq!(
+        answer(
+            &mut app,
+            "flagship.record_usage('globex', 'ai_tokens', 150)"
+        )["remaining"],
+        json!(0)
+    );
+    assert_eq!(
+        answer(&mut app, "flagship.record_usage('globex', 'ai_tokens', 1)")["reason"],
+        json!("CREDITS_EXHAUSTED")
+    );
+    // A billing month anchored on the 31st: the grant follows the anchor.
+    answer(&mut app, "flagship.record_usage('initech', 'ai_tokens', 1)");
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT concat_ws(' ', g.amount,
+                   g.period_start = flagship.usage_period_start('billing_month', now(), '2024-01-31T09:30:00Z'),
+                   g.expires_at = flagship.usage_period_end('billing_month', now(), '2024-01-31T09:30:00Z'))
+               FROM flagship.credit_grants g JOIN flagship.customers c ON c.id = g.customer_id
+              WHERE c.external_key = 'initech'"
+        ),
+        "10 t t"
+    );
+    // The plans export with their credits and plan back unchanged.
+    let exported = text(
+        &mut admin,
+        "SELECT flagship.export_project('shop', customers => false)::text",
+    );
+    let plans: Value = serde_json::from_str(&exported).unwrap();
+    assert_eq!(
+        plans["plans"][1]["credits"],
+        json!({"ai_tokens": {"amount": 100, "period": "month", "rollover": {"max": 50}}})
+    );
+    assert_eq!(
+        text(
+            &mut admin,
+            &format!(
+                "SELECT flagship.plan_project('{org}', '{}') ->> 'unchanged'",
+                exported.replace('\'', "''")
+            )
+        ),
+        "7"
+    );
+    // Credits of a metric that does not count them are refused.
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            r#"SELECT flagship.put_plan('shop', '{"key": "x", "credits": {"ai_tokens": {"amount": 0}}}')"#
+        ),
+        "22023"
+    );
+}

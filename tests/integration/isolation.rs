@@ -71,6 +71,8 @@ fn fixture() -> Fixture {
                    "overrides": {"features": {"f": true}, "limits": {"calls": {"limit": 9}}}}');
                SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');
                SELECT flagship.put_metric('shop', '{"key": "tokens", "aggregation": "credits"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}},
+                   "credits": {"tokens": {"amount": 10}}}');
                SELECT flagship.grant_credits('acme', 'tokens', 100, environment => 'shop/production');
                SELECT flagship.append_events('[{"type": "FixtureCreated"}]');
                SELECT flagship.issue_api_key(flagship.current_organization_id(), 'fixture');
