@@ -148,6 +148,10 @@ BEGIN
         RAISE EXCEPTION 'append_events: this transaction''s API key lacks the scope events:write'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    IF (SELECT o.status FROM flagship.organizations o WHERE o.id = organization) IS DISTINCT FROM 'active' THEN
+        RAISE EXCEPTION 'append_events: the organization is not active'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF jsonb_typeof(events) IS DISTINCT FROM 'array' OR jsonb_array_length(events) = 0 THEN
         RAISE EXCEPTION 'events: must be a non-empty array of events'
             USING ERRCODE = 'invalid_parameter_value',
@@ -229,6 +233,11 @@ BEGIN
            ARRAY(SELECT jsonb_array_elements_text(coalesce(e.event->'tags', '[]'))),
            coalesce(e.event->'data', '{}'), coalesce(e.event->'metadata', '{}')
       FROM jsonb_array_elements(events) WITH ORDINALITY AS e (event, ordinality);
+    -- Any role may LISTEN to any channel: the notification carries
+    -- nothing (not even a position, which would count another
+    -- organization's events). A woken reader polls read_events from the
+    -- last position it saw.
+    PERFORM pg_notify('flagship_events', '');
     RETURN jsonb_build_object('first_position', last - count + 1, 'last_position', last);
 END
 $fn$;

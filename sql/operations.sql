@@ -123,9 +123,15 @@ BEGIN
             coalesce((SELECT array_agg(e->>'key' ORDER BY ordinality)
                         FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
                      '{development,staging,production}'));
-    ELSIF selected IS NULL OR selected ? ('project ' || project_key) THEN
+    ELSIF (selected IS NULL OR selected ? ('project ' || project_key))
+          AND EXISTS (SELECT FROM flagship.projects p
+                       WHERE p.id = target_project
+                         AND p.name IS DISTINCT FROM coalesce(document->'project'->>'name', p.key)) THEN
+        -- Only a real change needs projects:write (a member who may only
+        -- change flags applies documents that leave the project alone).
+        PERFORM flagship.require_permission('projects:write', 'apply_project');
         UPDATE flagship.projects p SET name = coalesce(document->'project'->>'name', p.key)
-         WHERE p.id = target_project AND p.name IS DISTINCT FROM coalesce(document->'project'->>'name', p.key);
+         WHERE p.id = target_project;
     END IF;
     FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'environments', '[]')) LOOP
         position := position + 1;
@@ -141,6 +147,13 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'key: lowercase letters, digits, ''_'', ''.'' and ''-''';
         END IF;
+        IF EXISTS (SELECT FROM flagship.environments e
+                    WHERE e.project_id = target_project AND e.key = item->>'key'
+                      AND e.name = coalesce(item->>'name', initcap(item->>'key'))
+                      AND e.is_default = coalesce((item->>'is_default')::boolean, false)) THEN
+            CONTINUE;
+        END IF;
+        PERFORM flagship.require_permission('projects:write', 'apply_project');
         -- The default moves in two steps: the partial unique index allows
         -- one default per project at any moment.
         IF coalesce((item->>'is_default')::boolean, false) THEN
@@ -208,6 +221,41 @@ BEGIN
     RETURN target_project;
 END
 $fn$;
+
+-- The items `document` would leave in the session's organization: it is
+-- written in full (write_project) and read back (project_items), then the
+-- writes are rolled back, always: nothing this function does outlives it,
+-- whoever calls it. Runs as the extension's owner, so that the trial of a
+-- plan needs no write permission (the real writes of apply_project run
+-- with the caller's rights); refuses any organization but the session's.
+CREATE FUNCTION flagship.project_trial(organization_id uuid, document jsonb, with_customers boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    written uuid;
+    items jsonb;
+BEGIN
+    IF project_trial.organization_id IS DISTINCT FROM flagship.current_organization_id()
+       AND NOT (flagship.current_organization_id() IS NULL
+                AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = flagship.acting_role())) THEN
+        RAISE EXCEPTION 'project_trial: only in the session''s organization'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    BEGIN
+        -- Each a statement of its own: the read sees the writes.
+        written := flagship.write_project(organization_id, document, NULL);
+        items := flagship.project_items(written, with_customers);
+        RAISE EXCEPTION USING ERRCODE = 'FS000';
+    EXCEPTION WHEN SQLSTATE 'FS000' THEN
+        RETURN items;
+    END;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.project_trial(uuid, jsonb, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.project_trial(uuid, jsonb, boolean) TO flagship_admin;
 
 -- Whether a project document lists an item of a kind it manages.
 CREATE FUNCTION flagship.document_lists(document jsonb, kind text, key text) RETURNS boolean
@@ -291,15 +339,10 @@ BEGIN
         before := flagship.project_items(target_project, with_customers);
     END IF;
 
-    -- The trial: everything written, read back (by a statement of its own,
-    -- which sees the writes), rolled back.
-    BEGIN
-        target_project := flagship.write_project(organization_id, document, NULL);
-        after := flagship.project_items(target_project, with_customers);
-        RAISE EXCEPTION USING ERRCODE = 'FS000';
-    EXCEPTION WHEN SQLSTATE 'FS000' THEN
-        NULL;
-    END;
+    -- The trial: everything written, read back and rolled back, with the
+    -- extension owner's rights, so that planning needs no write
+    -- permission and applying needs only those of what really changes.
+    after := flagship.project_trial(organization_id, document, with_customers);
 
     wanted := '{}';
     FOR entry IN SELECT * FROM jsonb_each(after) ORDER BY array_position(kind_order, split_part(key, ' ', 1)), key LOOP

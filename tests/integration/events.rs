@@ -4,6 +4,7 @@
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
 use serde_json::{json, Value};
 
@@ -302,6 +303,43 @@ fn events_are_the_organizations_alone_and_bad_input_is_named() {
     assert_eq!(
         sqlstate(
             &mut stranger,
+            r#"SELECT flagship.append_events('[{"type": "T"}]')"#
+        ),
+        "42501"
+    );
+}
+
+/// Appends notify `flagship_events` with an empty payload (any role may
+/// listen: nothing of the organization is in it); a suspended organization
+/// appends nothing.
+#[test]
+fn appends_notify_without_a_payload_and_suspended_organizations_cannot_append() {
+    let mut su = connect();
+    let (org, _) = organization(&mut su, "events-notify");
+    let (_, mut stranger) = login_as(&mut su, "events-listener", &[]);
+    stranger.batch_execute("LISTEN flagship_events").unwrap();
+    let mut writer = app(&mut su, &org, "events-notify-app");
+    writer
+        .batch_execute(r#"SELECT flagship.append_events('[{"type": "T", "tags": ["secret:1"]}]')"#)
+        .unwrap();
+    let payloads: Vec<String> = stranger
+        .notifications()
+        .timeout_iter(Duration::from_secs(1))
+        .map(|notification| Ok(notification.payload().to_string()))
+        .collect()
+        .unwrap();
+    // Other tests append at the same time: every payload is empty.
+    assert!(
+        !payloads.is_empty() && payloads.iter().all(String::is_empty),
+        "{payloads:?}"
+    );
+    su.batch_execute(&format!(
+        "UPDATE flagship.organizations SET status = 'suspended' WHERE id = '{org}'"
+    ))
+    .unwrap();
+    assert_eq!(
+        sqlstate(
+            &mut writer,
             r#"SELECT flagship.append_events('[{"type": "T"}]')"#
         ),
         "42501"

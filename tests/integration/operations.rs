@@ -848,3 +848,64 @@ fn validation_messages_name_their_object() {
         assert_eq!(error.message(), expected);
     }
 }
+
+/// Review of #17: a member who may change flags but not projects could not
+/// apply a document at all (the trial wrote everything with the caller's
+/// rights). Now planning needs no write permission, and applying needs
+/// only the permissions of what really changes.
+#[test]
+fn a_flags_developer_plans_and_applies_flag_changes_only() {
+    let mut su = connect();
+    let (org, mut admin) = shop(&mut su, "ops-developer");
+    crate::harness::add_member(&mut su, &org, "dev@acme.example", "developer");
+    let (_, mut developer) = login_as(&mut su, "ops-developer-dev", &["flagship_admin"]);
+    developer
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.actor = 'dev@acme.example'"
+        ))
+        .unwrap();
+    let exported = document(
+        &mut admin,
+        "SELECT flagship.export_project('shop', customers => false)::text",
+    );
+    assert_eq!(plan(&mut developer, &org, &exported), no_changes(9));
+    let mut edited = exported.clone();
+    edited["flags"][0]["environments"]["production"]["enabled"] = json!(false);
+    let applied = apply(&mut developer, &org, &edited, false);
+    assert_eq!(applied["update"][0]["key"], json!("banner"), "{applied}");
+    // Renaming the project is a projects:write change: refused, naming it.
+    edited["project"]["name"] = json!("Renamed");
+    let error = developer
+        .query_one(
+            "SELECT flagship.apply_project($1::text::uuid, $2::text::jsonb)",
+            &[&org, &edited.to_string()],
+        )
+        .unwrap_err();
+    let error = error.as_db_error().unwrap();
+    assert_eq!(error.code().code(), "42501");
+    assert!(
+        error.message().contains("projects:write"),
+        "{}",
+        error.message()
+    );
+    // Planning it is fine: it changes nothing.
+    assert_eq!(
+        plan(&mut developer, &org, &edited)["update"][0]["kind"],
+        json!("project")
+    );
+    // The trial itself can never leave a write behind, whoever calls it.
+    text(
+        &mut admin,
+        &format!(
+            "SELECT flagship.project_trial('{org}', '{}', false)::text",
+            edited.to_string().replace('\'', "''")
+        ),
+    );
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT name FROM flagship.projects WHERE key = 'shop'"
+        ),
+        "Shop"
+    );
+}
