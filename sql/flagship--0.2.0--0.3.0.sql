@@ -3538,3 +3538,163 @@ BEGIN
     RETURN jsonb_build_object('create', creates, 'update', updates, 'delete', deletes, 'unchanged', unchanged);
 END
 $fn$;
+
+
+-- A rolled key counts its uses on its predecessor's sequence (#18).
+ALTER TABLE flagship.api_keys ADD COLUMN uses_of uuid;
+GRANT SELECT (uses_of) ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
+
+CREATE OR REPLACE FUNCTION flagship.api_keys_use_sequence() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- A sequence that a rolled key still counts on stays (it goes with
+        -- the last key using it).
+        IF NOT EXISTS (SELECT FROM flagship.api_keys k
+                        WHERE k.uses_of = coalesce(OLD.uses_of, OLD.id) AND k.id <> OLD.id)
+           AND (OLD.uses_of IS NULL
+                OR NOT EXISTS (SELECT FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
+            EXECUTE format('DROP SEQUENCE IF EXISTS %s',
+                           flagship.key_use_sequence(coalesce(OLD.uses_of, OLD.id)));
+        END IF;
+    ELSIF NEW.usage_limit IS NOT NULL THEN
+        PERFORM flagship.ensure_key_use_sequence(coalesce(NEW.uses_of, NEW.id), NEW.usage_count);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE OR REPLACE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+    uses bigint;
+    customer_key text;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        code := 'NOT_FOUND';
+    -- An allow-list admits only the addresses it lists, and tells callers
+    -- elsewhere nothing more (not even that the key was revoked); a
+    -- verification that does not say where the call comes from is refused.
+    ELSIF key_row.allowed_ips IS NOT NULL
+          AND (client_ip IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+        code := 'FORBIDDEN';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            uses := nextval(flagship.ensure_key_use_sequence(coalesce(key_row.uses_of, key_row.id),
+                                                              key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
+END
+$fn$;
+
+-- A new key with the same settings (name, scopes, environment, customer,
+-- addresses, expiry, usage limit, and the same use sequence, so both keys
+-- together stay within the limit); the old one keeps verifying for
+-- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
+CREATE OR REPLACE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    old flagship.api_keys;
+    plaintext text;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'roll_api_key');
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent.
+    SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of
+      INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
+           old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
+           old.customer_id, old.allowed_ips, old.uses_of
+      FROM flagship.api_keys k WHERE k.id = key_id;
+    IF old.id IS NULL THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT flagship.within_session_key(old.scopes, old.environment_id, old.expires_at, old.usage_limit,
+                                       old.allowed_ips, old.customer_id) THEN
+        RAISE EXCEPTION 'a key may not roll a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
+    END IF;
+    -- The row lock makes two concurrent rolls of one key queue; the second
+    -- then finds it expired (or still within its grace) as the first left it.
+    SELECT k.expires_at, k.revoked_at, k.usage_count INTO old.expires_at, old.revoked_at, old.usage_count
+      FROM flagship.api_keys k WHERE k.organization_id = old.organization_id AND k.id = old.id FOR UPDATE;
+    IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
+        RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'issue a new key with flagship.issue_api_key';
+    END IF;
+    plaintext := (CASE WHEN old.display_prefix LIKE 'fs_test_%' THEN 'fs_test_' ELSE 'fs_live_' END)
+                 || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO flagship.api_keys
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from, uses_of)
+    VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
+            old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
+            old.usage_count,
+            old.customer_id, old.allowed_ips, old.id, coalesce(old.uses_of, old.id));
+    UPDATE flagship.api_keys k
+       SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
+     WHERE k.organization_id = old.organization_id AND k.id = old.id;
+    RETURN plaintext;
+END
+$fn$;

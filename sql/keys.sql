@@ -26,6 +26,10 @@ CREATE TABLE flagship.api_keys (
     customer_id     uuid,
     allowed_ips     cidr[],
     rolled_from     uuid,
+    -- The key whose use sequence counts this key's uses (NULL: its own):
+    -- a rolled key shares its predecessor's, so old and new key together
+    -- stay within one usage limit during the grace period.
+    uses_of         uuid,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
     CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
@@ -48,7 +52,7 @@ SELECT flagship.isolate_tenant_table('api_keys', 'api_keys:write');
 -- Nobody reads a hash back, not even an administrator.
 GRANT SELECT (organization_id, id, name, display_prefix, scopes, project_id, environment_id,
               expires_at, revoked_at, usage_limit, usage_count, last_used_at, created_at,
-              customer_id, allowed_ips, rolled_from)
+              customer_id, allowed_ips, rolled_from, uses_of)
     ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
 GRANT INSERT ON flagship.api_keys TO flagship_admin;
 GRANT UPDATE (name, revoked_at, expires_at, usage_limit, allowed_ips) ON flagship.api_keys TO flagship_admin;
@@ -97,9 +101,17 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        EXECUTE format('DROP SEQUENCE IF EXISTS %s', flagship.key_use_sequence(OLD.id));
+        -- A sequence that a rolled key still counts on stays (it goes with
+        -- the last key using it).
+        IF NOT EXISTS (SELECT FROM flagship.api_keys k
+                        WHERE k.uses_of = coalesce(OLD.uses_of, OLD.id) AND k.id <> OLD.id)
+           AND (OLD.uses_of IS NULL
+                OR NOT EXISTS (SELECT FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
+            EXECUTE format('DROP SEQUENCE IF EXISTS %s',
+                           flagship.key_use_sequence(coalesce(OLD.uses_of, OLD.id)));
+        END IF;
     ELSIF NEW.usage_limit IS NOT NULL THEN
-        PERFORM flagship.ensure_key_use_sequence(NEW.id, NEW.usage_count);
+        PERFORM flagship.ensure_key_use_sequence(coalesce(NEW.uses_of, NEW.id), NEW.usage_count);
     END IF;
     RETURN NULL;
 END
@@ -327,7 +339,8 @@ BEGIN
             code := 'FORBIDDEN';
         ELSIF key_row.usage_limit IS NOT NULL THEN
             -- Counting uses is a write by nature; only limited keys pay it.
-            uses := nextval(flagship.ensure_key_use_sequence(key_row.id, key_row.usage_count));
+            uses := nextval(flagship.ensure_key_use_sequence(coalesce(key_row.uses_of, key_row.id),
+                                                              key_row.usage_count));
             IF uses <= key_row.usage_limit THEN
                 code := 'VALID';
                 UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
@@ -363,9 +376,8 @@ GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin,
 REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
 
 -- A new key with the same settings (name, scopes, environment, customer,
--- addresses, expiry, usage limit and the uses counted so far, as
--- usage_count shows them: uses spent by verifications whose transactions
--- rolled back are not carried over); the old one keeps verifying for
+-- addresses, expiry, usage limit, and the same use sequence, so both keys
+-- together stay within the limit); the old one keeps verifying for
 -- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
 CREATE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
 RETURNS text
@@ -382,10 +394,10 @@ BEGIN
     END IF;
     -- Row-level security makes another organization's key look absent.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
-           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
-           old.customer_id, old.allowed_ips
+           old.customer_id, old.allowed_ips, old.uses_of
       FROM flagship.api_keys k WHERE k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
@@ -409,11 +421,11 @@ BEGIN
                  || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
     INSERT INTO flagship.api_keys
         (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
-         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from)
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from, uses_of)
     VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
             old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
             old.usage_count,
-            old.customer_id, old.allowed_ips, old.id);
+            old.customer_id, old.allowed_ips, old.id, coalesce(old.uses_of, old.id));
     UPDATE flagship.api_keys k
        SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
      WHERE k.organization_id = old.organization_id AND k.id = old.id;

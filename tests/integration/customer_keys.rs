@@ -185,6 +185,39 @@ fn a_rolled_key_verifies_through_its_grace_period_only() {
     );
 }
 
+/// Review of #18: during the grace period old and new key each counted
+/// their uses on a sequence of their own, so together they could be used
+/// up to twice the limit. They share one now.
+#[test]
+fn a_rolled_limited_key_shares_its_limit_with_its_predecessor() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "ckey-shared");
+    let old = text(
+        &mut admin,
+        &format!("SELECT flagship.issue_api_key('{org}', 'metered', ARRAY['features:read'], usage_limit => 3)"),
+    );
+    assert_eq!(code(&mut admin, &old, None), "VALID");
+    let old_id = verify(&mut admin, &old, None)["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new = text(
+        &mut admin,
+        &format!("SELECT flagship.roll_api_key('{old_id}', interval '1 hour')"),
+    );
+    // Two uses so far (both on the old key): one is left, for either key.
+    assert_eq!(code(&mut admin, &new, None), "VALID");
+    assert_eq!(code(&mut admin, &old, None), "USAGE_EXCEEDED");
+    assert_eq!(code(&mut admin, &new, None), "USAGE_EXCEEDED");
+    // Deleting the old key keeps the count the new one relies on.
+    admin
+        .batch_execute(&format!(
+            "DELETE FROM flagship.api_keys WHERE id = '{old_id}'"
+        ))
+        .unwrap();
+    assert_eq!(code(&mut admin, &new, None), "USAGE_EXCEEDED");
+}
+
 /// Review of #18: a narrow key holding api_keys:write could roll a wider
 /// key of its organization and receive the new key's plaintext.
 #[test]
