@@ -361,6 +361,16 @@ SELECT flagship.audit_table(t.name, t.kind, t.left_out)
                -- A grant is recorded; consuming it (remaining) is usage, in the ledger.
                ('credit_grants', 'customer', '{remaining}')) AS t (name, kind, left_out);
 
+-- Consuming credits updates only `remaining`, which the trail leaves out:
+-- the trigger need not fire for it at all (it would find nothing to
+-- record, at the cost of every consumption).
+DROP TRIGGER credit_grants_audit ON flagship.credit_grants;
+CREATE TRIGGER credit_grants_audit
+    AFTER INSERT OR DELETE OR UPDATE OF organization_id, id, customer_id, metric_id, amount,
+                                        expires_at, idempotency_key, granted_at, source, period_start
+    ON flagship.credit_grants
+    FOR EACH ROW EXECUTE FUNCTION flagship.audit_change('customer', 'id', 'remaining', 'updated_at');
+
 -- Recomputes an organization's chain. `first_broken_id` is the first event
 -- whose hash does not follow from its predecessor (edited content, an
 -- edited hash, or a missing predecessor); events deleted from the end show

@@ -2246,6 +2246,16 @@ AS 'MODULE_PATHNAME', 'grant_credits_wrapper';
 
 SELECT flagship.audit_table('credit_grants', 'customer', '{remaining}');
 
+-- Consuming credits updates only `remaining`, which the trail leaves out:
+-- the trigger need not fire for it at all (it would find nothing to
+-- record, at the cost of every consumption).
+DROP TRIGGER credit_grants_audit ON flagship.credit_grants;
+CREATE TRIGGER credit_grants_audit
+    AFTER INSERT OR DELETE OR UPDATE OF organization_id, id, customer_id, metric_id, amount,
+                                        expires_at, idempotency_key, granted_at, source, period_start
+    ON flagship.credit_grants
+    FOR EACH ROW EXECUTE FUNCTION flagship.audit_change('customer', 'id', 'remaining', 'updated_at');
+
 -- The event store (#19), sql/events.sql as it is.
 -- A per-organization event store in the Dynamic Consistency Boundary style
 -- (dcb.events): one log per organization, read by type and tags, and a
