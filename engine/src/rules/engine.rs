@@ -554,9 +554,6 @@ fn pick_slot(
     let Some(subject) = placement.subject(attributes, targeting_key) else {
         return *unplaced;
     };
-    let position =
-        placement
-            .profile
-            .rollout_position(&placement.flag_key, &placement.salt, &subject, *total);
+    let position = placement.rollout_position(&subject, *total);
     bucketing::slot_for(position, weights).map(|slot| slots[slot].0)
 }

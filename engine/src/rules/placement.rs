@@ -60,6 +60,12 @@ impl Placement {
         })
     }
 
+    /// Where `subject` falls in a rollout of `total` positions.
+    pub(super) fn rollout_position(&self, subject: &str, total: u32) -> u32 {
+        self.profile
+            .rollout_position(&self.flag_key, &self.salt, subject, total)
+    }
+
     pub(super) fn context_keys(&self) -> impl Iterator<Item = &str> {
         self.bucket_by
             .iter()
@@ -84,15 +90,24 @@ impl CompiledSample {
         // A subject the context cannot identify is outside every partial
         // sample (Unleash would draw it at random; evaluation stays
         // deterministic) and inside a full one only if identified.
-        let Some(subject) = self.placement.subject(attributes, targeting_key) else {
-            return false;
-        };
+        self.place(attributes, targeting_key)
+            .is_some_and(|(_, position)| position < self.percent)
+    }
+
+    /// The subject the context identifies and its position in the
+    /// sample, if it identifies one.
+    pub(super) fn place<'c>(
+        &self,
+        attributes: &'c dyn Attributes,
+        targeting_key: Option<&'c str>,
+    ) -> Option<(Cow<'c, str>, u32)> {
+        let subject = self.placement.subject(attributes, targeting_key)?;
         let position = self.placement.profile.sample_position(
             &self.placement.flag_key,
             &self.placement.salt,
             &subject,
         );
-        position < self.percent
+        Some((subject, position))
     }
 }
 

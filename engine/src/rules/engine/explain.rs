@@ -234,14 +234,11 @@ impl Snapshot {
             return (Value::Object(entry), None);
         }
         if let Some(sample) = &rule.sample {
-            let subject = sample.placement.subject(attributes, targeting_key);
-            let position = subject.as_ref().map(|subject| {
-                sample.placement.profile.sample_position(
-                    &sample.placement.flag_key,
-                    &sample.placement.salt,
-                    subject,
-                )
-            });
+            let placed = sample.place(attributes, targeting_key);
+            let (subject, position) = match placed {
+                Some((subject, position)) => (Some(subject), Some(position)),
+                None => (None, None),
+            };
             let admitted = position.is_some_and(|position| position < sample.percent);
             entry.insert(
                 "sample".into(),
@@ -378,7 +375,7 @@ fn replay_rollout(
     let subject = placement.subject(attributes, targeting_key);
     let position = subject
         .as_ref()
-        .map(|subject| rollout_position(placement, subject, *total));
+        .map(|subject| placement.rollout_position(subject, *total));
     let mut band = json!({
         "bucket_by": bucket_by_names(placement),
         "subject": subject,
@@ -391,12 +388,6 @@ fn replay_rollout(
         band["unplaced"] = json!(unplaced.map(|index| flag.variants[index].0.clone()));
     }
     (band, served)
-}
-
-fn rollout_position(placement: &Placement, subject: &str, total: u32) -> u32 {
-    placement
-        .profile
-        .rollout_position(&placement.flag_key, &placement.salt, subject, total)
 }
 
 fn bucket_by_names(placement: &Placement) -> Vec<String> {
