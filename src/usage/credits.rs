@@ -271,15 +271,13 @@ pub(super) fn grant(
     expires_at: Option<TimestampWithTimeZone>,
     idempotency_key: Option<&str>,
 ) -> Value {
-    Spi::connect_mut(|client| {
+    super::with_statements(|client, statements| {
         if let Some(key) = idempotency_key {
-            // Racing duplicates wait here for the first one's transaction.
+            // Racing duplicates wait here for the first one's transaction
+            // (the lock record_usage takes for its keys, in a space of
+            // its own).
             let lock = format!("credits/{}/{key}", account.organization);
-            spi(client.update(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                None,
-                &[lock.as_str().into()],
-            ));
+            spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
             let found = spi(client.select(
                 "SELECT g.id, g.customer_id = $2 AND g.metric_id = $3 AND g.amount = $5
                         AND g.expires_at IS NOT DISTINCT FROM $6
