@@ -44,11 +44,6 @@ CREATE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RE
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    new_project uuid;
-    item jsonb;
-    pending jsonb[];
-    still_pending jsonb[];
 BEGIN
     IF document IS NULL OR jsonb_typeof(document->'project') <> 'object' THEN
         RAISE EXCEPTION 'import_project: "project" must be an object with key and name'
@@ -67,50 +62,9 @@ BEGIN
             USING ERRCODE = 'unique_violation',
                   HINT = 'flagship.apply_project updates an existing project (plan_project shows what it would change)';
     END IF;
-    new_project := flagship.create_project(
-        organization_id, document->'project'->>'key', document->'project'->>'name',
-        coalesce((SELECT array_agg(e->>'key' ORDER BY ordinality)
-                    FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
-                 '{development,staging,production}'));
-    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'segments', '[]')) LOOP
-        PERFORM flagship.put_segment(new_project::text, item);
-    END LOOP;
-    -- Prerequisites must exist before the flags that name them.
-    SELECT coalesce(array_agg(f), '{}') INTO pending
-      FROM jsonb_array_elements(coalesce(document->'flags', '[]')) f;
-    WHILE cardinality(pending) > 0 LOOP
-        still_pending := '{}';
-        FOREACH item IN ARRAY pending LOOP
-            IF EXISTS (SELECT FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
-                        WHERE NOT EXISTS (SELECT FROM flagship.features f
-                                           WHERE f.organization_id = import_project.organization_id
-                                             AND f.project_id = new_project AND f.key = p->>'flag')) THEN
-                still_pending := still_pending || item;
-            ELSE
-                PERFORM flagship.put_flag(new_project::text, item);
-            END IF;
-        END LOOP;
-        IF cardinality(still_pending) = cardinality(pending) THEN
-            -- Nothing moved: let put_flag report the missing prerequisite.
-            PERFORM flagship.put_flag(new_project::text, pending[1]);
-        END IF;
-        pending := still_pending;
-    END LOOP;
-    -- Plans name flags and metrics; customers name plans and metrics.
-    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'metrics', '[]')) LOOP
-        PERFORM flagship.put_metric(new_project::text, item);
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'plans', '[]')) LOOP
-        PERFORM flagship.put_plan(new_project::text, item);
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(coalesce(document->'customers', '[]')) LOOP
-        PERFORM flagship.put_customer(
-            coalesce((SELECT e.id::text FROM flagship.environments e
-                       WHERE e.organization_id = import_project.organization_id
-                         AND e.project_id = new_project AND e.key = item->>'environment'),
-                     coalesce(item->>'environment', 'customer without "environment"')),
-            item - 'environment');
-    END LOOP;
-    RETURN new_project;
+    -- The same writes apply_project makes for a new project
+    -- (write_project, sql/operations.sql): segments, then flags with their
+    -- prerequisites first, metrics, plans, customers.
+    RETURN flagship.write_project(organization_id, document, NULL);
 END
 $fn$;

@@ -3708,3 +3708,275 @@ BEGIN
     RETURN plaintext;
 END
 $fn$;
+
+
+-- One piece for each: import_project writes through write_project; the
+-- object-naming refusal of put_metric/put_plan/put_customer is
+-- refuse_about; document_changes compares document_fields.
+
+-- Raises a refusal of one object's document again, naming the object
+-- first: `<kind> "<key>": <field>: <message>` (a message that starts with
+-- the kind loses it), as 22023 with its hint.
+CREATE FUNCTION flagship.refuse_about(kind text, key text, message text, hint text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused constant text := format('%s "%s": %s', kind, coalesce(key, '?'),
+                                     regexp_replace(message, '^' || kind || ': ', ''));
+BEGIN
+    IF coalesce(hint, '') = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = hint;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    target_project uuid := flagship.resolve_project(project);
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_metric');
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge', 'credits') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum, gauge or credits');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
+    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
+           coalesce(definition->>'aggregation', 'sum')
+      FROM flagship.projects p WHERE p.id = target_project
+    ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
+       SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
+           updated_at = now()
+    RETURNING m.id INTO saved;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the metric it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    PERFORM flagship.refuse_about('metric', definition->>'key', refused, refused_hint);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_plan(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    project_row flagship.projects;
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_plan');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'credits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('credits', 'must be an object of credits metric key to {"amount", "period", "rollover"}');
+    END IF;
+
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name')
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+    RETURNING p.id INTO saved;
+
+    DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
+    INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+    SELECT project_row.organization_id, project_row.id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(project_row.organization_id, project_row.id,
+                                     definition->'features', 'features') s;
+
+    DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
+    INSERT INTO flagship.usage_limits
+        (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(project_row.organization_id, project_row.id,
+                                  definition->'limits', 'limits') t;
+
+    DELETE FROM flagship.plan_credits c WHERE c.organization_id = project_row.organization_id AND c.plan_id = saved;
+    INSERT INTO flagship.plan_credits
+        (organization_id, project_id, plan_id, metric_id, amount, period, rollover_max)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.amount, t.period, t.rollover_max
+      FROM flagship.plan_credit_terms(project_row.organization_id, project_row.id,
+                                      definition->'credits', 'credits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the plan it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    PERFORM flagship.refuse_about('plan', definition->>'key', refused, refused_hint);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_customer(environment text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    environment_row flagship.environments;
+    plan_row flagship.plans;
+    saved uuid;
+    new_status text;
+    new_trial_end timestamptz;
+    new_anchor timestamptz;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_customer');
+    SELECT * INTO environment_row FROM flagship.environments e
+     WHERE e.id = flagship.resolve_environment(environment);
+    PERFORM flagship.require_object(definition, 'customer',
+        '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes,environment}');
+    -- export_project names each customer's environment: accepted when it is
+    -- the one written to, so an exported customer can be put back as is.
+    IF definition ? 'environment' AND definition->>'environment' IS DISTINCT FROM environment_row.key THEN
+        PERFORM flagship.refuse('environment',
+            format('names "%s", but the customer is written to environment "%s"',
+                   definition->>'environment', environment_row.key));
+    END IF;
+    IF jsonb_typeof(definition->'key') IS DISTINCT FROM 'string' OR btrim(definition->>'key') = '' THEN
+        PERFORM flagship.refuse('key', 'must be a non-empty string');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'attributes', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('attributes', 'must be a JSON object');
+    END IF;
+    PERFORM flagship.require_object(coalesce(definition->'overrides', '{}'), 'overrides', '{features,limits}');
+    new_status := coalesce(definition->>'status', 'active');
+    IF new_status NOT IN ('active', 'trialing', 'canceled') THEN
+        PERFORM flagship.refuse('status', format('must be active, trialing or canceled, not "%s"', new_status));
+    END IF;
+    BEGIN
+        new_trial_end := (definition->>'trial_ends_at')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('trial_ends_at', 'must be a timestamp');
+    END;
+    BEGIN
+        new_anchor := (definition->>'billing_anchor')::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM flagship.refuse('billing_anchor', 'must be a timestamp');
+    END;
+    IF new_status = 'trialing' AND new_trial_end IS NULL THEN
+        PERFORM flagship.refuse('trial_ends_at', 'is required while trialing');
+    END IF;
+    IF definition ? 'plan' THEN
+        SELECT * INTO plan_row FROM flagship.plans p
+         WHERE p.organization_id = environment_row.organization_id
+           AND p.project_id = environment_row.project_id AND p.key = definition->>'plan';
+        IF NOT FOUND THEN
+            PERFORM flagship.refuse('plan', format('unknown plan "%s"', definition->>'plan'));
+        END IF;
+    END IF;
+
+    INSERT INTO flagship.customers AS c
+        (organization_id, project_id, environment_id, external_key, name, attributes)
+    VALUES (environment_row.organization_id, environment_row.project_id, environment_row.id,
+            definition->>'key', definition->>'name', coalesce(definition->'attributes', '{}'))
+    ON CONFLICT ON CONSTRAINT customers_key_unique DO UPDATE
+       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = now()
+    RETURNING c.id INTO saved;
+
+    IF plan_row.id IS NULL THEN
+        DELETE FROM flagship.subscriptions s
+         WHERE s.organization_id = environment_row.organization_id AND s.customer_id = saved;
+    ELSE
+        INSERT INTO flagship.subscriptions AS s
+            (organization_id, project_id, customer_id, plan_id, status, trial_ends_at, billing_anchor)
+        VALUES (environment_row.organization_id, environment_row.project_id, saved, plan_row.id,
+                new_status, new_trial_end, coalesce(new_anchor, now()))
+        ON CONFLICT (organization_id, customer_id) DO UPDATE
+           SET plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
+               trial_ends_at = EXCLUDED.trial_ends_at,
+               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = now();
+    END IF;
+
+    DELETE FROM flagship.customer_feature_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    INSERT INTO flagship.customer_feature_overrides (organization_id, customer_id, feature_key, enabled)
+    SELECT environment_row.organization_id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(environment_row.organization_id, environment_row.project_id,
+                                     definition->'overrides'->'features', 'overrides.features') s;
+
+    DELETE FROM flagship.customer_limit_overrides o
+     WHERE o.organization_id = environment_row.organization_id AND o.customer_id = saved;
+    INSERT INTO flagship.customer_limit_overrides
+        (organization_id, project_id, customer_id, metric_id, usage_limit, period, enforcement)
+    SELECT environment_row.organization_id, environment_row.project_id, saved,
+           t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(environment_row.organization_id, environment_row.project_id,
+                                  definition->'overrides'->'limits', 'overrides.limits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the customer it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    PERFORM flagship.refuse_about('customer', definition->>'key', refused, refused_hint);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF document IS NULL OR jsonb_typeof(document->'project') <> 'object' THEN
+        RAISE EXCEPTION 'import_project: "project" must be an object with key and name'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF document ? 'format' AND document->>'format' IS DISTINCT FROM 'flagship.project/1' THEN
+        RAISE EXCEPTION 'import_project: format: unsupported "%"', document->>'format'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'this version reads "format": "flagship.project/1", as export_project writes';
+    END IF;
+    IF EXISTS (SELECT FROM flagship.projects p
+                WHERE p.organization_id = import_project.organization_id
+                  AND p.key = document->'project'->>'key') THEN
+        RAISE EXCEPTION 'import_project: organization % already has project "%"',
+            organization_id, document->'project'->>'key'
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'flagship.apply_project updates an existing project (plan_project shows what it would change)';
+    END IF;
+    -- The same writes apply_project makes for a new project
+    -- (write_project, sql/operations.sql): segments, then flags with their
+    -- prerequisites first, metrics, plans, customers.
+    RETURN flagship.write_project(organization_id, document, NULL);
+END
+$fn$;
+
+-- The fields of one item's document as document_changes compares them:
+-- each top-level member, and a flag's environments one by one
+-- ("environments.production").
+CREATE FUNCTION flagship.document_fields(document jsonb) RETURNS TABLE (field text, value jsonb)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT f.key, f.value FROM jsonb_each(coalesce(document, '{}')) f
+     WHERE f.key <> 'environments' OR jsonb_typeof(f.value) <> 'object'
+    UNION ALL
+    SELECT 'environments.' || e.key, e.value
+      FROM jsonb_each(CASE WHEN jsonb_typeof(document->'environments') = 'object'
+                           THEN document->'environments' ELSE '{}' END) e
+$fn$;
+
+-- Field by field, what differs between two documents of one item:
+-- {"<field>": {"old": ..., "new": ...}} (see document_fields). A missing
+-- field is null.
+CREATE OR REPLACE FUNCTION flagship.document_changes(old jsonb, new jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(jsonb_object_agg(coalesce(o.field, n.field),
+                                     jsonb_build_object('old', o.value, 'new', n.value)), '{}')
+      FROM flagship.document_fields(old) o FULL JOIN flagship.document_fields(new) n ON n.field = o.field
+     WHERE o.value IS DISTINCT FROM n.value
+$fn$;

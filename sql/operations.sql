@@ -68,31 +68,31 @@ AS $fn$
              WHERE with_customers AND c.project_id = project_items.project_id) i
 $fn$;
 
+-- The fields of one item's document as document_changes compares them:
+-- each top-level member, and a flag's environments one by one
+-- ("environments.production").
+CREATE FUNCTION flagship.document_fields(document jsonb) RETURNS TABLE (field text, value jsonb)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT f.key, f.value FROM jsonb_each(coalesce(document, '{}')) f
+     WHERE f.key <> 'environments' OR jsonb_typeof(f.value) <> 'object'
+    UNION ALL
+    SELECT 'environments.' || e.key, e.value
+      FROM jsonb_each(CASE WHEN jsonb_typeof(document->'environments') = 'object'
+                           THEN document->'environments' ELSE '{}' END) e
+$fn$;
+
 -- Field by field, what differs between two documents of one item:
--- {"<field>": {"old": ..., "new": ...}}, a flag's environments one by one
--- ("environments.production"). A missing field is null.
+-- {"<field>": {"old": ..., "new": ...}} (see document_fields). A missing
+-- field is null.
 CREATE FUNCTION flagship.document_changes(old jsonb, new jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH old_fields AS (
-        SELECT f.key AS field, f.value FROM jsonb_each(coalesce(old, '{}')) f
-         WHERE f.key <> 'environments' OR jsonb_typeof(f.value) <> 'object'
-        UNION ALL
-        SELECT 'environments.' || e.key, e.value
-          FROM jsonb_each(CASE WHEN jsonb_typeof(old->'environments') = 'object'
-                               THEN old->'environments' ELSE '{}' END) e
-    ), new_fields AS (
-        SELECT f.key AS field, f.value FROM jsonb_each(coalesce(new, '{}')) f
-         WHERE f.key <> 'environments' OR jsonb_typeof(f.value) <> 'object'
-        UNION ALL
-        SELECT 'environments.' || e.key, e.value
-          FROM jsonb_each(CASE WHEN jsonb_typeof(new->'environments') = 'object'
-                               THEN new->'environments' ELSE '{}' END) e
-    )
     SELECT coalesce(jsonb_object_agg(coalesce(o.field, n.field),
                                      jsonb_build_object('old', o.value, 'new', n.value)), '{}')
-      FROM old_fields o FULL JOIN new_fields n ON n.field = o.field
+      FROM flagship.document_fields(old) o FULL JOIN flagship.document_fields(new) n ON n.field = o.field
      WHERE o.value IS DISTINCT FROM n.value
 $fn$;
 

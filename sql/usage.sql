@@ -415,6 +415,24 @@ BEGIN
 END
 $fn$;
 
+-- Raises a refusal of one object's document again, naming the object
+-- first: `<kind> "<key>": <field>: <message>` (a message that starts with
+-- the kind loses it), as 22023 with its hint.
+CREATE FUNCTION flagship.refuse_about(kind text, key text, message text, hint text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused constant text := format('%s "%s": %s', kind, coalesce(key, '?'),
+                                     regexp_replace(message, '^' || kind || ': ', ''));
+BEGIN
+    IF coalesce(hint, '') = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = hint;
+END
+$fn$;
+
 CREATE FUNCTION flagship.require_object(document jsonb, field text, allowed text[]) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -608,11 +626,7 @@ BEGIN
 EXCEPTION WHEN invalid_parameter_value THEN
     -- Every refusal names the metric it is about, then the field.
     GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
-    refused := format('metric "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^metric: ', ''));
-    IF refused_hint = '' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
-    END IF;
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+    PERFORM flagship.refuse_about('metric', definition->>'key', refused, refused_hint);
 END
 $fn$;
 
@@ -668,11 +682,7 @@ BEGIN
 EXCEPTION WHEN invalid_parameter_value THEN
     -- Every refusal names the plan it is about, then the field.
     GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
-    refused := format('plan "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^plan: ', ''));
-    IF refused_hint = '' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
-    END IF;
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+    PERFORM flagship.refuse_about('plan', definition->>'key', refused, refused_hint);
 END
 $fn$;
 
@@ -776,11 +786,7 @@ BEGIN
 EXCEPTION WHEN invalid_parameter_value THEN
     -- Every refusal names the customer it is about, then the field.
     GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
-    refused := format('customer "%s": %s', coalesce(definition->>'key', '?'), regexp_replace(refused, '^customer: ', ''));
-    IF refused_hint = '' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused;
-    END IF;
-    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = refused, HINT = refused_hint;
+    PERFORM flagship.refuse_about('customer', definition->>'key', refused, refused_hint);
 END
 $fn$;
 
