@@ -3980,3 +3980,520 @@ AS $fn$
       FROM flagship.document_fields(old) o FULL JOIN flagship.document_fields(new) n ON n.field = o.field
      WHERE o.value IS DISTINCT FROM n.value
 $fn$;
+
+
+-- Rate limits (#18): definitions on plans and keys, counted in shared
+-- memory by flagship.rate_limit and verify_api_key.
+ALTER TABLE flagship.plans ADD COLUMN rate_limits jsonb;
+ALTER TABLE flagship.api_keys ADD COLUMN rate_limits jsonb;
+GRANT SELECT (rate_limits) ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
+
+CREATE  FUNCTION "rate_window_us"(
+	"window" TEXT /* & str */
+) RETURNS bigint /* Option < i64 > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rate_window_us_wrapper';
+
+CREATE  FUNCTION "rate_limit"(
+	"subject" TEXT, /* & str */
+	"name" TEXT, /* & str */
+	"cost" INT DEFAULT 1, /* i32 */
+	"environment" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rate_limit_wrapper';
+
+CREATE  FUNCTION "rate_limit_hit"(
+	"organization_id" uuid, /* pgrx :: Uuid */
+	"subject" TEXT, /* & str */
+	"name" TEXT, /* & str */
+	"rate_limit" bigint, /* i64 */
+	"window" TEXT, /* & str */
+	"cost" INT /* i32 */
+) RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rate_limit_hit_wrapper';
+
+-- `{name: {"limit": n, "window": "1m"}}` of a plan or key, checked
+-- (windows 1s..1d); NULL for none.
+CREATE FUNCTION flagship.checked_rate_limits(spec jsonb, field text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    path text;
+BEGIN
+    IF spec IS NULL OR spec = 'null' OR spec = '{}' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(spec) <> 'object' THEN
+        PERFORM flagship.refuse(field, 'must be an object of rate limit name to {"limit", "window"}');
+    END IF;
+    FOR item IN SELECT * FROM jsonb_each(spec) LOOP
+        path := field || '.' || item.key;
+        IF item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63 THEN
+            PERFORM flagship.refuse(path, 'a rate limit name is lower-case letters, digits, "_", "." and "-" (at most 63)');
+        END IF;
+        PERFORM flagship.require_object(item.value, path, '{limit,window}');
+        IF jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
+           OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
+           OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000 THEN
+            PERFORM flagship.refuse(path || '.limit', 'must be a whole number of requests from 1 to 10^9');
+        END IF;
+        IF jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
+           OR flagship.rate_window_us(item.value->>'window') IS NULL THEN
+            PERFORM flagship.refuse(path || '.window',
+                format('%s is not a window from 1s to 1d (a whole number and s, m, h or d, such as "1m")',
+                       coalesce(item.value->'window', 'null')));
+        END IF;
+    END LOOP;
+    RETURN spec;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.put_plan(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    project_row flagship.projects;
+    saved uuid;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_plan');
+    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits,rate_limits}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'limits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('limits', 'must be an object of metric key to limit');
+    END IF;
+    IF jsonb_typeof(coalesce(definition->'credits', '{}')) <> 'object' THEN
+        PERFORM flagship.refuse('credits', 'must be an object of credits metric key to {"amount", "period", "rollover"}');
+    END IF;
+
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name, rate_limits)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
+            flagship.checked_rate_limits(definition->'rate_limits', 'rate_limits'))
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE
+       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = now()
+    RETURNING p.id INTO saved;
+
+    DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
+    INSERT INTO flagship.plan_features (organization_id, project_id, plan_id, feature_key, enabled)
+    SELECT project_row.organization_id, project_row.id, saved, s.feature_key, s.enabled
+      FROM flagship.feature_switches(project_row.organization_id, project_row.id,
+                                     definition->'features', 'features') s;
+
+    DELETE FROM flagship.usage_limits l WHERE l.organization_id = project_row.organization_id AND l.plan_id = saved;
+    INSERT INTO flagship.usage_limits
+        (organization_id, project_id, plan_id, metric_id, usage_limit, period, enforcement)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.usage_limit, t.period, t.enforcement
+      FROM flagship.metric_limits(project_row.organization_id, project_row.id,
+                                  definition->'limits', 'limits') t;
+
+    DELETE FROM flagship.plan_credits c WHERE c.organization_id = project_row.organization_id AND c.plan_id = saved;
+    INSERT INTO flagship.plan_credits
+        (organization_id, project_id, plan_id, metric_id, amount, period, rollover_max)
+    SELECT project_row.organization_id, project_row.id, saved, t.metric_id, t.amount, t.period, t.rollover_max
+      FROM flagship.plan_credit_terms(project_row.organization_id, project_row.id,
+                                      definition->'credits', 'credits') t;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the plan it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    PERFORM flagship.refuse_about('plan', definition->>'key', refused, refused_hint);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.plan_document(plan flagship.plans) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', plan.key, 'name', plan.name,
+        'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
+                                FROM flagship.plan_features f
+                               WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
+        'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
+                              FROM flagship.usage_limits l
+                              JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
+        -- Absent when the plan grants none (0.2.0 documents stay as they were).
+        'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
+                                                                     'rollover', jsonb_build_object('max', c.rollover_max)))
+                      FROM flagship.plan_credits c
+                      JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
+                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
+        'rate_limits', plan.rate_limits))
+$fn$;
+
+-- Whether `limits` is at least as tight as the rate limits of the key
+-- this transaction authenticated with (true outside key mode): each of the
+-- key's limits, with a limit no higher and a window no shorter.
+CREATE FUNCTION flagship.within_session_rate_limits(limits jsonb) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT NOT EXISTS (
+        SELECT FROM flagship.api_keys k, jsonb_each(k.rate_limits) own
+         WHERE k.id = flagship.current_key_id()
+           AND NOT coalesce(limits ? own.key
+                    AND (limits->own.key->>'limit')::bigint <= (own.value->>'limit')::bigint
+                    AND flagship.rate_window_us(limits->own.key->>'window')
+                        >= flagship.rate_window_us(own.value->>'window'), false))
+$fn$;
+
+-- What flagship.rate_limit counts against, read under the caller's
+-- row-level security: {"organization_id", "subject" (whose window),
+-- "limit", "window"}; limit and window NULL when the customer's plan
+-- declares no such limit while another plan of the project does
+-- (unlimited). A name nobody declares is refused as a typo.
+CREATE FUNCTION flagship.rate_limit_terms(subject text, name text, environment text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_variable
+DECLARE
+    key_row record;
+    customer_row record;
+BEGIN
+    IF subject IS NULL OR name IS NULL THEN
+        RAISE EXCEPTION '%: must not be NULL', CASE WHEN subject IS NULL THEN 'subject' ELSE 'name' END
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF subject LIKE 'key:%' THEN
+        IF substr(subject, 5) !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+            RAISE EXCEPTION 'subject: "%" is not key:<key id>', subject USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- Row-level security makes another organization's key look absent.
+        SELECT k.organization_id, coalesce(k.uses_of, k.id) AS counted, k.rate_limits INTO key_row
+          FROM flagship.api_keys k WHERE k.id = substr(subject, 5)::uuid;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'subject: api key % not found', substr(subject, 5)
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF NOT coalesce(key_row.rate_limits ? name, false) THEN
+            RAISE EXCEPTION 'api key %: no rate limit "%"', substr(subject, 5), name
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = coalesce('the key declares: ' || (SELECT string_agg(n, ', ' ORDER BY n)
+                                                                 FROM jsonb_object_keys(key_row.rate_limits) n),
+                                      'the key declares no rate limits');
+        END IF;
+        -- A rolled key counts in its predecessor's windows.
+        RETURN jsonb_build_object('organization_id', key_row.organization_id,
+                                  'subject', 'key:' || key_row.counted,
+                                  'limit', key_row.rate_limits->name->'limit',
+                                  'window', key_row.rate_limits->name->'window');
+    END IF;
+    SELECT c.organization_id, c.project_id, c.id, p.rate_limits INTO customer_row
+      FROM flagship.customers c
+      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
+      LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
+     WHERE c.environment_id = flagship.environment_id(environment) AND c.external_key = subject;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subject: no customer "%" in this environment', subject
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'a subject is a customer''s key (flagship.put_customer) or key:<api key id>';
+    END IF;
+    IF NOT coalesce(customer_row.rate_limits ? name, false)
+       AND NOT EXISTS (SELECT FROM flagship.plans p
+                        WHERE p.organization_id = customer_row.organization_id
+                          AND p.project_id = customer_row.project_id AND p.rate_limits ? name) THEN
+        RAISE EXCEPTION 'name: no plan of this project declares a rate limit "%"', name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = coalesce('plans declare: ' || (SELECT string_agg(DISTINCT n, ', ')
+                                                          FROM flagship.plans p, jsonb_object_keys(p.rate_limits) n
+                                                         WHERE p.organization_id = customer_row.organization_id
+                                                           AND p.project_id = customer_row.project_id),
+                                  'no plan of this project declares rate limits');
+    END IF;
+    -- Customers are counted by id: the same key in two environments is
+    -- two customers.
+    RETURN jsonb_build_object('organization_id', customer_row.organization_id,
+                              'subject', 'customer:' || customer_row.id,
+                              'limit', customer_row.rate_limits->name->'limit',
+                              'window', customer_row.rate_limits->name->'window');
+END
+$fn$;
+
+DROP FUNCTION flagship.issue_api_key(uuid, text, text[], text, timestamptz, bigint, text, text[]);
+-- `customer` (an external key of the key's environment) makes the key the
+-- customer's: verification names it, and usage calls in key mode act for
+-- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
+CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes text[] DEFAULT '{}',
+                                       environment text DEFAULT NULL,
+                                       expires_at timestamptz DEFAULT NULL,
+                                       usage_limit bigint DEFAULT NULL,
+                                       customer text DEFAULT NULL,
+                                       allowed_ips text[] DEFAULT NULL,
+                                       rate_limits jsonb DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    environment_row flagship.environments;
+    secret text;
+    plaintext text;
+    bad_scope text;
+    customer_id uuid;
+    networks cidr[];
+    checked_limits jsonb;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
+    IF organization_id IS NULL
+       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+        RAISE EXCEPTION 'organization_id: organization not found'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'name: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A scope is a permission, or every permission of one resource; a typo
+    -- is refused now rather than failing at first use.
+    SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
+     WHERE s IS NULL
+        OR NOT EXISTS (SELECT FROM flagship.permissions p
+                        WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'scopes: "%" is not a scope', coalesce(bad_scope, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'valid scopes: ' || (SELECT string_agg(k, ', ' ORDER BY k) FROM (
+                      SELECT p.key FROM flagship.permissions p
+                      UNION SELECT split_part(p.key, ':', 1) || ':*' FROM flagship.permissions p) AS v (k));
+    END IF;
+    -- A key issues no key wider than itself (checked before anything of
+    -- the request is resolved, so a wider request learns nothing more).
+    IF NOT flagship.within_session_key(scopes,
+               CASE WHEN environment IS NOT NULL THEN flagship.resolve_environment(environment) END,
+               expires_at, usage_limit,
+               CASE WHEN allowed_ips IS NOT NULL THEN flagship.parse_networks(allowed_ips, 'allowed_ips') END,
+               CASE WHEN customer IS NOT NULL AND environment IS NOT NULL THEN
+                   (SELECT c.id FROM flagship.customers c
+                     WHERE c.environment_id = flagship.resolve_environment(environment)
+                       AND c.external_key = customer) END) THEN
+        RAISE EXCEPTION 'a key may not issue a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'stay within the scopes, environment, expiry, usage limit, addresses and customer of the key this transaction authenticated with';
+    END IF;
+    IF expires_at IS NOT NULL AND expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at: must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF usage_limit IS NOT NULL AND usage_limit <= 0 THEN
+        RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF environment IS NOT NULL THEN
+        SELECT * INTO environment_row FROM flagship.environments e
+         WHERE e.id = flagship.resolve_environment(environment);
+        -- A name or uuid of another organization's environment is refused
+        -- exactly like one that does not exist.
+        IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
+            RAISE EXCEPTION 'environment "%" not found', environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    IF customer IS NOT NULL THEN
+        IF environment_row.id IS NULL THEN
+            RAISE EXCEPTION 'customer: a customer''s key needs its environment (customers belong to one)'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c.id INTO customer_id FROM flagship.customers c
+         WHERE c.organization_id = environment_row.organization_id
+           AND c.environment_id = environment_row.id AND c.external_key = customer;
+        IF customer_id IS NULL THEN
+            RAISE EXCEPTION 'customer: no customer "%" in environment "%"', customer, environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    IF customer IS NOT NULL AND cardinality(coalesce(scopes, '{}')) = 0 THEN
+        -- A key without scopes is restricted only by its role: a customer's
+        -- key says what it may do.
+        RAISE EXCEPTION 'scopes: a customer''s key must list its scopes'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'for example ARRAY[''usage:read'', ''usage:write'', ''features:read'']';
+    END IF;
+    networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
+    checked_limits := flagship.checked_rate_limits(rate_limits, 'rate_limits');
+    -- A rate-limited key issues only keys limited at least as tightly.
+    IF NOT flagship.within_session_rate_limits(checked_limits) THEN
+        RAISE EXCEPTION 'a key may not issue a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'give the new key every rate limit of the key this transaction authenticated with, each with a limit no higher and a window no shorter';
+    END IF;
+
+    secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
+                      THEN 'fs_live_' ELSE 'fs_test_' END || secret;
+    INSERT INTO flagship.api_keys AS k
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, customer_id, allowed_ips, rate_limits)
+    VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
+            sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
+            environment_row.project_id, environment_row.id, expires_at, usage_limit,
+            customer_id, networks, checked_limits);
+    RETURN plaintext;
+END
+$fn$;
+
+-- A new key with the same settings (name, scopes, environment, customer,
+-- addresses, expiry, usage limit, and the same use sequence, so both keys
+-- together stay within the limit); the old one keeps verifying for
+-- `grace`, then answers EXPIRED. Returns the new key's plaintext, once.
+CREATE OR REPLACE FUNCTION flagship.roll_api_key(key_id uuid, grace interval DEFAULT '0')
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    old flagship.api_keys;
+    plaintext text;
+BEGIN
+    PERFORM flagship.require_permission('api_keys:write', 'roll_api_key');
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent.
+    SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of,
+           k.rate_limits
+      INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
+           old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
+           old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
+      FROM flagship.api_keys k WHERE k.id = key_id;
+    IF old.id IS NULL THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT flagship.within_session_key(old.scopes, old.environment_id, old.expires_at, old.usage_limit,
+                                       old.allowed_ips, old.customer_id) THEN
+        RAISE EXCEPTION 'a key may not roll a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'roll it in a session of a member with api_keys:write, or with a key at least as wide';
+    END IF;
+    -- The row lock makes two concurrent rolls of one key queue; the second
+    -- then finds it expired (or still within its grace) as the first left it.
+    SELECT k.expires_at, k.revoked_at, k.usage_count INTO old.expires_at, old.revoked_at, old.usage_count
+      FROM flagship.api_keys k WHERE k.organization_id = old.organization_id AND k.id = old.id FOR UPDATE;
+    IF old.revoked_at IS NOT NULL OR (old.expires_at IS NOT NULL AND old.expires_at <= now()) THEN
+        RAISE EXCEPTION 'key_id: api key % is revoked or expired', key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'issue a new key with flagship.issue_api_key';
+    END IF;
+    plaintext := (CASE WHEN old.display_prefix LIKE 'fs_test_%' THEN 'fs_test_' ELSE 'fs_live_' END)
+                 || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO flagship.api_keys
+        (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from, uses_of, rate_limits)
+    VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
+            old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
+            old.usage_count,
+            old.customer_id, old.allowed_ips, old.id, coalesce(old.uses_of, old.id), old.rate_limits);
+    UPDATE flagship.api_keys k
+       SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
+     WHERE k.organization_id = old.organization_id AND k.id = old.id;
+    RETURN plaintext;
+END
+$fn$;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE OR REPLACE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+    uses bigint;
+    customer_key text;
+    rate_limit record;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        code := 'NOT_FOUND';
+    -- An allow-list admits only the addresses it lists, and tells callers
+    -- elsewhere nothing more (not even that the key was revoked); a
+    -- verification that does not say where the call comes from is refused.
+    ELSIF key_row.allowed_ips IS NOT NULL
+          AND (client_ip IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+        code := 'FORBIDDEN';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        END IF;
+        -- Rate limits before the usage limit: a refused attempt spends no
+        -- use. Every limit counts the attempt (it happened either way).
+        FOR rate_limit IN SELECT * FROM jsonb_each(key_row.rate_limits) WHERE code IS NULL LOOP
+            IF NOT (flagship.rate_limit_hit(key_row.organization_id,
+                                            'key:' || coalesce(key_row.uses_of, key_row.id), rate_limit.key,
+                                            (rate_limit.value->>'limit')::bigint, rate_limit.value->>'window',
+                                            1)->>'allowed')::boolean THEN
+                code := 'RATE_LIMITED';
+            END IF;
+        END LOOP;
+        IF code IS NOT NULL THEN
+            NULL;
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            uses := nextval(flagship.ensure_key_use_sequence(coalesce(key_row.uses_of, key_row.id),
+                                                              key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
+END
+$fn$;
+
+-- Only verification counts a key's attempts by itself: any other caller
+-- could spend another organization's windows.
+REVOKE ALL ON FUNCTION flagship.rate_limit_hit(uuid, text, text, bigint, text, integer) FROM PUBLIC;

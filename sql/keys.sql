@@ -30,6 +30,9 @@ CREATE TABLE flagship.api_keys (
     -- a rolled key shares its predecessor's, so old and new key together
     -- stay within one usage limit during the grace period.
     uses_of         uuid,
+    -- `{name: {"limit", "window"}}`: verification counts each (fixed at
+    -- issue; a rolled key keeps them and shares their windows).
+    rate_limits     jsonb,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
     CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
@@ -52,7 +55,7 @@ SELECT flagship.isolate_tenant_table('api_keys', 'api_keys:write');
 -- Nobody reads a hash back, not even an administrator.
 GRANT SELECT (organization_id, id, name, display_prefix, scopes, project_id, environment_id,
               expires_at, revoked_at, usage_limit, usage_count, last_used_at, created_at,
-              customer_id, allowed_ips, rolled_from, uses_of)
+              customer_id, allowed_ips, rolled_from, uses_of, rate_limits)
     ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
 GRANT INSERT ON flagship.api_keys TO flagship_admin;
 GRANT UPDATE (name, revoked_at, expires_at, usage_limit, allowed_ips) ON flagship.api_keys TO flagship_admin;
@@ -151,6 +154,95 @@ AS $fn$
           FROM flagship.api_keys k WHERE k.id = flagship.current_key_id()), false)
 $fn$;
 
+-- Whether `limits` is at least as tight as the rate limits of the key
+-- this transaction authenticated with (true outside key mode): each of the
+-- key's limits, with a limit no higher and a window no shorter.
+CREATE FUNCTION flagship.within_session_rate_limits(limits jsonb) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT NOT EXISTS (
+        SELECT FROM flagship.api_keys k, jsonb_each(k.rate_limits) own
+         WHERE k.id = flagship.current_key_id()
+           AND NOT coalesce(limits ? own.key
+                    AND (limits->own.key->>'limit')::bigint <= (own.value->>'limit')::bigint
+                    AND flagship.rate_window_us(limits->own.key->>'window')
+                        >= flagship.rate_window_us(own.value->>'window'), false))
+$fn$;
+
+-- What flagship.rate_limit counts against, read under the caller's
+-- row-level security: {"organization_id", "subject" (whose window),
+-- "limit", "window"}; limit and window NULL when the customer's plan
+-- declares no such limit while another plan of the project does
+-- (unlimited). A name nobody declares is refused as a typo.
+CREATE FUNCTION flagship.rate_limit_terms(subject text, name text, environment text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_variable
+DECLARE
+    key_row record;
+    customer_row record;
+BEGIN
+    IF subject IS NULL OR name IS NULL THEN
+        RAISE EXCEPTION '%: must not be NULL', CASE WHEN subject IS NULL THEN 'subject' ELSE 'name' END
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF subject LIKE 'key:%' THEN
+        IF substr(subject, 5) !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+            RAISE EXCEPTION 'subject: "%" is not key:<key id>', subject USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- Row-level security makes another organization's key look absent.
+        SELECT k.organization_id, coalesce(k.uses_of, k.id) AS counted, k.rate_limits INTO key_row
+          FROM flagship.api_keys k WHERE k.id = substr(subject, 5)::uuid;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'subject: api key % not found', substr(subject, 5)
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF NOT coalesce(key_row.rate_limits ? name, false) THEN
+            RAISE EXCEPTION 'api key %: no rate limit "%"', substr(subject, 5), name
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = coalesce('the key declares: ' || (SELECT string_agg(n, ', ' ORDER BY n)
+                                                                 FROM jsonb_object_keys(key_row.rate_limits) n),
+                                      'the key declares no rate limits');
+        END IF;
+        -- A rolled key counts in its predecessor's windows.
+        RETURN jsonb_build_object('organization_id', key_row.organization_id,
+                                  'subject', 'key:' || key_row.counted,
+                                  'limit', key_row.rate_limits->name->'limit',
+                                  'window', key_row.rate_limits->name->'window');
+    END IF;
+    SELECT c.organization_id, c.project_id, c.id, p.rate_limits INTO customer_row
+      FROM flagship.customers c
+      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
+      LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
+     WHERE c.environment_id = flagship.environment_id(environment) AND c.external_key = subject;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subject: no customer "%" in this environment', subject
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'a subject is a customer''s key (flagship.put_customer) or key:<api key id>';
+    END IF;
+    IF NOT coalesce(customer_row.rate_limits ? name, false)
+       AND NOT EXISTS (SELECT FROM flagship.plans p
+                        WHERE p.organization_id = customer_row.organization_id
+                          AND p.project_id = customer_row.project_id AND p.rate_limits ? name) THEN
+        RAISE EXCEPTION 'name: no plan of this project declares a rate limit "%"', name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = coalesce('plans declare: ' || (SELECT string_agg(DISTINCT n, ', ')
+                                                          FROM flagship.plans p, jsonb_object_keys(p.rate_limits) n
+                                                         WHERE p.organization_id = customer_row.organization_id
+                                                           AND p.project_id = customer_row.project_id),
+                                  'no plan of this project declares rate limits');
+    END IF;
+    -- Customers are counted by id: the same key in two environments is
+    -- two customers.
+    RETURN jsonb_build_object('organization_id', customer_row.organization_id,
+                              'subject', 'customer:' || customer_row.id,
+                              'limit', customer_row.rate_limits->name->'limit',
+                              'window', customer_row.rate_limits->name->'window');
+END
+$fn$;
+
 -- `customer` (an external key of the key's environment) makes the key the
 -- customer's: verification names it, and usage calls in key mode act for
 -- it. `allowed_ips` (CIDR, IPv4 or IPv6) limits where it may be used from.
@@ -159,7 +251,8 @@ CREATE FUNCTION flagship.issue_api_key(organization_id uuid, name text, scopes t
                                        expires_at timestamptz DEFAULT NULL,
                                        usage_limit bigint DEFAULT NULL,
                                        customer text DEFAULT NULL,
-                                       allowed_ips text[] DEFAULT NULL)
+                                       allowed_ips text[] DEFAULT NULL,
+                                       rate_limits jsonb DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -171,6 +264,7 @@ DECLARE
     bad_scope text;
     customer_id uuid;
     networks cidr[];
+    checked_limits jsonb;
 BEGIN
     PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
     IF organization_id IS NULL
@@ -247,17 +341,24 @@ BEGIN
                   HINT = 'for example ARRAY[''usage:read'', ''usage:write'', ''features:read'']';
     END IF;
     networks := flagship.parse_networks(allowed_ips, 'allowed_ips');
+    checked_limits := flagship.checked_rate_limits(rate_limits, 'rate_limits');
+    -- A rate-limited key issues only keys limited at least as tightly.
+    IF NOT flagship.within_session_rate_limits(checked_limits) THEN
+        RAISE EXCEPTION 'a key may not issue a key wider than itself'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'give the new key every rate limit of the key this transaction authenticated with, each with a limit no higher and a window no shorter';
+    END IF;
 
     secret := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
     plaintext := CASE WHEN environment_row.key IS NULL OR environment_row.key = 'production'
                       THEN 'fs_live_' ELSE 'fs_test_' END || secret;
     INSERT INTO flagship.api_keys AS k
         (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
-         expires_at, usage_limit, customer_id, allowed_ips)
+         expires_at, usage_limit, customer_id, allowed_ips, rate_limits)
     VALUES (issue_api_key.organization_id, btrim(name), left(plaintext, 16),
             sha256(convert_to(plaintext, 'UTF8')), coalesce(scopes, '{}'),
             environment_row.project_id, environment_row.id, expires_at, usage_limit,
-            customer_id, networks);
+            customer_id, networks, checked_limits);
     RETURN plaintext;
 END
 $fn$;
@@ -315,6 +416,7 @@ DECLARE
     code text;
     uses bigint;
     customer_key text;
+    rate_limit record;
 BEGIN
     IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
         SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
@@ -337,6 +439,19 @@ BEGIN
          WHERE o.id = key_row.organization_id;
         IF organization_status IS DISTINCT FROM 'active' THEN
             code := 'FORBIDDEN';
+        END IF;
+        -- Rate limits before the usage limit: a refused attempt spends no
+        -- use. Every limit counts the attempt (it happened either way).
+        FOR rate_limit IN SELECT * FROM jsonb_each(key_row.rate_limits) WHERE code IS NULL LOOP
+            IF NOT (flagship.rate_limit_hit(key_row.organization_id,
+                                            'key:' || coalesce(key_row.uses_of, key_row.id), rate_limit.key,
+                                            (rate_limit.value->>'limit')::bigint, rate_limit.value->>'window',
+                                            1)->>'allowed')::boolean THEN
+                code := 'RATE_LIMITED';
+            END IF;
+        END LOOP;
+        IF code IS NOT NULL THEN
+            NULL;
         ELSIF key_row.usage_limit IS NOT NULL THEN
             -- Counting uses is a write by nature; only limited keys pay it.
             uses := nextval(flagship.ensure_key_use_sequence(coalesce(key_row.uses_of, key_row.id),
@@ -372,6 +487,9 @@ BEGIN
                               'customer', customer_key);
 END
 $fn$;
+-- Only verification counts a key's attempts by itself: any other caller
+-- could spend another organization's windows.
+REVOKE ALL ON FUNCTION flagship.rate_limit_hit(uuid, text, text, bigint, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin, flagship_app;
 REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
 
@@ -394,10 +512,11 @@ BEGIN
     END IF;
     -- Row-level security makes another organization's key look absent.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
-           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of
+           k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of,
+           k.rate_limits
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
-           old.customer_id, old.allowed_ips, old.uses_of
+           old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
       FROM flagship.api_keys k WHERE k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
@@ -421,11 +540,11 @@ BEGIN
                  || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
     INSERT INTO flagship.api_keys
         (organization_id, name, display_prefix, key_hash, scopes, project_id, environment_id,
-         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from, uses_of)
+         expires_at, usage_limit, usage_count, customer_id, allowed_ips, rolled_from, uses_of, rate_limits)
     VALUES (old.organization_id, old.name, left(plaintext, 16), sha256(convert_to(plaintext, 'UTF8')),
             old.scopes, old.project_id, old.environment_id, old.expires_at, old.usage_limit,
             old.usage_count,
-            old.customer_id, old.allowed_ips, old.id, coalesce(old.uses_of, old.id));
+            old.customer_id, old.allowed_ips, old.id, coalesce(old.uses_of, old.id), old.rate_limits);
     UPDATE flagship.api_keys k
        SET expires_at = least(coalesce(k.expires_at, 'infinity'), now() + grace)
      WHERE k.organization_id = old.organization_id AND k.id = old.id;

@@ -44,6 +44,9 @@ CREATE TABLE flagship.plans (
     name            text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- 0.3.0: `{name: {"limit", "window"}}` per customer, counted by
+    -- flagship.rate_limit (checked by put_plan).
+    rate_limits     jsonb,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT plans_key_unique UNIQUE (organization_id, project_id, key),
     CONSTRAINT plans_project_unique UNIQUE (organization_id, project_id, id),
@@ -598,6 +601,44 @@ BEGIN
 END
 $fn$;
 
+-- `{name: {"limit": n, "window": "1m"}}` of a plan or key, checked
+-- (windows 1s..1d); NULL for none.
+CREATE FUNCTION flagship.checked_rate_limits(spec jsonb, field text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+    path text;
+BEGIN
+    IF spec IS NULL OR spec = 'null' OR spec = '{}' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(spec) <> 'object' THEN
+        PERFORM flagship.refuse(field, 'must be an object of rate limit name to {"limit", "window"}');
+    END IF;
+    FOR item IN SELECT * FROM jsonb_each(spec) LOOP
+        path := field || '.' || item.key;
+        IF item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63 THEN
+            PERFORM flagship.refuse(path, 'a rate limit name is lower-case letters, digits, "_", "." and "-" (at most 63)');
+        END IF;
+        PERFORM flagship.require_object(item.value, path, '{limit,window}');
+        IF jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
+           OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
+           OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000 THEN
+            PERFORM flagship.refuse(path || '.limit', 'must be a whole number of requests from 1 to 10^9');
+        END IF;
+        IF jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
+           OR flagship.rate_window_us(item.value->>'window') IS NULL THEN
+            PERFORM flagship.refuse(path || '.window',
+                format('%s is not a window from 1s to 1d (a whole number and s, m, h or d, such as "1m")',
+                       coalesce(item.value->'window', 'null')));
+        END IF;
+    END LOOP;
+    RETURN spec;
+END
+$fn$;
+
 CREATE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -642,7 +683,7 @@ DECLARE
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
-    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
+    PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits,rate_limits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
         PERFORM flagship.refuse('features', 'must be an object of flag key to true/false');
@@ -654,9 +695,11 @@ BEGIN
         PERFORM flagship.refuse('credits', 'must be an object of credits metric key to {"amount", "period", "rollover"}');
     END IF;
 
-    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name)
-    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name')
-    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE SET name = EXCLUDED.name, updated_at = now()
+    INSERT INTO flagship.plans AS p (organization_id, project_id, key, name, rate_limits)
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
+            flagship.checked_rate_limits(definition->'rate_limits', 'rate_limits'))
+    ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE
+       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = now()
     RETURNING p.id INTO saved;
 
     DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
@@ -823,7 +866,8 @@ AS $fn$
                                                                      'rollover', jsonb_build_object('max', c.rollover_max)))
                       FROM flagship.plan_credits c
                       JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
-                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id)))
+                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
+        'rate_limits', plan.rate_limits))
 $fn$;
 
 CREATE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS jsonb

@@ -22,6 +22,7 @@ mod exposures;
 mod flags;
 mod imports;
 mod postgres;
+mod rate_limits;
 mod tenancy;
 #[cfg(any(test, feature = "pg_test"))]
 mod test_support;
@@ -64,11 +65,16 @@ extension_sql_file!(
         usage::usage_period_end,
         evaluation::environment_id,
         flags::check_stored_value,
-        context::usage_writes_open
+        context::usage_writes_open,
+        rate_limits::rate_window_us
     ]
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
-extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["usage"]);
+extension_sql_file!(
+    "../sql/keys.sql",
+    name = "keys",
+    requires = ["usage", rate_limits::rate_limit_hit]
+);
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["keys"]);
 extension_sql_file!(
     "../sql/operations.sql",
@@ -104,6 +110,7 @@ pub extern "C-unwind" fn _PG_init() {
     exposures::register_settings();
     cache::register_settings();
     cache::register_callbacks();
+    rate_limits::register();
 }
 
 /// Required by `cargo pgrx test`.
@@ -113,6 +120,7 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        // Rate limits count in shared memory, reserved only at server start.
+        vec!["shared_preload_libraries = 'flagship'"]
     }
 }

@@ -20,6 +20,7 @@ pub mod merge_patch;
 pub mod migration;
 pub mod periods;
 pub mod profiles;
+pub mod rate_window;
 pub mod rules;
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //! - `backend`: transaction, snapshot, user and invalidation state;
 //! - `callbacks`: PostgreSQL's callbacks as plain Rust functions;
 //! - `settings`: settings read without copying;
+//! - `shared_windows`: rate-limit windows in shared memory, each slot
+//!   touched only under its partition's lock;
 //! - `unguarded`: the few C functions called without pgrx's error guard.
 #![allow(unsafe_code)]
 
@@ -20,5 +22,6 @@ pub mod backend;
 pub mod callbacks;
 pub mod jsonb;
 pub mod settings;
+pub mod shared_windows;
 pub mod statement_reads;
 pub mod unguarded;

@@ -15,7 +15,8 @@ pub fn connect() -> Client {
         pgrx_tests::run_test(
             "bucket_function_matches_the_published_vectors",
             None,
-            vec![],
+            // As in the pg_test module: rate limits need shared memory.
+            vec!["shared_preload_libraries = 'flagship'"],
         )
         .expect("starting the test server");
     });

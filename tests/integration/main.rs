@@ -17,6 +17,7 @@ mod isolation;
 mod keys;
 mod migration;
 mod operations;
+mod rate_limits;
 mod security;
 mod tenants;
 mod upgrade;

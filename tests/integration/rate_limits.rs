@@ -1,0 +1,254 @@
+//! Rate limits (#18, DESIGN.md section 7): windows in shared memory that
+//! count every attempt, committed or not, exact under racing sessions.
+
+use postgres::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{add_member, connect, login_as, organization, sqlstate, text};
+
+/// An organization whose plan `pro` allows 100 requests a minute and plan
+/// `enterprise` none at all, customers acme (pro) and bigco (enterprise),
+/// and an admin session.
+fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
+    let (org, _) = organization(su, prefix);
+    add_member(su, &org, "bea@acme.example", "admin");
+    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    admin
+        .batch_execute(&format!(
+            r#"SET flagship.organization_id = '{org}'; SET flagship.actor = 'bea@acme.example';
+               SET flagship.environment = 'shop/production';
+               SELECT flagship.put_plan('shop', '{{"key": "pro",
+                   "rate_limits": {{"requests": {{"limit": 100, "window": "1m"}}}}}}');
+               SELECT flagship.put_plan('shop', '{{"key": "enterprise"}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "bigco", "plan": "enterprise"}}');"#
+        ))
+        .unwrap();
+    (org, admin)
+}
+
+fn answer(client: &mut Client, sql: &str) -> Value {
+    serde_json::from_str(&text(client, &format!("SELECT ({sql})::text"))).unwrap()
+}
+
+fn app_session(su: &mut Client, org: &str, prefix: &str) -> Client {
+    let (_, mut app) = login_as(su, prefix, &["flagship_app"]);
+    app.batch_execute(&format!(
+        "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+    ))
+    .unwrap();
+    app
+}
+
+#[test]
+fn racing_sessions_get_exactly_the_limit_rolled_back_attempts_included() {
+    let mut su = connect();
+    let (org, _admin) = setup(&mut su, "rate-race");
+    let racers: Vec<_> = (0..8)
+        .map(|i| app_session(&mut su, &org, &format!("rate-racer-{i}")))
+        .map(|mut app| {
+            std::thread::spawn(move || {
+                let mut allowed = 0;
+                for attempt in 0..40 {
+                    // Every other attempt is rolled back: it still counts.
+                    let roll_back = attempt % 2 == 1;
+                    app.batch_execute("BEGIN").unwrap();
+                    let result = answer(&mut app, "flagship.rate_limit('acme', 'requests')");
+                    app.batch_execute(if roll_back { "ROLLBACK" } else { "COMMIT" })
+                        .unwrap();
+                    if result["allowed"] == json!(true) {
+                        allowed += 1;
+                    }
+                }
+                allowed
+            })
+        })
+        .collect();
+    let allowed: i32 = racers.into_iter().map(|racer| racer.join().unwrap()).sum();
+    assert_eq!(allowed, 100, "320 attempts in one window of 100");
+
+    let mut app = app_session(&mut su, &org, "rate-after");
+    let refused = answer(&mut app, "flagship.rate_limit('acme', 'requests')");
+    let retry = refused["retry_after_ms"].as_i64().unwrap();
+    assert!((1..=61_000).contains(&retry), "{refused}");
+    let reset_at = refused["reset_at"].as_str().unwrap().to_string();
+    assert_eq!(
+        refused,
+        json!({"allowed": false, "limit": 100, "remaining": 0, "reset_at": reset_at,
+               "retry_after_ms": retry, "reason": "RATE_LIMITED"})
+    );
+    // The window resets about a minute (and at most one bucket more) from now.
+    let seconds: f64 = text(
+        &mut app,
+        &format!("SELECT extract(epoch FROM '{reset_at}'::timestamptz - clock_timestamp())::text"),
+    )
+    .parse()
+    .unwrap();
+    assert!((55.0..=62.0).contains(&seconds), "reset in {seconds} s");
+}
+
+#[test]
+fn costs_plans_without_the_limit_and_typos() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "rate-terms");
+    let first = answer(&mut admin, "flagship.rate_limit('acme', 'requests', 60)");
+    assert_eq!(first["remaining"], json!(40));
+    let too_much = answer(&mut admin, "flagship.rate_limit('acme', 'requests', 41)");
+    assert_eq!(too_much["allowed"], json!(false));
+    // The refused 41 counted: the window now holds 101.
+    assert_eq!(
+        answer(&mut admin, "flagship.rate_limit('acme', 'requests')")["allowed"],
+        json!(false)
+    );
+    assert_eq!(
+        answer(&mut admin, "flagship.rate_limit('acme', 'requests', 101)")["retry_after_ms"],
+        Value::Null,
+        "a cost above the limit never fits"
+    );
+    // A plan that does not declare the limit: unlimited.
+    assert_eq!(
+        answer(&mut admin, "flagship.rate_limit('bigco', 'requests')"),
+        json!({"allowed": true, "limit": null, "remaining": null, "reset_at": null,
+               "retry_after_ms": 0, "reason": "WITHIN_LIMIT"})
+    );
+    for bad in [
+        "SELECT flagship.rate_limit('acme', 'reqests')",
+        "SELECT flagship.rate_limit('nobody', 'requests')",
+        "SELECT flagship.rate_limit('acme', 'requests', 0)",
+        "SELECT flagship.rate_limit('key:not-a-uuid', 'requests')",
+        "SELECT flagship.rate_limit('key:00000000-0000-0000-0000-000000000000', 'requests')",
+    ] {
+        assert_eq!(sqlstate(&mut admin, bad), "22023", "{bad}");
+    }
+    let refused = admin
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "rate_limits": {"requests": {"limit": 10, "window": "2d"}}}')"#,
+        )
+        .unwrap_err();
+    let error = refused.as_db_error().unwrap();
+    assert_eq!(error.code().code(), "22023");
+    assert!(
+        error
+            .message()
+            .starts_with("plan \"pro\": rate_limits.requests.window: \"2d\""),
+        "{}",
+        error.message()
+    );
+    // Exported with the plan, as written.
+    assert_eq!(
+        answer(
+            &mut admin,
+            "(SELECT p -> 'rate_limits' FROM jsonb_array_elements(flagship.export_project('shop') -> 'plans') p \
+               WHERE p ->> 'key' = 'pro')"
+        ),
+        json!({"requests": {"limit": 100, "window": "1m"}})
+    );
+    // The counting step is verification's alone.
+    let mut app = app_session(&mut su, &org, "rate-hit");
+    assert_eq!(
+        sqlstate(
+            &mut app,
+            &format!(
+                "SELECT flagship.rate_limit_hit('{org}', 'customer:x', 'requests', 1, '1m', 1)"
+            )
+        ),
+        "42501"
+    );
+}
+
+#[test]
+fn organizations_do_not_share_windows() {
+    let mut su = connect();
+    let (_, mut first) = setup(&mut su, "rate-first");
+    let (_, mut second) = setup(&mut su, "rate-second");
+    assert_eq!(
+        answer(&mut first, "flagship.rate_limit('acme', 'requests', 100)")["remaining"],
+        json!(0)
+    );
+    // The same customer key and limit name in another organization.
+    assert_eq!(
+        answer(&mut second, "flagship.rate_limit('acme', 'requests')")["remaining"],
+        json!(99)
+    );
+}
+
+#[test]
+fn verification_checks_a_keys_rate_limit_before_its_usage_limit() {
+    let mut su = connect();
+    let (org, mut admin) = setup(&mut su, "rate-keys");
+    let key = text(
+        &mut admin,
+        &format!(
+            r#"SELECT flagship.issue_api_key('{org}', 'limited', ARRAY['usage:write'], usage_limit => 10,
+                   rate_limits => '{{"verify": {{"limit": 3, "window": "1h"}}}}')"#
+        ),
+    );
+    let code = |client: &mut Client, key: &str| {
+        text(
+            client,
+            &format!("SELECT flagship.verify_api_key('{key}') ->> 'code'"),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(code(&mut admin, &key), "VALID");
+    }
+    assert_eq!(code(&mut admin, &key), "RATE_LIMITED");
+    assert_eq!(code(&mut admin, &key), "RATE_LIMITED");
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT usage_count::text FROM flagship.api_keys WHERE name = 'limited'"
+        ),
+        "3",
+        "refused attempts spend no use"
+    );
+    // A rolled key keeps the limit and counts in the same window.
+    let key_id = text(
+        &mut admin,
+        "SELECT id::text FROM flagship.api_keys WHERE name = 'limited' AND rolled_from IS NULL",
+    );
+    let rolled = text(
+        &mut admin,
+        &format!("SELECT flagship.roll_api_key('{key_id}', '1 hour')"),
+    );
+    assert_eq!(code(&mut admin, &rolled), "RATE_LIMITED");
+    assert_eq!(
+        answer(
+            &mut admin,
+            &format!("flagship.rate_limit('key:{key_id}', 'verify')")
+        )["allowed"],
+        json!(false)
+    );
+    // A key limited to 3 an hour issues no key without that limit.
+    let (_, mut keyed) = login_as(&mut su, "rate-keyed", &["flagship_admin"]);
+    let wide = text(
+        &mut admin,
+        &format!(
+            r#"SELECT flagship.issue_api_key('{org}', 'issuer', ARRAY['api_keys:write'],
+                   rate_limits => '{{"verify": {{"limit": 1000, "window": "1h"}}}}')"#
+        ),
+    );
+    keyed
+        .batch_execute(&format!(
+            "BEGIN; SELECT flagship.authenticate('{wide}'); SET LOCAL flagship.actor = 'bea@acme.example'"
+        ))
+        .unwrap();
+    assert_eq!(
+        sqlstate(
+            &mut keyed,
+            &format!("SELECT flagship.issue_api_key('{org}', 'free', ARRAY['api_keys:write'])")
+        ),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(
+            &mut keyed,
+            &format!(
+                r#"SELECT flagship.issue_api_key('{org}', 'tighter', ARRAY['api_keys:write'],
+                       rate_limits => '{{"verify": {{"limit": 10, "window": "1d"}}}}')"#
+            )
+        ),
+        "none"
+    );
+    keyed.batch_execute("ROLLBACK").unwrap();
+}
