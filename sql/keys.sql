@@ -170,12 +170,10 @@ AS $fn$
                         >= flagship.rate_window_us(own.value->>'window'), false))
 $fn$;
 
--- What flagship.rate_limit counts against, read under the caller's
--- row-level security: {"organization_id", "subject" (whose window),
--- "limit", "window"}; limit and window NULL when the customer's plan
--- declares no such limit while another plan of the project does
--- (unlimited). A name nobody declares is refused as a typo.
-CREATE FUNCTION flagship.rate_limit_terms(subject text, name text, environment text)
+-- What flagship.rate_limit counts against for key:<key id>, read under the
+-- caller's row-level security: {"organization_id", "subject" (whose
+-- window: a rolled key counts in its predecessor's), "limit", "window"}.
+CREATE FUNCTION flagship.key_rate_limit(subject text, name text)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -183,40 +181,48 @@ AS $fn$
 #variable_conflict use_variable
 DECLARE
     key_row record;
+BEGIN
+    IF substr(subject, 5) !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        RAISE EXCEPTION 'subject: "%" is not key:<key id>', subject USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Row-level security makes another organization's key look absent.
+    SELECT k.organization_id, coalesce(k.uses_of, k.id) AS counted, k.rate_limits INTO key_row
+      FROM flagship.api_keys k WHERE k.id = substr(subject, 5)::uuid;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subject: api key % not found', substr(subject, 5)
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF NOT coalesce(key_row.rate_limits ? name, false) THEN
+        RAISE EXCEPTION 'api key %: no rate limit "%"', substr(subject, 5), name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = coalesce('the key declares: ' || (SELECT string_agg(n, ', ' ORDER BY n)
+                                                             FROM jsonb_object_keys(key_row.rate_limits) n),
+                                  'the key declares no rate limits');
+    END IF;
+    RETURN jsonb_build_object('organization_id', key_row.organization_id,
+                              'subject', 'key:' || key_row.counted,
+                              'limit', key_row.rate_limits->name->'limit',
+                              'window', key_row.rate_limits->name->'window');
+END
+$fn$;
+
+-- The same for a customer of the environment (kept per backend like the
+-- other entitlement facts): limit and window NULL when the customer's plan
+-- declares no such limit while another plan of the project does
+-- (unlimited). A name nobody declares is refused as a typo.
+CREATE FUNCTION flagship.customer_rate_limit(environment_id uuid, subject text, name text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_variable
+DECLARE
     customer_row record;
 BEGIN
-    IF subject IS NULL OR name IS NULL THEN
-        RAISE EXCEPTION '%: must not be NULL', CASE WHEN subject IS NULL THEN 'subject' ELSE 'name' END
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF subject LIKE 'key:%' THEN
-        IF substr(subject, 5) !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
-            RAISE EXCEPTION 'subject: "%" is not key:<key id>', subject USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        -- Row-level security makes another organization's key look absent.
-        SELECT k.organization_id, coalesce(k.uses_of, k.id) AS counted, k.rate_limits INTO key_row
-          FROM flagship.api_keys k WHERE k.id = substr(subject, 5)::uuid;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'subject: api key % not found', substr(subject, 5)
-                USING ERRCODE = 'invalid_parameter_value';
-        ELSIF NOT coalesce(key_row.rate_limits ? name, false) THEN
-            RAISE EXCEPTION 'api key %: no rate limit "%"', substr(subject, 5), name
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = coalesce('the key declares: ' || (SELECT string_agg(n, ', ' ORDER BY n)
-                                                                 FROM jsonb_object_keys(key_row.rate_limits) n),
-                                      'the key declares no rate limits');
-        END IF;
-        -- A rolled key counts in its predecessor's windows.
-        RETURN jsonb_build_object('organization_id', key_row.organization_id,
-                                  'subject', 'key:' || key_row.counted,
-                                  'limit', key_row.rate_limits->name->'limit',
-                                  'window', key_row.rate_limits->name->'window');
-    END IF;
     SELECT c.organization_id, c.project_id, c.id, p.rate_limits INTO customer_row
       FROM flagship.customers c
       LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
       LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
-     WHERE c.environment_id = flagship.environment_id(environment) AND c.external_key = subject;
+     WHERE c.environment_id = environment_id AND c.external_key = subject;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subject: no customer "%" in this environment', subject
             USING ERRCODE = 'invalid_parameter_value',

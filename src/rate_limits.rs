@@ -2,17 +2,23 @@
 //! step `verify_api_key` uses.
 //!
 //! Definitions are configuration (a plan's or a key's `rate_limits`, read
-//! under the caller's row-level security by `flagship.rate_limit_terms`);
+//! under the caller's row-level security by `flagship.customer_rate_limit`
+//! and `flagship.key_rate_limit`; a customer's are kept per backend like
+//! the other entitlement facts);
 //! counts are not: they live in shared memory (`postgres::shared_windows`),
 //! outside every transaction, because an attempt that is refused or rolled
 //! back still happened. The window arithmetic is the engine's
 //! (`rate_window`).
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgOid};
+use pgrx::JsonB;
 use serde_json::{json, Value};
 
+use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
 use crate::postgres::backend::POSTGRES_EPOCH_MICROS;
 use crate::postgres::shared_windows::{self, NotCounted};
@@ -38,6 +44,30 @@ fn answer(limit: Option<u64>, attempt: Option<&Attempt>) -> Value {
             json!(attempt.retry_after_us.map(|wait| (wait + 999) / 1000))
         }),
         "reason": if allowed { "WITHIN_LIMIT" } else { "RATE_LIMITED" },
+    })
+}
+
+/// Environment, customer key, limit name.
+type TermsKey = ([u8; 16], String, String);
+
+thread_local! {
+    static CUSTOMER_TERMS: RefCell<Stamped<TermsKey, Rc<Value>>> = RefCell::new(Stamped::new(50_000));
+}
+
+/// A customer's rate limit `name`, kept until its organization's plans or
+/// customers change (as `record_usage` keeps its terms).
+fn customer_terms(environment: pgrx::Uuid, subject: &str, name: &str) -> Rc<Value> {
+    let key = (
+        *environment.as_bytes(),
+        subject.to_string(),
+        name.to_string(),
+    );
+    cache::stamped(&CUSTOMER_TERMS, environment, key, || {
+        let (document, version) = cache::load_entitlement_document(
+            "customer_rate_limit",
+            &[environment.into(), subject.into(), name.into()],
+        );
+        (Rc::new(document.unwrap_or(Value::Null)), version)
     })
 }
 
@@ -117,20 +147,22 @@ fn rate_limit(
             );
         }
     }
-    let terms = Spi::get_one_with_args::<JsonB>(
-        "SELECT flagship.rate_limit_terms($1, $2, $3)",
-        &[
-            DatumWithOid::from(subject),
-            DatumWithOid::from(name),
-            environment.map_or_else(
-                || DatumWithOid::null_oid(PgOid::from(pg_sys::TEXTOID).value()),
-                DatumWithOid::from,
-            ),
-        ],
-    )
-    .unwrap_or_else(|error| pgrx::error!("reading rate limit terms: {error}"))
-    .map(|terms| terms.0)
-    .unwrap_or(Value::Null);
+    let terms = if subject.starts_with("key:") {
+        Rc::new(
+            Spi::get_one_with_args::<JsonB>(
+                "SELECT flagship.key_rate_limit($1, $2)",
+                &[DatumWithOid::from(subject), DatumWithOid::from(name)],
+            )
+            .unwrap_or_else(|error| pgrx::error!("reading the key's rate limit: {error}"))
+            .map_or(Value::Null, |terms| terms.0),
+        )
+    } else {
+        customer_terms(
+            crate::evaluation::environment_id(environment),
+            subject,
+            name,
+        )
+    };
     let organization = terms["organization_id"]
         .as_str()
         .and_then(|id| pgrx::Uuid::from_slice(uuid::Uuid::parse_str(id).ok()?.as_bytes()).ok())

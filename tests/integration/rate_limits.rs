@@ -134,6 +134,23 @@ fn costs_plans_without_the_limit_and_typos() {
         "{}",
         error.message()
     );
+    // A plan change is seen by the next call (terms are kept per backend
+    // only until plans or customers change); the window's counts stay.
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "rate_limits": {"requests": {"limit": 1000, "window": "1m"}}}')"#,
+        )
+        .unwrap();
+    let raised = answer(&mut admin, "flagship.rate_limit('acme', 'requests')");
+    assert_eq!(
+        (&raised["allowed"], &raised["limit"]),
+        (&json!(true), &json!(1000))
+    );
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "rate_limits": {"requests": {"limit": 100, "window": "1m"}}}')"#,
+        )
+        .unwrap();
     // Exported with the plan, as written.
     assert_eq!(
         answer(
