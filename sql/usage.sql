@@ -271,14 +271,14 @@ SELECT flagship.isolate_tenant_table(t, 'plans:write')
 -- Consuming usage is what applications do: no member permission involved.
 SELECT flagship.isolate_tenant_table(t)
   FROM unnest(ARRAY['usage_counters', 'usage_ledger']) AS t;
--- Only two kinds of change exist. This is a restrictive policy rather than a
+-- Only these kinds of change exist (`release`: what a reservation gave back). This is a restrictive policy rather than a
 -- CHECK constraint because PostgreSQL parses a table's CHECK expressions
 -- afresh for every INSERT statement, which cost 14% of each record_usage;
 -- policies are kept parsed with the table. Like every policy it binds all
 -- but superusers and BYPASSRLS roles (the ledger forces row security, so
 -- its owner too).
 CREATE POLICY usage_ledger_kind_valid ON flagship.usage_ledger AS RESTRICTIVE
-    FOR INSERT WITH CHECK (kind IN ('record', 'set', 'credits'));
+    FOR INSERT WITH CHECK (kind IN ('record', 'set', 'credits', 'release'));
 
 -- Consumption changes only through record_usage and set_usage: the table
 -- grants below exist for those functions, which run as their caller, and

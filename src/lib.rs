@@ -71,6 +71,11 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["usage"]);
 extension_sql_file!(
+    "../sql/reservations.sql",
+    name = "reservations",
+    requires = ["usage"]
+);
+extension_sql_file!(
     "../sql/keys.sql",
     name = "keys",
     requires = ["usage", rate_limits::rate_limit_hit]
@@ -100,7 +105,8 @@ extension_sql_file!(
         "migration",
         "exposures",
         "operations",
-        "events"
+        "events",
+        "reservations"
     ]
 );
 

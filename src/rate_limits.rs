@@ -149,10 +149,17 @@ fn rate_limit(
     }
     let terms = if subject.starts_with("key:") {
         Rc::new(
-            Spi::get_one_with_args::<JsonB>(
-                "SELECT flagship.key_rate_limit($1, $2)",
-                &[DatumWithOid::from(subject), DatumWithOid::from(name)],
-            )
+            // Read-only: counting an attempt takes no transaction id.
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT flagship.key_rate_limit($1, $2)",
+                        Some(1),
+                        &[DatumWithOid::from(subject), DatumWithOid::from(name)],
+                    )?
+                    .first()
+                    .get_one::<JsonB>()
+            })
             .unwrap_or_else(|error| pgrx::error!("reading the key's rate limit: {error}"))
             .map_or(Value::Null, |terms| terms.0),
         )

@@ -128,6 +128,7 @@ fn check_amount(amount: Option<i64>, field: &str) -> i64 {
 }
 
 mod credits;
+mod reservations;
 
 /// Ids and terms of one call, or the answer when there is nothing to
 /// consume against.
@@ -186,7 +187,11 @@ fn acting_customer(named: Option<&str>) -> String {
 }
 
 fn refusal(reason: Reason) -> BuiltJsonb {
-    BuiltJsonb::from_value(&limits::result(None, false, 0, reason, None))
+    BuiltJsonb::from_value(&refused(reason))
+}
+
+fn refused(reason: Reason) -> Value {
+    limits::result(None, false, 0, reason, None)
 }
 
 // Statements -------------------------------------------------------------------
@@ -453,7 +458,14 @@ pub fn check_usage_limit(
         Ok(Metered::Credits(account)) => return credits::check(&account, amount),
         Err(reason) => return refusal(reason),
     };
-    let used = with_statements(|client, statements| current_usage(client, statements, &subject));
+    // Reservations past their expiry count as released, though no call
+    // has released them yet.
+    let used = with_statements(|client, statements| current_usage(client, statements, &subject))
+        - reservations::expired_holds(
+            (subject.organization, subject.customer, subject.metric),
+            subject.period_start(),
+            false,
+        );
     let (allowed, reason, over_limit) = limits::check(&subject.terms, used, amount);
     BuiltJsonb::from_value(&limits::result(
         Some(&subject.terms),
@@ -484,9 +496,22 @@ pub fn record_usage(
     }
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
+    let answer = record(customer, metric, amount, idempotency_key, environment);
+    BuiltJsonb::from_value(&answer)
+}
+
+/// Consumes `amount` for `customer` (already authorized), as `record_usage`
+/// answers it; reservations consume through here too.
+fn record(
+    customer: &str,
+    metric: &str,
+    amount: i64,
+    idempotency_key: Option<&str>,
+    environment: Option<&str>,
+) -> Value {
     let metered = match metered(customer, metric, environment) {
         Ok(metered) => metered,
-        Err(reason) => return refusal(reason),
+        Err(reason) => return refused(reason),
     };
     let (organization, customer_id, metric_id) = match &metered {
         Metered::Limit(subject) => (subject.organization, subject.customer, subject.metric),
@@ -494,50 +519,69 @@ pub fn record_usage(
     };
     // Only these statements may write counters, grants and the ledger.
     let _writes = crate::context::UsageWrites::open();
-    let answer = with_statements(|client, statements| {
-        if let Some(key) = idempotency_key {
-            // A duplicate racing the first call waits here until that call's
-            // transaction ends, then finds (or not) its ledger row.
-            let lock = format!("{organization}/{key}");
-            spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
-            let found = spi(client.select(
-                &statements.find_replay,
-                Some(1),
-                &[
-                    organization.into(),
-                    customer_id.into(),
-                    metric_id.into(),
-                    key.into(),
-                    amount.into(),
-                ],
-            ));
-            if let Some(mut replayed) = replay(found, key, customer, metric, amount) {
-                if let Value::Object(map) = &mut replayed {
-                    map.insert("replayed".into(), json!(true));
+    let consume = || {
+        with_statements(|client, statements| {
+            if let Some(key) = idempotency_key {
+                // A duplicate racing the first call waits here until that call's
+                // transaction ends, then finds (or not) its ledger row.
+                let lock = format!("{organization}/{key}");
+                spi(client.update(&statements.lock_key, None, &[lock.as_str().into()]));
+                let found = spi(client.select(
+                    &statements.find_replay,
+                    Some(1),
+                    &[
+                        organization.into(),
+                        customer_id.into(),
+                        metric_id.into(),
+                        key.into(),
+                        amount.into(),
+                    ],
+                ));
+                if let Some(mut replayed) = replay(found, key, customer, metric, amount) {
+                    if let Value::Object(map) = &mut replayed {
+                        map.insert("replayed".into(), json!(true));
+                    }
+                    return replayed;
                 }
-                return replayed;
             }
-        }
-        let subject = match &metered {
-            Metered::Limit(subject) => subject,
-            Metered::Credits(account) => return credits::consume(account, amount, idempotency_key),
-        };
-        let change = subject.change(amount, idempotency_key);
-        for _ in 0..2 {
-            if let Some(used_after) =
-                first_i64(spi(client.update(&statements.consume, None, &change)))
-            {
-                return subject.granted(used_after);
+            let subject = match &metered {
+                Metered::Limit(subject) => subject,
+                Metered::Credits(account) => {
+                    return credits::consume(account, amount, idempotency_key)
+                }
+            };
+            let change = subject.change(amount, idempotency_key);
+            for _ in 0..2 {
+                if let Some(used_after) =
+                    first_i64(spi(client.update(&statements.consume, None, &change)))
+                {
+                    return subject.granted(used_after);
+                }
+                // Either the hard limit denies, or there is no counter yet.
+                let created = spi(client.update(&statements.create_counter, None, &subject.key()));
+                if created.is_empty() {
+                    break;
+                }
             }
-            // Either the hard limit denies, or there is no counter yet.
-            let created = spi(client.update(&statements.create_counter, None, &subject.key()));
-            if created.is_empty() {
-                break;
-            }
-        }
-        subject.denied(current_usage(client, statements, subject))
-    });
-    BuiltJsonb::from_value(&answer)
+            subject.denied(current_usage(client, statements, subject))
+        })
+    };
+    let answer = consume();
+    // A refusal may be owed to reservations past their expiry: release them
+    // (no job runner does) and try once more.
+    if refused_for_lack(&answer) && reservations::expire(customer_id, metric_id) {
+        return consume();
+    }
+    answer
+}
+
+/// Whether an answer refuses for want of room: over a hard limit, or out of
+/// credits (not: unknown customer, no plan).
+fn refused_for_lack(answer: &Value) -> bool {
+    answer["allowed"] == json!(false)
+        && [Reason::LimitExceeded, Reason::CreditsExhausted]
+            .iter()
+            .any(|reason| answer["reason"] == json!(reason.as_str()))
 }
 
 /// Adds `amount` credits of a credits metric to a customer's balance,

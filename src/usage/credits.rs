@@ -174,7 +174,9 @@ fn with_statements<R>(run: impl FnOnce(&mut pgrx::spi::SpiClient<'_>, &Statement
 
 /// The live balance, with no side effects.
 pub(super) fn check(account: &Account, amount: i64) -> BuiltJsonb {
-    let balance = balance(account);
+    // Reservations past their expiry give their credits back, though no
+    // call has released them yet.
+    let balance = balance(account) + super::reservations::expired_holds(account.ids(), None, true);
     let allowed = balance >= amount;
     BuiltJsonb::from_value(&limits::credits_result(
         allowed,

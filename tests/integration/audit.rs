@@ -225,8 +225,8 @@ fn the_actor_is_the_setting_the_jwt_subject_or_the_role() {
 #[test]
 fn every_configuration_table_is_audited() {
     let mut su = connect();
-    // Usage counters and the ledger are usage, recorded by the ledger
-    // itself; exposure counts are observation, not configuration; events
+    // Usage counters, reservations and the ledger are usage, recorded by
+    // the ledger itself; exposure counts are observation, not configuration; events
     // are the application's own append-only data.
     let unaudited = text(
         &mut su,
@@ -235,7 +235,7 @@ fn every_configuration_table_is_audited() {
             AND (c.relname = 'organizations'
                  OR EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
                                AND a.attname = 'organization_id' AND NOT a.attisdropped))
-            AND c.relname NOT IN ('usage_counters', 'usage_ledger', 'flag_exposures',
+            AND c.relname NOT IN ('usage_counters', 'usage_ledger', 'usage_reservations', 'flag_exposures',
                                   'audit_events', 'audit_chain_heads', 'cache_versions',
                                   'events', 'event_heads')
             AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid

@@ -74,6 +74,7 @@ fn fixture() -> Fixture {
                SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}},
                    "credits": {"tokens": {"amount": 10}}}');
                SELECT flagship.grant_credits('acme', 'tokens', 100, environment => 'shop/production');
+               SELECT flagship.reserve_usage('acme', 'tokens', 5, environment => 'shop/production');
                SELECT flagship.append_events('[{"type": "FixtureCreated"}]');
                SELECT flagship.issue_api_key(flagship.current_organization_id(), 'fixture');
                SET flagship.count_exposures = on;

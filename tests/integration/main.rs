@@ -18,6 +18,7 @@ mod keys;
 mod migration;
 mod operations;
 mod rate_limits;
+mod reservations;
 mod security;
 mod tenants;
 mod upgrade;

@@ -1,0 +1,227 @@
+//! Reservations: `reserve_usage`, `finalize_usage`, `release_usage`.
+//!
+//! A reservation is a consumption made through `record` (so it counts
+//! against the limit, or draws from the grants, exactly as `record_usage`
+//! does, under the same row locks) under the ledger key
+//! `reservation:<id>`, plus a row in `flagship.usage_reservations` saying
+//! how much is held until when. Settling it refunds what the work did not
+//! use (`sql/reservations.sql`). Expiry is lazy: the first call that would
+//! be refused releases expired reservations first, and checks count them
+//! as released.
+
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+use super::{acting_customer, check_amount, record, MAX_AMOUNT};
+use crate::errors::invalid_parameter;
+
+/// Organization, customer and metric.
+type Ids = (pgrx::Uuid, pgrx::Uuid, pgrx::Uuid);
+
+/// Whether 0.3.0's SQL is installed: until `ALTER EXTENSION flagship
+/// UPDATE`, a database of 0.2.0 runs this library without reservations.
+fn installed() -> bool {
+    crate::postgres::backend::relation_exists(c"flagship", c"usage_reservations")
+}
+
+/// Releases the customer's expired reservations of the metric; whether any
+/// was. Runs with usage writes open.
+pub(super) fn expire(customer: pgrx::Uuid, metric: pgrx::Uuid) -> bool {
+    if !installed() {
+        return false;
+    }
+    Spi::get_one_with_args::<i32>(
+        "SELECT flagship.expire_reservations($1, $2)",
+        &[customer.into(), metric.into()],
+    )
+    .unwrap_or_else(|error| panic!("expiring reservations: {error}"))
+    .unwrap_or(0)
+        > 0
+}
+
+/// What reservations past their expiry still hold: of the counter's
+/// period, or (credits) of grants still live.
+pub(super) fn expired_holds(
+    (organization, customer, metric): Ids,
+    period_start: Option<TimestampWithTimeZone>,
+    credits: bool,
+) -> i64 {
+    if !installed() {
+        return 0;
+    }
+    // A read-only query: a check must not take a transaction id.
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT flagship.expired_holds($1, $2, $3, $4, $5)",
+                Some(1),
+                &[
+                    organization.into(),
+                    customer.into(),
+                    metric.into(),
+                    period_start.into(),
+                    credits.into(),
+                ],
+            )?
+            .first()
+            .get_one::<i64>()
+    })
+    .unwrap_or_else(|error| panic!("reading expired reservations: {error}"))
+    .unwrap_or(0)
+}
+
+fn check_ttl(ttl: Option<Interval>) -> Interval {
+    let ttl = ttl.unwrap_or_else(|| invalid_parameter("ttl: must not be NULL", None));
+    let seconds =
+        Spi::get_one_with_args::<f64>("SELECT extract(epoch FROM $1)::float8", &[ttl.into()])
+            .ok()
+            .flatten()
+            .unwrap_or(0.0);
+    if !(1.0..=7.0 * 86_400.0).contains(&seconds) {
+        invalid_parameter(
+            format!("ttl: must be from 1 second to 7 days, got {seconds} seconds"),
+            None,
+        );
+    }
+    ttl
+}
+
+/// Holds `amount` of `metric` for `customer` until the work is done: it
+/// counts against the limit (or the credit balance) at once, as
+/// `record_usage` would; `{"allowed", ..., "reservation_id", "expires_at"}`.
+/// An idempotency key answers the first reservation again.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+pub fn reserve_usage(
+    customer: Option<&str>,
+    metric: &str,
+    amount: Option<i64>,
+    ttl: default!(Option<Interval>, "'5 minutes'"),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    environment: default!(Option<&str>, "NULL"),
+) -> JsonB {
+    let amount = check_amount(amount, "amount");
+    if amount == 0 {
+        invalid_parameter(format!("amount: must be between 1 and {MAX_AMOUNT}"), None);
+    }
+    let ttl = check_ttl(ttl);
+    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
+        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
+    }
+    crate::context::require_scope("usage:write");
+    let customer = &acting_customer(customer);
+    if let Some(key) = idempotency_key {
+        if let Some(first) = replay(customer, metric, amount, key) {
+            return JsonB(first);
+        }
+    }
+    let id = Spi::get_one::<pgrx::Uuid>("SELECT gen_random_uuid()")
+        .ok()
+        .flatten()
+        .expect("gen_random_uuid() answers");
+    let mut answer = record(
+        customer,
+        metric,
+        amount,
+        Some(&format!("reservation:{id}")),
+        environment,
+    );
+    let (reservation, expires_at) = if answer["allowed"] == json!(true) {
+        let _writes = crate::context::UsageWrites::open();
+        let expires_at = Spi::get_one_with_args::<TimestampWithTimeZone>(
+            "SELECT flagship.hold_reservation($1, $2, $3)",
+            &[id.into(), ttl.into(), idempotency_key.into()],
+        )
+        .unwrap_or_else(|error| panic!("holding the reservation: {error}"));
+        (json!(id.to_string()), json!(expires_at))
+    } else {
+        (Value::Null, Value::Null)
+    };
+    if let Value::Object(map) = &mut answer {
+        map.insert("reservation_id".into(), reservation);
+        map.insert("expires_at".into(), expires_at);
+    }
+    JsonB(answer)
+}
+
+/// The first reservation made with `key`, answered again; 22023 when the
+/// key was first used for another reservation.
+fn replay(customer: &str, metric: &str, amount: i64, key: &str) -> Option<Value> {
+    // A duplicate racing the first call waits for its transaction.
+    Spi::run_with_args(
+        "SELECT pg_advisory_xact_lock(hashtextextended('reserve/' || flagship.current_organization_id() || '/' || $1, 0))",
+        &[key.into()],
+    )
+    .unwrap_or_else(|error| panic!("locking the idempotency key: {error}"));
+    let first = Spi::connect(|client| {
+        let found = client.select(
+            "SELECT flagship.reservation_document(r)
+                    || jsonb_build_object('same', c.external_key = $2 AND m.key = $3 AND r.amount = $4,
+                                          'customer', c.external_key, 'metric', m.key)
+               FROM flagship.usage_reservations r
+               JOIN flagship.customers c ON c.organization_id = r.organization_id AND c.id = r.customer_id
+               JOIN flagship.metrics m ON m.organization_id = r.organization_id AND m.id = r.metric_id
+              WHERE r.organization_id = flagship.current_organization_id() AND r.idempotency_key = $1",
+            Some(1),
+            &[key.into(), customer.into(), metric.into(), amount.into()],
+        )?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        found.first().get_one::<JsonB>()
+    })
+    .unwrap_or_else(|error: pgrx::spi::Error| panic!("finding the idempotency key: {error}"))?
+    .0;
+    if first["same"] != json!(true) {
+        invalid_parameter(
+            format!(
+                "idempotency key \"{key}\" was first used to reserve {} of \"{}\" for customer \"{}\"",
+                first["reserved"], first["metric"].as_str().unwrap_or("?"), first["customer"].as_str().unwrap_or("?")
+            ),
+            Some("a retry must repeat the first call exactly; use a new key for a new reservation"),
+        );
+    }
+    Some(json!({
+        "allowed": true,
+        "reason": "WITHIN_LIMIT",
+        "reservation_id": first["reservation_id"],
+        "expires_at": first["expires_at"],
+        "state": first["state"],
+        "replayed": true,
+    }))
+}
+
+fn settle(reservation_id: pgrx::Uuid, consume: Option<i64>, settle_as: &str) -> JsonB {
+    crate::context::require_scope("usage:write");
+    let _writes = crate::context::UsageWrites::open();
+    let answer = Spi::get_one_with_args::<JsonB>(
+        "SELECT flagship.settle_reservation($1, $2, $3, $4)",
+        &[
+            reservation_id.into(),
+            consume.into(),
+            settle_as.into(),
+            DatumWithOid::from(crate::context::key_customer()),
+        ],
+    )
+    .unwrap_or_else(|error| panic!("settling the reservation: {error}"));
+    answer.unwrap_or(JsonB(Value::Null))
+}
+
+/// Consumes `amount` (at most what was reserved) and releases the rest:
+/// `{"reservation_id", "state", "reserved", "consumed", "released",
+/// "expires_at"}`. Past its expiry the reservation is released instead
+/// (`"state": "expired"`, nothing consumed).
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+pub fn finalize_usage(reservation_id: pgrx::Uuid, amount: Option<i64>) -> JsonB {
+    settle(reservation_id, amount, "finalized")
+}
+
+/// Releases everything a reservation holds.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+pub fn release_usage(reservation_id: pgrx::Uuid) -> JsonB {
+    settle(reservation_id, Some(0), "released")
+}
