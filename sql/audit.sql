@@ -7,7 +7,12 @@
 -- usage ledger are not audited: the ledger is their history.
 --
 -- Tamper evidence: each organization's events form a hash chain. An event's
--- hash is sha256 over its content and the previous event's hash; the chain
+-- hash is sha256 over its position, time, action, resource, transaction and
+-- roles, a digest of its content (actor and diff, `content_digest`) and the
+-- previous event's hash: content can be erased (erase_subject) while the
+-- chain still proves order and completeness, and verification checks each
+-- event's content against its digest unless an erasure recorded in the
+-- chain erased it. The chain
 -- head (last position and hash) lives in audit_chain_heads, one row per
 -- organization. Appending updates that row, so writers of one organization
 -- serialise on its row lock until commit and each sees the previous
@@ -43,10 +48,17 @@ CREATE TABLE flagship.audit_events (
     change_kind     text,
     change_key      text,
     environment_id  uuid,
+    -- 0.3.0: sha256 of the content (actor and diff) that the chain hashes
+    -- instead of the content itself; the 0.2.0 hash of an event the 0.3.0
+    -- upgrade re-hashed (anchors taken before the upgrade match it); the
+    -- chain position of the erasure that erased personal values from it.
+    content_digest  bytea       NOT NULL,
+    legacy_hash     bytea,
+    erased_by       bigint,
     -- `id` comes from a sequence and needs no index of its own: each
     -- index costs every configuration write.
     PRIMARY KEY (organization_id, chain_seq),
-    CONSTRAINT audit_events_action_valid CHECK (action IN ('insert', 'update', 'delete'))
+    CONSTRAINT audit_events_action_valid CHECK (action IN ('insert', 'update', 'delete', 'erase'))
 );
 ALTER SEQUENCE flagship.audit_events_id_seq OWNED BY flagship.audit_events.id;
 -- "What happened to this flag": history of one resource.
@@ -90,15 +102,25 @@ $policies$;
 GRANT SELECT ON flagship.audit_events, flagship.audit_chain_heads
     TO flagship_admin, flagship_auditor;
 
--- The hash of one event: its content and the previous hash, serialised as
--- a jsonb array (canonical text, unambiguous separators), times as epoch
--- seconds so that neither DateStyle nor TimeZone changes the digest. The
--- roles and key (0.3.0) extend the array only when present, so events
--- written before them keep their hashes.
-CREATE FUNCTION flagship.audit_digest(
+-- The digest of an event's erasable content: who (actor) and what (diff),
+-- serialised as a jsonb array (canonical text).
+CREATE FUNCTION flagship.audit_content_digest(actor text, diff jsonb)
+RETURNS bytea
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+-- No SET clause, so that it inlines (see audit_link_digest).
+AS $fn$
+    SELECT sha256(convert_to(jsonb_build_array(actor, diff)::text, 'UTF8'))
+$fn$;
+
+-- The hash of one event: the previous hash, its position, time, action,
+-- resource, transaction and roles, and its content digest, serialised as a
+-- jsonb array (canonical text, unambiguous separators), times as epoch
+-- seconds so that neither DateStyle nor TimeZone changes it.
+CREATE FUNCTION flagship.audit_link_digest(
     previous_hash bytea, chain_seq bigint, id bigint, organization_id uuid,
-    occurred_at timestamptz, actor text, action text, resource_type text,
-    resource_id text, diff jsonb, transaction_id bigint,
+    occurred_at timestamptz, action text, resource_type text, resource_id text,
+    content_digest bytea, transaction_id bigint,
     session_role text, acting_role text, key_id uuid)
 RETURNS bytea
 LANGUAGE sql
@@ -107,13 +129,11 @@ STABLE PARALLEL SAFE
 -- (a SET would make every transaction plan it again); it calls only
 -- pg_catalog functions, which no search_path can shadow.
 AS $fn$
-    SELECT sha256(convert_to((jsonb_build_array(
+    SELECT sha256(convert_to(jsonb_build_array(
         encode(previous_hash, 'hex'), chain_seq, id, organization_id,
-        extract(epoch FROM occurred_at), actor, action, resource_type,
-        resource_id, diff, transaction_id)
-        || CASE WHEN session_role IS NULL AND acting_role IS NULL AND key_id IS NULL
-                THEN '[]'::jsonb
-                ELSE jsonb_build_array(session_role, acting_role, key_id) END)::text, 'UTF8'))
+        extract(epoch FROM occurred_at), action, resource_type, resource_id,
+        encode(content_digest, 'hex'), transaction_id,
+        session_role, acting_role, key_id)::text, 'UTF8'))
 $fn$;
 
 -- Nobody edits the trail. A superuser who must (a court order, a broken
@@ -137,6 +157,24 @@ BEGIN
     IF flagship.audit_maintenance_declared() THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
     END IF;
+    -- erase_subject (running as the extension's owner, with the erasure's
+    -- chain position set for its transaction) may replace an event's
+    -- content and mark it erased by that erasure; nothing the chain
+    -- hashes changes.
+    -- (Nested: NEW has those columns only on audit_events.)
+    IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
+        IF current_setting('flagship.erasing', true) = NEW.erased_by::text
+           AND current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship')
+           AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
+                NEW.resource_id, NEW.transaction_id, NEW.hash, NEW.session_role, NEW.acting_role, NEW.key_id,
+                NEW.content_digest, NEW.legacy_hash, NEW.change_kind, NEW.environment_id)
+               IS NOT DISTINCT FROM
+               (OLD.organization_id, OLD.chain_seq, OLD.id, OLD.occurred_at, OLD.action, OLD.resource_type,
+                OLD.resource_id, OLD.transaction_id, OLD.hash, OLD.session_role, OLD.acting_role, OLD.key_id,
+                OLD.content_digest, OLD.legacy_hash, OLD.change_kind, OLD.environment_id) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
     RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
@@ -153,14 +191,15 @@ CREATE TRIGGER audit_chain_heads_no_truncate BEFORE TRUNCATE ON flagship.audit_c
 
 -- A head moves only forward, one event at a time, and only from inside the
 -- audit trigger (trigger depth 2: the trigger of a configuration change
--- updating the head). Moving it back or aside needs audit_maintenance too.
+-- updating the head) or erase_subject (running as the extension's owner). Moving it back or aside needs audit_maintenance too.
 CREATE FUNCTION flagship.audit_chain_heads_forward_only() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    IF (pg_trigger_depth() > 1 AND NEW.organization_id = OLD.organization_id
-        AND NEW.last_seq = OLD.last_seq + 1)
+    IF ((pg_trigger_depth() > 1
+         OR current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship'))
+        AND NEW.organization_id = OLD.organization_id AND NEW.last_seq = OLD.last_seq + 1)
        OR flagship.audit_maintenance_declared() THEN
         RETURN NEW;
     END IF;
@@ -179,6 +218,61 @@ ALTER TABLE flagship.audit_events ENABLE ALWAYS TRIGGER audit_events_no_truncate
 ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_append_only;
 ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_no_truncate;
 ALTER TABLE flagship.audit_chain_heads ENABLE ALWAYS TRIGGER audit_chain_heads_forward_only;
+
+-- Appends one event to the organization's chain and announces it; answers
+-- its chain position. Runs as the extension's owner (from audit_change or
+-- erase_subject, both SECURITY DEFINER): no role may call it.
+CREATE FUNCTION flagship.audit_append(org uuid, action text, resource_type text, resource text,
+                                      changes jsonb, change_kind text, change_key text,
+                                      environment uuid)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    event_id bigint := nextval('flagship.audit_events_id_seq');
+    acting text := flagship.current_actor();
+    acting_role text := flagship.acting_role();
+    key uuid := flagship.current_key_id();
+    xact bigint := pg_current_xact_id()::text::bigint;
+    content bytea := flagship.audit_content_digest(acting, changes);
+    position bigint;
+BEGIN
+    FOR attempt IN 1..2 LOOP
+        WITH link AS (
+            UPDATE flagship.audit_chain_heads h
+               SET last_seq = h.last_seq + 1,
+                   last_hash = flagship.audit_link_digest(
+                       h.last_hash, h.last_seq + 1, event_id, org, now(), action,
+                       resource_type, resource, content, xact,
+                       session_user, acting_role, key)
+             WHERE h.organization_id = org
+            RETURNING h.last_seq, h.last_hash)
+        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                           resource_type, resource_id, diff, transaction_id, hash,
+                                           session_role, acting_role, key_id,
+                                           change_kind, change_key, environment_id, content_digest)
+        SELECT org, event_id, link.last_seq, now(), acting, action,
+               resource_type, resource, changes, xact, link.last_hash,
+               session_user, acting_role, key,
+               change_kind, change_key, environment, content
+          FROM link
+        RETURNING chain_seq INTO position;
+        EXIT WHEN position IS NOT NULL;
+        -- The organization's first event starts its chain.
+        INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+
+    -- Any role may LISTEN to any channel, so the payload carries nothing
+    -- row-level security would hide: only the event's database-wide id.
+    -- A listener asks flagship.changes_since what changed in its own
+    -- organization.
+    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    RETURN position;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.audit_append(uuid, text, text, text, jsonb, text, text, uuid) FROM PUBLIC;
 
 -- The audit and change-feed trigger. Arguments: the change-feed kind, the
 -- primary-key columns naming a row (besides organization_id), then the
@@ -203,12 +297,6 @@ DECLARE
     resource text;
     subject_key text;
     environment uuid;
-    event_id bigint;
-    acting text;
-    acting_role text;
-    key uuid;
-    xact bigint;
-    appended int;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         before := to_jsonb(OLD);
@@ -268,42 +356,8 @@ BEGIN
     environment := coalesce(environment, (subject->>'environment_id')::uuid,
                             CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
 
-    event_id := nextval('flagship.audit_events_id_seq');
-    acting := flagship.current_actor();
-    acting_role := flagship.acting_role();
-    key := flagship.current_key_id();
-    xact := pg_current_xact_id()::text::bigint;
-    FOR attempt IN 1..2 LOOP
-        WITH link AS (
-            UPDATE flagship.audit_chain_heads h
-               SET last_seq = h.last_seq + 1,
-                   last_hash = flagship.audit_digest(
-                       h.last_hash, h.last_seq + 1, event_id, org, now(), acting,
-                       lower(TG_OP), TG_TABLE_NAME, resource, changes, xact,
-                       session_user, acting_role, key)
-             WHERE h.organization_id = org
-            RETURNING h.last_seq, h.last_hash)
-        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
-                                           resource_type, resource_id, diff, transaction_id, hash,
-                                           session_role, acting_role, key_id,
-                                           change_kind, change_key, environment_id)
-        SELECT org, event_id, link.last_seq, now(), acting, lower(TG_OP),
-               TG_TABLE_NAME, resource, changes, xact, link.last_hash,
-               session_user, acting_role, key,
-               TG_ARGV[0], subject_key, environment
-          FROM link;
-        GET DIAGNOSTICS appended = ROW_COUNT;
-        EXIT WHEN appended > 0;
-        -- The organization's first event starts its chain.
-        INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
-        ON CONFLICT DO NOTHING;
-    END LOOP;
-
-    -- Any role may LISTEN to any channel, so the payload carries nothing
-    -- row-level security would hide: only the event's database-wide id.
-    -- A listener asks flagship.changes_since what changed in its own
-    -- organization.
-    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    PERFORM flagship.audit_append(org, lower(TG_OP), TG_TABLE_NAME, resource, changes,
+                                  TG_ARGV[0], subject_key, environment);
     RETURN NULL;
 END
 $fn$;
@@ -434,20 +488,31 @@ BEGIN
         RETURN jsonb_build_object('valid', true, 'checked', 0, 'first_broken_id', NULL);
     END IF;
 
+    -- Each link, and each content against its digest unless an erasure
+    -- event of this chain lists the event as erased.
     SELECT e.id, e.chain_seq,
            CASE WHEN e.chain_seq <> e.expected_seq THEN 'missing events before this one'
-                ELSE 'hash mismatch' END AS reason
+                WHEN e.hash IS DISTINCT FROM e.expected_hash THEN 'hash mismatch'
+                WHEN e.erased_by IS NULL THEN 'content does not match its digest'
+                ELSE 'erased without a matching erasure event' END AS reason
       INTO broken
       FROM (SELECT a.*,
                    row_number() OVER (ORDER BY a.chain_seq) AS expected_seq,
-                   coalesce(lag(a.hash) OVER (ORDER BY a.chain_seq), '\x'::bytea) AS previous_hash
+                   flagship.audit_link_digest(
+                       coalesce(lag(a.hash) OVER (ORDER BY a.chain_seq), '\x'::bytea), a.chain_seq, a.id,
+                       a.organization_id, a.occurred_at, a.action, a.resource_type, a.resource_id,
+                       a.content_digest, a.transaction_id, a.session_role, a.acting_role, a.key_id)
+                       AS expected_hash
               FROM flagship.audit_events a
              WHERE a.organization_id = verify_audit_chain.organization_id) e
      WHERE e.chain_seq <> e.expected_seq
-        OR e.hash IS DISTINCT FROM flagship.audit_digest(
-               e.previous_hash, e.chain_seq, e.id, e.organization_id, e.occurred_at, e.actor,
-               e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id,
-               e.session_role, e.acting_role, e.key_id)
+        OR e.hash IS DISTINCT FROM e.expected_hash
+        OR (e.erased_by IS NULL
+            AND e.content_digest IS DISTINCT FROM flagship.audit_content_digest(e.actor, e.diff))
+        OR (e.erased_by IS NOT NULL AND NOT EXISTS (
+               SELECT FROM flagship.audit_events x
+                WHERE x.organization_id = e.organization_id AND x.chain_seq = e.erased_by
+                  AND x.action = 'erase' AND x.diff->'audit_events' @> to_jsonb(e.chain_seq)))
      ORDER BY e.chain_seq
      LIMIT 1;
 
@@ -463,10 +528,11 @@ BEGIN
         RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
                                   'reason', 'truncated');
     END IF;
+    -- An anchor taken before the 0.3.0 upgrade holds the event's 0.2.0 hash.
     IF anchor_seq > 0 AND NOT EXISTS (
            SELECT FROM flagship.audit_events a
             WHERE a.organization_id = verify_audit_chain.organization_id
-              AND a.chain_seq = anchor_seq AND a.hash = anchor_hash) THEN
+              AND a.chain_seq = anchor_seq AND anchor_hash IN (a.hash, a.legacy_hash)) THEN
         RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
                                   'reason', 'anchor not found');
     END IF;

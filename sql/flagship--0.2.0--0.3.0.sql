@@ -4792,3 +4792,542 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'release_usage_wrapper';
 
+
+
+-- Erasure (#19) -------------------------------------------------------------
+--
+-- The chain now hashes a digest of each event's content (actor and diff)
+-- instead of the content, so erase_subject can replace personal values.
+-- Existing chains are re-hashed link by link in the new form, as far as
+-- they verify in the old one (from a broken link on, events keep their old
+-- hash, so verification still reports the break where it was); each
+-- event keeps its old hash in legacy_hash, which anchors taken before this
+-- upgrade still match.
+ALTER TABLE flagship.audit_events
+    ADD COLUMN content_digest bytea,
+    ADD COLUMN legacy_hash bytea,
+    ADD COLUMN erased_by bigint;
+ALTER TABLE flagship.audit_events DROP CONSTRAINT audit_events_action_valid;
+ALTER TABLE flagship.audit_events ADD CONSTRAINT audit_events_action_valid
+    CHECK (action IN ('insert', 'update', 'delete', 'erase'));
+
+-- The digest of an event's erasable content: who (actor) and what (diff),
+-- serialised as a jsonb array (canonical text).
+CREATE FUNCTION flagship.audit_content_digest(actor text, diff jsonb)
+RETURNS bytea
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+-- No SET clause, so that it inlines (see audit_link_digest).
+AS $fn$
+    SELECT sha256(convert_to(jsonb_build_array(actor, diff)::text, 'UTF8'))
+$fn$;
+
+-- The hash of one event: the previous hash, its position, time, action,
+-- resource, transaction and roles, and its content digest, serialised as a
+-- jsonb array (canonical text, unambiguous separators), times as epoch
+-- seconds so that neither DateStyle nor TimeZone changes it.
+CREATE FUNCTION flagship.audit_link_digest(
+    previous_hash bytea, chain_seq bigint, id bigint, organization_id uuid,
+    occurred_at timestamptz, action text, resource_type text, resource_id text,
+    content_digest bytea, transaction_id bigint,
+    session_role text, acting_role text, key_id uuid)
+RETURNS bytea
+LANGUAGE sql
+STABLE PARALLEL SAFE
+-- No SET clause, so the planner inlines it into the trigger's cached plan
+-- (a SET would make every transaction plan it again); it calls only
+-- pg_catalog functions, which no search_path can shadow.
+AS $fn$
+    SELECT sha256(convert_to(jsonb_build_array(
+        encode(previous_hash, 'hex'), chain_seq, id, organization_id,
+        extract(epoch FROM occurred_at), action, resource_type, resource_id,
+        encode(content_digest, 'hex'), transaction_id,
+        session_role, acting_role, key_id)::text, 'UTF8'))
+$fn$;
+
+SELECT set_config('flagship.audit_maintenance', 'on', true);
+DO $migrate$
+DECLARE
+    org uuid;
+    e flagship.audit_events;
+    expected bigint;
+    intact boolean;
+    previous_old bytea;
+    previous_new bytea;
+    rehashed bytea;
+    content bytea;
+BEGIN
+    FOR org IN SELECT DISTINCT a.organization_id FROM flagship.audit_events a LOOP
+        expected := 0;
+        intact := true;
+        previous_old := '\x';
+        previous_new := '\x';
+        FOR e IN SELECT * FROM flagship.audit_events a WHERE a.organization_id = org ORDER BY a.chain_seq LOOP
+            expected := expected + 1;
+            content := flagship.audit_content_digest(e.actor, e.diff);
+            intact := intact AND e.chain_seq = expected
+                      AND e.hash = flagship.audit_digest(
+                              previous_old, e.chain_seq, e.id, e.organization_id, e.occurred_at, e.actor,
+                              e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id,
+                              e.session_role, e.acting_role, e.key_id);
+            rehashed := CASE WHEN intact THEN flagship.audit_link_digest(
+                                 previous_new, e.chain_seq, e.id, e.organization_id, e.occurred_at, e.action,
+                                 e.resource_type, e.resource_id, content, e.transaction_id,
+                                 e.session_role, e.acting_role, e.key_id)
+                             ELSE e.hash END;
+            UPDATE flagship.audit_events a
+               SET content_digest = content, legacy_hash = e.hash, hash = rehashed
+             WHERE a.organization_id = org AND a.chain_seq = e.chain_seq;
+            previous_old := e.hash;
+            previous_new := rehashed;
+        END LOOP;
+        -- A head that agreed with its chain agrees with the re-hashed one.
+        UPDATE flagship.audit_chain_heads h SET last_hash = previous_new
+         WHERE h.organization_id = org AND h.last_seq = expected AND h.last_hash = previous_old;
+    END LOOP;
+END
+$migrate$;
+SELECT set_config('flagship.audit_maintenance', 'off', true);
+ALTER TABLE flagship.audit_events ALTER COLUMN content_digest SET NOT NULL;
+DROP FUNCTION flagship.audit_digest(bytea, bigint, bigint, uuid, timestamptz, text, text, text,
+                                    text, jsonb, bigint, text, text, uuid);
+
+CREATE OR REPLACE FUNCTION flagship.audit_events_append_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF flagship.audit_maintenance_declared() THEN
+        RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    -- erase_subject (running as the extension's owner, with the erasure's
+    -- chain position set for its transaction) may replace an event's
+    -- content and mark it erased by that erasure; nothing the chain
+    -- hashes changes.
+    -- (Nested: NEW has those columns only on audit_events.)
+    IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
+        IF current_setting('flagship.erasing', true) = NEW.erased_by::text
+           AND current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship')
+           AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
+                NEW.resource_id, NEW.transaction_id, NEW.hash, NEW.session_role, NEW.acting_role, NEW.key_id,
+                NEW.content_digest, NEW.legacy_hash, NEW.change_kind, NEW.environment_id)
+               IS NOT DISTINCT FROM
+               (OLD.organization_id, OLD.chain_seq, OLD.id, OLD.occurred_at, OLD.action, OLD.resource_type,
+                OLD.resource_id, OLD.transaction_id, OLD.hash, OLD.session_role, OLD.acting_role, OLD.key_id,
+                OLD.content_digest, OLD.legacy_hash, OLD.change_kind, OLD.environment_id) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
+END
+$fn$;
+
+-- A head moves only forward, one event at a time, and only from inside the
+-- audit trigger (trigger depth 2: the trigger of a configuration change
+-- updating the head) or erase_subject (running as the extension's owner). Moving it back or aside needs audit_maintenance too.
+CREATE OR REPLACE FUNCTION flagship.audit_chain_heads_forward_only() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF ((pg_trigger_depth() > 1
+         OR current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship'))
+        AND NEW.organization_id = OLD.organization_id AND NEW.last_seq = OLD.last_seq + 1)
+       OR flagship.audit_maintenance_declared() THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'audit_chain_heads moves only with the trail: UPDATE refused'
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain with an anchor will show the edit';
+END
+$fn$;
+
+-- Appends one event to the organization's chain and announces it; answers
+-- its chain position. Runs as the extension's owner (from audit_change or
+-- erase_subject, both SECURITY DEFINER): no role may call it.
+CREATE FUNCTION flagship.audit_append(org uuid, action text, resource_type text, resource text,
+                                      changes jsonb, change_kind text, change_key text,
+                                      environment uuid)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    event_id bigint := nextval('flagship.audit_events_id_seq');
+    acting text := flagship.current_actor();
+    acting_role text := flagship.acting_role();
+    key uuid := flagship.current_key_id();
+    xact bigint := pg_current_xact_id()::text::bigint;
+    content bytea := flagship.audit_content_digest(acting, changes);
+    position bigint;
+BEGIN
+    FOR attempt IN 1..2 LOOP
+        WITH link AS (
+            UPDATE flagship.audit_chain_heads h
+               SET last_seq = h.last_seq + 1,
+                   last_hash = flagship.audit_link_digest(
+                       h.last_hash, h.last_seq + 1, event_id, org, now(), action,
+                       resource_type, resource, content, xact,
+                       session_user, acting_role, key)
+             WHERE h.organization_id = org
+            RETURNING h.last_seq, h.last_hash)
+        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                           resource_type, resource_id, diff, transaction_id, hash,
+                                           session_role, acting_role, key_id,
+                                           change_kind, change_key, environment_id, content_digest)
+        SELECT org, event_id, link.last_seq, now(), acting, action,
+               resource_type, resource, changes, xact, link.last_hash,
+               session_user, acting_role, key,
+               change_kind, change_key, environment, content
+          FROM link
+        RETURNING chain_seq INTO position;
+        EXIT WHEN position IS NOT NULL;
+        -- The organization's first event starts its chain.
+        INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
+        ON CONFLICT DO NOTHING;
+    END LOOP;
+
+    -- Any role may LISTEN to any channel, so the payload carries nothing
+    -- row-level security would hide: only the event's database-wide id.
+    -- A listener asks flagship.changes_since what changed in its own
+    -- organization.
+    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    RETURN position;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.audit_append(uuid, text, text, text, jsonb, text, text, uuid) FROM PUBLIC;
+
+-- The audit and change-feed trigger. Arguments: the change-feed kind, the
+-- primary-key columns naming a row (besides organization_id), then the
+-- columns left out of the trail: secrets (key hashes) and bookkeeping
+-- (updated_at, usage counts). An UPDATE that changes only those is no
+-- configuration change and records nothing.
+--
+-- SECURITY DEFINER so that it can append to tables no role may write;
+-- current_actor() names the session's user, not the definer.
+CREATE OR REPLACE FUNCTION flagship.audit_change() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    left_out text[] := TG_ARGV[2:];
+    before jsonb;
+    after jsonb;
+    subject jsonb;
+    changes jsonb;
+    org uuid;
+    resource text;
+    subject_key text;
+    environment uuid;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        before := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        after := to_jsonb(NEW);
+    END IF;
+    subject := coalesce(after, before);
+
+    IF TG_OP = 'UPDATE' THEN
+        SELECT jsonb_object_agg(n.field, jsonb_build_object('old', before->n.field, 'new', n.value))
+          INTO changes
+          FROM jsonb_each(after - left_out) AS n (field, value)
+         WHERE n.value IS DISTINCT FROM before->n.field;
+    ELSE
+        -- A new row's fields, or a deleted row's, leaving out the empty ones.
+        SELECT jsonb_object_agg(r.field, jsonb_build_object(CASE TG_OP WHEN 'INSERT' THEN 'new' ELSE 'old' END, r.value))
+          INTO changes
+          FROM jsonb_each(subject - left_out) AS r (field, value)
+         WHERE r.value <> 'null';
+    END IF;
+    IF changes IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
+                              ELSE subject->>'organization_id' END;
+    resource := subject->>'id';
+    IF resource IS NULL THEN
+        SELECT string_agg(subject->>column_name, '/' ORDER BY position) INTO resource
+          FROM unnest(string_to_array(TG_ARGV[1], ',')) WITH ORDINALITY AS k (column_name, position);
+    END IF;
+
+    -- The change feed names what an application caches: a flag, a plan,
+    -- a customer, even when the row changed is one of their parts.
+    CASE TG_TABLE_NAME
+    WHEN 'feature_rules' THEN
+        SELECT f.key INTO subject_key FROM flagship.features f
+         WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
+    WHEN 'plan_features', 'usage_limits', 'plan_credits' THEN
+        SELECT p.key INTO subject_key FROM flagship.plans p
+         WHERE p.organization_id = org AND p.id = (subject->>'plan_id')::uuid;
+    WHEN 'subscriptions', 'customer_feature_overrides', 'customer_limit_overrides' THEN
+        SELECT c.external_key, c.environment_id INTO subject_key, environment FROM flagship.customers c
+         WHERE c.organization_id = org AND c.id = (subject->>'customer_id')::uuid;
+    WHEN 'role_permissions' THEN
+        SELECT r.key INTO subject_key FROM flagship.roles r
+         WHERE r.organization_id = org AND r.id = (subject->>'role_id')::uuid;
+    WHEN 'member_roles' THEN
+        SELECT m.user_key INTO subject_key FROM flagship.members m
+         WHERE m.organization_id = org AND m.id = (subject->>'member_id')::uuid;
+    ELSE
+        NULL;
+    END CASE;
+    subject_key := coalesce(subject_key, subject->>'key', subject->>'external_key',
+                            subject->>'user_key', subject->>'slug', resource);
+    environment := coalesce(environment, (subject->>'environment_id')::uuid,
+                            CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
+
+    PERFORM flagship.audit_append(org, lower(TG_OP), TG_TABLE_NAME, resource, changes,
+                                  TG_ARGV[0], subject_key, environment);
+    RETURN NULL;
+END
+$fn$;
+
+-- Recomputes an organization's chain. `first_broken_id` is the first event
+-- whose hash does not follow from its predecessor (edited content, an
+-- edited hash, or a missing predecessor); events deleted from the end show
+-- as a head that no event reaches (`reason`: "truncated", first_broken_id
+-- NULL). Invoker's rights: a session that may not read the trail is told
+-- so rather than shown an empty, valid chain.
+--
+-- Without an anchor the chain proves only that it is consistent: whoever
+-- may bypass the guards (a superuser) can rewrite it and re-hash it, or
+-- cut it short and move the head back. `anchor` is an earlier answer of
+-- audit_head, kept outside the database; the chain must still hold that
+-- hash at that position, so a rewrite, a deletion or a wipe of anything up
+-- to the anchor is detected (`reason`: "anchor not found").
+CREATE OR REPLACE FUNCTION flagship.verify_audit_chain(organization_id uuid, anchor jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    head flagship.audit_chain_heads;
+    checked bigint;
+    last_seq bigint;
+    last_hash bytea;
+    broken record;
+    anchor_seq bigint;
+    anchor_hash bytea;
+BEGIN
+    IF anchor IS NOT NULL THEN
+        IF jsonb_typeof(anchor) IS DISTINCT FROM 'object'
+           OR jsonb_typeof(anchor->'seq') IS DISTINCT FROM 'number'
+           OR (anchor->>'hash') !~ '^[0-9a-f]{64}$' THEN
+            RAISE EXCEPTION 'anchor: expected {"seq": <number>, "hash": "<64 hex digits>"} from flagship.audit_head, got %', anchor
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        anchor_seq := (anchor->>'seq')::bigint;
+        anchor_hash := decode(anchor->>'hash', 'hex');
+    END IF;
+
+    SELECT * INTO head FROM flagship.audit_chain_heads h
+     WHERE h.organization_id = verify_audit_chain.organization_id;
+    IF head IS NULL THEN
+        -- No head visible: either the trail is not the session's to read,
+        -- or the organization has had no change since the audit began.
+        IF NOT ((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+                OR (verify_audit_chain.organization_id = flagship.current_organization_id()
+                    AND flagship.actor_may('audit:read'))) THEN
+            RAISE EXCEPTION 'the audit trail of organization "%" is not readable here', verify_audit_chain.organization_id
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'set flagship.organization_id to it and act as a member holding audit:read';
+        END IF;
+        IF anchor_seq > 0 THEN
+            -- The anchor saw events that are gone with their head: a wipe.
+            RETURN jsonb_build_object('valid', false, 'checked', 0, 'first_broken_id', NULL,
+                                      'reason', 'anchor not found');
+        END IF;
+        IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
+            RAISE EXCEPTION 'organization "%" not found', verify_audit_chain.organization_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN jsonb_build_object('valid', true, 'checked', 0, 'first_broken_id', NULL);
+    END IF;
+
+    -- Each link, and each content against its digest unless an erasure
+    -- event of this chain lists the event as erased.
+    SELECT e.id, e.chain_seq,
+           CASE WHEN e.chain_seq <> e.expected_seq THEN 'missing events before this one'
+                WHEN e.hash IS DISTINCT FROM e.expected_hash THEN 'hash mismatch'
+                WHEN e.erased_by IS NULL THEN 'content does not match its digest'
+                ELSE 'erased without a matching erasure event' END AS reason
+      INTO broken
+      FROM (SELECT a.*,
+                   row_number() OVER (ORDER BY a.chain_seq) AS expected_seq,
+                   flagship.audit_link_digest(
+                       coalesce(lag(a.hash) OVER (ORDER BY a.chain_seq), '\x'::bytea), a.chain_seq, a.id,
+                       a.organization_id, a.occurred_at, a.action, a.resource_type, a.resource_id,
+                       a.content_digest, a.transaction_id, a.session_role, a.acting_role, a.key_id)
+                       AS expected_hash
+              FROM flagship.audit_events a
+             WHERE a.organization_id = verify_audit_chain.organization_id) e
+     WHERE e.chain_seq <> e.expected_seq
+        OR e.hash IS DISTINCT FROM e.expected_hash
+        OR (e.erased_by IS NULL
+            AND e.content_digest IS DISTINCT FROM flagship.audit_content_digest(e.actor, e.diff))
+        OR (e.erased_by IS NOT NULL AND NOT EXISTS (
+               SELECT FROM flagship.audit_events x
+                WHERE x.organization_id = e.organization_id AND x.chain_seq = e.erased_by
+                  AND x.action = 'erase' AND x.diff->'audit_events' @> to_jsonb(e.chain_seq)))
+     ORDER BY e.chain_seq
+     LIMIT 1;
+
+    SELECT count(*), max(a.chain_seq) INTO checked, last_seq
+      FROM flagship.audit_events a WHERE a.organization_id = verify_audit_chain.organization_id;
+    IF broken.id IS NOT NULL THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', broken.id,
+                                  'reason', broken.reason);
+    END IF;
+    SELECT a.hash INTO last_hash FROM flagship.audit_events a
+     WHERE a.organization_id = verify_audit_chain.organization_id AND a.chain_seq = last_seq;
+    IF coalesce(last_seq, 0) <> head.last_seq OR coalesce(last_hash, '\x') <> head.last_hash THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
+                                  'reason', 'truncated');
+    END IF;
+    -- An anchor taken before the 0.3.0 upgrade holds the event's 0.2.0 hash.
+    IF anchor_seq > 0 AND NOT EXISTS (
+           SELECT FROM flagship.audit_events a
+            WHERE a.organization_id = verify_audit_chain.organization_id
+              AND a.chain_seq = anchor_seq AND anchor_hash IN (a.hash, a.legacy_hash)) THEN
+        RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
+                                  'reason', 'anchor not found');
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'checked', checked, 'first_broken_id', NULL);
+END
+$fn$;
+
+-- Erasing a person (0.3): flagship.erase_subject replaces one person's
+-- personal data in the session's organization with a pseudonym, and
+-- records the erasure in the audit chain.
+--
+-- The chain hashes each event's content digest, not the content (see
+-- audit.sql), so content can be replaced while the chain still proves
+-- order and completeness; the erasure event lists the events it erased,
+-- which is what lets verify_audit_chain accept their changed content.
+
+-- `document` with every string equal to `subject` replaced by `pseudonym`,
+-- and the values of `fields` (top-level members, each an {"old", "new"}
+-- pair in audit diffs) replaced by "[erased]".
+CREATE FUNCTION flagship.erase_from_document(document jsonb, subject text, pseudonym text, fields text[])
+RETURNS jsonb
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(
+        (SELECT jsonb_object_agg(f.key,
+                    CASE WHEN f.key = ANY (fields) AND jsonb_typeof(f.value) = 'object'
+                         THEN (SELECT jsonb_object_agg(side.key, '"[erased]"'::jsonb)
+                                 FROM jsonb_each(f.value) side)
+                         ELSE f.value END)
+           FROM jsonb_each(replaced) f),
+        replaced)
+      FROM (SELECT CASE WHEN jsonb_typeof(document) = 'object'
+                        THEN replace(document::text, to_jsonb(subject)::text, to_jsonb(pseudonym)::text)::jsonb
+                        ELSE document END AS replaced) r
+$fn$;
+
+CREATE FUNCTION flagship.erase_subject(subject text) RETURNS jsonb
+LANGUAGE plpgsql
+-- It rewrites what no role may write (events, the audit trail's content),
+-- so it runs as the extension's owner and confines itself to the session's
+-- organization explicitly (the owner is not bound by row-level security).
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org uuid := flagship.current_organization_id();
+    pseudonym text := 'erased:' || gen_random_uuid();
+    subject_digest text;
+    member_ids uuid[];
+    customer_ids uuid[];
+    events_erased bigint;
+    erased_seqs bigint[];
+    erasure_seq bigint;
+BEGIN
+    IF subject IS NULL OR btrim(subject) = '' THEN
+        RAISE EXCEPTION 'subject: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF org IS NULL THEN
+        RAISE EXCEPTION 'no organization in this session: set flagship.organization_id first'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Checked here, not by require_permission: as the owner this function
+    -- would pass it. The actor's roles, or in key mode the key's scopes.
+    IF NOT (flagship.actor_may('organization:write')
+            OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = flagship.acting_role())) THEN
+        RAISE EXCEPTION 'erase_subject: actor "%" lacks the permission organization:write in organization %',
+            flagship.current_actor(), org
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'an owner of the organization erases subjects (in key mode: a key with organization:write)';
+    END IF;
+    -- Salted with the organization, so digests do not link a person across tenants.
+    subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
+
+    -- The member: their key becomes the pseudonym (roles stay, so the
+    -- history of who could do what stays readable).
+    UPDATE flagship.members m SET user_key = pseudonym
+     WHERE m.organization_id = org AND m.user_key = subject;
+    SELECT array_agg(m.id) INTO member_ids FROM flagship.members m
+     WHERE m.organization_id = org AND m.user_key = pseudonym;
+    -- The customer: attributes and name (its key is the application's id).
+    UPDATE flagship.customers c SET attributes = '{}', name = NULL, updated_at = now()
+     WHERE c.organization_id = org AND c.external_key = subject
+       AND (c.attributes <> '{}' OR c.name IS NOT NULL);
+    SELECT array_agg(c.id) INTO customer_ids FROM flagship.customers c
+     WHERE c.organization_id = org AND c.external_key = subject;
+    -- Events about them: content emptied, their tag renamed to the pseudonym.
+    UPDATE flagship.events e
+       SET data = '{}', metadata = '{"erased": true}',
+           tags = array_replace(e.tags, 'subject:' || subject, 'subject:' || pseudonym)
+     WHERE e.organization_id = org AND e.tags @> ARRAY['subject:' || subject];
+    GET DIAGNOSTICS events_erased = ROW_COUNT;
+
+    -- The trail: every event whose content names them (the changes just
+    -- made included), whose actor they were, or that changed the erased
+    -- customer's attributes.
+    SELECT array_agg(a.chain_seq ORDER BY a.chain_seq) INTO erased_seqs
+      FROM flagship.audit_events a
+     WHERE a.organization_id = org
+       AND (a.actor = subject OR a.change_key = subject
+            OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
+            OR (a.resource_type = 'customers' AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                AND (a.diff ? 'attributes' OR a.diff ? 'name')));
+    erasure_seq := flagship.audit_append(
+        org, 'erase', 'subject', subject_digest,
+        jsonb_build_object('subject_digest', subject_digest,
+                           'members', coalesce(cardinality(member_ids), 0),
+                           'customers', coalesce(cardinality(customer_ids), 0),
+                           'events', events_erased,
+                           'audit_events', to_jsonb(coalesce(erased_seqs, '{}'))),
+        'erasure', NULL, NULL);
+    PERFORM set_config('flagship.erasing', erasure_seq::text, true);
+    UPDATE flagship.audit_events a
+       SET diff = flagship.erase_from_document(
+                      a.diff, subject, pseudonym,
+                      CASE WHEN a.resource_type = 'customers'
+                                AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                           THEN ARRAY['attributes', 'name'] ELSE '{}' END),
+           actor = CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END,
+           change_key = CASE WHEN a.change_key = subject THEN pseudonym ELSE a.change_key END,
+           erased_by = erasure_seq
+     WHERE a.organization_id = org AND a.chain_seq = ANY (coalesce(erased_seqs, '{}'));
+    PERFORM set_config('flagship.erasing', '', true);
+
+    RETURN jsonb_build_object('subject_digest', subject_digest, 'pseudonym', pseudonym,
+                              'members', coalesce(cardinality(member_ids), 0),
+                              'customers', coalesce(cardinality(customer_ids), 0),
+                              'events', events_erased,
+                              'audit_events', coalesce(cardinality(erased_seqs), 0),
+                              'erasure_event', erasure_seq);
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.erase_subject(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.erase_subject(text) TO flagship_admin;
+REVOKE ALL ON FUNCTION flagship.erase_from_document(jsonb, text, text, text[]) FROM PUBLIC;

@@ -155,7 +155,7 @@ mod tests {
         assert_eq!(
             verdict,
             format!(
-                r#"{{"valid": false, "reason": "hash mismatch", "checked": {checked}, "first_broken_id": {edited}}}"#
+                r#"{{"valid": false, "reason": "content does not match its digest", "checked": {checked}, "first_broken_id": {edited}}}"#
             )
         );
 

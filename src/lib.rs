@@ -110,6 +110,8 @@ extension_sql_file!(
     ]
 );
 
+extension_sql_file!("../sql/erasure.sql", name = "erasure", requires = ["audit"]);
+
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     context::register_settings();

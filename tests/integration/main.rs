@@ -9,6 +9,7 @@ mod audit;
 mod credits;
 mod customer_keys;
 mod dump_restore;
+mod erasure;
 mod events;
 mod exposures;
 mod harness;

@@ -338,10 +338,12 @@ fn rehash(su: &mut Client, org: &str) {
          DECLARE e record; previous bytea := '\\x';
          BEGIN
              FOR e IN SELECT * FROM flagship.audit_events WHERE organization_id = '{org}' ORDER BY chain_seq LOOP
-                 previous := flagship.audit_digest(previous, e.chain_seq, e.id, e.organization_id, e.occurred_at,
-                     e.actor, e.action, e.resource_type, e.resource_id, e.diff, e.transaction_id,
+                 previous := flagship.audit_link_digest(previous, e.chain_seq, e.id, e.organization_id,
+                     e.occurred_at, e.action, e.resource_type, e.resource_id,
+                     flagship.audit_content_digest(e.actor, e.diff), e.transaction_id,
                      e.session_role, e.acting_role, e.key_id);
-                 UPDATE flagship.audit_events SET hash = previous
+                 UPDATE flagship.audit_events
+                    SET hash = previous, content_digest = flagship.audit_content_digest(e.actor, e.diff)
                   WHERE organization_id = e.organization_id AND chain_seq = e.chain_seq;
              END LOOP;
              UPDATE flagship.audit_chain_heads

@@ -185,9 +185,48 @@ fn upgrades_keep_data_and_match_a_fresh_install() {
         old.batch_execute(&format!("CREATE EXTENSION flagship VERSION '{version}'"))
             .unwrap();
         let org = populate(&mut old);
-        let old_tables = tables(&mut old);
+        // 0.3.0 re-hashes audit chains into their content-digest form on
+        // purpose: the old hashes are compared with legacy_hash instead.
+        let old_tables: Vec<(String, String)> = tables(&mut old)
+            .into_iter()
+            .map(|(table, columns)| {
+                let kept = columns
+                    .split(", ")
+                    .filter(|column| {
+                        !matches!(
+                            (table.as_str(), *column),
+                            ("audit_events", "hash") | ("audit_chain_heads", "last_hash")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (table, kept)
+            })
+            .collect();
         let rows_before = rows(&mut old, &old_tables);
         let answers_before = answers(&mut old);
+        let hashes = "SELECT coalesce(string_agg(chain_seq || ':' || encode({column}, 'hex'), ',' \
+                        ORDER BY organization_id, chain_seq), '') FROM flagship.audit_events";
+        let audited = text(
+            &mut old,
+            "SELECT (to_regclass('flagship.audit_events') IS NOT NULL)::text",
+        ) == "true";
+        let hashes_before = if audited {
+            text(&mut old, &hashes.replace("{column}", "hash"))
+        } else {
+            String::new()
+        };
+        let anchor = if audited {
+            text(
+                &mut old,
+                &format!(
+                    "SELECT jsonb_build_object('seq', last_seq, 'hash', encode(last_hash, 'hex'))::text \
+                       FROM flagship.audit_chain_heads WHERE organization_id = '{org}'"
+                ),
+            )
+        } else {
+            String::new()
+        };
 
         old.batch_execute("ALTER EXTENSION flagship UPDATE")
             .unwrap();
@@ -207,6 +246,26 @@ fn upgrades_keep_data_and_match_a_fresh_install() {
             .collect();
         assert_eq!(rows_after, rows_before, "from {version}");
         assert_eq!(answers(&mut old), answers_before, "from {version}");
+        if !hashes_before.is_empty() {
+            assert_eq!(
+                text(&mut old, &hashes.replace("{column}", "legacy_hash")),
+                hashes_before,
+                "from {version}"
+            );
+            // The re-hashed chain verifies, and an anchor from before the
+            // upgrade still matches.
+            assert_eq!(
+                text(
+                    &mut old,
+                    &format!("SELECT flagship.verify_audit_chain('{org}', '{anchor}')::text")
+                ),
+                format!(
+                    r#"{{"valid": true, "checked": {}, "first_broken_id": null}}"#,
+                    hashes_before.split(',').count()
+                ),
+                "from {version}"
+            );
+        }
 
         let upgraded = catalog(&mut old);
         let missing: Vec<_> = expected.difference(&upgraded).collect();

@@ -1,0 +1,129 @@
+-- Erasing a person (0.3): flagship.erase_subject replaces one person's
+-- personal data in the session's organization with a pseudonym, and
+-- records the erasure in the audit chain.
+--
+-- The chain hashes each event's content digest, not the content (see
+-- audit.sql), so content can be replaced while the chain still proves
+-- order and completeness; the erasure event lists the events it erased,
+-- which is what lets verify_audit_chain accept their changed content.
+
+-- `document` with every string equal to `subject` replaced by `pseudonym`,
+-- and the values of `fields` (top-level members, each an {"old", "new"}
+-- pair in audit diffs) replaced by "[erased]".
+CREATE FUNCTION flagship.erase_from_document(document jsonb, subject text, pseudonym text, fields text[])
+RETURNS jsonb
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(
+        (SELECT jsonb_object_agg(f.key,
+                    CASE WHEN f.key = ANY (fields) AND jsonb_typeof(f.value) = 'object'
+                         THEN (SELECT jsonb_object_agg(side.key, '"[erased]"'::jsonb)
+                                 FROM jsonb_each(f.value) side)
+                         ELSE f.value END)
+           FROM jsonb_each(replaced) f),
+        replaced)
+      FROM (SELECT CASE WHEN jsonb_typeof(document) = 'object'
+                        THEN replace(document::text, to_jsonb(subject)::text, to_jsonb(pseudonym)::text)::jsonb
+                        ELSE document END AS replaced) r
+$fn$;
+
+CREATE FUNCTION flagship.erase_subject(subject text) RETURNS jsonb
+LANGUAGE plpgsql
+-- It rewrites what no role may write (events, the audit trail's content),
+-- so it runs as the extension's owner and confines itself to the session's
+-- organization explicitly (the owner is not bound by row-level security).
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org uuid := flagship.current_organization_id();
+    pseudonym text := 'erased:' || gen_random_uuid();
+    subject_digest text;
+    member_ids uuid[];
+    customer_ids uuid[];
+    events_erased bigint;
+    erased_seqs bigint[];
+    erasure_seq bigint;
+BEGIN
+    IF subject IS NULL OR btrim(subject) = '' THEN
+        RAISE EXCEPTION 'subject: must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF org IS NULL THEN
+        RAISE EXCEPTION 'no organization in this session: set flagship.organization_id first'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Checked here, not by require_permission: as the owner this function
+    -- would pass it. The actor's roles, or in key mode the key's scopes.
+    IF NOT (flagship.actor_may('organization:write')
+            OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = flagship.acting_role())) THEN
+        RAISE EXCEPTION 'erase_subject: actor "%" lacks the permission organization:write in organization %',
+            flagship.current_actor(), org
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'an owner of the organization erases subjects (in key mode: a key with organization:write)';
+    END IF;
+    -- Salted with the organization, so digests do not link a person across tenants.
+    subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
+
+    -- The member: their key becomes the pseudonym (roles stay, so the
+    -- history of who could do what stays readable).
+    UPDATE flagship.members m SET user_key = pseudonym
+     WHERE m.organization_id = org AND m.user_key = subject;
+    SELECT array_agg(m.id) INTO member_ids FROM flagship.members m
+     WHERE m.organization_id = org AND m.user_key = pseudonym;
+    -- The customer: attributes and name (its key is the application's id).
+    UPDATE flagship.customers c SET attributes = '{}', name = NULL, updated_at = now()
+     WHERE c.organization_id = org AND c.external_key = subject
+       AND (c.attributes <> '{}' OR c.name IS NOT NULL);
+    SELECT array_agg(c.id) INTO customer_ids FROM flagship.customers c
+     WHERE c.organization_id = org AND c.external_key = subject;
+    -- Events about them: content emptied, their tag renamed to the pseudonym.
+    UPDATE flagship.events e
+       SET data = '{}', metadata = '{"erased": true}',
+           tags = array_replace(e.tags, 'subject:' || subject, 'subject:' || pseudonym)
+     WHERE e.organization_id = org AND e.tags @> ARRAY['subject:' || subject];
+    GET DIAGNOSTICS events_erased = ROW_COUNT;
+
+    -- The trail: every event whose content names them (the changes just
+    -- made included), whose actor they were, or that changed the erased
+    -- customer's attributes.
+    SELECT array_agg(a.chain_seq ORDER BY a.chain_seq) INTO erased_seqs
+      FROM flagship.audit_events a
+     WHERE a.organization_id = org
+       AND (a.actor = subject OR a.change_key = subject
+            OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
+            OR (a.resource_type = 'customers' AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                AND (a.diff ? 'attributes' OR a.diff ? 'name')));
+    erasure_seq := flagship.audit_append(
+        org, 'erase', 'subject', subject_digest,
+        jsonb_build_object('subject_digest', subject_digest,
+                           'members', coalesce(cardinality(member_ids), 0),
+                           'customers', coalesce(cardinality(customer_ids), 0),
+                           'events', events_erased,
+                           'audit_events', to_jsonb(coalesce(erased_seqs, '{}'))),
+        'erasure', NULL, NULL);
+    PERFORM set_config('flagship.erasing', erasure_seq::text, true);
+    UPDATE flagship.audit_events a
+       SET diff = flagship.erase_from_document(
+                      a.diff, subject, pseudonym,
+                      CASE WHEN a.resource_type = 'customers'
+                                AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                           THEN ARRAY['attributes', 'name'] ELSE '{}' END),
+           actor = CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END,
+           change_key = CASE WHEN a.change_key = subject THEN pseudonym ELSE a.change_key END,
+           erased_by = erasure_seq
+     WHERE a.organization_id = org AND a.chain_seq = ANY (coalesce(erased_seqs, '{}'));
+    PERFORM set_config('flagship.erasing', '', true);
+
+    RETURN jsonb_build_object('subject_digest', subject_digest, 'pseudonym', pseudonym,
+                              'members', coalesce(cardinality(member_ids), 0),
+                              'customers', coalesce(cardinality(customer_ids), 0),
+                              'events', events_erased,
+                              'audit_events', coalesce(cardinality(erased_seqs), 0),
+                              'erasure_event', erasure_seq);
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.erase_subject(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.erase_subject(text) TO flagship_admin;
+REVOKE ALL ON FUNCTION flagship.erase_from_document(jsonb, text, text, text[]) FROM PUBLIC;
