@@ -488,13 +488,14 @@ BEGIN
         RETURN jsonb_build_object('valid', true, 'checked', 0, 'first_broken_id', NULL);
     END IF;
 
-    -- Each link, and each content against its digest unless an erasure
-    -- event of this chain lists the event as erased.
+    -- Each link, and each content against its digest, or for an erased
+    -- event against the digest its erasure event (itself in the chain)
+    -- recorded for the erased content.
     SELECT e.id, e.chain_seq,
            CASE WHEN e.chain_seq <> e.expected_seq THEN 'missing events before this one'
                 WHEN e.hash IS DISTINCT FROM e.expected_hash THEN 'hash mismatch'
                 WHEN e.erased_by IS NULL THEN 'content does not match its digest'
-                ELSE 'erased without a matching erasure event' END AS reason
+                ELSE 'erased content does not match its erasure event' END AS reason
       INTO broken
       FROM (SELECT a.*,
                    row_number() OVER (ORDER BY a.chain_seq) AS expected_seq,
@@ -512,7 +513,9 @@ BEGIN
         OR (e.erased_by IS NOT NULL AND NOT EXISTS (
                SELECT FROM flagship.audit_events x
                 WHERE x.organization_id = e.organization_id AND x.chain_seq = e.erased_by
-                  AND x.action = 'erase' AND x.diff->'audit_events' @> to_jsonb(e.chain_seq)))
+                  AND x.action = 'erase'
+                  AND x.diff->'audit_events'->>e.chain_seq::text
+                      = encode(flagship.audit_content_digest(e.actor, e.diff), 'hex')))
      ORDER BY e.chain_seq
      LIMIT 1;
 

@@ -5,7 +5,8 @@
 -- The chain hashes each event's content digest, not the content (see
 -- audit.sql), so content can be replaced while the chain still proves
 -- order and completeness; the erasure event lists the events it erased,
--- which is what lets verify_audit_chain accept their changed content.
+-- with the digest of each one's new content, which is what verify_audit_chain
+-- checks their content against.
 
 -- `document` with every string equal to `subject` replaced by `pseudonym`,
 -- and the values of `fields` (top-level members, each an {"old", "new"}
@@ -45,6 +46,9 @@ DECLARE
     customer_ids uuid[];
     events_erased bigint;
     erased_seqs bigint[];
+    erased_diffs jsonb[];
+    erased_actors text[];
+    erased_digests jsonb;
     erasure_seq bigint;
 BEGIN
     IF subject IS NULL OR btrim(subject) = '' THEN
@@ -72,12 +76,12 @@ BEGIN
      WHERE m.organization_id = org AND m.user_key = subject;
     SELECT array_agg(m.id) INTO member_ids FROM flagship.members m
      WHERE m.organization_id = org AND m.user_key = pseudonym;
-    -- The customer: attributes and name (its key is the application's id).
-    UPDATE flagship.customers c SET attributes = '{}', name = NULL, updated_at = now()
-     WHERE c.organization_id = org AND c.external_key = subject
-       AND (c.attributes <> '{}' OR c.name IS NOT NULL);
-    SELECT array_agg(c.id) INTO customer_ids FROM flagship.customers c
+    -- The customer whose key is theirs: key, attributes and name (the
+    -- application finds it under the pseudonym, or not at all).
+    UPDATE flagship.customers c SET external_key = pseudonym, attributes = '{}', name = NULL, updated_at = now()
      WHERE c.organization_id = org AND c.external_key = subject;
+    SELECT array_agg(c.id) INTO customer_ids FROM flagship.customers c
+     WHERE c.organization_id = org AND c.external_key = pseudonym;
     -- Events about them: content emptied, their tag renamed to the pseudonym.
     UPDATE flagship.events e
        SET data = '{}', metadata = '{"erased": true}',
@@ -87,33 +91,42 @@ BEGIN
 
     -- The trail: every event whose content names them (the changes just
     -- made included), whose actor they were, or that changed the erased
-    -- customer's attributes.
-    SELECT array_agg(a.chain_seq ORDER BY a.chain_seq) INTO erased_seqs
-      FROM flagship.audit_events a
-     WHERE a.organization_id = org
-       AND (a.actor = subject OR a.change_key = subject
-            OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
-            OR (a.resource_type = 'customers' AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                AND (a.diff ? 'attributes' OR a.diff ? 'name')));
+    -- customer's attributes, with its content as it will be.
+    SELECT array_agg(x.chain_seq ORDER BY x.chain_seq), array_agg(x.diff ORDER BY x.chain_seq),
+           array_agg(x.actor ORDER BY x.chain_seq),
+           jsonb_object_agg(x.chain_seq::text, encode(flagship.audit_content_digest(x.actor, x.diff), 'hex'))
+      INTO erased_seqs, erased_diffs, erased_actors, erased_digests
+      FROM (SELECT a.chain_seq,
+                   flagship.erase_from_document(
+                       a.diff, subject, pseudonym,
+                       CASE WHEN a.resource_type = 'customers'
+                                 AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                            THEN ARRAY['attributes', 'name'] ELSE '{}' END) AS diff,
+                   CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
+              FROM flagship.audit_events a
+             WHERE a.organization_id = org
+               AND (a.actor = subject OR a.change_key = subject
+                    OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
+                    OR (a.resource_type = 'customers'
+                        AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                        AND (a.diff ? 'attributes' OR a.diff ? 'name')))) x;
+    -- The erasure event commits, in the chain, to the digest of each
+    -- erased event's new content: changing it afterwards is detected.
     erasure_seq := flagship.audit_append(
         org, 'erase', 'subject', subject_digest,
         jsonb_build_object('subject_digest', subject_digest,
                            'members', coalesce(cardinality(member_ids), 0),
                            'customers', coalesce(cardinality(customer_ids), 0),
                            'events', events_erased,
-                           'audit_events', to_jsonb(coalesce(erased_seqs, '{}'))),
+                           'audit_events', coalesce(erased_digests, '{}')),
         'erasure', NULL, NULL);
     PERFORM set_config('flagship.erasing', erasure_seq::text, true);
     UPDATE flagship.audit_events a
-       SET diff = flagship.erase_from_document(
-                      a.diff, subject, pseudonym,
-                      CASE WHEN a.resource_type = 'customers'
-                                AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                           THEN ARRAY['attributes', 'name'] ELSE '{}' END),
-           actor = CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END,
+       SET diff = e.diff, actor = e.actor,
            change_key = CASE WHEN a.change_key = subject THEN pseudonym ELSE a.change_key END,
            erased_by = erasure_seq
-     WHERE a.organization_id = org AND a.chain_seq = ANY (coalesce(erased_seqs, '{}'));
+      FROM unnest(erased_seqs, erased_diffs, erased_actors) AS e (chain_seq, diff, actor)
+     WHERE a.organization_id = org AND a.chain_seq = e.chain_seq;
     PERFORM set_config('flagship.erasing', '', true);
 
     RETURN jsonb_build_object('subject_digest', subject_digest, 'pseudonym', pseudonym,
