@@ -3,9 +3,9 @@
 //! still verifies, with anchors taken before the erasure too.
 
 use postgres::Client;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::harness::{add_member, connect, login_as, organization, sqlstate, text};
+use crate::harness::{add_member, answer, connect, login_as, organization, sqlstate, text};
 
 const BEA: &str = "bea@acme.example";
 
@@ -40,10 +40,6 @@ fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
         .batch_execute("SET flagship.actor = 'olga@acme.example'")
         .unwrap();
     (org, admin)
-}
-
-fn answer(client: &mut Client, sql: &str) -> Value {
-    serde_json::from_str(&text(client, &format!("SELECT ({sql})::text"))).unwrap()
 }
 
 /// The tables of the organization whose rows still mention `person`, in

@@ -153,3 +153,18 @@ pub fn connect_as(su: &mut Client, user: &str, database: &str) -> Client {
         .connect(postgres::NoTls)
         .unwrap()
 }
+
+/// The jsonb `sql` evaluates to, parsed: for asserting whole answers.
+pub fn answer(client: &mut Client, sql: &str) -> serde_json::Value {
+    serde_json::from_str(&text(client, &format!("SELECT ({sql})::text"))).unwrap()
+}
+
+/// A `flagship_app` login session in `org`, environment shop/production.
+pub fn app_session(su: &mut Client, org: &str, prefix: &str) -> Client {
+    let (_, mut app) = login_as(su, prefix, &["flagship_app"]);
+    app.batch_execute(&format!(
+        "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+    ))
+    .unwrap();
+    app
+}

@@ -4,7 +4,9 @@
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::harness::{add_member, connect, login_as, organization, sqlstate, text};
+use crate::harness::{
+    add_member, answer, app_session, connect, login_as, organization, sqlstate, text,
+};
 
 /// An organization whose plan `pro` allows 100 requests a minute and plan
 /// `enterprise` none at all, customers acme (pro) and bigco (enterprise),
@@ -25,19 +27,6 @@ fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
         ))
         .unwrap();
     (org, admin)
-}
-
-fn answer(client: &mut Client, sql: &str) -> Value {
-    serde_json::from_str(&text(client, &format!("SELECT ({sql})::text"))).unwrap()
-}
-
-fn app_session(su: &mut Client, org: &str, prefix: &str) -> Client {
-    let (_, mut app) = login_as(su, prefix, &["flagship_app"]);
-    app.batch_execute(&format!(
-        "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
-    ))
-    .unwrap();
-    app
 }
 
 #[test]
