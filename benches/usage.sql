@@ -1,7 +1,8 @@
 -- Usage-limit benchmark setup: 1000 customers on a plan whose limit is far
 -- away (so every call is granted and the work is the same for both sides),
--- and the hand-written baseline: one table of counters consumed with a
--- single conditional UPDATE.
+-- and the hand-written baselines: one table of counters consumed with a
+-- single conditional UPDATE, and the same work record_usage does written
+-- by hand (the conditional UPDATE and a ledger row, in one statement).
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 SELECT set_config('flagship.organization_id', id::text, false) FROM flagship.organizations WHERE slug = 'bench' \gset
@@ -13,4 +14,7 @@ SELECT count(flagship.put_customer('app/production', jsonb_build_object('key', '
 DROP TABLE IF EXISTS bench.quota;
 CREATE TABLE bench.quota (customer text PRIMARY KEY, used bigint NOT NULL, usage_limit bigint NOT NULL);
 INSERT INTO bench.quota SELECT 'cust-' || i, 0, 1000000000000 FROM generate_series(1, 1000) AS i;
+DROP TABLE IF EXISTS bench.quota_ledger;
+CREATE TABLE bench.quota_ledger (id bigserial PRIMARY KEY, customer text NOT NULL, amount bigint NOT NULL,
+                                 used_after bigint NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now());
 VACUUM ANALYZE;
