@@ -4732,31 +4732,6 @@ BEGIN
 END
 $fn$;
 
--- What held reservations past their expiry still hold, as check_usage_limit
--- counts them released: of a counter's period, or of grants still live.
-CREATE FUNCTION flagship.expired_holds(organization_id uuid, customer_id uuid, metric_id uuid,
-                                       period_start timestamptz, credits boolean)
-RETURNS bigint
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT CASE WHEN NOT credits THEN
-        (SELECT coalesce(sum(r.amount), 0)::bigint FROM flagship.usage_reservations r
-          WHERE r.organization_id = expired_holds.organization_id AND r.customer_id = expired_holds.customer_id
-            AND r.metric_id = expired_holds.metric_id AND r.state = 'held' AND r.expires_at <= now()
-            AND r.period_start IS NOT DISTINCT FROM expired_holds.period_start)
-    ELSE
-        (SELECT coalesce(sum((p.value->>'amount')::bigint), 0)::bigint
-           FROM flagship.usage_reservations r
-           CROSS JOIN LATERAL jsonb_array_elements(r.paid_by) p
-           JOIN flagship.credit_grants g
-             ON g.organization_id = r.organization_id AND g.id = (p.value->>'grant')::uuid
-          WHERE r.organization_id = expired_holds.organization_id AND r.customer_id = expired_holds.customer_id
-            AND r.metric_id = expired_holds.metric_id AND r.state = 'held' AND r.expires_at <= now()
-            AND (g.expires_at IS NULL OR g.expires_at > now()))
-    END
-$fn$;
-
 -- A reservation's unused part comes back as a ledger row of kind release.
 DROP POLICY usage_ledger_kind_valid ON flagship.usage_ledger;
 CREATE POLICY usage_ledger_kind_valid ON flagship.usage_ledger AS RESTRICTIVE

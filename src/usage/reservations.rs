@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::{acting_customer, check_amount, record, MAX_AMOUNT};
 use crate::errors::invalid_parameter;
+use crate::postgres::statement_reads::{self, KeptPlan, Query};
 
 /// Organization, customer and metric.
 type Ids = (pgrx::Uuid, pgrx::Uuid, pgrx::Uuid);
@@ -41,8 +42,24 @@ pub(super) fn expire(customer: pgrx::Uuid, metric: pgrx::Uuid) -> bool {
         > 0
 }
 
+/// Kept plans of the two expired-holds reads (one per backend: a check
+/// runs one on every call, and planning it would cost more than running it).
+struct HoldReads {
+    counted: KeptPlan,
+    credits: KeptPlan,
+}
+
+thread_local! {
+    static HOLD_READS: std::cell::OnceCell<HoldReads> = const { std::cell::OnceCell::new() };
+}
+
+/// Held reservations past their expiry of one customer and metric.
+const EXPIRED_HELD: &str = "r.organization_id = $1 AND r.customer_id = $2 AND r.metric_id = $3
+                            AND r.state = 'held' AND r.expires_at <= now()";
+
 /// What reservations past their expiry still hold: of the counter's
-/// period, or (credits) of grants still live.
+/// period, or (credits) of grants still live. Read-only, under the
+/// statement's snapshot: a check takes no transaction id.
 pub(super) fn expired_holds(
     (organization, customer, metric): Ids,
     period_start: Option<TimestampWithTimeZone>,
@@ -51,25 +68,49 @@ pub(super) fn expired_holds(
     if !installed() {
         return 0;
     }
-    // A read-only query: a check must not take a transaction id.
     Spi::connect(|client| {
-        client
-            .select(
-                "SELECT flagship.expired_holds($1, $2, $3, $4, $5)",
-                Some(1),
-                &[
+        HOLD_READS.with(|reads| {
+            let reads = reads.get_or_init(|| {
+                use pg_sys::{TIMESTAMPTZOID, UUIDOID};
+                HoldReads {
+                    counted: KeptPlan::prepare(
+                        client,
+                        &format!(
+                            "SELECT coalesce(sum(r.amount), 0)::bigint FROM flagship.usage_reservations r
+                              WHERE {EXPIRED_HELD} AND r.period_start IS NOT DISTINCT FROM $4"
+                        ),
+                        &[UUIDOID, UUIDOID, UUIDOID, TIMESTAMPTZOID],
+                    ),
+                    credits: KeptPlan::prepare(
+                        client,
+                        &format!(
+                            "SELECT coalesce(sum((p.value->>'amount')::bigint), 0)::bigint
+                               FROM flagship.usage_reservations r
+                              CROSS JOIN LATERAL jsonb_array_elements(r.paid_by) p
+                               JOIN flagship.credit_grants g
+                                 ON g.organization_id = r.organization_id AND g.id = (p.value->>'grant')::uuid
+                              WHERE {EXPIRED_HELD} AND (g.expires_at IS NULL OR g.expires_at > now())"
+                        ),
+                        &[UUIDOID, UUIDOID, UUIDOID],
+                    ),
+                }
+            });
+            let rows = if credits {
+                let key: [DatumWithOid<'_>; 3] =
+                    [organization.into(), customer.into(), metric.into()];
+                statement_reads::select(client, Query::Kept(&reads.credits), &key, 1)
+            } else {
+                let key: [DatumWithOid<'_>; 4] = [
                     organization.into(),
                     customer.into(),
                     metric.into(),
                     period_start.into(),
-                    credits.into(),
-                ],
-            )?
-            .first()
-            .get_one::<i64>()
+                ];
+                statement_reads::select(client, Query::Kept(&reads.counted), &key, 1)
+            };
+            rows.get::<i64>(0, 1).unwrap_or(0)
+        })
     })
-    .unwrap_or_else(|error| panic!("reading expired reservations: {error}"))
-    .unwrap_or(0)
 }
 
 fn check_ttl(ttl: Option<Interval>) -> Interval {
