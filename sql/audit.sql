@@ -164,7 +164,7 @@ BEGIN
     -- (Nested: NEW has those columns only on audit_events.)
     IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
         IF current_setting('flagship.erasing', true) = NEW.erased_by::text
-           AND current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship')
+           AND current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship')
            AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
                 NEW.resource_id, NEW.transaction_id, NEW.hash, NEW.session_role, NEW.acting_role, NEW.key_id,
                 NEW.content_digest, NEW.legacy_hash, NEW.change_kind, NEW.environment_id)
@@ -198,7 +198,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     IF ((pg_trigger_depth() > 1
-         OR current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship'))
+         OR current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship'))
         AND NEW.organization_id = OLD.organization_id AND NEW.last_seq = OLD.last_seq + 1)
        OR flagship.audit_maintenance_declared() THEN
         RETURN NEW;

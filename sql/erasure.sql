@@ -8,26 +8,41 @@
 -- with the digest of each one's new content, which is what verify_audit_chain
 -- checks their content against.
 
--- `document` with every string equal to `subject` replaced by `pseudonym`,
--- and the values of `fields` (top-level members, each an {"old", "new"}
--- pair in audit diffs) replaced by "[erased]".
+-- `value` with every string value equal to `subject` (never an object's
+-- key) replaced by `pseudonym`, at any depth.
+CREATE FUNCTION flagship.erase_values(value jsonb, subject text, pseudonym text)
+RETURNS jsonb
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE jsonb_typeof(value)
+        WHEN 'string' THEN CASE WHEN value = to_jsonb(subject) THEN to_jsonb(pseudonym) ELSE value END
+        WHEN 'object' THEN (SELECT coalesce(jsonb_object_agg(f.key, flagship.erase_values(f.value, subject, pseudonym)), '{}')
+                              FROM jsonb_each(value) f)
+        WHEN 'array' THEN (SELECT coalesce(jsonb_agg(flagship.erase_values(e.value, subject, pseudonym) ORDER BY e.ordinality), '[]')
+                             FROM jsonb_array_elements(value) WITH ORDINALITY e)
+        ELSE value END
+$fn$;
+
+-- An audit diff with the subject's values replaced (see erase_values), and
+-- the values of `fields` (top-level members, each an {"old", "new"} pair)
+-- replaced by "[erased]".
 CREATE FUNCTION flagship.erase_from_document(document jsonb, subject text, pseudonym text, fields text[])
 RETURNS jsonb
 LANGUAGE sql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(
-        (SELECT jsonb_object_agg(f.key,
+    SELECT CASE WHEN jsonb_typeof(replaced) = 'object' THEN
+        (SELECT coalesce(jsonb_object_agg(f.key,
                     CASE WHEN f.key = ANY (fields) AND jsonb_typeof(f.value) = 'object'
                          THEN (SELECT jsonb_object_agg(side.key, '"[erased]"'::jsonb)
                                  FROM jsonb_each(f.value) side)
-                         ELSE f.value END)
-           FROM jsonb_each(replaced) f),
-        replaced)
-      FROM (SELECT CASE WHEN jsonb_typeof(document) = 'object'
-                        THEN replace(document::text, to_jsonb(subject)::text, to_jsonb(pseudonym)::text)::jsonb
-                        ELSE document END AS replaced) r
+                         ELSE f.value END), '{}')
+           FROM jsonb_each(replaced) f)
+        ELSE replaced END
+      FROM (SELECT flagship.erase_values(document, subject, pseudonym) AS replaced) r
 $fn$;
 
 CREATE FUNCTION flagship.erase_subject(subject text) RETURNS jsonb
@@ -67,6 +82,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'an owner of the organization erases subjects (in key mode: a key with organization:write)';
     END IF;
+    -- One erasure at a time per organization: each reads the trail as the
+    -- previous one left it (under READ COMMITTED; under REPEATABLE READ a
+    -- concurrent erasure's rewrite of the same event fails with 40001).
+    PERFORM pg_advisory_xact_lock(hashtextextended('flagship erase ' || org::text, 0));
     -- Salted with the organization, so digests do not link a person across tenants.
     subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
 
@@ -105,6 +124,9 @@ BEGIN
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
              WHERE a.organization_id = org
+               -- Erasure events name no one, and their records are what
+               -- erased events are verified against: never rewritten.
+               AND a.action <> 'erase'
                AND (a.actor = subject OR a.change_key = subject
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
                     OR (a.resource_type = 'customers'
@@ -140,3 +162,4 @@ $fn$;
 REVOKE ALL ON FUNCTION flagship.erase_subject(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.erase_subject(text) TO flagship_admin;
 REVOKE ALL ON FUNCTION flagship.erase_from_document(jsonb, text, text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION flagship.erase_values(jsonb, text, text) FROM PUBLIC;

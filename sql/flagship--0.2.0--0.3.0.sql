@@ -4617,7 +4617,8 @@ BEGIN
      WHERE l.organization_id = reservation.organization_id
        AND l.idempotency_key = 'reservation:' || reservation.id;
     IF reservation.paid_by IS NULL THEN
-        UPDATE flagship.usage_counters c SET used = c.used - refund, updated_at = now()
+        -- Never below zero, whatever happened to the counter meanwhile.
+        UPDATE flagship.usage_counters c SET used = greatest(c.used - refund, 0), updated_at = now()
          WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
            AND c.metric_id = reservation.metric_id
            AND c.period_start IS NOT DISTINCT FROM reservation.period_start
@@ -4660,11 +4661,12 @@ $fn$;
 -- Finalizes (consume = what the work cost) or releases (consume = 0) a
 -- held reservation; one past its expiry is expired instead. A settled
 -- reservation answers how it was settled ("replayed": true); finalizing
--- it again with another amount is 22023. `acting_customer` (a customer's
--- API key) may settle only that customer's reservations. Called with usage
+-- it again with another amount is 22023. A key bound to an environment
+-- (`key_environment`) settles only reservations of its customers, and a
+-- customer's key (`acting_customer`) only its own. Called with usage
 -- writes open.
 CREATE FUNCTION flagship.settle_reservation(reservation_id uuid, consume bigint, settle_as text,
-                                            acting_customer text)
+                                            acting_customer text, key_environment uuid)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -4674,10 +4676,11 @@ DECLARE
 BEGIN
     -- Row-level security makes another organization's reservation absent.
     SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
-    IF NOT FOUND OR (acting_customer IS NOT NULL AND NOT EXISTS (
-            SELECT FROM flagship.customers c
+    IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
+            SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id
-               AND c.external_key = acting_customer)) THEN
+               AND (acting_customer IS NULL OR c.external_key = acting_customer)
+               AND (key_environment IS NULL OR c.environment_id = key_environment))) THEN
         RAISE EXCEPTION 'reservation_id: reservation % not found', reservation_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4882,7 +4885,7 @@ BEGIN
     -- (Nested: NEW has those columns only on audit_events.)
     IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
         IF current_setting('flagship.erasing', true) = NEW.erased_by::text
-           AND current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship')
+           AND current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship')
            AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
                 NEW.resource_id, NEW.transaction_id, NEW.hash, NEW.session_role, NEW.acting_role, NEW.key_id,
                 NEW.content_digest, NEW.legacy_hash, NEW.change_kind, NEW.environment_id)
@@ -4908,7 +4911,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     IF ((pg_trigger_depth() > 1
-         OR current_user = (SELECT x.extowner::regrole::text FROM pg_extension x WHERE x.extname = 'flagship'))
+         OR current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship'))
         AND NEW.organization_id = OLD.organization_id AND NEW.last_seq = OLD.last_seq + 1)
        OR flagship.audit_maintenance_declared() THEN
         RETURN NEW;
@@ -5190,26 +5193,41 @@ $fn$;
 -- with the digest of each one's new content, which is what verify_audit_chain
 -- checks their content against.
 
--- `document` with every string equal to `subject` replaced by `pseudonym`,
--- and the values of `fields` (top-level members, each an {"old", "new"}
--- pair in audit diffs) replaced by "[erased]".
+-- `value` with every string value equal to `subject` (never an object's
+-- key) replaced by `pseudonym`, at any depth.
+CREATE FUNCTION flagship.erase_values(value jsonb, subject text, pseudonym text)
+RETURNS jsonb
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE jsonb_typeof(value)
+        WHEN 'string' THEN CASE WHEN value = to_jsonb(subject) THEN to_jsonb(pseudonym) ELSE value END
+        WHEN 'object' THEN (SELECT coalesce(jsonb_object_agg(f.key, flagship.erase_values(f.value, subject, pseudonym)), '{}')
+                              FROM jsonb_each(value) f)
+        WHEN 'array' THEN (SELECT coalesce(jsonb_agg(flagship.erase_values(e.value, subject, pseudonym) ORDER BY e.ordinality), '[]')
+                             FROM jsonb_array_elements(value) WITH ORDINALITY e)
+        ELSE value END
+$fn$;
+
+-- An audit diff with the subject's values replaced (see erase_values), and
+-- the values of `fields` (top-level members, each an {"old", "new"} pair)
+-- replaced by "[erased]".
 CREATE FUNCTION flagship.erase_from_document(document jsonb, subject text, pseudonym text, fields text[])
 RETURNS jsonb
 LANGUAGE sql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(
-        (SELECT jsonb_object_agg(f.key,
+    SELECT CASE WHEN jsonb_typeof(replaced) = 'object' THEN
+        (SELECT coalesce(jsonb_object_agg(f.key,
                     CASE WHEN f.key = ANY (fields) AND jsonb_typeof(f.value) = 'object'
                          THEN (SELECT jsonb_object_agg(side.key, '"[erased]"'::jsonb)
                                  FROM jsonb_each(f.value) side)
-                         ELSE f.value END)
-           FROM jsonb_each(replaced) f),
-        replaced)
-      FROM (SELECT CASE WHEN jsonb_typeof(document) = 'object'
-                        THEN replace(document::text, to_jsonb(subject)::text, to_jsonb(pseudonym)::text)::jsonb
-                        ELSE document END AS replaced) r
+                         ELSE f.value END), '{}')
+           FROM jsonb_each(replaced) f)
+        ELSE replaced END
+      FROM (SELECT flagship.erase_values(document, subject, pseudonym) AS replaced) r
 $fn$;
 
 CREATE FUNCTION flagship.erase_subject(subject text) RETURNS jsonb
@@ -5249,6 +5267,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'an owner of the organization erases subjects (in key mode: a key with organization:write)';
     END IF;
+    -- One erasure at a time per organization: each reads the trail as the
+    -- previous one left it (under READ COMMITTED; under REPEATABLE READ a
+    -- concurrent erasure's rewrite of the same event fails with 40001).
+    PERFORM pg_advisory_xact_lock(hashtextextended('flagship erase ' || org::text, 0));
     -- Salted with the organization, so digests do not link a person across tenants.
     subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
 
@@ -5287,6 +5309,9 @@ BEGIN
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
              WHERE a.organization_id = org
+               -- Erasure events name no one, and their records are what
+               -- erased events are verified against: never rewritten.
+               AND a.action <> 'erase'
                AND (a.actor = subject OR a.change_key = subject
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
                     OR (a.resource_type = 'customers'
@@ -5322,3 +5347,4 @@ $fn$;
 REVOKE ALL ON FUNCTION flagship.erase_subject(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.erase_subject(text) TO flagship_admin;
 REVOKE ALL ON FUNCTION flagship.erase_from_document(jsonb, text, text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION flagship.erase_values(jsonb, text, text) FROM PUBLIC;

@@ -109,7 +109,8 @@ BEGIN
      WHERE l.organization_id = reservation.organization_id
        AND l.idempotency_key = 'reservation:' || reservation.id;
     IF reservation.paid_by IS NULL THEN
-        UPDATE flagship.usage_counters c SET used = c.used - refund, updated_at = now()
+        -- Never below zero, whatever happened to the counter meanwhile.
+        UPDATE flagship.usage_counters c SET used = greatest(c.used - refund, 0), updated_at = now()
          WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
            AND c.metric_id = reservation.metric_id
            AND c.period_start IS NOT DISTINCT FROM reservation.period_start
@@ -152,11 +153,12 @@ $fn$;
 -- Finalizes (consume = what the work cost) or releases (consume = 0) a
 -- held reservation; one past its expiry is expired instead. A settled
 -- reservation answers how it was settled ("replayed": true); finalizing
--- it again with another amount is 22023. `acting_customer` (a customer's
--- API key) may settle only that customer's reservations. Called with usage
+-- it again with another amount is 22023. A key bound to an environment
+-- (`key_environment`) settles only reservations of its customers, and a
+-- customer's key (`acting_customer`) only its own. Called with usage
 -- writes open.
 CREATE FUNCTION flagship.settle_reservation(reservation_id uuid, consume bigint, settle_as text,
-                                            acting_customer text)
+                                            acting_customer text, key_environment uuid)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -166,10 +168,11 @@ DECLARE
 BEGIN
     -- Row-level security makes another organization's reservation absent.
     SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
-    IF NOT FOUND OR (acting_customer IS NOT NULL AND NOT EXISTS (
-            SELECT FROM flagship.customers c
+    IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
+            SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id
-               AND c.external_key = acting_customer)) THEN
+               AND (acting_customer IS NULL OR c.external_key = acting_customer)
+               AND (key_environment IS NULL OR c.environment_id = key_environment))) THEN
         RAISE EXCEPTION 'reservation_id: reservation % not found', reservation_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;

@@ -128,7 +128,11 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        // Rate limits count in shared memory, reserved only at server start.
-        vec!["shared_preload_libraries = 'flagship'"]
+        // Rate limits count in shared memory, reserved only at server start;
+        // a small table, so a test can fill it.
+        vec![
+            "shared_preload_libraries = 'flagship'",
+            "flagship.rate_limit_windows = 1024",
+        ]
     }
 }

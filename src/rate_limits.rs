@@ -91,20 +91,35 @@ fn count(
     });
     let cost = checked_cost(cost);
     let now = shared_windows::clock_now();
-    match shared_windows::attempt(rate_window::counter_key(organization.as_bytes(), subject, name), window_us, now, cost, limit) {
+    let (seed, database) = (shared_windows::seed(), shared_windows::database());
+    let key = rate_window::counter_key(
+        seed,
+        database,
+        organization.as_bytes(),
+        subject,
+        name,
+        window_us,
+    );
+    let holder = rate_window::organization_key(seed, database, organization.as_bytes());
+    match shared_windows::attempt(key, holder, window_us, now, cost, limit) {
         Ok(attempt) => answer(Some(limit), Some(&attempt)),
         Err(NotCounted::NoTable) => crate::errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "rate limits need shared memory, and flagship was not loaded at server start",
             Some("add flagship to shared_preload_libraries in postgresql.conf (shared_preload_libraries = 'flagship') and restart PostgreSQL"),
         ),
-        Err(NotCounted::Full) => crate::errors::raise(
+        Err(NotCounted::OverShare) => crate::errors::raise(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             format!(
-                "rate limit \"{name}\": no free window for subject \"{subject}\" ({} windows in use)",
-                shared_windows::capacity()
+                "rate limit \"{name}\": no window for subject \"{subject}\": this organization holds \
+                 its share (a quarter) of the windows this one may use"
             ),
-            Some("raise flagship.rate_limit_windows in postgresql.conf and restart; idle windows are reused as they expire"),
+            Some("raise flagship.rate_limit_windows in postgresql.conf and restart; idle windows are freed as they expire"),
+        ),
+        Err(NotCounted::Full) => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("rate limit \"{name}\": no free window for subject \"{subject}\""),
+            Some("raise flagship.rate_limit_windows in postgresql.conf and restart; idle windows are freed as they expire"),
         ),
     }
 }

@@ -147,16 +147,43 @@ impl Window {
     }
 }
 
-/// The window a subject's rate limit `name` counts in, within one
-/// organization: tenants never share a window, and neither do two names.
-pub fn counter_key(organization: &[u8; 16], subject: &str, name: &str) -> [u64; 2] {
-    let mut identity = Vec::with_capacity(16 + subject.len() + 1 + name.len());
+/// The window a subject's rate limit `name` of a given length counts in:
+/// one per database, organization, subject, name and length, so tenants
+/// (and copies of a database) never share a window, and a changed length
+/// starts a window of its own. `seed` is the server's secret: without it
+/// nobody can tell which slots of the shared table a window will probe.
+pub fn counter_key(
+    seed: u64,
+    database: u32,
+    organization: &[u8; 16],
+    subject: &str,
+    name: &str,
+    window_us: i64,
+) -> [u64; 2] {
+    let mut identity = Vec::with_capacity(4 + 16 + subject.len() + 1 + name.len() + 8);
+    identity.extend_from_slice(&database.to_le_bytes());
     identity.extend_from_slice(organization);
     identity.extend_from_slice(subject.as_bytes());
     identity.push(0);
     identity.extend_from_slice(name.as_bytes());
-    let hash = xxhash_rust::xxh3::xxh3_128(&identity);
+    identity.extend_from_slice(&window_us.to_le_bytes());
+    let hash = xxhash_rust::xxh3::xxh3_128_with_seed(&identity, seed);
     [hash as u64, (hash >> 64) as u64]
+}
+
+/// The organization a window belongs to, as the shared table records it.
+pub fn organization_key(seed: u64, database: u32, organization: &[u8; 16]) -> u64 {
+    let mut identity = [0u8; 20];
+    identity[..4].copy_from_slice(&database.to_le_bytes());
+    identity[4..].copy_from_slice(organization);
+    xxhash_rust::xxh3::xxh3_64_with_seed(&identity, seed)
+}
+
+/// Whether an organization that holds `held` of the live windows among the
+/// `probes` slots a new window may take has had its share: a quarter, so
+/// no organization (nor three) can fill the slots another one needs.
+pub fn has_its_share(held: usize, probes: usize) -> bool {
+    held >= probes / 4
 }
 
 /// Parses a window such as `30s`, `1m`, `12h` or `1d` (1 s to 1 day) into
@@ -274,6 +301,30 @@ mod tests {
             "99999999999999999999s",
         ] {
             assert!(parse_window(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_organization_gets_a_quarter_of_the_slots_a_window_may_take() {
+        assert!(!has_its_share(15, 64));
+        assert!(has_its_share(16, 64));
+        assert!(has_its_share(40, 64));
+    }
+
+    #[test]
+    fn windows_differ_by_database_organization_subject_name_length_and_seed() {
+        let org = [7u8; 16];
+        let key = counter_key(1, 5, &org, "acme", "requests", MINUTE);
+        for other in [
+            counter_key(2, 5, &org, "acme", "requests", MINUTE),
+            counter_key(1, 6, &org, "acme", "requests", MINUTE),
+            counter_key(1, 5, &[8u8; 16], "acme", "requests", MINUTE),
+            counter_key(1, 5, &org, "acme2", "requests", MINUTE),
+            counter_key(1, 5, &org, "acme", "requests2", MINUTE),
+            counter_key(1, 5, &org, "acmer", "equests", MINUTE),
+            counter_key(1, 5, &org, "acme", "requests", 2 * MINUTE),
+        ] {
+            assert_ne!(key, other);
         }
     }
 

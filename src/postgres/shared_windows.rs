@@ -8,10 +8,10 @@
 //! table, and [`attempt`] says so instead of counting nowhere.
 
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use flagship_engine::rate_window::{Attempt, Window};
+use flagship_engine::rate_window::{has_its_share, Attempt, Window};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -26,12 +26,17 @@ const PROBES: usize = 64;
 #[derive(Clone, Copy)]
 struct Slot {
     key: [u64; 2],
+    /// The organization whose window it is: each may hold only its share
+    /// of the slots a window may take (`rate_window::has_its_share`).
+    organization: u64,
     window: Window,
 }
 
 static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 static SLOT_COUNT: AtomicUsize = AtomicUsize::new(0);
 static LOCKS: AtomicPtr<pg_sys::LWLockPadded> = AtomicPtr::new(std::ptr::null_mut());
+/// The server's secret for placing windows, drawn when the table is made.
+static SEED: AtomicU64 = AtomicU64::new(0);
 static PREVIOUS_REQUEST_HOOK: OnceLock<pg_sys::shmem_request_hook_type> = OnceLock::new();
 static PREVIOUS_STARTUP_HOOK: OnceLock<pg_sys::shmem_startup_hook_type> = OnceLock::new();
 
@@ -95,6 +100,12 @@ unsafe extern "C-unwind" fn attach_shared_memory() {
             // All-zero is a table of unused slots.
             std::ptr::write_bytes(slots.cast::<u8>(), 0, bytes);
         }
+        // A new secret with every new table (a restart empties it anyway).
+        let mut seed = [0u8; 8];
+        if !pg_sys::pg_strong_random(seed.as_mut_ptr().cast(), seed.len()) {
+            pgrx::error!("no strong random source for the rate-limit table's seed");
+        }
+        SEED.store(u64::from_le_bytes(seed), Ordering::Release);
         SLOTS.store(slots, Ordering::Release);
         SLOT_COUNT.store(WANTED_SLOTS.load(Ordering::Relaxed), Ordering::Release);
         LOCKS.store(GetNamedLWLockTranche(), Ordering::Release);
@@ -108,18 +119,15 @@ unsafe fn GetNamedLWLockTranche() -> *mut pg_sys::LWLockPadded {
     unsafe { pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr()) }
 }
 
-/// Whether this backend has the table.
-pub fn available() -> bool {
-    !SLOTS.load(Ordering::Acquire).is_null()
+/// The secret windows are placed with (0 without the table).
+pub fn seed() -> u64 {
+    SEED.load(Ordering::Acquire)
 }
 
-/// The slots the table holds (0 without it).
-pub fn capacity() -> usize {
-    if available() {
-        SLOT_COUNT.load(Ordering::Acquire)
-    } else {
-        0
-    }
+/// The database this backend is connected to.
+pub fn database() -> u32 {
+    // SAFETY: reads a backend global set at connection.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
 /// Why an attempt was not counted.
@@ -129,6 +137,8 @@ pub enum NotCounted {
     NoTable,
     /// Every slot the subject may use holds another live window.
     Full,
+    /// The organization already holds its share of those slots.
+    OverShare,
 }
 
 /// The time on PostgreSQL's clock (µs since 2000-01-01), not the
@@ -138,10 +148,12 @@ pub fn clock_now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// Counts an attempt of `cost` by the subject hashed to `key` against
-/// `limit` per `window_us`, at `now_us`.
+/// Counts an attempt of `cost` by the subject hashed to `key`, of the
+/// organization hashed to `organization`, against `limit` per `window_us`,
+/// at `now_us`.
 pub fn attempt(
     key: [u64; 2],
+    organization: u64,
     window_us: i64,
     now_us: i64,
     cost: u32,
@@ -155,38 +167,46 @@ pub fn attempt(
     let per_partition = SLOT_COUNT.load(Ordering::Acquire) / PARTITIONS;
     let partition = (key[1] % PARTITIONS as u64) as usize;
     let start = (key[0] >> 1) as usize % per_partition;
+    let probes = PROBES.min(per_partition);
     // SAFETY: the tranche holds PARTITIONS locks and the table
-    // PARTITIONS * per_partition slots, both in shared memory for the life
-    // of the server; a slot is read or written only under its partition's
-    // exclusive lock, held until the end of this block (an error raised
-    // meanwhile releases it at abort). Nothing in the block allocates or
-    // raises.
+    // PARTITIONS * per_partition slots (per_partition >= PROBES, see
+    // `reserve`), both in shared memory for the life of the server; a slot
+    // is read or written only under its partition's exclusive lock, held
+    // until the end of this block (an error raised meanwhile releases it at
+    // abort). Nothing in the block allocates or raises.
     unsafe {
         let lock = &raw mut (*LOCKS.load(Ordering::Acquire).add(partition)).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let base = slots.add(partition * per_partition);
-        let mut chosen: Option<*mut Slot> = None;
-        for probe in 0..PROBES {
-            let slot = base.add((start + probe) % per_partition);
+        let slot_at = |probe: usize| base.add((start + probe) % per_partition);
+        let mut found: Option<*mut Slot> = None;
+        let mut free: Option<*mut Slot> = None;
+        let mut held = 0;
+        for probe in 0..probes {
+            let slot = slot_at(probe);
             if (*slot).key == key {
-                chosen = Some(slot);
+                found = Some(slot);
                 break;
             }
-            if chosen.is_none() && ((*slot).key == [0, 0] || (*slot).window.is_idle(now_us)) {
-                chosen = Some(slot);
+            let idle = (*slot).key == [0, 0] || (*slot).window.is_idle(now_us);
+            if idle {
+                free = free.or(Some(slot));
+            } else if (*slot).organization == organization {
+                held += 1;
             }
         }
-        let answer = match chosen {
-            Some(slot) => {
-                if (*slot).key != key {
-                    *slot = Slot {
-                        key,
-                        window: Window::unused(),
-                    };
-                }
+        let answer = match (found, free) {
+            (Some(slot), _) => Ok((*slot).window.attempt(window_us, now_us, cost, limit)),
+            (None, _) if has_its_share(held, probes) => Err(NotCounted::OverShare),
+            (None, Some(slot)) => {
+                *slot = Slot {
+                    key,
+                    organization,
+                    window: Window::unused(),
+                };
                 Ok((*slot).window.attempt(window_us, now_us, cost, limit))
             }
-            None => Err(NotCounted::Full),
+            (None, None) => Err(NotCounted::Full),
         };
         pg_sys::LWLockRelease(lock);
         answer

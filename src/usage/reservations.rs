@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use super::{acting_customer, check_amount, record, MAX_AMOUNT};
+use super::{acting_customer, check_amount, metered, record, Metered, MAX_AMOUNT};
 use crate::errors::invalid_parameter;
 use crate::postgres::statement_reads::{self, KeptPlan, Query};
 
@@ -153,6 +153,15 @@ pub fn reserve_usage(
     }
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
+    // A gauge is set, not consumed: there is nothing to hold back.
+    if let Ok(Metered::Limit(subject)) = metered(customer, metric, environment) {
+        if subject.terms.gauge {
+            invalid_parameter(
+                format!("metric: \"{metric}\" is a gauge; only sums and credits are reserved"),
+                Some("set_usage sets a gauge"),
+            );
+        }
+    }
     if let Some(key) = idempotency_key {
         if let Some(first) = replay(customer, metric, amount, key) {
             return JsonB(first);
@@ -216,12 +225,23 @@ fn replay(customer: &str, metric: &str, amount: i64, key: &str) -> Option<Value>
     .unwrap_or_else(|error: pgrx::spi::Error| panic!("finding the idempotency key: {error}"))?
     .0;
     if first["same"] != json!(true) {
+        let hint =
+            Some("a retry must repeat the first call exactly; use a new key for a new reservation");
+        // A customer's key learns nothing of other customers' reservations.
+        if crate::context::key_customer().is_some() {
+            invalid_parameter(
+                format!("idempotency key \"{key}\" was first used for another reservation"),
+                hint,
+            );
+        }
         invalid_parameter(
             format!(
                 "idempotency key \"{key}\" was first used to reserve {} of \"{}\" for customer \"{}\"",
-                first["reserved"], first["metric"].as_str().unwrap_or("?"), first["customer"].as_str().unwrap_or("?")
+                first["reserved"],
+                first["metric"].as_str().unwrap_or("?"),
+                first["customer"].as_str().unwrap_or("?")
             ),
-            Some("a retry must repeat the first call exactly; use a new key for a new reservation"),
+            hint,
         );
     }
     Some(json!({
@@ -238,12 +258,13 @@ fn settle(reservation_id: pgrx::Uuid, consume: Option<i64>, settle_as: &str) -> 
     crate::context::require_scope("usage:write");
     let _writes = crate::context::UsageWrites::open();
     let answer = Spi::get_one_with_args::<JsonB>(
-        "SELECT flagship.settle_reservation($1, $2, $3, $4)",
+        "SELECT flagship.settle_reservation($1, $2, $3, $4, $5)",
         &[
             reservation_id.into(),
             consume.into(),
             settle_as.into(),
             DatumWithOid::from(crate::context::key_customer()),
+            DatumWithOid::from(crate::context::bound_environment()),
         ],
     )
     .unwrap_or_else(|error| panic!("settling the reservation: {error}"));

@@ -269,3 +269,90 @@ fn only_an_owner_erases_and_nobody_else_can_edit_the_trail() {
         json!(true)
     );
 }
+
+/// Red-team findings: the replacement touches string values only, never
+/// keys; erasure events are never rewritten (erasing a digest they hold
+/// leaves the chain valid); a subject that is not a person's key still
+/// leaves valid JSON.
+#[test]
+fn erasure_replaces_values_only_and_never_its_own_records() {
+    let mut su = connect();
+    assert_eq!(
+        answer(
+            &mut su,
+            r#"flagship.erase_values('{"old": "old", "a": ["old", {"old": "x"}], "n": 1}', 'old', 'P')"#
+        ),
+        json!({"old": "P", "a": ["P", {"old": "x"}], "n": 1})
+    );
+    let (org, mut owner) = setup(&mut su, "erase-values");
+    let first = answer(&mut owner, &format!("flagship.erase_subject('{BEA}')"));
+    let erasure = first["erasure_event"].as_i64().unwrap();
+    let recorded_digest = text(
+        &mut su,
+        &format!(
+            "SELECT value FROM flagship.audit_events, jsonb_each_text(diff -> 'audit_events') \
+              WHERE organization_id = '{org}' AND chain_seq = {erasure} LIMIT 1"
+        ),
+    );
+    for subject in [recorded_digest.as_str(), "\": \"", "old"] {
+        owner
+            .batch_execute(&format!(
+                "SELECT flagship.erase_subject({})",
+                postgres_literal(subject)
+            ))
+            .unwrap();
+        assert_eq!(
+            answer(&mut su, &format!("flagship.verify_audit_chain('{org}')"))["valid"],
+            json!(true),
+            "after erasing {subject:?}"
+        );
+    }
+}
+
+/// Red-team finding: two erasures at once must not write back what the
+/// other erased. Both people are values of one audit event (a segment's
+/// list); one erasure waits for the other.
+#[test]
+fn concurrent_erasures_both_stick() {
+    let mut su = connect();
+    let (org, mut first) = setup(&mut su, "erase-race");
+    first
+        .batch_execute(&format!(
+            r#"SELECT flagship.put_segment('shop', '{{"key": "vip", "included": ["{BEA}", "carl@acme.example"]}}')"#
+        ))
+        .unwrap();
+    let (_, mut second) = login_as(&mut su, "erase-race-2", &["flagship_admin"]);
+    second
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.actor = 'olga@acme.example'"
+        ))
+        .unwrap();
+    first.batch_execute("BEGIN").unwrap();
+    first
+        .batch_execute(&format!("SELECT flagship.erase_subject('{BEA}')"))
+        .unwrap();
+    let waiting = std::thread::spawn(move || {
+        second
+            .batch_execute("SELECT flagship.erase_subject('carl@acme.example')")
+            .unwrap();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    first.batch_execute("COMMIT").unwrap();
+    waiting.join().unwrap();
+    let left = text(
+        &mut su,
+        &format!(
+            "SELECT count(*)::text FROM flagship.audit_events WHERE organization_id = '{org}' \
+               AND (strpos(diff::text, '{BEA}') > 0 OR strpos(diff::text, 'carl@acme.example') > 0)"
+        ),
+    );
+    assert_eq!(left, "0");
+    assert_eq!(
+        answer(&mut su, &format!("flagship.verify_audit_chain('{org}')"))["valid"],
+        json!(true)
+    );
+}
+
+fn postgres_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

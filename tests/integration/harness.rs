@@ -15,8 +15,12 @@ pub fn connect() -> Client {
         pgrx_tests::run_test(
             "bucket_function_matches_the_published_vectors",
             None,
-            // As in the pg_test module: rate limits need shared memory.
-            vec!["shared_preload_libraries = 'flagship'"],
+            // As in the pg_test module: rate limits need shared memory;
+            // a small table, so a test can fill it.
+            vec![
+                "shared_preload_libraries = 'flagship'",
+                "flagship.rate_limit_windows = 1024",
+            ],
         )
         .expect("starting the test server");
     });

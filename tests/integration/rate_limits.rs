@@ -367,3 +367,50 @@ fn without_preloading_rate_limits_refuse_and_say_what_to_add() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// The test server keeps 1 024 windows. An organization that wants more
+/// than its share is refused (53400); another organization still gets
+/// every window it asks for.
+#[test]
+fn one_organization_filling_the_windows_does_not_lock_out_another() {
+    let mut su = connect();
+    let (_, mut noisy) = setup(&mut su, "rate-noisy");
+    let (_, mut quiet) = setup(&mut su, "rate-quiet");
+    for (client, customers) in [(&mut noisy, 1500), (&mut quiet, 50)] {
+        client
+            .batch_execute(&format!(
+                "SELECT count(flagship.put_customer('shop/production', jsonb_build_object('key', 'c' || i, 'plan', 'pro')))
+                   FROM generate_series(1, {customers}) i;
+                 CREATE FUNCTION pg_temp.refused(customers int) RETURNS int LANGUAGE plpgsql AS $$
+                 DECLARE refused int := 0;
+                 BEGIN
+                     FOR i IN 1..customers LOOP
+                         BEGIN
+                             PERFORM flagship.rate_limit('c' || i, 'requests');
+                         EXCEPTION WHEN configuration_limit_exceeded THEN
+                             refused := refused + 1;
+                         END;
+                     END LOOP;
+                     RETURN refused;
+                 END $$;"
+            ))
+            .unwrap();
+    }
+    let refused: i64 = text(&mut noisy, "SELECT pg_temp.refused(1500)::text")
+        .parse()
+        .unwrap();
+    assert!(
+        refused > 1000,
+        "a quarter of 1 024 is 256: refused {refused}"
+    );
+    assert_eq!(
+        text(&mut quiet, "SELECT pg_temp.refused(50)::text"),
+        "0",
+        "every window the quiet organization asked for"
+    );
+    // The quiet organization's windows count exactly.
+    assert_eq!(
+        answer(&mut quiet, "flagship.rate_limit('c1', 'requests')")["remaining"],
+        json!(98)
+    );
+}

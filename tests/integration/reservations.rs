@@ -154,7 +154,16 @@ fn finalize_consumes_what_the_work_cost_and_releases_the_rest() {
         json!(10)
     );
     assert_eq!(remaining(&mut admin, "calls"), json!(75));
+    // A gauge is set, not consumed: nothing to reserve (a refund could
+    // otherwise take it below what was set).
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_metric('shop', '{"key": "seats", "aggregation": "gauge"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100}, "seats": {"limit": 10}}}');"#,
+        )
+        .unwrap();
     for bad in [
+        "SELECT flagship.reserve_usage('acme', 'seats', 1)".to_string(),
         format!("SELECT flagship.finalize_usage('{other_id}', 11)"),
         "SELECT flagship.finalize_usage('00000000-0000-0000-0000-000000000000', 1)".to_string(),
         "SELECT flagship.reserve_usage('acme', 'calls', 0)".to_string(),
@@ -255,7 +264,25 @@ fn a_customer_key_settles_only_its_customers_reservations() {
             r#"SELECT flagship.put_customer('shop/production', '{"key": "bigco", "plan": "pro"}')"#,
         )
         .unwrap();
-    let theirs = answer(&mut admin, "flagship.reserve_usage('bigco', 'calls', 5)");
+    let theirs = answer(
+        &mut admin,
+        "flagship.reserve_usage('bigco', 'calls', 5, idempotency_key => 'bigco-job')",
+    );
+    // The same customer key in staging: a key bound there settles nothing
+    // of production's acme.
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_customer('shop/staging', '{"key": "acme", "plan": "pro"}')"#,
+        )
+        .unwrap();
+    let production_acme = answer(&mut admin, "flagship.reserve_usage('acme', 'calls', 4)");
+    let staging_key = text(
+        &mut admin,
+        &format!(
+            "SELECT flagship.issue_api_key('{org}', 'acme staging', ARRAY['usage:write'], 'shop/staging',
+                                           customer => 'acme')"
+        ),
+    );
     let key = text(
         &mut admin,
         &format!(
@@ -273,6 +300,19 @@ fn a_customer_key_settles_only_its_customers_reservations() {
         answer(&mut app, &format!("flagship.finalize_usage('{own_id}', 2)"))["consumed"],
         json!(2)
     );
+    // Another customer's idempotency key tells this customer nothing.
+    app.batch_execute("SAVEPOINT before_replay").unwrap();
+    let refused = app
+        .batch_execute(
+            "SELECT flagship.reserve_usage(NULL, 'calls', 3, idempotency_key => 'bigco-job')",
+        )
+        .unwrap_err();
+    app.batch_execute("ROLLBACK TO SAVEPOINT before_replay")
+        .unwrap();
+    assert_eq!(
+        refused.as_db_error().unwrap().message(),
+        "idempotency key \"bigco-job\" was first used for another reservation"
+    );
     let their_id = theirs["reservation_id"].as_str().unwrap();
     assert_eq!(
         sqlstate(
@@ -287,6 +327,19 @@ fn a_customer_key_settles_only_its_customers_reservations() {
             "SELECT flagship.reserve_usage('bigco', 'calls', 1)"
         ),
         "42501"
+    );
+    app.batch_execute("COMMIT").unwrap();
+    let production_id = production_acme["reservation_id"].as_str().unwrap();
+    app.batch_execute(&format!(
+        "BEGIN; SELECT flagship.authenticate('{staging_key}')"
+    ))
+    .unwrap();
+    assert_eq!(
+        sqlstate(
+            &mut app,
+            &format!("SELECT flagship.release_usage('{production_id}')")
+        ),
+        "22023"
     );
     app.batch_execute("COMMIT").unwrap();
     // Nobody writes reservations but the functions.
