@@ -18,19 +18,7 @@ fn evaluations(client: &mut postgres::Client, slug: &str) -> String {
 
 /// Every row the organization owns, table by table, as text.
 fn organization_rows(client: &mut postgres::Client, organization: &str) -> String {
-    let tables: Vec<String> = client
-        .query(
-            "SELECT c.relname::text FROM pg_class c
-              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
-                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
-                               AND a.attname = 'organization_id' AND NOT a.attisdropped)
-              ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let tables = crate::harness::tenant_tables(client);
     tables
         .iter()
         .map(|table| {

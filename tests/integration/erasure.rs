@@ -45,19 +45,7 @@ fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
 /// The tables of the organization whose rows still mention `person`, in
 /// any column: every table of the schema with an organization_id.
 fn mentions(su: &mut Client, org: &str, person: &str) -> String {
-    let tables: Vec<String> = su
-        .query(
-            "SELECT c.relname::text FROM pg_class c
-              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
-                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
-                               AND a.attname = 'organization_id' AND NOT a.attisdropped)
-              ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let tables = crate::harness::tenant_tables(su);
     assert!(tables.len() > 25, "{tables:?}");
     tables
         .iter()

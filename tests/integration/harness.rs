@@ -172,3 +172,36 @@ pub fn app_session(su: &mut Client, org: &str, prefix: &str) -> Client {
     .unwrap();
     app
 }
+
+/// An organization (project shop) where bea@acme.example is an admin, and a
+/// `flagship_admin` login session acting as her in it, environment
+/// shop/production.
+pub fn admin_session(su: &mut Client, prefix: &str) -> (String, Client) {
+    let (org, _) = organization(su, prefix);
+    add_member(su, &org, "bea@acme.example", "admin");
+    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    admin
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.actor = 'bea@acme.example';
+             SET flagship.environment = 'shop/production'"
+        ))
+        .unwrap();
+    (org, admin)
+}
+
+/// The tables of the schema that hold tenant rows (an organization_id).
+pub fn tenant_tables(client: &mut Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT c.relname::text FROM pg_class c
+              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
+                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
+                               AND a.attname = 'organization_id' AND NOT a.attisdropped)
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}

@@ -4,27 +4,21 @@
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::harness::{
-    add_member, answer, app_session, connect, login_as, organization, sqlstate, text,
-};
+use crate::harness::{admin_session, answer, app_session, connect, login_as, sqlstate, text};
 
 /// An organization whose plan `pro` allows 100 requests a minute and plan
 /// `enterprise` none at all, customers acme (pro) and bigco (enterprise),
 /// and an admin session.
 fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
-    let (org, _) = organization(su, prefix);
-    add_member(su, &org, "bea@acme.example", "admin");
-    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    let (org, mut admin) = admin_session(su, prefix);
     admin
-        .batch_execute(&format!(
-            r#"SET flagship.organization_id = '{org}'; SET flagship.actor = 'bea@acme.example';
-               SET flagship.environment = 'shop/production';
-               SELECT flagship.put_plan('shop', '{{"key": "pro",
-                   "rate_limits": {{"requests": {{"limit": 100, "window": "1m"}}}}}}');
-               SELECT flagship.put_plan('shop', '{{"key": "enterprise"}}');
-               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');
-               SELECT flagship.put_customer('shop/production', '{{"key": "bigco", "plan": "enterprise"}}');"#
-        ))
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro",
+                   "rate_limits": {"requests": {"limit": 100, "window": "1m"}}}');
+               SELECT flagship.put_plan('shop', '{"key": "enterprise"}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');
+               SELECT flagship.put_customer('shop/production', '{"key": "bigco", "plan": "enterprise"}');"#,
+        )
         .unwrap();
     (org, admin)
 }

@@ -7,26 +7,20 @@ use std::time::Duration;
 use postgres::Client;
 use serde_json::{json, Value};
 
-use crate::harness::{
-    add_member, answer, app_session, connect, login_as, organization, sqlstate, text,
-};
+use crate::harness::{admin_session, answer, app_session, connect, login_as, sqlstate, text};
 
 /// An organization with a metric `calls` limited to 100 a month on plan
 /// pro, a credits metric `tokens`, customer acme on pro, and an admin
 /// session.
 fn setup(su: &mut Client, prefix: &str) -> (String, Client) {
-    let (org, _) = organization(su, prefix);
-    add_member(su, &org, "bea@acme.example", "admin");
-    let (_, mut admin) = login_as(su, prefix, &["flagship_admin"]);
+    let (org, mut admin) = admin_session(su, prefix);
     admin
-        .batch_execute(&format!(
-            r#"SET flagship.organization_id = '{org}'; SET flagship.actor = 'bea@acme.example';
-               SET flagship.environment = 'shop/production';
-               SELECT flagship.put_metric('shop', '{{"key": "calls"}}');
-               SELECT flagship.put_metric('shop', '{{"key": "tokens", "aggregation": "credits"}}');
-               SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"calls": {{"limit": 100}}}}}}');
-               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');"#
-        ))
+        .batch_execute(
+            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
+               SELECT flagship.put_metric('shop', '{"key": "tokens", "aggregation": "credits"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100}}}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
+        )
         .unwrap();
     (org, admin)
 }
