@@ -89,9 +89,9 @@ BEGIN
     -- Salted with the organization, so digests do not link a person across tenants.
     subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
 
-    -- The member: their key becomes the pseudonym (roles stay, so the
-    -- history of who could do what stays readable).
-    UPDATE flagship.members m SET user_key = pseudonym
+    -- The member: their key becomes the pseudonym and their name goes
+    -- (roles stay, so the history of who could do what stays readable).
+    UPDATE flagship.members m SET user_key = pseudonym, name = NULL
      WHERE m.organization_id = org AND m.user_key = subject;
     SELECT array_agg(m.id) INTO member_ids FROM flagship.members m
      WHERE m.organization_id = org AND m.user_key = pseudonym;
@@ -120,7 +120,10 @@ BEGIN
                        a.diff, subject, pseudonym,
                        CASE WHEN a.resource_type = 'customers'
                                  AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                            THEN ARRAY['attributes', 'name'] ELSE '{}' END) AS diff,
+                            THEN ARRAY['attributes', 'name']
+                            WHEN a.resource_type = 'members'
+                                 AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                            THEN ARRAY['name'] ELSE '{}' END) AS diff,
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
              WHERE a.organization_id = org
@@ -131,7 +134,10 @@ BEGIN
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
                     OR (a.resource_type = 'customers'
                         AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                        AND (a.diff ? 'attributes' OR a.diff ? 'name')))) x;
+                        AND (a.diff ? 'attributes' OR a.diff ? 'name'))
+                    OR (a.resource_type = 'members'
+                        AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                        AND a.diff ? 'name'))) x;
     -- The erasure event commits, in the chain, to the digest of each
     -- erased event's new content: changing it afterwards is detected.
     erasure_seq := flagship.audit_append(

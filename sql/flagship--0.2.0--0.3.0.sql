@@ -3984,16 +3984,41 @@ $fn$;
 
 -- Rate limits (#18): definitions on plans and keys, counted in shared
 -- memory by flagship.rate_limit and verify_api_key.
-ALTER TABLE flagship.plans ADD COLUMN rate_limits jsonb;
-ALTER TABLE flagship.api_keys ADD COLUMN rate_limits jsonb;
-GRANT SELECT (rate_limits) ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
-
 CREATE  FUNCTION "rate_window_us"(
 	"window" TEXT /* & str */
 ) RETURNS bigint /* Option < i64 > */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'rate_window_us_wrapper';
+
+-- Whether `spec` is a valid set of rate limits (NULL: none), as
+-- checked_rate_limits checks it; for CHECK constraints, which cannot name
+-- the field at fault.
+CREATE FUNCTION flagship.rate_limits_valid(spec jsonb) RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT spec IS NULL OR (
+        jsonb_typeof(spec) = 'object' AND spec <> '{}'
+        AND NOT EXISTS (
+            SELECT 1 FROM jsonb_each(spec) item
+             WHERE item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63
+                OR jsonb_typeof(item.value) IS DISTINCT FROM 'object'
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(item.value) k WHERE k NOT IN ('limit', 'window'))
+                OR jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
+                OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
+                OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000
+                OR jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
+                OR flagship.rate_window_us(item.value->>'window') IS NULL))
+$fn$;
+
+ALTER TABLE flagship.plans ADD COLUMN rate_limits jsonb
+    CONSTRAINT plans_rate_limits_valid CHECK (flagship.rate_limits_valid(rate_limits));
+ALTER TABLE flagship.api_keys ADD COLUMN rate_limits jsonb
+    CONSTRAINT api_keys_rate_limits_valid CHECK (flagship.rate_limits_valid(rate_limits));
+GRANT SELECT (rate_limits) ON flagship.api_keys TO flagship_admin, flagship_app, flagship_auditor;
+
 
 CREATE  FUNCTION "rate_limit"(
 	"subject" TEXT, /* & str */
@@ -4503,6 +4528,11 @@ $fn$;
 -- Only verification counts a key's attempts by itself: any other caller
 -- could spend another organization's windows.
 REVOKE ALL ON FUNCTION flagship.rate_limit_hit(uuid, text, text, bigint, text, integer) FROM PUBLIC;
+
+-- A rate-limited key inserts only keys limited at least as tightly (the
+-- column cannot be updated).
+CREATE POLICY api_keys_insert_within_rate_limits ON flagship.api_keys AS RESTRICTIVE FOR INSERT
+    WITH CHECK (flagship.within_session_rate_limits(rate_limits));
 
 
 -- Reservations (#18) --------------------------------------------------------
@@ -5274,9 +5304,9 @@ BEGIN
     -- Salted with the organization, so digests do not link a person across tenants.
     subject_digest := encode(sha256(convert_to(org::text || ':' || subject, 'UTF8')), 'hex');
 
-    -- The member: their key becomes the pseudonym (roles stay, so the
-    -- history of who could do what stays readable).
-    UPDATE flagship.members m SET user_key = pseudonym
+    -- The member: their key becomes the pseudonym and their name goes
+    -- (roles stay, so the history of who could do what stays readable).
+    UPDATE flagship.members m SET user_key = pseudonym, name = NULL
      WHERE m.organization_id = org AND m.user_key = subject;
     SELECT array_agg(m.id) INTO member_ids FROM flagship.members m
      WHERE m.organization_id = org AND m.user_key = pseudonym;
@@ -5305,7 +5335,10 @@ BEGIN
                        a.diff, subject, pseudonym,
                        CASE WHEN a.resource_type = 'customers'
                                  AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                            THEN ARRAY['attributes', 'name'] ELSE '{}' END) AS diff,
+                            THEN ARRAY['attributes', 'name']
+                            WHEN a.resource_type = 'members'
+                                 AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                            THEN ARRAY['name'] ELSE '{}' END) AS diff,
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
              WHERE a.organization_id = org
@@ -5316,7 +5349,10 @@ BEGIN
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
                     OR (a.resource_type = 'customers'
                         AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                        AND (a.diff ? 'attributes' OR a.diff ? 'name')))) x;
+                        AND (a.diff ? 'attributes' OR a.diff ? 'name'))
+                    OR (a.resource_type = 'members'
+                        AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                        AND a.diff ? 'name'))) x;
     -- The erasure event commits, in the chain, to the digest of each
     -- erased event's new content: changing it afterwards is detected.
     erasure_seq := flagship.audit_append(

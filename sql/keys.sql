@@ -32,7 +32,7 @@ CREATE TABLE flagship.api_keys (
     uses_of         uuid,
     -- `{name: {"limit", "window"}}`: verification counts each (fixed at
     -- issue; a rolled key keeps them and shares their windows).
-    rate_limits     jsonb,
+    rate_limits     jsonb CONSTRAINT api_keys_rate_limits_valid CHECK (flagship.rate_limits_valid(rate_limits)),
     PRIMARY KEY (organization_id, id),
     CONSTRAINT api_keys_name_present CHECK (length(btrim(name)) > 0 AND length(name) <= 200),
     CONSTRAINT api_keys_hash_is_sha256 CHECK (length(key_hash) = 32),
@@ -565,6 +565,10 @@ $fn$;
 CREATE POLICY api_keys_insert_within_key ON flagship.api_keys AS RESTRICTIVE FOR INSERT
     WITH CHECK (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
                                             allowed_ips, customer_id));
+-- A rate-limited key inserts only keys limited at least as tightly (the
+-- column cannot be updated).
+CREATE POLICY api_keys_insert_within_rate_limits ON flagship.api_keys AS RESTRICTIVE FOR INSERT
+    WITH CHECK (flagship.within_session_rate_limits(rate_limits));
 CREATE POLICY api_keys_update_within_key ON flagship.api_keys AS RESTRICTIVE FOR UPDATE
     USING (flagship.within_session_key(scopes, environment_id, expires_at, usage_limit,
                                        allowed_ips, customer_id))

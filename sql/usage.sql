@@ -36,6 +36,28 @@ CREATE TABLE flagship.metrics (
         REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
 );
 
+-- Whether `spec` is a valid set of rate limits (NULL: none), as
+-- checked_rate_limits checks it; for CHECK constraints, which cannot name
+-- the field at fault.
+CREATE FUNCTION flagship.rate_limits_valid(spec jsonb) RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT spec IS NULL OR (
+        jsonb_typeof(spec) = 'object' AND spec <> '{}'
+        AND NOT EXISTS (
+            SELECT 1 FROM jsonb_each(spec) item
+             WHERE item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63
+                OR jsonb_typeof(item.value) IS DISTINCT FROM 'object'
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(item.value) k WHERE k NOT IN ('limit', 'window'))
+                OR jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
+                OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
+                OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000
+                OR jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
+                OR flagship.rate_window_us(item.value->>'window') IS NULL))
+$fn$;
+
 CREATE TABLE flagship.plans (
     organization_id uuid        NOT NULL,
     project_id      uuid        NOT NULL,
@@ -45,8 +67,9 @@ CREATE TABLE flagship.plans (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     -- 0.3.0: `{name: {"limit", "window"}}` per customer, counted by
-    -- flagship.rate_limit (checked by put_plan).
-    rate_limits     jsonb,
+    -- flagship.rate_limit (put_plan names what is wrong; the CHECK holds
+    -- plain SQL to the same).
+    rate_limits     jsonb CONSTRAINT plans_rate_limits_valid CHECK (flagship.rate_limits_valid(rate_limits)),
     PRIMARY KEY (organization_id, id),
     CONSTRAINT plans_key_unique UNIQUE (organization_id, project_id, key),
     CONSTRAINT plans_project_unique UNIQUE (organization_id, project_id, id),

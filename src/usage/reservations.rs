@@ -153,14 +153,25 @@ pub fn reserve_usage(
     }
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
-    // A gauge is set, not consumed: there is nothing to hold back.
-    if let Ok(Metered::Limit(subject)) = metered(customer, metric, environment) {
-        if subject.terms.gauge {
-            invalid_parameter(
-                format!("metric: \"{metric}\" is a gauge; only sums and credits are reserved"),
-                Some("set_usage sets a gauge"),
-            );
+    let ids = match metered(customer, metric, environment) {
+        // A gauge is set, not consumed: there is nothing to hold back.
+        Ok(Metered::Limit(subject)) if subject.terms.gauge => invalid_parameter(
+            format!("metric: \"{metric}\" is a gauge; only sums and credits are reserved"),
+            Some("set_usage sets a gauge"),
+        ),
+        Ok(Metered::Limit(subject)) => Some((subject.customer, subject.metric)),
+        Ok(Metered::Credits(account)) => {
+            let (_, customer, metric) = account.ids();
+            Some((customer, metric))
         }
+        Err(_) => None,
+    };
+    // Each reservation first releases the expired ones of its customer and
+    // metric, so that abandoned holds go even where nothing is ever refused
+    // (soft limits, no limit).
+    if let Some((customer_id, metric_id)) = ids {
+        let _writes = crate::context::UsageWrites::open();
+        expire(customer_id, metric_id);
     }
     if let Some(key) = idempotency_key {
         if let Some(first) = replay(customer, metric, amount, key) {

@@ -71,6 +71,10 @@ fn erasing_a_person_leaves_no_trace_and_the_chain_verifies() {
     let (other, _) = setup(&mut su, "erase-other");
     su.batch_execute("SET flagship.audit_maintenance = off")
         .unwrap();
+    su.batch_execute(&format!(
+        "UPDATE flagship.members SET name = 'Bea Example' WHERE organization_id = '{org}' AND user_key = '{BEA}'"
+    ))
+    .unwrap();
     let anchor = text(
         &mut su,
         &format!("SELECT flagship.audit_head('{org}')::text"),
@@ -106,6 +110,7 @@ fn erasing_a_person_leaves_no_trace_and_the_chain_verifies() {
         "",
         "nothing names bea any more: {left}"
     );
+    assert_eq!(mentions(&mut su, &org, "Bea Example"), "", "nor her name");
     assert_ne!(
         mentions(&mut su, &org, "carl@acme.example"),
         "",

@@ -134,6 +134,14 @@ fn costs_plans_without_the_limit_and_typos() {
             r#"SELECT flagship.put_plan('shop', '{"key": "pro", "rate_limits": {"requests": {"limit": 100, "window": "1m"}}}')"#,
         )
         .unwrap();
+    // Plain SQL is held to the same terms.
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            r#"UPDATE flagship.plans SET rate_limits = '{"requests": {"limit": 0, "window": "1m"}}' WHERE key = 'pro'"#
+        ),
+        "23514"
+    );
     // Exported with the plan, as written.
     assert_eq!(
         answer(
@@ -253,6 +261,17 @@ fn verification_checks_a_keys_rate_limit_before_its_usage_limit() {
         sqlstate(
             &mut keyed,
             &format!("SELECT flagship.issue_api_key('{org}', 'free', ARRAY['api_keys:write'])")
+        ),
+        "42501"
+    );
+    // Nor by a plain INSERT.
+    assert_eq!(
+        sqlstate(
+            &mut keyed,
+            &format!(
+                "INSERT INTO flagship.api_keys (organization_id, name, display_prefix, key_hash, scopes)
+                 VALUES ('{org}', 'raw', 'fs_live_00000000', sha256('raw'), ARRAY['api_keys:write'])"
+            )
         ),
         "42501"
     );

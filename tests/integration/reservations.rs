@@ -207,6 +207,29 @@ fn expired_reservations_come_back_without_any_call() {
         answer(&mut app, "flagship.record_usage('acme', 'calls', 100)")["allowed"],
         json!(true)
     );
+    // Where nothing is ever refused (a soft limit), the next reservation
+    // releases expired ones.
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_metric('shop', '{"key": "events"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100},
+                   "events": {"limit": 1000, "enforcement": "soft"}}}');"#,
+        )
+        .unwrap();
+    let soft = answer(
+        &mut admin,
+        "flagship.reserve_usage('acme', 'events', 5, interval '1 second')",
+    );
+    let soft_id = soft["reservation_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(1200));
+    answer(&mut admin, "flagship.reserve_usage('acme', 'events', 1)");
+    assert_eq!(
+        text(
+            &mut admin,
+            &format!("SELECT state FROM flagship.usage_reservations WHERE id = '{soft_id}'")
+        ),
+        "expired"
+    );
     // Finalizing it now consumes nothing: it expired.
     let late = answer(&mut admin, &format!("flagship.finalize_usage('{id}', 100)"));
     assert_eq!(
