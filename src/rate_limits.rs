@@ -16,36 +16,16 @@ use std::rc::Rc;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
 use crate::postgres::backend::POSTGRES_EPOCH_MICROS;
 use crate::postgres::shared_windows::{self, NotCounted};
-use flagship_engine::rate_window::{self, Attempt};
+use flagship_engine::rate_window;
 
 /// Larger costs are mistakes, not requests.
 const MAX_COST: i32 = 1_000_000;
-
-fn timestamp(unix_us: i64) -> Value {
-    chrono::DateTime::from_timestamp_micros(unix_us).map_or(Value::Null, |at| {
-        json!(at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false))
-    })
-}
-
-fn answer(limit: Option<u64>, attempt: Option<&Attempt>) -> Value {
-    let allowed = attempt.is_none_or(|attempt| attempt.allowed);
-    json!({
-        "allowed": allowed,
-        "limit": limit,
-        "remaining": attempt.map(|attempt| attempt.remaining),
-        "reset_at": attempt.map_or(Value::Null, |attempt| timestamp(attempt.reset_at_us + POSTGRES_EPOCH_MICROS)),
-        "retry_after_ms": attempt.map_or(json!(0), |attempt| {
-            json!(attempt.retry_after_us.map(|wait| (wait + 999) / 1000))
-        }),
-        "reason": if allowed { "WITHIN_LIMIT" } else { "RATE_LIMITED" },
-    })
-}
 
 /// Environment, customer key, limit name.
 type TermsKey = ([u8; 16], String, String);
@@ -78,7 +58,7 @@ fn count(
     name: &str,
     limit: i64,
     window: &str,
-    cost: i32,
+    cost: u32,
 ) -> Value {
     let window_us = rate_window::parse_window(window).unwrap_or_else(|message| {
         invalid_parameter(format!("rate limit \"{name}\": window: {message}"), None)
@@ -89,7 +69,6 @@ fn count(
             None,
         )
     });
-    let cost = checked_cost(cost);
     let now = shared_windows::clock_now();
     let (seed, database) = (shared_windows::seed(), shared_windows::database());
     let key = rate_window::counter_key(
@@ -102,7 +81,7 @@ fn count(
     );
     let holder = rate_window::organization_key(seed, database, organization.as_bytes());
     match shared_windows::attempt(key, holder, window_us, now, cost, limit) {
-        Ok(attempt) => answer(Some(limit), Some(&attempt)),
+        Ok(attempt) => rate_window::result(Some(limit), Some(&attempt), POSTGRES_EPOCH_MICROS),
         Err(NotCounted::NoTable) => crate::errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "rate limits need shared memory, and flagship was not loaded at server start",
@@ -148,7 +127,7 @@ fn rate_limit(
     environment: default!(Option<&str>, "NULL"),
 ) -> JsonB {
     crate::context::require_scope("usage:write");
-    checked_cost(cost);
+    let cost = checked_cost(cost);
     // A customer's key counts for its customer, or for itself, only.
     if let Some(own) = crate::context::key_customer() {
         let own_key = crate::context::current_key_id().map(|id| format!("key:{id}"));
@@ -198,7 +177,7 @@ fn rate_limit(
             window,
             cost,
         )),
-        _ => JsonB(answer(None, None)),
+        _ => JsonB(rate_window::result(None, None, POSTGRES_EPOCH_MICROS)),
     }
 }
 
@@ -221,7 +200,7 @@ fn rate_limit_hit(
         name,
         rate_limit,
         window,
-        cost,
+        checked_cost(cost),
     ))
 }
 

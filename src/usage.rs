@@ -127,6 +127,22 @@ fn check_amount(amount: Option<i64>, field: &str) -> i64 {
     }
 }
 
+/// A consumption that must take something: 1 to the usage maximum.
+fn check_positive_amount(amount: Option<i64>, field: &str) -> i64 {
+    let amount = check_amount(amount, field);
+    if amount == 0 {
+        invalid_parameter(format!("{field}: must be between 1 and {MAX_AMOUNT}"), None);
+    }
+    amount
+}
+
+/// Idempotency keys are 1 to 200 characters.
+fn check_idempotency_key(idempotency_key: Option<&str>) {
+    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
+        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
+    }
+}
+
 mod credits;
 mod reservations;
 
@@ -491,9 +507,7 @@ pub fn record_usage(
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
     let amount = check_amount(amount, "amount");
-    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
-        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
-    }
+    check_idempotency_key(idempotency_key);
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
     let answer = record(customer, metric, amount, idempotency_key, environment);
@@ -601,9 +615,7 @@ pub fn grant_credits(
     Spi::run("SELECT flagship.require_permission('plans:write', 'grant_credits')")
         .unwrap_or_else(|error| panic!("checking the permission: {error}"));
     let amount = credits::check_grant(amount, expires_at);
-    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
-        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
-    }
+    check_idempotency_key(idempotency_key);
     let customer = &acting_customer(customer);
     let account = match metered(customer, metric, environment) {
         Ok(Metered::Credits(account)) => account,

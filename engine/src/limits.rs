@@ -216,7 +216,8 @@ pub fn consumed(terms: &Terms, used_after: i64) -> (Reason, Option<bool>) {
     }
 }
 
-fn timestamp(at: DateTime<Utc>) -> Value {
+/// How every answer writes a time (RFC 3339, UTC).
+pub(crate) fn timestamp(at: DateTime<Utc>) -> Value {
     Value::String(at.to_rfc3339_opts(SecondsFormat::AutoSi, false))
 }
 

@@ -19,6 +19,9 @@
 //! The state is plain old data of fixed size, so it can live in shared
 //! memory; times are microseconds on any fixed epoch.
 
+use chrono::DateTime;
+use serde_json::{json, Value};
+
 /// Buckets per window.
 pub const SUB_WINDOWS: i64 = 60;
 /// Ring size: the `SUB_WINDOWS + 1` live buckets, rounded up.
@@ -186,6 +189,26 @@ pub fn has_its_share(held: usize, probes: usize) -> bool {
     held >= probes / 4
 }
 
+/// The answer to an attempt: `{"allowed", "limit", "remaining",
+/// "reset_at", "retry_after_ms", "reason"}`; without an attempt (no
+/// limit), allowed and unlimited. `epoch_unix_us` is where the clock the
+/// attempt was counted on starts, in Unix microseconds.
+pub fn result(limit: Option<u64>, attempt: Option<&Attempt>, epoch_unix_us: i64) -> Value {
+    let allowed = attempt.is_none_or(|attempt| attempt.allowed);
+    json!({
+        "allowed": allowed,
+        "limit": limit,
+        "remaining": attempt.map(|attempt| attempt.remaining),
+        "reset_at": attempt
+            .and_then(|attempt| DateTime::from_timestamp_micros(attempt.reset_at_us + epoch_unix_us))
+            .map_or(Value::Null, crate::limits::timestamp),
+        "retry_after_ms": attempt.map_or(json!(0), |attempt| {
+            json!(attempt.retry_after_us.map(|wait| (wait + 999) / 1000))
+        }),
+        "reason": if allowed { "WITHIN_LIMIT" } else { "RATE_LIMITED" },
+    })
+}
+
 /// Parses a window such as `30s`, `1m`, `12h` or `1d` (1 s to 1 day) into
 /// microseconds.
 pub fn parse_window(text: &str) -> Result<i64, String> {
@@ -253,6 +276,32 @@ mod tests {
             window
                 .attempt(MINUTE, start + 61 * 1_000_000, 1, 100)
                 .allowed
+        );
+    }
+
+    #[test]
+    fn answers_are_whole_documents() {
+        let mut window = Window::unused();
+        let attempt = window.attempt(MINUTE, 0, 1, 1);
+        assert_eq!(
+            result(Some(1), Some(&attempt), 946_684_800_000_000),
+            json!({"allowed": true, "limit": 1, "remaining": 0,
+                   "reset_at": "2000-01-01T00:01:01+00:00", "retry_after_ms": 0,
+                   "reason": "WITHIN_LIMIT"})
+        );
+        let refused = window.attempt(MINUTE, 500, 1, 1);
+        assert_eq!(
+            result(Some(1), Some(&refused), 0)["retry_after_ms"],
+            json!(61_000)
+        );
+        assert_eq!(
+            result(Some(1), Some(&refused), 0)["reason"],
+            json!("RATE_LIMITED")
+        );
+        assert_eq!(
+            result(None, None, 0),
+            json!({"allowed": true, "limit": null, "remaining": null, "reset_at": null,
+                   "retry_after_ms": 0, "reason": "WITHIN_LIMIT"})
         );
     }
 

@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use serde_json::{json, Value};
 
-use super::{check_amount, first_i64, prepare, spi, to_postgres, transaction_now, MAX_AMOUNT};
+use super::{check_positive_amount, first_i64, prepare, spi, to_postgres, transaction_now};
 use crate::errors::invalid_parameter;
 use crate::postgres::jsonb::BuiltJsonb;
 use flagship_engine::limits::{self, Facts, Reason};
@@ -330,10 +330,7 @@ pub(super) fn grant(
 
 /// Checks a grant's amount (1 to the usage maximum) and expiry (future).
 pub(super) fn check_grant(amount: Option<i64>, expires_at: Option<TimestampWithTimeZone>) -> i64 {
-    let amount = check_amount(amount, "amount");
-    if amount == 0 {
-        invalid_parameter(format!("amount: must be between 1 and {MAX_AMOUNT}"), None);
-    }
+    let amount = check_positive_amount(amount, "amount");
     if let Some(expires_at) = expires_at {
         let future = Spi::get_one_with_args::<bool>("SELECT $1 > now()", &[expires_at.into()])
             .ok()

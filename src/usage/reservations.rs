@@ -14,7 +14,9 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use super::{acting_customer, check_amount, metered, record, Metered, MAX_AMOUNT};
+use super::{
+    acting_customer, check_idempotency_key, check_positive_amount, metered, record, Metered,
+};
 use crate::errors::invalid_parameter;
 use crate::postgres::statement_reads::{self, KeptPlan, Query};
 
@@ -143,14 +145,9 @@ pub fn reserve_usage(
     idempotency_key: default!(Option<&str>, "NULL"),
     environment: default!(Option<&str>, "NULL"),
 ) -> JsonB {
-    let amount = check_amount(amount, "amount");
-    if amount == 0 {
-        invalid_parameter(format!("amount: must be between 1 and {MAX_AMOUNT}"), None);
-    }
+    let amount = check_positive_amount(amount, "amount");
     let ttl = check_ttl(ttl);
-    if idempotency_key.is_some_and(|key| key.is_empty() || key.chars().count() > 200) {
-        invalid_parameter("idempotency_key: must be 1 to 200 characters", None);
-    }
+    check_idempotency_key(idempotency_key);
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);
     let ids = match metered(customer, metric, environment) {
