@@ -116,28 +116,25 @@ BEGIN
            jsonb_object_agg(x.chain_seq::text, encode(flagship.audit_content_digest(x.actor, x.diff), 'hex'))
       INTO erased_seqs, erased_diffs, erased_actors, erased_digests
       FROM (SELECT a.chain_seq,
-                   flagship.erase_from_document(
-                       a.diff, subject, pseudonym,
-                       CASE WHEN a.resource_type = 'customers'
-                                 AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                            THEN ARRAY['attributes', 'name']
-                            WHEN a.resource_type = 'members'
-                                 AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
-                            THEN ARRAY['name'] ELSE '{}' END) AS diff,
+                   flagship.erase_from_document(a.diff, subject, pseudonym, personal.fields) AS diff,
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
+             -- The fields that are theirs wherever they change: the erased
+             -- customer's attributes and name, the erased member's name.
+             CROSS JOIN LATERAL (
+                 SELECT CASE WHEN a.resource_type = 'customers'
+                                  AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                             THEN ARRAY['attributes', 'name']
+                             WHEN a.resource_type = 'members'
+                                  AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                             THEN ARRAY['name'] ELSE '{}'::text[] END AS fields) personal
              WHERE a.organization_id = org
                -- Erasure events name no one, and their records are what
                -- erased events are verified against: never rewritten.
                AND a.action <> 'erase'
                AND (a.actor = subject OR a.change_key = subject
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
-                    OR (a.resource_type = 'customers'
-                        AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                        AND (a.diff ? 'attributes' OR a.diff ? 'name'))
-                    OR (a.resource_type = 'members'
-                        AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
-                        AND a.diff ? 'name'))) x;
+                    OR a.diff ?| personal.fields)) x;
     -- The erasure event commits, in the chain, to the digest of each
     -- erased event's new content: changing it afterwards is detected.
     erasure_seq := flagship.audit_append(

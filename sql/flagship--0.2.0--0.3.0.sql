@@ -3991,26 +3991,27 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'rate_window_us_wrapper';
 
--- Whether `spec` is a valid set of rate limits (NULL: none), as
--- checked_rate_limits checks it; for CHECK constraints, which cannot name
--- the field at fault.
+-- Whether `spec` is a valid set of rate limits (NULL: none), by the rules
+-- of checked_rate_limits (one set of rules, read there); for CHECK
+-- constraints, which cannot name the field at fault. A stored column holds
+-- NULL, not '{}', for "none".
 CREATE FUNCTION flagship.rate_limits_valid(spec jsonb) RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT spec IS NULL OR (
-        jsonb_typeof(spec) = 'object' AND spec <> '{}'
-        AND NOT EXISTS (
-            SELECT 1 FROM jsonb_each(spec) item
-             WHERE item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63
-                OR jsonb_typeof(item.value) IS DISTINCT FROM 'object'
-                OR EXISTS (SELECT 1 FROM jsonb_object_keys(item.value) k WHERE k NOT IN ('limit', 'window'))
-                OR jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
-                OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
-                OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000
-                OR jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
-                OR flagship.rate_window_us(item.value->>'window') IS NULL))
+BEGIN
+    IF spec IS NULL THEN
+        RETURN true;
+    END IF;
+    IF jsonb_typeof(spec) <> 'object' OR spec = '{}' THEN
+        RETURN false;
+    END IF;
+    PERFORM flagship.checked_rate_limits(spec, 'rate_limits');
+    RETURN true;
+EXCEPTION WHEN invalid_parameter_value THEN
+    RETURN false;
+END
 $fn$;
 
 ALTER TABLE flagship.plans ADD COLUMN rate_limits jsonb
@@ -5331,28 +5332,25 @@ BEGIN
            jsonb_object_agg(x.chain_seq::text, encode(flagship.audit_content_digest(x.actor, x.diff), 'hex'))
       INTO erased_seqs, erased_diffs, erased_actors, erased_digests
       FROM (SELECT a.chain_seq,
-                   flagship.erase_from_document(
-                       a.diff, subject, pseudonym,
-                       CASE WHEN a.resource_type = 'customers'
-                                 AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                            THEN ARRAY['attributes', 'name']
-                            WHEN a.resource_type = 'members'
-                                 AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
-                            THEN ARRAY['name'] ELSE '{}' END) AS diff,
+                   flagship.erase_from_document(a.diff, subject, pseudonym, personal.fields) AS diff,
                    CASE WHEN a.actor = subject THEN pseudonym ELSE a.actor END AS actor
               FROM flagship.audit_events a
+             -- The fields that are theirs wherever they change: the erased
+             -- customer's attributes and name, the erased member's name.
+             CROSS JOIN LATERAL (
+                 SELECT CASE WHEN a.resource_type = 'customers'
+                                  AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
+                             THEN ARRAY['attributes', 'name']
+                             WHEN a.resource_type = 'members'
+                                  AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
+                             THEN ARRAY['name'] ELSE '{}'::text[] END AS fields) personal
              WHERE a.organization_id = org
                -- Erasure events name no one, and their records are what
                -- erased events are verified against: never rewritten.
                AND a.action <> 'erase'
                AND (a.actor = subject OR a.change_key = subject
                     OR strpos(a.diff::text, to_jsonb(subject)::text) > 0
-                    OR (a.resource_type = 'customers'
-                        AND a.resource_id = ANY (coalesce(customer_ids, '{}')::text[])
-                        AND (a.diff ? 'attributes' OR a.diff ? 'name'))
-                    OR (a.resource_type = 'members'
-                        AND a.resource_id = ANY (coalesce(member_ids, '{}')::text[])
-                        AND a.diff ? 'name'))) x;
+                    OR a.diff ?| personal.fields)) x;
     -- The erasure event commits, in the chain, to the digest of each
     -- erased event's new content: changing it afterwards is detected.
     erasure_seq := flagship.audit_append(

@@ -36,26 +36,27 @@ CREATE TABLE flagship.metrics (
         REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
 );
 
--- Whether `spec` is a valid set of rate limits (NULL: none), as
--- checked_rate_limits checks it; for CHECK constraints, which cannot name
--- the field at fault.
+-- Whether `spec` is a valid set of rate limits (NULL: none), by the rules
+-- of checked_rate_limits (one set of rules, read there); for CHECK
+-- constraints, which cannot name the field at fault. A stored column holds
+-- NULL, not '{}', for "none".
 CREATE FUNCTION flagship.rate_limits_valid(spec jsonb) RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT spec IS NULL OR (
-        jsonb_typeof(spec) = 'object' AND spec <> '{}'
-        AND NOT EXISTS (
-            SELECT 1 FROM jsonb_each(spec) item
-             WHERE item.key !~ '^[a-z0-9][a-z0-9_.-]*$' OR length(item.key) > 63
-                OR jsonb_typeof(item.value) IS DISTINCT FROM 'object'
-                OR EXISTS (SELECT 1 FROM jsonb_object_keys(item.value) k WHERE k NOT IN ('limit', 'window'))
-                OR jsonb_typeof(item.value->'limit') IS DISTINCT FROM 'number'
-                OR (item.value->>'limit')::numeric <> trunc((item.value->>'limit')::numeric)
-                OR (item.value->>'limit')::numeric NOT BETWEEN 1 AND 1000000000
-                OR jsonb_typeof(item.value->'window') IS DISTINCT FROM 'string'
-                OR flagship.rate_window_us(item.value->>'window') IS NULL))
+BEGIN
+    IF spec IS NULL THEN
+        RETURN true;
+    END IF;
+    IF jsonb_typeof(spec) <> 'object' OR spec = '{}' THEN
+        RETURN false;
+    END IF;
+    PERFORM flagship.checked_rate_limits(spec, 'rate_limits');
+    RETURN true;
+EXCEPTION WHEN invalid_parameter_value THEN
+    RETURN false;
+END
 $fn$;
 
 CREATE TABLE flagship.plans (
