@@ -14,7 +14,7 @@ use flagship_engine::merge_patch::merge_patch;
 use flagship_engine::rules::condition_documents::check_value_depth;
 use flagship_engine::rules::document::{parse_flag_document, parse_segment};
 use flagship_engine::rules::environment_config::parse_environment_config;
-use flagship_engine::rules::ValidationError;
+use flagship_engine::rules::{Path, ValidationError, ROOT};
 
 fn refuse(subject: &str, key: Option<&str>, error: ValidationError) -> ! {
     let hint = error
@@ -109,7 +109,7 @@ pub fn validate_flag_config(
     variants.sort_by(|a, b| a.0.cmp(&b.0));
     let path = format!("environments.{environment_key}");
     let config = config.value(&format!("{subject}: {path}"));
-    parse_environment_config(&config, &variants, bucketing, &path)
+    parse_environment_config(&config, &variants, bucketing, Path::Text(&path))
         .unwrap_or_else(|error| refuse("flag", Some(flag_key), error));
     true
 }
@@ -137,7 +137,7 @@ pub fn json_merge_patch(target: DocumentArg, patch: DocumentArg) -> JsonB {
 #[pg_extern(immutable, parallel_safe, strict)]
 pub fn check_stored_value(field: &str, value: DocumentArg) -> bool {
     let document = value.value(field);
-    check_value_depth(&document, "")
+    check_value_depth(&document, ROOT)
         .unwrap_or_else(|error| invalid_parameter(format!("{field}: {}", error.message), None));
     true
 }

@@ -10,6 +10,7 @@ use crate::errors::{invalid_parameter, raise};
 use crate::postgres::jsonb::DocumentArg;
 use flagship_engine::migration::{growthbook, unleash, ImportError};
 use flagship_engine::rules::condition_documents::parse_conditions;
+use flagship_engine::rules::Path;
 
 fn refuse(source: &str, error: ImportError) -> ! {
     match error {
@@ -55,7 +56,7 @@ pub fn import_growthbook_condition(
         .unwrap_or_else(|error| refuse("growthbook", error));
     let conditions = Value::Array(conditions);
     // What comes out must be what put_flag accepts.
-    if let Err(error) = parse_conditions(Some(&conditions), "conditions") {
+    if let Err(error) = parse_conditions(Some(&conditions), Path::Text("conditions")) {
         invalid_parameter(format!("growthbook import: {error}"), None)
     }
     JsonB(conditions)

@@ -112,7 +112,7 @@ struct StoredFlag {
 enum Column {
     Text,
     Boolean,
-    /// jsonb, read as its text.
+    /// jsonb, read from its binary form.
     Json,
 }
 
@@ -122,7 +122,8 @@ impl Column {
     fn null(self) -> &'static str {
         match self {
             Column::Boolean => "NULL::boolean",
-            Column::Text | Column::Json => "NULL::text",
+            Column::Text => "NULL::text",
+            Column::Json => "NULL::jsonb",
         }
     }
 }
@@ -146,9 +147,9 @@ const FLAG_FIELDS: &[Field] = &[
     field("kind", "f.kind", Column::Text),
     field("name", "f.name", Column::Text),
     field("description", "f.description", Column::Text),
-    field("variants", "f.variants::text", Column::Json),
+    field("variants", "f.variants", Column::Json),
     field("off_variant", "f.off_variant", Column::Text),
-    field("prerequisites", "f.prerequisites::text", Column::Json),
+    field("prerequisites", "f.prerequisites", Column::Json),
     field("salt", "f.salt", Column::Text),
     field("archived", "f.archived", Column::Boolean),
     field("bucketing", "f.bucketing", Column::Text),
@@ -157,17 +158,17 @@ const FLAG_FIELDS: &[Field] = &[
 const HAS_CONFIG: &[Field] = &[field("", "r.feature_id IS NOT NULL", Column::Boolean)];
 const CONFIG_FIELDS: &[Field] = &[
     field("enabled", "r.enabled", Column::Boolean),
-    field("targets", "r.targets::text", Column::Json),
-    field("rules", "r.rules::text", Column::Json),
-    field("default", "r.default_serve::text", Column::Json),
+    field("targets", "r.targets", Column::Json),
+    field("rules", "r.rules", Column::Json),
+    field("default", "r.default_serve", Column::Json),
 ];
 const SEGMENT_FIELDS: &[Field] = &[
     field("key", "s.key", Column::Text),
     field("name", "s.name", Column::Text),
     field("description", "s.description", Column::Text),
-    field("included", "s.included::text", Column::Json),
-    field("excluded", "s.excluded::text", Column::Json),
-    field("conditions", "s.conditions::text", Column::Json),
+    field("included", "s.included", Column::Json),
+    field("excluded", "s.excluded", Column::Json),
+    field("conditions", "s.conditions", Column::Json),
 ];
 
 /// The loading statement's columns after the row's tag, block by block: a
@@ -319,9 +320,9 @@ fn stored_document(found: &statement_reads::Rows<'_>, row: usize, block: usize) 
                 text_bytes += text.len();
                 Value::String(text)
             }),
-            Column::Json => found.get::<String>(row, column).and_then(|text| {
-                text_bytes += text.len();
-                match crate::postgres::jsonb::parse_document(&text) {
+            Column::Json => found.jsonb(row, column).and_then(|stored| {
+                text_bytes += stored.size_bytes();
+                match stored.to_document() {
                     Ok(value) => Some(value),
                     Err(why) => {
                         unreadable.get_or_insert(format!("its stored \"{}\" {why}", field.name));
@@ -393,7 +394,7 @@ fn compile_flag(stored: StoredFlag, broken_segments: &[String]) -> Result<Loaded
                 &config.document?,
                 &definition.variants,
                 definition.bucketing.unwrap_or_default(),
-                "",
+                flagship_engine::rules::ROOT,
             )
             .map_err(|error| error.to_string())?;
             if let Some(segment) = config

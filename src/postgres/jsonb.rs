@@ -32,6 +32,12 @@ impl JsonbArg<'_> {
         unsafe { std::ptr::addr_of_mut!((*self.jsonb.as_ptr()).root) }
     }
 
+    /// The size of its binary form, in bytes.
+    pub fn size_bytes(&self) -> usize {
+        // SAFETY: a complete, detoasted Jsonb (see `root`).
+        unsafe { pgrx::varsize_any_exhdr(self.jsonb.as_ptr().cast()) }
+    }
+
     /// A JSON object at the top (not an array, not a raw scalar).
     pub fn is_object(&self) -> bool {
         // SAFETY: `root` points into a complete Jsonb (see `root`), which
@@ -56,6 +62,20 @@ impl JsonbArg<'_> {
                 .to_string_lossy()
                 .into_owned()
         }
+    }
+
+    /// The whole document as a `serde_json::Value`, read from the binary
+    /// layout (see `find_key`) instead of printed as text and parsed again
+    /// (the text round trip was a sixth of loading an environment, and
+    /// jsonb_util.c's iterator, called through the guard once per token,
+    /// cost nearly as much). It answers what `parse_document(&self.to_text())`
+    /// answers, refusals included, which a differential test holds it to:
+    /// numbers are read from numeric_out's text as serde_json reads them,
+    /// and a document nested deeper than serde_json reads is refused alike.
+    pub fn to_document(&self) -> Result<Value, String> {
+        // SAFETY: the root is a complete container built by PostgreSQL that
+        // lives for 'fcx (see `root`).
+        unsafe { read_container(self.root(), 0) }
     }
 
     /// Writes the value of one top-level key of an object into `slot`,
@@ -201,6 +221,105 @@ fn copy_string_into(bytes: &[u8], slot: &mut Value) {
         }
         other => *other = Value::String(text.into_owned()),
     }
+}
+
+fn too_deep() -> String {
+    format!("nests deeper than {MAX_READABLE_DEPTH} levels of JSON")
+}
+
+/// A container and everything in it, read from jsonb.h's layout: a header
+/// word (item count and kind), one JEntry per item (an object's keys first,
+/// then its values, both in key order), then the items' data. Each JEntry
+/// holds its item's length or, every 32nd, its end offset, so reading the
+/// items in order keeps a running offset. Numbers and nested containers sit
+/// at int-aligned offsets. A top-level scalar is a one-item array flagged
+/// `JB_FSCALAR`, which is no level of nesting. `enclosing` counts the
+/// containers around this one.
+///
+/// # Safety
+/// `container` must be a complete container built by PostgreSQL's jsonb
+/// code (so every offset and length stays inside it), valid while the
+/// result is built.
+unsafe fn read_container(
+    container: *const pg_sys::JsonbContainer,
+    enclosing: usize,
+) -> Result<Value, String> {
+    let header = (*container).header;
+    let count = (header & pg_sys::JB_CMASK) as usize;
+    let is_object = header & pg_sys::JB_FOBJECT != 0;
+    let is_scalar = header & pg_sys::JB_FSCALAR != 0;
+    // serde_json reads 127 nested containers and refuses the 128th.
+    let depth = if is_scalar { enclosing } else { enclosing + 1 };
+    if depth >= MAX_READABLE_DEPTH {
+        return Err(too_deep());
+    }
+    let entry_count = if is_object { count * 2 } else { count };
+    let entries = std::ptr::addr_of!((*container).children).cast::<u32>();
+    let data = entries.add(entry_count).cast::<u8>();
+    // Each item's JEntry and its bounds in the data, in one pass.
+    let mut end = 0usize;
+    let bounds: Vec<(u32, usize, usize)> = (0..entry_count)
+        .map(|index| {
+            let entry = *entries.add(index);
+            let begin = end;
+            let field = (entry & pg_sys::JENTRY_OFFLENMASK) as usize;
+            end = if entry & pg_sys::JENTRY_HAS_OFF != 0 {
+                field
+            } else {
+                begin + field
+            };
+            (entry, begin, end)
+        })
+        .collect();
+    let bytes = |begin: usize, end: usize| std::slice::from_raw_parts(data.add(begin), end - begin);
+    let item = |(entry, begin, end): (u32, usize, usize)| -> Result<Value, String> {
+        let aligned = data.add((begin + 3) & !3);
+        Ok(match entry & pg_sys::JENTRY_TYPEMASK {
+            pg_sys::JENTRY_ISSTRING => Value::String(utf8(bytes(begin, end))?),
+            pg_sys::JENTRY_ISNUMERIC => number(aligned.cast_mut().cast())?,
+            pg_sys::JENTRY_ISBOOL_TRUE => Value::Bool(true),
+            pg_sys::JENTRY_ISBOOL_FALSE => Value::Bool(false),
+            pg_sys::JENTRY_ISCONTAINER => read_container(aligned.cast(), depth)?,
+            _ => Value::Null,
+        })
+    };
+    if is_object {
+        let mut members = serde_json::Map::new();
+        for (&(_, begin, end), &value) in bounds[..count].iter().zip(&bounds[count..]) {
+            members.insert(utf8(bytes(begin, end))?, item(value)?);
+        }
+        Ok(Value::Object(members))
+    } else if is_scalar {
+        bounds.first().map_or(Ok(Value::Null), |&only| item(only))
+    } else {
+        bounds
+            .into_iter()
+            .map(item)
+            .collect::<Result<_, _>>()
+            .map(Value::Array)
+    }
+}
+
+fn utf8(bytes: &[u8]) -> Result<String, String> {
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| "cannot be read (a string is not UTF-8)".to_string())
+}
+
+/// A stored number as serde_json reads jsonb's text of it: numeric_out is
+/// what jsonb_out prints, so integers, doubles and refusals stay as they
+/// were on the text path.
+///
+/// # Safety
+/// `numeric` must point to a complete numeric inside a live container.
+unsafe fn number(numeric: pg_sys::Numeric) -> Result<Value, String> {
+    let text = pgrx::direct_function_call::<&CStr>(
+        pg_sys::numeric_out,
+        &[Some(pg_sys::Datum::from(numeric))],
+    )
+    .map(CStr::to_string_lossy)
+    .unwrap_or_default();
+    parse_document(&text)
 }
 
 /// Converts one looked-up non-string value. Nested containers are rare in
@@ -551,7 +670,7 @@ pub const MAX_READABLE_DEPTH: usize = 128;
 impl DocumentArg<'_> {
     /// The document, or 22023 naming `subject` (e.g. `flag "checkout"`).
     pub fn value(&self, subject: &str) -> Value {
-        parse_document(&self.0.to_text()).unwrap_or_else(|why| {
+        self.0.to_document().unwrap_or_else(|why| {
             crate::errors::invalid_parameter(format!("{subject}: {why}"), None)
         })
     }
@@ -561,7 +680,7 @@ impl DocumentArg<'_> {
 pub fn parse_document(text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|error| {
         if error.to_string().contains("recursion limit") {
-            format!("nests deeper than {MAX_READABLE_DEPTH} levels of JSON")
+            too_deep()
         } else {
             format!("cannot be read ({error}); numbers must fit a double")
         }

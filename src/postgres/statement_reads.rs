@@ -17,6 +17,8 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
+use crate::postgres::jsonb::JsonbArg;
+
 /// A plan kept for the life of the backend (PostgreSQL plans it again
 /// itself when a relation it reads changes, or the role it runs as).
 pub struct KeptPlan(NonNull<pg_sys::_SPI_plan>);
@@ -86,6 +88,14 @@ impl<'c> Rows<'c> {
             let type_oid = pg_sys::SPI_gettypeid(table.tupdesc, column);
             T::from_polymorphic_datum(datum, is_null, type_oid)
         }
+    }
+}
+
+impl Rows<'_> {
+    /// Column `column` (1-based, of type jsonb) of row `row`, read in
+    /// place: it borrows the rows, so it cannot outlive them.
+    pub fn jsonb(&self, row: usize, column: i32) -> Option<JsonbArg<'_>> {
+        self.get::<JsonbArg<'_>>(row, column)
     }
 }
 

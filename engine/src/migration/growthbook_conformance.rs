@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use super::growthbook::translate_condition;
 use crate::rules::condition_documents::parse_conditions;
 use crate::rules::criteria::all_hold;
+use crate::rules::Path;
 
 /// Translates and evaluates one case; Err says why it could not run.
 pub fn evaluate_case(
@@ -15,7 +16,7 @@ pub fn evaluate_case(
 ) -> Result<bool, String> {
     let groups = groups.as_object().cloned().unwrap_or_else(Map::new);
     let translated = translate_condition(condition, &groups).map_err(|e| e.to_string())?;
-    let criteria = parse_conditions(Some(&Value::Array(translated)), "condition")
+    let criteria = parse_conditions(Some(&Value::Array(translated)), Path::Text("condition"))
         .map_err(|error| error.to_string())?;
     let attributes = attributes
         .as_object()

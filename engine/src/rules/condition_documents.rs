@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::conditions::Condition;
 use super::criteria::{ArrayTest, Criterion};
 use super::fields::{
-    join, object, optional_bool, optional_string, refuse_unknown_fields, Result, ValidationError,
+    object, optional_bool, optional_string, refuse_unknown_fields, Path, Result, ValidationError,
 };
 use super::operators::{IfMissing, Operator};
 
@@ -32,7 +32,7 @@ pub const MAX_CONDITION_DEPTH: usize = 48;
 pub const MAX_VALUE_DEPTH: usize = 64;
 
 /// Refuses a value nested deeper than `MAX_VALUE_DEPTH`, naming `path`.
-pub fn check_value_depth(value: &Value, path: &str) -> Result<()> {
+pub fn check_value_depth(value: &Value, path: Path<'_>) -> Result<()> {
     let depth = nesting_depth(value);
     if depth > MAX_VALUE_DEPTH {
         return Err(ValidationError::new(
@@ -58,7 +58,7 @@ pub fn nesting_depth(value: &Value) -> usize {
     deepest
 }
 
-pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Criterion>> {
+pub fn parse_conditions(value: Option<&Value>, path: Path<'_>) -> Result<Vec<Criterion>> {
     if value.is_some_and(|value| nesting_depth(value) > MAX_CONDITION_DEPTH) {
         return Err(ValidationError::new(
             path,
@@ -70,7 +70,7 @@ pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Criteri
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(index, item)| parse_criterion(item, &format!("{path}[{index}]")))
+            .map(|(index, item)| parse_criterion(item, path.index(index)))
             .collect(),
         Some(_) => Err(ValidationError::new(path, "must be an array of conditions")),
     }
@@ -79,7 +79,7 @@ pub fn parse_conditions(value: Option<&Value>, path: &str) -> Result<Vec<Criteri
 /// A condition, or a group: `{"all": [...]}`, `{"any": [...]}`,
 /// `{"not": {...}}`, `{"some": "attr", "where": [...]}`,
 /// `{"length": "attr", "where": [...]}`.
-fn parse_criterion(value: &Value, path: &str) -> Result<Criterion> {
+fn parse_criterion(value: &Value, path: Path<'_>) -> Result<Criterion> {
     let map = object(value, path)?;
     let group = ["all", "any", "not", "some", "length"]
         .into_iter()
@@ -89,9 +89,9 @@ fn parse_criterion(value: &Value, path: &str) -> Result<Criterion> {
     };
     let members = |field: &str| -> Result<Vec<Criterion>> {
         match map.get(field) {
-            Some(Value::Array(_)) => parse_conditions(map.get(field), &join(path, field)),
+            Some(Value::Array(_)) => parse_conditions(map.get(field), path.field(field)),
             _ => Err(ValidationError::new(
-                join(path, field),
+                path.field(field),
                 "must be an array of conditions",
             )),
         }
@@ -100,7 +100,7 @@ fn parse_criterion(value: &Value, path: &str) -> Result<Criterion> {
         refuse_unknown_fields(map, allowed, path)?;
         let attribute = optional_string(map, kind, path)?
             .filter(|attribute| !attribute.trim().is_empty())
-            .ok_or_else(|| ValidationError::new(join(path, kind), "must name an attribute"))?;
+            .ok_or_else(|| ValidationError::new(path.field(kind), "must name an attribute"))?;
         Ok(ArrayTest::new(attribute, members("where")?))
     };
     Ok(match kind {
@@ -115,24 +115,24 @@ fn parse_criterion(value: &Value, path: &str) -> Result<Criterion> {
         }
         "not" => {
             refuse_unknown_fields(map, &["not"], path)?;
-            Criterion::Not(Box::new(parse_criterion(&map["not"], &join(path, "not"))?))
+            Criterion::Not(Box::new(parse_criterion(&map["not"], path.field("not"))?))
         }
         "some" => Criterion::Some(array_test(&["some", "where"])?),
         _ => Criterion::Length(array_test(&["length", "where"])?),
     })
 }
 
-fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
+fn parse_condition(value: &Value, path: Path<'_>) -> Result<Condition> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, CONDITION_FIELDS, path)?;
     let attribute = optional_string(map, "attribute", path)?
         .filter(|attribute| !attribute.trim().is_empty())
-        .ok_or_else(|| ValidationError::new(join(path, "attribute"), "is required"))?;
+        .ok_or_else(|| ValidationError::new(path.field("attribute"), "is required"))?;
     let op_name = optional_string(map, "op", path)?
-        .ok_or_else(|| ValidationError::new(join(path, "op"), "is required"))?;
+        .ok_or_else(|| ValidationError::new(path.field("op"), "is required"))?;
     let op = Operator::parse(&op_name).ok_or_else(|| {
         ValidationError::new(
-            join(path, "op"),
+            path.field("op"),
             format!(
                 "unknown operator \"{op_name}\"; valid operators: {}",
                 Operator::NAMES.join(", ")
@@ -149,7 +149,7 @@ fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
         (Some(Value::Array(values)), None) => values.clone(),
         (Some(_), None) => {
             return Err(ValidationError::new(
-                join(path, "values"),
+                path.field("values"),
                 "must be an array",
             ))
         }
@@ -164,13 +164,13 @@ fn parse_condition(value: &Value, path: &str) -> Result<Condition> {
         Some(Value::String(now)) if now == "now" => Some(IfMissing::Now),
         Some(_) => {
             return Err(ValidationError::new(
-                join(path, "if_missing"),
+                path.field("if_missing"),
                 "must be true, false or \"now\"",
             ))
         }
     };
     Condition::compile(attribute, op, &values, negate, case_insensitive)
-        .map_err(|message| ValidationError::new(join(path, "values"), message))?
+        .map_err(|message| ValidationError::new(path.field("values"), message))?
         .with_if_missing(if_missing)
-        .map_err(|message| ValidationError::new(join(path, "if_missing"), message))
+        .map_err(|message| ValidationError::new(path.field("if_missing"), message))
 }

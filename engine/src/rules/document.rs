@@ -10,8 +10,8 @@ use super::condition_documents::{check_value_depth, parse_conditions};
 use super::criteria::Criterion;
 use super::environment_config::{parse_environment_config, parse_profile, EnvironmentConfig};
 use super::fields::{
-    is_valid_key, join, key_field, object, optional_bool, optional_string, refuse_unknown_fields,
-    string_list, Result, ValidationError,
+    is_valid_key, key_field, object, optional_bool, optional_string, refuse_unknown_fields,
+    string_list, Result, ValidationError, ROOT,
 };
 use crate::bucketing::Profile;
 
@@ -108,21 +108,22 @@ const SEGMENT_FIELDS: &[&str] = &[
 
 /// Parses and validates a whole flag document.
 pub fn parse_flag_document(document: &Value) -> Result<FlagDocument> {
-    let map = object(document, "")?;
+    let map = object(document, ROOT)?;
     let flag = parse_flag_definition(document)?;
     let mut environments = BTreeMap::new();
     match map.get("environments") {
         None | Some(Value::Null) => {}
         Some(Value::Object(envs)) => {
+            let environments_path = ROOT.field("environments");
             for (env_key, config) in envs {
-                let path = format!("environments.{env_key}");
+                let path = environments_path.field(env_key);
                 environments.insert(
                     env_key.clone(),
                     parse_environment_config(
                         config,
                         &flag.variants,
                         flag.bucketing.unwrap_or_default(),
-                        &path,
+                        path,
                     )?,
                 );
             }
@@ -139,10 +140,10 @@ pub fn parse_flag_document(document: &Value) -> Result<FlagDocument> {
 
 /// Parses the flag-level fields; `environments`, if present, is left alone.
 pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
-    let map = object(document, "")?;
-    refuse_unknown_fields(map, FLAG_FIELDS, "")?;
-    let key = key_field(map, "key", "")?;
-    let kind = match optional_string(map, "kind", "")? {
+    let map = object(document, ROOT)?;
+    refuse_unknown_fields(map, FLAG_FIELDS, ROOT)?;
+    let key = key_field(map, "key", ROOT)?;
+    let kind = match optional_string(map, "kind", ROOT)? {
         None => Kind::Boolean,
         Some(text) => Kind::parse(&text).ok_or_else(|| {
             ValidationError::new(
@@ -195,7 +196,7 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
                 "is not a valid variant name (letters, digits, '-', '_' or '.')",
             ));
         }
-        check_value_depth(value, &format!("variants.{name}"))?;
+        check_value_depth(value, ROOT.field("variants").field(name))?;
         if kind != Kind::Multivariate && !value.is_boolean() {
             return Err(ValidationError::new(
                 format!("variants.{name}"),
@@ -204,7 +205,7 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
         }
     }
 
-    let off_variant = match optional_string(map, "off_variant", "")? {
+    let off_variant = match optional_string(map, "off_variant", ROOT)? {
         Some(name) => name,
         None if variants.iter().any(|(name, _)| name == "off") => "off".to_string(),
         None => {
@@ -221,40 +222,41 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
         ));
     }
 
+    let prerequisites_path = ROOT.field("prerequisites");
     let prerequisites = match map.get("prerequisites") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
             .map(|(index, item)| {
-                let path = format!("prerequisites[{index}]");
-                let entry = object(item, &path)?;
-                refuse_unknown_fields(entry, &["flag", "variant", "variants"], &path)?;
-                let flag = key_field(entry, "flag", &path)?;
+                let path = prerequisites_path.index(index);
+                let entry = object(item, path)?;
+                refuse_unknown_fields(entry, &["flag", "variant", "variants"], path)?;
+                let flag = key_field(entry, "flag", path)?;
                 if flag == key {
                     return Err(ValidationError::new(
-                        join(&path, "flag"),
+                        path.field("flag"),
                         "a flag cannot be its own prerequisite",
                     ));
                 }
                 let variants = match (entry.get("variant"), entry.get("variants")) {
                     (Some(_), Some(_)) => {
                         return Err(ValidationError::new(
-                            &path,
+                            path,
                             "give \"variant\" or \"variants\", not both",
                         ))
                     }
                     (None, Some(list)) => {
-                        let list = string_list(Some(list), &join(&path, "variants"))?;
+                        let list = string_list(Some(list), path.field("variants"))?;
                         if list.is_empty() {
                             return Err(ValidationError::new(
-                                join(&path, "variants"),
+                                path.field("variants"),
                                 "needs at least one variant",
                             ));
                         }
                         list
                     }
-                    _ => vec![optional_string(entry, "variant", &path)?
+                    _ => vec![optional_string(entry, "variant", path)?
                         .unwrap_or_else(|| "on".to_string())],
                 };
                 Ok(Prerequisite { flag, variants })
@@ -266,28 +268,28 @@ pub fn parse_flag_definition(document: &Value) -> Result<FlagDefinition> {
     Ok(FlagDefinition {
         key,
         kind,
-        name: optional_string(map, "name", "")?,
-        description: optional_string(map, "description", "")?,
+        name: optional_string(map, "name", ROOT)?,
+        description: optional_string(map, "description", ROOT)?,
         variants,
         off_variant,
         prerequisites,
-        salt: optional_string(map, "salt", "")?,
+        salt: optional_string(map, "salt", ROOT)?,
         bucketing: match map.get("bucketing") {
             None | Some(Value::Null) => None,
-            Some(_) => Some(parse_profile(map, "", Profile::default())?),
+            Some(_) => Some(parse_profile(map, ROOT, Profile::default())?),
         },
-        archived: optional_bool(map, "archived", "")?.unwrap_or(false),
+        archived: optional_bool(map, "archived", ROOT)?.unwrap_or(false),
     })
 }
 
 pub fn parse_segment(document: &Value) -> Result<SegmentDefinition> {
-    let map = object(document, "")?;
-    refuse_unknown_fields(map, SEGMENT_FIELDS, "")?;
+    let map = object(document, ROOT)?;
+    refuse_unknown_fields(map, SEGMENT_FIELDS, ROOT)?;
     Ok(SegmentDefinition {
-        key: key_field(map, "key", "")?,
-        name: optional_string(map, "name", "")?,
-        included: string_list(map.get("included"), "included")?,
-        excluded: string_list(map.get("excluded"), "excluded")?,
-        conditions: parse_conditions(map.get("conditions"), "conditions")?,
+        key: key_field(map, "key", ROOT)?,
+        name: optional_string(map, "name", ROOT)?,
+        included: string_list(map.get("included"), ROOT.field("included"))?,
+        excluded: string_list(map.get("excluded"), ROOT.field("excluded"))?,
+        conditions: parse_conditions(map.get("conditions"), ROOT.field("conditions"))?,
     })
 }

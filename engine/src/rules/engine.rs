@@ -148,26 +148,28 @@ fn compile_sample(sample: &Sample, flag: &FlagDefinition) -> CompiledSample {
     }
 }
 
-fn compile_environment(flag: &FlagDefinition, config: &EnvironmentConfig) -> CompiledEnvironment {
+/// Takes the configuration by value: its rule ids, segments and condition
+/// trees move into the compiled form instead of being copied.
+fn compile_environment(flag: &FlagDefinition, config: EnvironmentConfig) -> CompiledEnvironment {
     let mut targets = HashMap::default();
-    for (variant, keys) in &config.targets {
-        let index = variant_index(&flag.variants, variant);
+    for (variant, keys) in config.targets {
+        let index = variant_index(&flag.variants, &variant);
         for key in keys {
-            targets.insert(key.clone(), index);
+            targets.insert(key, index);
         }
     }
     let rules: Vec<CompiledRule> = config
         .rules
-        .iter()
+        .into_iter()
         .map(|rule| CompiledRule {
-            id: rule.id.clone(),
-            segment: rule.segment.clone(),
-            conditions: rule.conditions.clone(),
+            serve: compile_serve(&rule.serve, flag),
+            id: rule.id,
+            segment: rule.segment,
+            conditions: rule.conditions,
             sample: rule
                 .sample
                 .as_ref()
                 .map(|sample| compile_sample(sample, flag)),
-            serve: compile_serve(&rule.serve, flag),
         })
         .collect();
     let default = match &config.default {
@@ -218,9 +220,7 @@ impl Snapshot {
                     .map(|p| (p.flag.clone(), p.variants.clone()))
                     .collect(),
                 archived: flag.archived,
-                environment: config
-                    .as_ref()
-                    .map(|config| compile_environment(&flag, config)),
+                environment: config.map(|config| compile_environment(&flag, config)),
                 variants: flag.variants,
                 context_keys: Vec::new(),
             };

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use super::condition_documents::parse_conditions;
 use super::criteria::Criterion;
 use super::fields::{
-    is_valid_key, join, object, optional_bool, optional_string, refuse_unknown_fields, string_list,
+    is_valid_key, object, optional_bool, optional_string, refuse_unknown_fields, string_list, Path,
     Result, ValidationError,
 };
 use crate::bucketing::{Profile, BUCKETS};
@@ -74,7 +74,7 @@ const SERVE_FIELDS: &[&str] = &[
 ];
 const SAMPLE_FIELDS: &[&str] = &["percent", "bucket_by", "salt", "bucketing"];
 
-fn require_variant(variants: &[(String, Value)], name: &str, path: &str) -> Result<()> {
+fn require_variant(variants: &[(String, Value)], name: &str, path: Path<'_>) -> Result<()> {
     if variants.iter().any(|(known, _)| known == name) {
         Ok(())
     } else {
@@ -95,7 +95,7 @@ pub fn parse_environment_config(
     config: &Value,
     variants: &[(String, Value)],
     bucketing: Profile,
-    path: &str,
+    path: Path<'_>,
 ) -> Result<EnvironmentConfig> {
     let map = object(config, path)?;
     refuse_unknown_fields(map, ENVIRONMENT_FIELDS, path)?;
@@ -106,10 +106,11 @@ pub fn parse_environment_config(
     match map.get("targets") {
         None | Some(Value::Null) => {}
         Some(Value::Object(entries)) => {
+            let targets_path = path.field("targets");
             for (variant, keys) in entries {
-                let target_path = format!("{}.{variant}", join(path, "targets"));
-                require_variant(variants, variant, &target_path)?;
-                let keys = string_list(Some(keys), &target_path)?;
+                let target_path = targets_path.field(variant);
+                require_variant(variants, variant, target_path)?;
+                let keys = string_list(Some(keys), target_path)?;
                 for subject in &keys {
                     if let Some(other) = seen_targets.insert(subject.clone(), variant.clone()) {
                         if other != *variant {
@@ -125,7 +126,7 @@ pub fn parse_environment_config(
         }
         Some(_) => {
             return Err(ValidationError::new(
-                join(path, "targets"),
+                path.field("targets"),
                 "must be an object of variant: [subject keys]",
             ))
         }
@@ -136,12 +137,13 @@ pub fn parse_environment_config(
         None | Some(Value::Null) => {}
         Some(Value::Array(items)) => {
             let mut ids = std::collections::HashSet::new();
+            let rules_path = path.field("rules");
             for (index, item) in items.iter().enumerate() {
-                let rule_path = format!("{}[{index}]", join(path, "rules"));
-                let rule = parse_rule(item, variants, bucketing, &rule_path, index)?;
+                let rule_path = rules_path.index(index);
+                let rule = parse_rule(item, variants, bucketing, rule_path, index)?;
                 if !ids.insert(rule.id.clone()) {
                     return Err(ValidationError::new(
-                        join(&rule_path, "id"),
+                        rule_path.field("id"),
                         format!("duplicate rule id \"{}\"", rule.id),
                     ));
                 }
@@ -150,7 +152,7 @@ pub fn parse_environment_config(
         }
         Some(_) => {
             return Err(ValidationError::new(
-                join(path, "rules"),
+                path.field("rules"),
                 "must be an array",
             ))
         }
@@ -162,7 +164,7 @@ pub fn parse_environment_config(
             serve,
             variants,
             bucketing,
-            &join(path, "default"),
+            path.field("default"),
         )?),
     };
     Ok(EnvironmentConfig {
@@ -177,7 +179,7 @@ fn parse_rule(
     value: &Value,
     variants: &[(String, Value)],
     bucketing: Profile,
-    path: &str,
+    path: Path<'_>,
     index: usize,
 ) -> Result<Rule> {
     let map = object(value, path)?;
@@ -186,7 +188,7 @@ fn parse_rule(
         Some(id) if is_valid_key(&id) => id,
         Some(id) => {
             return Err(ValidationError::new(
-                join(path, "id"),
+                path.field("id"),
                 format!("\"{id}\" is not a valid rule id"),
             ))
         }
@@ -195,16 +197,16 @@ fn parse_rule(
     let segment = match optional_string(map, "segment", path)? {
         Some(segment) if !is_valid_key(&segment) => {
             return Err(ValidationError::new(
-                join(path, "segment"),
+                path.field("segment"),
                 format!("\"{segment}\" is not a valid segment key"),
             ))
         }
         other => other,
     };
-    let conditions = parse_conditions(map.get("conditions"), &join(path, "conditions"))?;
+    let conditions = parse_conditions(map.get("conditions"), path.field("conditions"))?;
     let sample = match map.get("sample") {
         None | Some(Value::Null) => None,
-        Some(sample) => Some(parse_sample(sample, bucketing, &join(path, "sample"))?),
+        Some(sample) => Some(parse_sample(sample, bucketing, path.field("sample"))?),
     };
     if segment.is_none() && conditions.is_empty() && sample.is_none() {
         return Err(ValidationError::new(
@@ -214,8 +216,8 @@ fn parse_rule(
     }
     let serve = map
         .get("serve")
-        .ok_or_else(|| ValidationError::new(join(path, "serve"), "is required"))?;
-    let serve = parse_serve(serve, variants, bucketing, &join(path, "serve"))?;
+        .ok_or_else(|| ValidationError::new(path.field("serve"), "is required"))?;
+    let serve = parse_serve(serve, variants, bucketing, path.field("serve"))?;
     Ok(Rule {
         id,
         segment,
@@ -227,23 +229,23 @@ fn parse_rule(
 
 pub(crate) fn parse_profile(
     map: &Map<String, Value>,
-    path: &str,
+    path: Path<'_>,
     default: Profile,
 ) -> Result<Profile> {
     match optional_string(map, "bucketing", path)? {
         None => Ok(default),
         Some(name) => Profile::parse_named(&name)
-            .map_err(|message| ValidationError::new(join(path, "bucketing"), message)),
+            .map_err(|message| ValidationError::new(path.field("bucketing"), message)),
     }
 }
 
 /// `"bucket_by": "attr"` or a list tried in turn; defaults to the targeting key.
-fn parse_bucket_by(map: &Map<String, Value>, path: &str) -> Result<Vec<String>> {
-    let field_path = join(path, "bucket_by");
+fn parse_bucket_by(map: &Map<String, Value>, path: Path<'_>) -> Result<Vec<String>> {
+    let field_path = path.field("bucket_by");
     let attributes = match map.get("bucket_by") {
         None | Some(Value::Null) => vec!["targeting_key".to_string()],
         Some(Value::String(attribute)) => vec![attribute.clone()],
-        Some(Value::Array(_)) => string_list(map.get("bucket_by"), &field_path)?,
+        Some(Value::Array(_)) => string_list(map.get("bucket_by"), field_path)?,
         Some(_) => {
             return Err(ValidationError::new(
                 field_path,
@@ -258,19 +260,19 @@ fn parse_bucket_by(map: &Map<String, Value>, path: &str) -> Result<Vec<String>> 
 }
 
 /// `{"percent": 50, "bucket_by": ..., "salt": ..., "bucketing": ...}`.
-fn parse_sample(value: &Value, bucketing: Profile, path: &str) -> Result<Sample> {
+fn parse_sample(value: &Value, bucketing: Profile, path: Path<'_>) -> Result<Sample> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, SAMPLE_FIELDS, path)?;
     let profile = parse_profile(map, path, bucketing)?;
-    let percent_path = join(path, "percent");
+    let percent_path = path.field("percent");
     let percent = map
         .get("percent")
-        .ok_or_else(|| ValidationError::new(&percent_path, "is required"))?
+        .ok_or_else(|| ValidationError::new(percent_path, "is required"))?
         .as_f64()
         .and_then(crate::bucketing::weight_from_percent)
         .ok_or_else(|| {
             ValidationError::new(
-                &percent_path,
+                percent_path,
                 "must be a percentage from 0 to 100 with at most three decimals",
             )
         })?;
@@ -294,27 +296,32 @@ fn parse_weights(
     rollout: &Value,
     variants: &[(String, Value)],
     profile: Profile,
-    path: &str,
+    path: Path<'_>,
 ) -> Result<Vec<(String, u32)>> {
-    let entries: Vec<(String, &Value, String)> = match rollout {
+    // Where each weight was written, so that a refusal can name it.
+    enum WrittenAt<'a> {
+        Key(&'a str),
+        Item(usize),
+    }
+    let entries: Vec<(String, &Value, WrittenAt)> = match rollout {
         Value::Object(entries) => entries
             .iter()
-            .map(|(variant, weight)| (variant.clone(), weight, format!("{path}.{variant}")))
+            .map(|(variant, weight)| (variant.clone(), weight, WrittenAt::Key(variant)))
             .collect(),
         Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(index, item)| {
-                let item_path = format!("{path}[{index}]");
-                let entry = object(item, &item_path)?;
-                refuse_unknown_fields(entry, &["variant", "weight"], &item_path)?;
-                let variant = optional_string(entry, "variant", &item_path)?.ok_or_else(|| {
-                    ValidationError::new(join(&item_path, "variant"), "is required")
+                let item_path = path.index(index);
+                let entry = object(item, item_path)?;
+                refuse_unknown_fields(entry, &["variant", "weight"], item_path)?;
+                let variant = optional_string(entry, "variant", item_path)?.ok_or_else(|| {
+                    ValidationError::new(item_path.field("variant"), "is required")
                 })?;
                 let weight = entry.get("weight").ok_or_else(|| {
-                    ValidationError::new(join(&item_path, "weight"), "is required")
+                    ValidationError::new(item_path.field("weight"), "is required")
                 })?;
-                Ok((variant, weight, join(&item_path, "weight")))
+                Ok((variant, weight, WrittenAt::Item(index)))
             })
             .collect::<Result<_>>()?,
         _ => {
@@ -326,8 +333,16 @@ fn parse_weights(
     };
     let mut weights: Vec<(String, u32)> = Vec::with_capacity(entries.len());
     let mut total = 0u64;
-    for (variant, weight, weight_path) in entries {
-        require_variant(variants, &variant, &weight_path)?;
+    for (variant, weight, written_at) in entries {
+        let item_path;
+        let weight_path = match written_at {
+            WrittenAt::Key(name) => path.field(name),
+            WrittenAt::Item(index) => {
+                item_path = path.index(index);
+                item_path.field("weight")
+            }
+        };
+        require_variant(variants, &variant, weight_path)?;
         if weights.iter().any(|(seen, _)| *seen == variant) {
             return Err(ValidationError::new(weight_path, "variant listed twice"));
         }
@@ -338,7 +353,7 @@ fn parse_weights(
                 .filter(|weight| *weight <= 1_000_000)
                 .ok_or_else(|| {
                     ValidationError::new(
-                        &weight_path,
+                        weight_path,
                         format!(
                             "must be a whole number from 0 to 1000000 ({} weights)",
                             profile.as_str()
@@ -351,7 +366,7 @@ fn parse_weights(
                 .and_then(crate::bucketing::weight_from_percent)
                 .ok_or_else(|| {
                     ValidationError::new(
-                        &weight_path,
+                        weight_path,
                         "must be a percentage from 0 to 100 with at most three decimals",
                     )
                 })?
@@ -382,7 +397,7 @@ pub fn parse_serve(
     value: &Value,
     variants: &[(String, Value)],
     bucketing: Profile,
-    path: &str,
+    path: Path<'_>,
 ) -> Result<Serve> {
     let map = object(value, path)?;
     refuse_unknown_fields(map, SERVE_FIELDS, path)?;
@@ -392,19 +407,19 @@ pub fn parse_serve(
             "give either \"variant\" or \"rollout\", not both",
         )),
         (Some(Value::String(name)), None) => {
-            require_variant(variants, name, &join(path, "variant"))?;
+            require_variant(variants, name, path.field("variant"))?;
             Ok(Serve::Variant(name.clone()))
         }
         (Some(_), None) => Err(ValidationError::new(
-            join(path, "variant"),
+            path.field("variant"),
             "must be a string",
         )),
         (None, Some(rollout)) => {
             let profile = parse_profile(map, path, bucketing)?;
-            let weights = parse_weights(rollout, variants, profile, &join(path, "rollout"))?;
+            let weights = parse_weights(rollout, variants, profile, path.field("rollout"))?;
             let unplaced = optional_string(map, "unplaced", path)?;
             if let Some(variant) = &unplaced {
-                require_variant(variants, variant, &join(path, "unplaced"))?;
+                require_variant(variants, variant, path.field("unplaced"))?;
             }
             Ok(Serve::Rollout(Rollout {
                 unplaced,

@@ -18,5 +18,5 @@ mod tests;
 
 pub use document::{parse_flag_definition, parse_flag_document, parse_segment};
 pub use engine::Snapshot;
-pub use fields::ValidationError;
+pub use fields::{Path, ValidationError, ROOT};
 pub use resolution::{Denial, Entitlements, NoEntitlements, Reason, Resolution};

@@ -82,6 +82,58 @@
             .unwrap();
     }
 
+    /// The loader's and put_flag's reader (the binary iterator) against
+    /// the text round trip it replaced, on generated documents, number
+    /// spellings jsonb keeps as written, and nesting at serde_json's limit.
+    #[pg_test]
+    fn the_document_reader_agrees_with_the_text_path() {
+        let number_text = prop_oneof![
+            Just("1.0".to_string()),
+            Just("1.50".to_string()),
+            Just("-0".to_string()),
+            Just("1e400".to_string()),
+            Just("-1e-400".to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("-9223372036854775809".to_string()),
+            (any::<i64>(), 0u32..40).prop_map(|(m, e)| format!("{m}e{e}")),
+            (any::<i32>(), 1usize..30).prop_map(|(m, zeros)| format!("{m}.{}", "0".repeat(zeros))),
+        ];
+        let documents = prop_oneof![
+            generated::value().prop_map(|value| value.to_string()),
+            generated::scalar().prop_map(|value| value.to_string()),
+            generated::members().prop_map(|members| generated::object_text(&members)),
+            // Arrays past the 32-entry stride of stored offsets.
+            prop::collection::vec(generated::value(), 0..100)
+                .prop_map(|items| Value::Array(items).to_string()),
+            number_text.clone(),
+            prop::collection::vec(number_text, 1..5)
+                .prop_map(|numbers| format!("{{\"n\": [{}]}}", numbers.join(", "))),
+            (120usize..135).prop_map(|depth| format!("{}1{}", "[".repeat(depth), "]".repeat(depth))),
+            (120usize..135).prop_map(|depth| {
+                format!("{}{{}}{}", "{\"a\": ".repeat(depth), "}".repeat(depth))
+            }),
+        ];
+        generated::runner(10_000, "jsonb document reader")
+            .run(&documents, |text| {
+                in_own_context(|| {
+                    let document = arg(jsonb_from_text(&text));
+                    let through_text = super::parse_document(&document.to_text());
+                    match (document.to_document(), through_text) {
+                        (Ok(read), Ok(expected)) => {
+                            prop_assert!(read == expected, "read {read}, expected {expected} from {text}")
+                        }
+                        (Err(_), Err(_)) => {}
+                        (read, expected) => prop_assert!(
+                            false,
+                            "read {read:?}, expected {expected:?} from {text}"
+                        ),
+                    }
+                    Ok(())
+                })
+            })
+            .unwrap();
+    }
+
     #[pg_test]
     fn the_builders_agree_with_serde_json() {
         let documents = prop_oneof![
