@@ -7,7 +7,10 @@
 SET client_min_messages = warning;
 SELECT set_config('flagship.organization_id', id::text, false) FROM flagship.organizations WHERE slug = 'bench' \gset
 SELECT flagship.put_metric('app', '{"key": "api_calls"}');
-SELECT flagship.put_plan('app', '{"key": "pro", "limits": {"api_calls": {"limit": 1000000000000, "period": "month"}}}');
+-- The same metric split into 8 escrow slices (#20), for the hot customer.
+SELECT flagship.put_metric('app', '{"key": "api_calls_sliced", "slices": 8}');
+SELECT flagship.put_plan('app', '{"key": "pro", "limits": {"api_calls": {"limit": 1000000000000, "period": "month"},
+                                                  "api_calls_sliced": {"limit": 1000000000000, "period": "month"}}}');
 SELECT count(flagship.put_customer('app/production', jsonb_build_object('key', 'cust-' || i, 'plan', 'pro')))
   FROM generate_series(1, 1000) AS i;
 

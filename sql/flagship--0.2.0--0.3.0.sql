@@ -5382,3 +5382,256 @@ REVOKE ALL ON FUNCTION flagship.erase_subject(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.erase_subject(text) TO flagship_admin;
 REVOKE ALL ON FUNCTION flagship.erase_from_document(jsonb, text, text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION flagship.erase_values(jsonb, text, text) FROM PUBLIC;
+
+-- Escrow slices (#20) ---------------------------------------------------------
+-- Counters of a metric with "slices": N are N rows whose caps sum to the
+-- limit; existing counters become slice 0 of their metric.
+ALTER TABLE flagship.metrics
+    ADD COLUMN slices smallint NOT NULL DEFAULT 1,
+    ADD CONSTRAINT metrics_slices_valid CHECK (slices BETWEEN 1 AND 64 AND (slices = 1 OR aggregation = 'sum'));
+ALTER TABLE flagship.usage_counters
+    ADD COLUMN slice smallint NOT NULL DEFAULT 0,
+    ADD COLUMN cap bigint,
+    ADD COLUMN split_limit bigint,
+    DROP CONSTRAINT usage_counters_pkey,
+    ADD CONSTRAINT usage_counters_pkey PRIMARY KEY (organization_id, customer_id, metric_id, slice);
+
+CREATE OR REPLACE FUNCTION flagship.put_metric(project text, definition jsonb) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    refused text;
+    refused_hint text;
+    target_project uuid := flagship.resolve_project(project);
+    saved uuid;
+    slice_count smallint := 1;
+BEGIN
+    PERFORM flagship.require_permission('plans:write', 'put_metric');
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description,slices}');
+    PERFORM flagship.check_key_format(definition->>'key', 'key');
+    IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge', 'credits') THEN
+        PERFORM flagship.refuse('aggregation', 'must be sum, gauge or credits');
+    END IF;
+    IF definition ? 'slices' AND jsonb_typeof(definition->'slices') IS DISTINCT FROM 'null' THEN
+        IF jsonb_typeof(definition->'slices') <> 'number' OR (definition->>'slices')::numeric NOT BETWEEN 1 AND 64
+           OR (definition->>'slices')::numeric <> trunc((definition->>'slices')::numeric) THEN
+            PERFORM flagship.refuse('slices', 'must be a whole number from 1 to 64');
+        END IF;
+        slice_count := (definition->>'slices')::smallint;
+        IF slice_count > 1 AND coalesce(definition->>'aggregation', 'sum') <> 'sum' THEN
+            PERFORM flagship.refuse('slices', 'only a sum can be split into slices (gauges are set, credits are grants)');
+        END IF;
+    END IF;
+    -- Counters of a sliced metric have several rows: going back to one
+    -- would have to merge the rows of running periods under every
+    -- consumer's feet. Fewer slices (at least 2) are fine: consumers use
+    -- whichever rows exist.
+    IF slice_count = 1 AND EXISTS (SELECT FROM flagship.metrics m, flagship.projects p
+                               WHERE p.id = target_project AND m.organization_id = p.organization_id
+                                 AND m.project_id = p.id AND m.key = definition->>'key' AND m.slices > 1) THEN
+        PERFORM flagship.refuse('slices', 'a sliced metric keeps at least 2 slices (to count in one row again, meter a new metric)');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
+    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
+           coalesce(definition->>'aggregation', 'sum'), slice_count
+      FROM flagship.projects p WHERE p.id = target_project
+    ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
+       SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
+           slices = EXCLUDED.slices, updated_at = now()
+    RETURNING m.id INTO saved;
+    RETURN saved;
+EXCEPTION WHEN invalid_parameter_value THEN
+    -- Every refusal names the metric it is about, then the field.
+    GET STACKED DIAGNOSTICS refused = MESSAGE_TEXT, refused_hint = PG_EXCEPTION_HINT;
+    PERFORM flagship.refuse_about('metric', definition->>'key', refused, refused_hint);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.metric_document(metric flagship.metrics) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', metric.key, 'name', metric.name, 'unit', metric.unit, 'aggregation', metric.aggregation,
+        'slices', CASE WHEN metric.slices > 1 THEN metric.slices END))
+$fn$;
+
+-- Everything a limit decision needs about one customer and metric, in one
+-- query: ids, subscription status and the limit that applies (a customer
+-- override wins over the plan). The limit functions (Rust, src/usage.rs)
+-- keep the answer per backend until a configuration change; epochs are in
+-- seconds.
+CREATE OR REPLACE FUNCTION flagship.usage_facts(environment_id uuid, customer text, metric text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    facts jsonb;
+BEGIN
+    SELECT jsonb_build_object(
+               'organization_id', c.organization_id, 'customer_id', c.id, 'metric_id', m.id,
+               'aggregation', m.aggregation, 'slices', m.slices, 'status', s.status,
+               'trial_ends_at', extract(epoch FROM s.trial_ends_at),
+               'billing_anchor', extract(epoch FROM s.billing_anchor),
+               'has_limit', coalesce(o.metric_id, l.metric_id) IS NOT NULL,
+               'usage_limit', CASE WHEN o.metric_id IS NOT NULL THEN o.usage_limit ELSE l.usage_limit END,
+               'period', coalesce(o.period, l.period),
+               'enforcement', coalesce(o.enforcement, l.enforcement),
+               'plan_credits', CASE WHEN pc.metric_id IS NOT NULL THEN
+                   jsonb_build_object('amount', pc.amount, 'period', pc.period,
+                                      'rollover_max', pc.rollover_max) END)
+      INTO facts
+      FROM flagship.customers c
+      LEFT JOIN flagship.metrics m
+        ON m.organization_id = c.organization_id AND m.project_id = c.project_id
+       AND m.key = usage_facts.metric
+      LEFT JOIN flagship.subscriptions s
+        ON s.organization_id = c.organization_id AND s.customer_id = c.id
+      LEFT JOIN flagship.customer_limit_overrides o
+        ON o.organization_id = c.organization_id AND o.customer_id = c.id AND o.metric_id = m.id
+      LEFT JOIN flagship.usage_limits l
+        ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id
+      LEFT JOIN flagship.plan_credits pc
+        ON pc.organization_id = c.organization_id AND pc.plan_id = s.plan_id AND pc.metric_id = m.id
+     WHERE c.environment_id = usage_facts.environment_id AND c.external_key = usage_facts.customer;
+    RETURN coalesce(facts, '{}');
+END
+$fn$;
+
+-- Escrow slices (0.3) ---------------------------------------------------------
+--
+-- One hot customer is capped by its counter row: each consumer holds the
+-- row lock until its commit record is flushed. A metric with "slices": N
+-- splits each counter into N rows whose caps sum to the limit (O'Neil's
+-- escrow): record_usage takes a free slice with room (its backend's first,
+-- SKIP LOCKED, so it never waits) and fills it within its cap. When no
+-- free slice has room, rebalance_slices locks every slice of the counter
+-- in slice order (the one order every rebalancing takes, so two of them
+-- never deadlock), sums them, refuses exactly when the sum leaves no room,
+-- and otherwise consumes and shares the headroom left out as new caps.
+-- A slice whose split_limit is not the limit in force (the limit changed,
+-- or the slice is new) has no usable cap until a rebalancing, so lowering
+-- a limit holds at once.
+--
+-- Returns whether `amount` was consumed and the counter's use afterwards
+-- (or, refused, as it is). Called by record_usage with usage writes open.
+CREATE FUNCTION flagship.rebalance_slices(
+    org uuid, customer uuid, metric uuid, period timestamptz, amount bigint, hard_limit bigint,
+    slice_count integer, preferred integer, OUT granted boolean, OUT used_after bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    total bigint := 0;
+    headroom bigint;
+BEGIN
+    INSERT INTO flagship.usage_counters (organization_id, customer_id, metric_id, slice, period_start, used)
+    SELECT org, customer, metric, i, period, 0 FROM generate_series(0, slice_count - 1) AS i
+    ON CONFLICT DO NOTHING;
+    SELECT coalesce(sum(u.used), 0) INTO total FROM (
+        SELECT CASE WHEN c.period_start IS NOT DISTINCT FROM period THEN c.used ELSE 0 END AS used
+          FROM flagship.usage_counters c
+         WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
+         ORDER BY c.slice
+           FOR UPDATE) u;
+    IF hard_limit IS NOT NULL AND total + amount > hard_limit THEN
+        granted := false;
+        used_after := total;
+        RETURN;
+    END IF;
+    headroom := coalesce(hard_limit - total - amount, 0);
+    -- Slices 0 .. slice_count - 1 share the headroom (the first ones one
+    -- more each until the remainder is gone); slices left over from a
+    -- larger split keep what they hold and get no room.
+    UPDATE flagship.usage_counters c
+       SET used = u.used + u.taken,
+           period_start = period,
+           split_limit = hard_limit,
+           cap = CASE WHEN hard_limit IS NOT NULL THEN
+                     u.used + u.taken + CASE WHEN c.slice < slice_count THEN
+                         headroom / slice_count + CASE WHEN c.slice < headroom % slice_count THEN 1 ELSE 0 END
+                     ELSE 0 END
+                 END,
+           updated_at = now()
+      FROM (SELECT c2.slice,
+                   CASE WHEN c2.period_start IS NOT DISTINCT FROM period THEN c2.used ELSE 0 END AS used,
+                   CASE WHEN c2.slice = preferred THEN amount ELSE 0 END AS taken
+              FROM flagship.usage_counters c2
+             WHERE c2.organization_id = org AND c2.customer_id = customer AND c2.metric_id = metric) u
+     WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
+       AND c.slice = u.slice;
+    granted := true;
+    used_after := total + amount;
+END
+$fn$;
+
+-- Gives `refund` of a reservation back: to its period's counter, or into
+-- the grants it drew from (last drawn first; a grant that expired since
+-- keeps what it gets back, unusable). Appends the `release` ledger row.
+CREATE OR REPLACE FUNCTION flagship.refund_reservation(reservation flagship.usage_reservations, refund bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    drawn record;
+    take bigint;
+    left_over bigint := refund;
+    refunded jsonb := '[]';
+    after bigint;
+    terms flagship.usage_ledger;
+BEGIN
+    IF refund = 0 THEN
+        RETURN;
+    END IF;
+    SELECT * INTO terms FROM flagship.usage_ledger l
+     WHERE l.organization_id = reservation.organization_id
+       AND l.idempotency_key = 'reservation:' || reservation.id;
+    IF reservation.paid_by IS NULL THEN
+        -- Into the period's slices (one, unless the metric is sliced), in
+        -- slice order as every rebalancing locks them; never below zero,
+        -- whatever happened to the counter meanwhile. A slice's cap stays:
+        -- what comes back is room in that slice.
+        FOR drawn IN SELECT c.slice, c.used FROM flagship.usage_counters c
+                      WHERE c.organization_id = reservation.organization_id
+                        AND c.customer_id = reservation.customer_id
+                        AND c.metric_id = reservation.metric_id
+                        AND c.period_start IS NOT DISTINCT FROM reservation.period_start
+                      ORDER BY c.slice FOR UPDATE LOOP
+            EXIT WHEN left_over = 0;
+            take := least(left_over, drawn.used);
+            UPDATE flagship.usage_counters c SET used = c.used - take, updated_at = now()
+             WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
+               AND c.metric_id = reservation.metric_id AND c.slice = drawn.slice;
+            left_over := left_over - take;
+        END LOOP;
+        SELECT sum(c.used) INTO after FROM flagship.usage_counters c
+         WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
+           AND c.metric_id = reservation.metric_id
+           AND c.period_start IS NOT DISTINCT FROM reservation.period_start;
+    ELSE
+        FOR drawn IN SELECT p.value FROM jsonb_array_elements(reservation.paid_by) WITH ORDINALITY p
+                      ORDER BY p.ordinality DESC LOOP
+            EXIT WHEN left_over = 0;
+            take := least(left_over, (drawn.value->>'amount')::bigint);
+            UPDATE flagship.credit_grants g SET remaining = g.remaining + take
+             WHERE g.organization_id = reservation.organization_id AND g.id = (drawn.value->>'grant')::uuid;
+            refunded := refunded || jsonb_build_array(jsonb_build_object('grant', drawn.value->'grant', 'amount', take));
+            left_over := left_over - take;
+        END LOOP;
+        SELECT coalesce(sum(g.remaining), 0) INTO after FROM flagship.credit_grants g
+         WHERE g.organization_id = reservation.organization_id AND g.customer_id = reservation.customer_id
+           AND g.metric_id = reservation.metric_id AND g.remaining > 0
+           AND (g.expires_at IS NULL OR g.expires_at > now());
+    END IF;
+    INSERT INTO flagship.usage_ledger
+        (organization_id, customer_id, metric_id, period_start, kind, amount, used_after,
+         idempotency_key, usage_limit, enforcement, resets_at, paid_by)
+    VALUES (reservation.organization_id, reservation.customer_id, reservation.metric_id,
+            reservation.period_start, 'release', -refund, coalesce(after, 0), NULL,
+            terms.usage_limit, coalesce(terms.enforcement, 'hard'), terms.resets_at,
+            CASE WHEN reservation.paid_by IS NOT NULL THEN refunded END);
+END
+$fn$;

@@ -109,12 +109,27 @@ BEGIN
      WHERE l.organization_id = reservation.organization_id
        AND l.idempotency_key = 'reservation:' || reservation.id;
     IF reservation.paid_by IS NULL THEN
-        -- Never below zero, whatever happened to the counter meanwhile.
-        UPDATE flagship.usage_counters c SET used = greatest(c.used - refund, 0), updated_at = now()
+        -- Into the period's slices (one, unless the metric is sliced), in
+        -- slice order as every rebalancing locks them; never below zero,
+        -- whatever happened to the counter meanwhile. A slice's cap stays:
+        -- what comes back is room in that slice.
+        FOR drawn IN SELECT c.slice, c.used FROM flagship.usage_counters c
+                      WHERE c.organization_id = reservation.organization_id
+                        AND c.customer_id = reservation.customer_id
+                        AND c.metric_id = reservation.metric_id
+                        AND c.period_start IS NOT DISTINCT FROM reservation.period_start
+                      ORDER BY c.slice FOR UPDATE LOOP
+            EXIT WHEN left_over = 0;
+            take := least(left_over, drawn.used);
+            UPDATE flagship.usage_counters c SET used = c.used - take, updated_at = now()
+             WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
+               AND c.metric_id = reservation.metric_id AND c.slice = drawn.slice;
+            left_over := left_over - take;
+        END LOOP;
+        SELECT sum(c.used) INTO after FROM flagship.usage_counters c
          WHERE c.organization_id = reservation.organization_id AND c.customer_id = reservation.customer_id
            AND c.metric_id = reservation.metric_id
-           AND c.period_start IS NOT DISTINCT FROM reservation.period_start
-        RETURNING c.used INTO after;
+           AND c.period_start IS NOT DISTINCT FROM reservation.period_start;
     ELSE
         FOR drawn IN SELECT p.value FROM jsonb_array_elements(reservation.paid_by) WITH ORDINALITY p
                       ORDER BY p.ordinality DESC LOOP

@@ -27,11 +27,16 @@ CREATE TABLE flagship.metrics (
     aggregation     text        NOT NULL DEFAULT 'sum',
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- 0.3.0: how many rows (escrow slices) each counter of a hard-limited
+    -- sum is split into, so that consumers of one hot customer lock
+    -- different rows (see "Escrow slices" below).
+    slices          smallint    NOT NULL DEFAULT 1,
     PRIMARY KEY (organization_id, id),
     CONSTRAINT metrics_key_unique UNIQUE (organization_id, project_id, key),
     CONSTRAINT metrics_project_unique UNIQUE (organization_id, project_id, id),
     CONSTRAINT metrics_key_format CHECK (key ~ '^[a-z0-9][a-z0-9_.-]*$' AND length(key) <= 63),
     CONSTRAINT metrics_aggregation_valid CHECK (aggregation IN ('sum', 'gauge', 'credits')),
+    CONSTRAINT metrics_slices_valid CHECK (slices BETWEEN 1 AND 64 AND (slices = 1 OR aggregation = 'sum')),
     FOREIGN KEY (organization_id, project_id)
         REFERENCES flagship.projects (organization_id, id) ON DELETE CASCADE
 );
@@ -220,7 +225,16 @@ CREATE TABLE flagship.usage_counters (
     period_start    timestamptz,
     used            bigint      NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (organization_id, customer_id, metric_id),
+    -- 0.3.0, escrow slices: a counter of a sliced metric is several rows
+    -- (slice 0, 1, ...); its use is their sum. While a slice's split_limit
+    -- is the limit in force, its `cap` is its share of that limit (the caps
+    -- of a counter's slices sum to it) and a consumer may fill it without
+    -- looking at the other slices. An unsliced counter is slice 0 alone,
+    -- without a cap.
+    slice           smallint    NOT NULL DEFAULT 0,
+    cap             bigint,
+    split_limit     bigint,
+    PRIMARY KEY (organization_id, customer_id, metric_id, slice),
     FOREIGN KEY (organization_id, customer_id)
         REFERENCES flagship.customers (organization_id, id) ON DELETE CASCADE,
     FOREIGN KEY (organization_id, metric_id)
@@ -330,6 +344,73 @@ GRANT INSERT, UPDATE, DELETE ON flagship.metrics, flagship.plans, flagship.plan_
 GRANT INSERT, UPDATE ON flagship.usage_counters TO flagship_app, flagship_admin;
 GRANT INSERT ON flagship.usage_ledger TO flagship_app, flagship_admin;
 GRANT USAGE ON SEQUENCE flagship.usage_ledger_id_seq TO flagship_app, flagship_admin;
+
+-- Escrow slices (0.3) ---------------------------------------------------------
+--
+-- One hot customer is capped by its counter row: each consumer holds the
+-- row lock until its commit record is flushed. A metric with "slices": N
+-- splits each counter into N rows whose caps sum to the limit (O'Neil's
+-- escrow): record_usage takes a free slice with room (its backend's first,
+-- SKIP LOCKED, so it never waits) and fills it within its cap. When no
+-- free slice has room, rebalance_slices locks every slice of the counter
+-- in slice order (the one order every rebalancing takes, so two of them
+-- never deadlock), sums them, refuses exactly when the sum leaves no room,
+-- and otherwise consumes and shares the headroom left out as new caps.
+-- A slice whose split_limit is not the limit in force (the limit changed,
+-- or the slice is new) has no usable cap until a rebalancing, so lowering
+-- a limit holds at once.
+--
+-- Returns whether `amount` was consumed and the counter's use afterwards
+-- (or, refused, as it is). Called by record_usage with usage writes open.
+CREATE FUNCTION flagship.rebalance_slices(
+    org uuid, customer uuid, metric uuid, period timestamptz, amount bigint, hard_limit bigint,
+    slice_count integer, preferred integer, OUT granted boolean, OUT used_after bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    total bigint := 0;
+    headroom bigint;
+BEGIN
+    INSERT INTO flagship.usage_counters (organization_id, customer_id, metric_id, slice, period_start, used)
+    SELECT org, customer, metric, i, period, 0 FROM generate_series(0, slice_count - 1) AS i
+    ON CONFLICT DO NOTHING;
+    SELECT coalesce(sum(u.used), 0) INTO total FROM (
+        SELECT CASE WHEN c.period_start IS NOT DISTINCT FROM period THEN c.used ELSE 0 END AS used
+          FROM flagship.usage_counters c
+         WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
+         ORDER BY c.slice
+           FOR UPDATE) u;
+    IF hard_limit IS NOT NULL AND total + amount > hard_limit THEN
+        granted := false;
+        used_after := total;
+        RETURN;
+    END IF;
+    headroom := coalesce(hard_limit - total - amount, 0);
+    -- Slices 0 .. slice_count - 1 share the headroom (the first ones one
+    -- more each until the remainder is gone); slices left over from a
+    -- larger split keep what they hold and get no room.
+    UPDATE flagship.usage_counters c
+       SET used = u.used + u.taken,
+           period_start = period,
+           split_limit = hard_limit,
+           cap = CASE WHEN hard_limit IS NOT NULL THEN
+                     u.used + u.taken + CASE WHEN c.slice < slice_count THEN
+                         headroom / slice_count + CASE WHEN c.slice < headroom % slice_count THEN 1 ELSE 0 END
+                     ELSE 0 END
+                 END,
+           updated_at = now()
+      FROM (SELECT c2.slice,
+                   CASE WHEN c2.period_start IS NOT DISTINCT FROM period THEN c2.used ELSE 0 END AS used,
+                   CASE WHEN c2.slice = preferred THEN amount ELSE 0 END AS taken
+              FROM flagship.usage_counters c2
+             WHERE c2.organization_id = org AND c2.customer_id = customer AND c2.metric_id = metric) u
+     WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
+       AND c.slice = u.slice;
+    granted := true;
+    used_after := total + amount;
+END
+$fn$;
 
 -- Prepaid credits (0.3) ------------------------------------------------------
 --
@@ -672,20 +753,40 @@ DECLARE
     refused_hint text;
     target_project uuid := flagship.resolve_project(project);
     saved uuid;
+    slice_count smallint := 1;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_metric');
-    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description}');
+    PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description,slices}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF coalesce(definition->>'aggregation', 'sum') NOT IN ('sum', 'gauge', 'credits') THEN
         PERFORM flagship.refuse('aggregation', 'must be sum, gauge or credits');
     END IF;
-    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation)
+    IF definition ? 'slices' AND jsonb_typeof(definition->'slices') IS DISTINCT FROM 'null' THEN
+        IF jsonb_typeof(definition->'slices') <> 'number' OR (definition->>'slices')::numeric NOT BETWEEN 1 AND 64
+           OR (definition->>'slices')::numeric <> trunc((definition->>'slices')::numeric) THEN
+            PERFORM flagship.refuse('slices', 'must be a whole number from 1 to 64');
+        END IF;
+        slice_count := (definition->>'slices')::smallint;
+        IF slice_count > 1 AND coalesce(definition->>'aggregation', 'sum') <> 'sum' THEN
+            PERFORM flagship.refuse('slices', 'only a sum can be split into slices (gauges are set, credits are grants)');
+        END IF;
+    END IF;
+    -- Counters of a sliced metric have several rows: going back to one
+    -- would have to merge the rows of running periods under every
+    -- consumer's feet. Fewer slices (at least 2) are fine: consumers use
+    -- whichever rows exist.
+    IF slice_count = 1 AND EXISTS (SELECT FROM flagship.metrics m, flagship.projects p
+                               WHERE p.id = target_project AND m.organization_id = p.organization_id
+                                 AND m.project_id = p.id AND m.key = definition->>'key' AND m.slices > 1) THEN
+        PERFORM flagship.refuse('slices', 'a sliced metric keeps at least 2 slices (to count in one row again, meter a new metric)');
+    END IF;
+    INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
     SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
-           coalesce(definition->>'aggregation', 'sum')
+           coalesce(definition->>'aggregation', 'sum'), slice_count
       FROM flagship.projects p WHERE p.id = target_project
     ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
        SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
-           updated_at = now()
+           slices = EXCLUDED.slices, updated_at = now()
     RETURNING m.id INTO saved;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN
@@ -862,7 +963,8 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT flagship.jsonb_without_nulls(jsonb_build_object(
-        'key', metric.key, 'name', metric.name, 'unit', metric.unit, 'aggregation', metric.aggregation))
+        'key', metric.key, 'name', metric.name, 'unit', metric.unit, 'aggregation', metric.aggregation,
+        'slices', CASE WHEN metric.slices > 1 THEN metric.slices END))
 $fn$;
 
 CREATE FUNCTION flagship.limit_document(usage_limit bigint, period text, enforcement text) RETURNS jsonb
@@ -962,7 +1064,7 @@ DECLARE
 BEGIN
     SELECT jsonb_build_object(
                'organization_id', c.organization_id, 'customer_id', c.id, 'metric_id', m.id,
-               'aggregation', m.aggregation, 'status', s.status,
+               'aggregation', m.aggregation, 'slices', m.slices, 'status', s.status,
                'trial_ends_at', extract(epoch FROM s.trial_ends_at),
                'billing_anchor', extract(epoch FROM s.billing_anchor),
                'has_limit', coalesce(o.metric_id, l.metric_id) IS NOT NULL,

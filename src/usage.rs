@@ -8,7 +8,7 @@
 //! and one INSERT into the append-only ledger, both through plans prepared
 //! once per backend. Decisions are made by the pure `limits` module.
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
@@ -153,6 +153,8 @@ struct Subject {
     customer: pgrx::Uuid,
     metric: pgrx::Uuid,
     terms: Terms,
+    /// How many escrow slices the counter is split into (1: one row).
+    slices: u16,
 }
 
 impl Subject {
@@ -180,6 +182,7 @@ fn metered(customer: &str, metric: &str, environment: Option<&str>) -> Result<Me
         customer: id(facts.customer),
         metric: id(facts.metric),
         terms,
+        slices: facts.slices,
     }))
 }
 
@@ -223,8 +226,14 @@ const LEDGER_COLUMNS: &str =
 /// Plans prepared once per backend and kept. Each change is one statement
 /// (a data-modifying CTE moves the counter and appends to the ledger), so a
 /// consumption costs one executor run, like a hand-written UPDATE.
+/// They are planned for the SQL they were planned against: 0.2.0's (one
+/// row per counter) until `ALTER EXTENSION flagship UPDATE`, 0.3.0's
+/// (escrow slices) after, and planned again when that changes.
 struct Statements {
+    sliced_schema: bool,
     consume: OwnedPreparedStatement,
+    /// With 0.3.0's SQL only: consuming from a sliced counter.
+    sliced: Option<SlicedStatements>,
     create_counter: OwnedPreparedStatement,
     read_counter: OwnedPreparedStatement,
     set_counter: OwnedPreparedStatement,
@@ -232,8 +241,14 @@ struct Statements {
     lock_key: OwnedPreparedStatement,
 }
 
+struct SlicedStatements {
+    consume_slice: OwnedPreparedStatement,
+    rebalance_slices: OwnedPreparedStatement,
+    append_record: OwnedPreparedStatement,
+}
+
 thread_local! {
-    static STATEMENTS: OnceCell<Statements> = const { OnceCell::new() };
+    static STATEMENTS: RefCell<Option<Rc<Statements>>> = const { RefCell::new(None) };
 }
 
 fn prepare(client: &SpiClient<'_>, sql: &str, types: &[pg_sys::Oid]) -> OwnedPreparedStatement {
@@ -245,16 +260,25 @@ fn prepare(client: &SpiClient<'_>, sql: &str, types: &[pg_sys::Oid]) -> OwnedPre
 }
 
 fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) -> R {
-    use pg_sys::{INT8OID, TEXTOID, TIMESTAMPTZOID, UUIDOID};
+    use pg_sys::{INT4OID, INT8OID, TEXTOID, TIMESTAMPTZOID, UUIDOID};
     // $1-$4 identify the counter and its period in every statement; the
     // ledger's terms follow the change's own parameters.
     let key = [UUIDOID, UUIDOID, UUIDOID, TIMESTAMPTZOID];
     let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
-    Spi::connect_mut(|client| {
-        STATEMENTS.with(|statements| {
-            let statements = statements.get_or_init(|| {
-                Statements {
+    let sliced_schema = crate::cache::versioned();
+    // 0.2.0's counters have no slices: the same statements without them.
+    let (slice_zero, counter_key) = if sliced_schema {
+        (
+            "AND c.slice = 0",
+            "organization_id, customer_id, metric_id, slice",
+        )
+    } else {
+        ("", "organization_id, customer_id, metric_id")
+    };
+    let plan = |client: &SpiClient<'_>| {
+        Statements {
+                sliced_schema,
                 consume: prepare(
                     client,
                     &format!(
@@ -262,7 +286,8 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                              UPDATE flagship.usage_counters c
                                 SET used = {USED} + $5, period_start = $4, updated_at = now()
                               WHERE c.organization_id = $1 AND c.customer_id = $2
-                                AND c.metric_id = $3 AND ($6::bigint IS NULL OR {USED} + $5 <= $6)
+                                AND c.metric_id = $3 {slice_zero}
+                                AND ($6::bigint IS NULL OR {USED} + $5 <= $6)
                           RETURNING c.used)
                          INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
                          SELECT $1, $2, $3, $4, 'record', $5, used, $7, $8, $9, $10 FROM consumed
@@ -270,6 +295,53 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                     ),
                     &with(&change),
                 ),
+                // A sliced counter: the first free slice with room within
+                // its cap (the backend's own, $11, first), never waiting
+                // for a locked one. The answer's use adds the other slices
+                // as this statement sees them.
+                sliced: sliced_schema.then(|| SlicedStatements {
+                consume_slice: prepare(
+                    client,
+                    &format!(
+                        "WITH target AS (
+                             SELECT c.slice FROM flagship.usage_counters c
+                              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
+                                AND ($6::bigint IS NULL OR (c.split_limit = $6 AND {USED} + $5 <= c.cap))
+                              ORDER BY c.slice = $11 DESC, c.slice
+                              LIMIT 1
+                                FOR UPDATE SKIP LOCKED),
+                         consumed AS (
+                             UPDATE flagship.usage_counters c
+                                SET used = {USED} + $5, period_start = $4, updated_at = now()
+                               FROM target
+                              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
+                                AND c.slice = target.slice
+                          RETURNING c.slice, c.used)
+                         INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+                         SELECT $1, $2, $3, $4, 'record', $5,
+                                consumed.used + coalesce((SELECT sum({USED}) FROM flagship.usage_counters c
+                                                           WHERE c.organization_id = $1 AND c.customer_id = $2
+                                                             AND c.metric_id = $3 AND c.slice <> consumed.slice), 0),
+                                $7, $8, $9, $10
+                           FROM consumed
+                         RETURNING used_after"
+                    ),
+                    &with(&[&change[..], &[INT4OID]].concat()),
+                ),
+                rebalance_slices: prepare(
+                    client,
+                    "SELECT granted, used_after FROM flagship.rebalance_slices($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &with(&[INT8OID, INT8OID, INT4OID, INT4OID]),
+                ),
+                append_record: prepare(
+                    client,
+                    &format!(
+                        "INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+                         VALUES ($1, $2, $3, $4, 'record', $5, $11, $7, $8, $9, $10)"
+                    ),
+                    &with(&[&change[..], &[INT8OID]].concat()),
+                ),
+                }),
                 create_counter: prepare(
                     client,
                     "INSERT INTO flagship.usage_counters
@@ -280,7 +352,7 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                 read_counter: prepare(
                     client,
                     &format!(
-                        "SELECT {USED} FROM flagship.usage_counters c
+                        "SELECT sum({USED})::bigint FROM flagship.usage_counters c
                           WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3"
                     ),
                     &key,
@@ -292,7 +364,7 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                              INSERT INTO flagship.usage_counters AS c
                                  (organization_id, customer_id, metric_id, period_start, used)
                              VALUES ($1, $2, $3, $4, $5)
-                             ON CONFLICT (organization_id, customer_id, metric_id) DO UPDATE
+                             ON CONFLICT ({counter_key}) DO UPDATE
                                 SET used = EXCLUDED.used, period_start = EXCLUDED.period_start,
                                     updated_at = now()
                           RETURNING c.used)
@@ -326,9 +398,19 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                     &[TEXTOID],
                 ),
             }
-            });
-            run(client, statements)
-        })
+    };
+    Spi::connect_mut(|client| {
+        let statements = STATEMENTS.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            if kept
+                .as_ref()
+                .is_none_or(|statements| statements.sliced_schema != sliced_schema)
+            {
+                *kept = Some(Rc::new(plan(client)));
+            }
+            Rc::clone(kept.as_ref().expect("planned above"))
+        });
+        run(client, &statements)
     })
 }
 
@@ -564,6 +646,9 @@ fn record(
                     return credits::consume(account, amount, idempotency_key)
                 }
             };
+            if let Some(sliced) = statements.sliced.as_ref().filter(|_| subject.slices > 1) {
+                return consume_sliced(client, sliced, subject, amount, idempotency_key);
+            }
             let change = subject.change(amount, idempotency_key);
             for _ in 0..2 {
                 if let Some(used_after) =
@@ -587,6 +672,47 @@ fn record(
         return consume();
     }
     answer
+}
+
+/// Consumes from a sliced counter (see "Escrow slices" in usage.sql): a
+/// free slice with room, else the rebalancing that locks them all.
+fn consume_sliced(
+    client: &mut SpiClient<'_>,
+    statements: &SlicedStatements,
+    subject: &Subject,
+    amount: i64,
+    idempotency_key: Option<&str>,
+) -> Value {
+    // Each backend starts from a slice of its own, so concurrent consumers
+    // of one customer spread over the slices without asking each other.
+    let preferred = (std::process::id() % u32::from(subject.slices)) as i32;
+    let mut parameters = subject.change(amount, idempotency_key);
+    parameters.push(preferred.into());
+    if let Some(used_after) = first_i64(spi(client.update(
+        &statements.consume_slice,
+        None,
+        &parameters,
+    ))) {
+        return subject.granted(used_after);
+    }
+    let mut arguments = Vec::from(subject.key());
+    arguments.extend([
+        amount.into(),
+        subject.terms.hard_limit().into(),
+        i32::from(subject.slices).into(),
+        preferred.into(),
+    ]);
+    let rebalanced = spi(client.update(&statements.rebalance_slices, None, &arguments));
+    let row = rebalanced.first();
+    let granted = spi(row.get::<bool>(1)).unwrap_or(false);
+    let used_after = spi(row.get::<i64>(2)).unwrap_or(0);
+    if !granted {
+        return subject.denied(used_after);
+    }
+    let mut record = subject.change(amount, idempotency_key);
+    record.push(used_after.into());
+    spi(client.update(&statements.append_record, None, &record));
+    subject.granted(used_after)
 }
 
 /// Whether an answer refuses for want of room: over a hard limit, or out of

@@ -73,6 +73,9 @@ pub struct Facts {
     pub limit: Option<Limit>,
     /// The credits the customer's plan grants of this metric, if any.
     pub plan_credits: Option<PlanCredits>,
+    /// How many escrow slices each counter of the metric is split into (1:
+    /// one row).
+    pub slices: u16,
 }
 
 /// The terms a decision is made under, at one moment.
@@ -121,6 +124,12 @@ impl Facts {
             metric: uuid_bytes(document.get("metric_id")),
             gauge: document.get("aggregation").and_then(Value::as_str) == Some("gauge"),
             credits: document.get("aggregation").and_then(Value::as_str) == Some("credits"),
+            slices: document
+                .get("slices")
+                .and_then(Value::as_u64)
+                .and_then(|slices| u16::try_from(slices).ok())
+                .filter(|slices| *slices >= 1)
+                .unwrap_or(1),
             status: document
                 .get("status")
                 .and_then(Value::as_str)
@@ -300,6 +309,7 @@ mod tests {
             billing_anchor: None,
             limit,
             plan_credits: None,
+            slices: 1,
         }
     }
 
@@ -405,9 +415,11 @@ mod tests {
             "metric_id": "7c9e6679-7425-40de-944b-e07fc1f90ae9",
             "aggregation": "gauge", "status": "trialing", "trial_ends_at": 1717200000.5,
             "billing_anchor": 1706695200, "has_limit": true, "usage_limit": null,
-            "period": "billing_month", "enforcement": "soft"});
+            "period": "billing_month", "enforcement": "soft", "slices": 8});
         let facts = Facts::from_document(&document);
         assert!(facts.gauge);
+        assert_eq!(facts.slices, 8);
+        assert_eq!(Facts::from_document(&json!({})).slices, 1);
         assert_eq!(facts.trial_ends_at, Some(at("2024-06-01T00:00:00.5Z")));
         assert_eq!(facts.billing_anchor, Some(at("2024-01-31T10:00:00Z")));
         assert_eq!(

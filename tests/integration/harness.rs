@@ -205,3 +205,127 @@ pub fn tenant_tables(client: &mut Client) -> Vec<String> {
         .map(|row| row.get(0))
         .collect()
 }
+
+/// A second server of the same installation, in a data directory of its
+/// own, for what the shared test server must not go through: starting
+/// without preloading, crashes. Stopped (immediately) and removed on drop.
+pub struct ThrowawayServer {
+    pub port: u16,
+    bindir: String,
+    data: std::path::PathBuf,
+    options: String,
+}
+
+impl ThrowawayServer {
+    /// initdb and start, with `options` given to the server (`-c name=value ...`).
+    pub fn start(name: &str, options: &str) -> ThrowawayServer {
+        let bindir = text(
+            &mut connect(),
+            "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
+        );
+        // Apart for each test process and each name, so that tests running at
+        // once do not meet on one port.
+        let name_offset = name.bytes().map(u16::from).sum::<u16>() % 97;
+        let port = 5600 + (std::process::id() % 200) as u16 + name_offset;
+        let data = std::env::temp_dir().join(format!("flagship-{name}-{port}"));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).unwrap();
+        let server = ThrowawayServer {
+            port,
+            bindir,
+            data,
+            options: options.to_string(),
+        };
+        let initialized = server
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres"])
+            .output()
+            .unwrap();
+        assert!(initialized.status.success(), "{initialized:?}");
+        server.pg_ctl_start();
+        server
+    }
+
+    /// A program of the installation, run as the server's user: initdb
+    /// refuses root, so as postgres when we are root.
+    fn command(&self, program: &str) -> std::process::Command {
+        use std::process::Command;
+        let mut command = if Command::new("id").arg("-u").output().unwrap().stdout == b"0\n" {
+            let _ = Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(&self.data)
+                .status();
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-u", "postgres", &format!("{}/{program}", self.bindir)]);
+            sudo
+        } else {
+            Command::new(format!("{}/{program}", self.bindir))
+        };
+        command.arg("-D").arg(&self.data);
+        command
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let started = self
+            .command("pg_ctl")
+            .args(["-w", "-l"])
+            .arg(self.data.join("server.log"))
+            .args([
+                "-o",
+                &format!(
+                    "-p {} -k /tmp -c listen_addresses='' {}",
+                    self.port, self.options
+                ),
+                "start",
+            ])
+            .output()
+            .unwrap();
+        assert!(started.status.success(), "{started:?}");
+    }
+
+    /// `pg_ctl stop -m <mode>` (`immediate`: no shutdown checkpoint, as a
+    /// power cut leaves it).
+    pub fn pg_ctl_stop(&self, mode: &str) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-w", "-m", mode, "stop"])
+            .output();
+    }
+
+    pub fn connect(&self, database: &str) -> Client {
+        Client::connect(
+            &format!(
+                "host=/tmp port={} user=postgres dbname={database}",
+                self.port
+            ),
+            postgres::NoTls,
+        )
+        .unwrap()
+    }
+
+    /// Connects, waiting up to 30 s for the server to accept connections
+    /// again (after a crash, the postmaster restarts and recovers).
+    pub fn reconnect(&self, database: &str) -> Client {
+        for _ in 0..300 {
+            if let Ok(client) = Client::connect(
+                &format!(
+                    "host=/tmp port={} user=postgres dbname={database}",
+                    self.port
+                ),
+                postgres::NoTls,
+            ) {
+                return client;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the server did not come back within 30 s");
+    }
+}
+
+impl Drop for ThrowawayServer {
+    fn drop(&mut self) {
+        self.pg_ctl_stop("immediate");
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}

@@ -10,6 +10,7 @@ mod credits;
 mod customer_keys;
 mod dump_restore;
 mod erasure;
+mod escrow;
 mod events;
 mod exposures;
 mod harness;

@@ -293,92 +293,41 @@ fn verification_checks_a_keys_rate_limit_before_its_usage_limit() {
 /// else works. Runs a second, throwaway server of the same installation.
 #[test]
 fn without_preloading_rate_limits_refuse_and_say_what_to_add() {
-    use std::process::Command;
-    let mut su = connect();
-    let bindir = text(
-        &mut su,
-        "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
-    );
-    let port = (5600 + std::process::id() % 300).to_string();
-    let data = std::env::temp_dir().join(format!("flagship-no-preload-{port}"));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).unwrap();
-    // initdb refuses root: run the server as postgres when we are root.
-    let as_server_user = |program: &str| {
-        let mut command = if Command::new("id").arg("-u").output().unwrap().stdout == b"0\n" {
-            let _ = Command::new("chown").arg("postgres").arg(&data).status();
-            let mut sudo = Command::new("sudo");
-            sudo.args(["-u", "postgres", &format!("{bindir}/{program}")]);
-            sudo
-        } else {
-            Command::new(format!("{bindir}/{program}"))
-        };
-        command.arg("-D").arg(&data);
-        command
-    };
-    let initialized = as_server_user("initdb")
-        .args(["-A", "trust", "-U", "postgres"])
-        .output()
-        .unwrap();
-    assert!(initialized.status.success(), "{initialized:?}");
-    let started = as_server_user("pg_ctl")
-        .args(["-w", "-l"])
-        .arg(data.join("server.log"))
-        .args([
-            "-o",
-            &format!("-p {port} -k /tmp -c listen_addresses=''"),
-            "start",
-        ])
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "{started:?}");
-    let outcome = std::panic::catch_unwind(|| {
-        let mut plain = postgres::Client::connect(
-            &format!("host=/tmp port={port} user=postgres dbname=postgres"),
-            postgres::NoTls,
+    let server = crate::harness::ThrowawayServer::start("no-preload", "");
+    let mut plain = server.connect("postgres");
+    plain
+        .batch_execute(
+            r#"CREATE EXTENSION flagship;
+               SELECT set_config('flagship.organization_id',
+                                 flagship.create_organization('plain', 'Plain')::text, false);
+               SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop');
+               SET flagship.environment = 'shop/production';
+               SELECT flagship.put_metric('shop', '{"key": "calls"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 5}},
+                   "rate_limits": {"requests": {"limit": 100, "window": "1m"}}}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
         )
         .unwrap();
-        plain
-            .batch_execute(
-                r#"CREATE EXTENSION flagship;
-                   SELECT set_config('flagship.organization_id',
-                                     flagship.create_organization('plain', 'Plain')::text, false);
-                   SELECT flagship.create_project(flagship.current_organization_id(), 'shop', 'Shop');
-                   SET flagship.environment = 'shop/production';
-                   SELECT flagship.put_metric('shop', '{"key": "calls"}');
-                   SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 5}},
-                       "rate_limits": {"requests": {"limit": 100, "window": "1m"}}}');
-                   SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
-            )
-            .unwrap();
-        let refused = plain
-            .batch_execute("SELECT flagship.rate_limit('acme', 'requests')")
-            .unwrap_err();
-        let error = refused.as_db_error().unwrap();
-        assert_eq!(error.code().code(), "55000");
-        assert!(
-            error
-                .hint()
-                .unwrap()
-                .contains("shared_preload_libraries = 'flagship'"),
-            "{error:?}"
-        );
-        // Nothing else needs the shared table.
-        assert_eq!(
-            text(
-                &mut plain,
-                "SELECT flagship.record_usage('acme', 'calls') ->> 'allowed'"
-            ),
-            "true"
-        );
-    });
-    let _ = as_server_user("pg_ctl")
-        .args(["-w", "-m", "fast", "stop"])
-        .output();
-    let _ = std::fs::remove_dir_all(&data);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    let refused = plain
+        .batch_execute("SELECT flagship.rate_limit('acme', 'requests')")
+        .unwrap_err();
+    let error = refused.as_db_error().unwrap();
+    assert_eq!(error.code().code(), "55000");
+    assert!(
+        error
+            .hint()
+            .unwrap()
+            .contains("shared_preload_libraries = 'flagship'"),
+        "{error:?}"
+    );
+    // Nothing else needs the shared table.
+    assert_eq!(
+        text(
+            &mut plain,
+            "SELECT flagship.record_usage('acme', 'calls') ->> 'allowed'"
+        ),
+        "true"
+    );
 }
 
 /// The test server keeps 1 024 windows. An organization that wants more

@@ -1,0 +1,431 @@
+//! Escrow slices (#20): a hot customer's counter split into rows whose caps
+//! sum to the limit. Real sessions racing, rolling back, rebalancing, a
+//! limit lowered under load, and a server killed in the middle: the grants
+//! never pass the limit, the slices always sum to the ledger, and nothing
+//! acknowledged is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use crate::harness::{connect, organization, sqlstate, text, ThrowawayServer};
+
+/// An organization whose customer `acme` may use `limit` of `calls`, a sum
+/// split into `slices`. Returns the organization id.
+fn sliced_customer(client: &mut postgres::Client, prefix: &str, limit: i64, slices: u16) -> String {
+    let (org, _) = organization(client, prefix);
+    setup_sliced(client, &org, limit, slices);
+    org
+}
+
+fn setup_sliced(client: &mut postgres::Client, org: &str, limit: i64, slices: u16) {
+    client
+        .batch_execute(&format!(
+            r#"SET flagship.organization_id = '{org}';
+               SELECT flagship.put_metric('shop', '{{"key": "calls", "slices": {slices}}}');
+               SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"calls": {{"limit": {limit}}}}}}}');
+               SELECT flagship.put_customer('shop/production', '{{"key": "acme", "plan": "pro"}}');
+               RESET flagship.organization_id;"#
+        ))
+        .unwrap();
+}
+
+fn session_on(mut client: postgres::Client, org: &str) -> postgres::Client {
+    client
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; SET flagship.environment = 'shop/production'"
+        ))
+        .unwrap();
+    client
+}
+
+/// The counter as its rows hold it, and the ledger: (used by the answer,
+/// sum of slices, sum of recorded amounts, sum of caps of slices split for
+/// `limit`, slices).
+fn books(client: &mut postgres::Client, org: &str, limit: i64) -> (i64, i64, i64, i64, i64) {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (flagship.check_usage_limit('acme', 'calls') ->> 'used')::bigint,
+                        (SELECT coalesce(sum(used), 0)::bigint FROM flagship.usage_counters
+                          WHERE organization_id = '{org}'),
+                        (SELECT coalesce(sum(amount), 0)::bigint FROM flagship.usage_ledger
+                          WHERE organization_id = '{org}'),
+                        (SELECT coalesce(sum(cap), 0)::bigint FROM flagship.usage_counters
+                          WHERE organization_id = '{org}' AND split_limit = {limit}),
+                        (SELECT count(*) FROM flagship.usage_counters WHERE organization_id = '{org}')"
+            ),
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
+}
+
+/// A tiny deterministic generator per thread (no dependency for dice).
+fn dice(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// 8 sessions x `attempts` consumes of 1 to 5 against `limit`, each in its
+/// own transaction at `isolation`; one in ten rolled back, one in ten
+/// consumed under a savepoint rolled back to. Serialization failures
+/// (40001, REPEATABLE READ and SERIALIZABLE only) are rolled back and
+/// counted as not granted. Returns what committed grants added up to.
+fn race(org: &str, attempts: u64, isolation: &str) -> i64 {
+    let workers: Vec<_> = (0..8u64)
+        .map(|worker| {
+            let org = org.to_string();
+            let isolation = isolation.to_string();
+            thread::spawn(move || {
+                let mut client = session_on(connect(), &org);
+                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ ((worker + 1) * 7919);
+                let mut committed = 0i64;
+                for _ in 0..attempts {
+                    let amount = (dice(&mut seed) % 5 + 1) as i64;
+                    let fate = dice(&mut seed) % 10;
+                    client
+                        .batch_execute(&format!("BEGIN ISOLATION LEVEL {isolation}"))
+                        .unwrap();
+                    if fate == 1 {
+                        client.batch_execute("SAVEPOINT s").unwrap();
+                    }
+                    let granted = match client.query_one(
+                        "SELECT (flagship.record_usage('acme', 'calls', $1) ->> 'allowed')::boolean",
+                        &[&amount],
+                    ) {
+                        Ok(row) => row.get::<_, bool>(0),
+                        Err(error) => {
+                            let code = error.code().map(|code| code.code().to_string());
+                            assert_eq!(code.as_deref(), Some("40001"), "{error}");
+                            client.batch_execute("ROLLBACK").unwrap();
+                            continue;
+                        }
+                    };
+                    match fate {
+                        0 => client.batch_execute("ROLLBACK").unwrap(),
+                        1 => client
+                            .batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT")
+                            .unwrap(),
+                        _ => {
+                            client.batch_execute("COMMIT").unwrap();
+                            if granted {
+                                committed += amount;
+                            }
+                        }
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .map(|worker| worker.join().unwrap())
+        .sum()
+}
+
+/// 8 sessions x 1 000 racing consumes of random amounts, with rollbacks
+/// and savepoints: exactly what committed is counted, in the slices and in
+/// the ledger; never more than the limit; the caps sum to the limit; and
+/// the counter fills up (a refusal leaves less room than the largest
+/// amount). No deadlock ever surfaces (every wait is in slice order).
+#[test]
+fn sliced_counters_grant_exactly_up_to_the_limit() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-race", 6000, 8);
+    let committed = race(&org, 1000, "READ COMMITTED");
+    let mut client = session_on(connect(), &org);
+    let (used, slices_sum, ledger_sum, caps, rows) = books(&mut client, &org, 6000);
+    assert_eq!(
+        (used, slices_sum, ledger_sum, caps, rows),
+        (committed, committed, committed, 6000, 8),
+        "(answer, slices, ledger, caps, rows)"
+    );
+    assert!(committed <= 6000 && committed > 6000 - 5, "{committed}");
+}
+
+/// REPEATABLE READ callers: exact, or 40001 to retry; never an overshoot.
+#[test]
+fn repeatable_read_callers_are_exact_or_told_to_retry() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-rr", 1500, 4);
+    let committed = race(&org, 300, "REPEATABLE READ");
+    let mut client = session_on(connect(), &org);
+    let (used, slices_sum, ledger_sum, caps, _) = books(&mut client, &org, 1500);
+    assert_eq!(
+        (used, slices_sum, ledger_sum, caps),
+        (committed, committed, committed, 1500)
+    );
+    assert!(committed <= 1500, "{committed}");
+}
+
+/// One session, step by step: room in any slice is found (no false
+/// refusal), a refusal is exact, a reservation's refund comes back, and
+/// the rows say what happened.
+#[test]
+fn a_slice_without_room_borrows_from_the_others() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-steps", 100, 4);
+    let mut client = session_on(connect(), &org);
+    let consume = |client: &mut postgres::Client, amount: i64| -> (bool, i64) {
+        let row = client
+            .query_one(
+                "SELECT (r ->> 'allowed')::boolean, (r ->> 'used')::bigint
+                   FROM flagship.record_usage('acme', 'calls', $1) r",
+                &[&amount],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // The first consumption creates the slices: 60 on this backend's, the
+    // 40 left shared out (10 each).
+    assert_eq!(consume(&mut client, 60), (true, 60));
+    assert_eq!(books(&mut client, &org, 100), (60, 60, 60, 100, 4));
+    // No slice has 30 of room: the rebalancing finds it in all of them.
+    assert_eq!(consume(&mut client, 30), (true, 90));
+    assert_eq!(consume(&mut client, 11), (false, 90));
+    assert_eq!(consume(&mut client, 10), (true, 100));
+    assert_eq!(consume(&mut client, 1), (false, 100));
+    assert_eq!(books(&mut client, &org, 100), (100, 100, 100, 100, 4));
+    // A reservation settled for less gives the rest back, into the slices.
+    let mut limit_raised = session_on(connect(), &org);
+    limit_raised
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 200}}}')"#,
+        )
+        .unwrap();
+    let reservation = text(
+        &mut client,
+        "SELECT flagship.reserve_usage('acme', 'calls', 50) ->> 'reservation_id'",
+    );
+    assert_eq!(books(&mut client, &org, 200).0, 150);
+    text(
+        &mut client,
+        &format!("SELECT flagship.finalize_usage('{reservation}', 20)::text"),
+    );
+    let (used, slices_sum, ledger_sum, caps, _) = books(&mut client, &org, 200);
+    assert_eq!((used, slices_sum, ledger_sum, caps), (120, 120, 120, 200));
+}
+
+/// The limit lowered while 8 sessions consume: once the change commits, the
+/// counter stops at the new limit (the transactions already past their
+/// check when it committed may finish: one each at most).
+#[test]
+fn lowering_the_limit_while_hot_holds() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-lower", 1_000_000, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let org = org.clone();
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut client = session_on(connect(), &org);
+                while !stop.load(Ordering::Relaxed) {
+                    client
+                        .batch_execute("SELECT flagship.record_usage('acme', 'calls', 1)")
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut admin = session_on(connect(), &org);
+    while books(&mut admin, &org, 0).1 < 500 {
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 1500}}}')"#,
+        )
+        .unwrap();
+    // Long enough for the counter to reach the new limit many times over.
+    while books(&mut admin, &org, 1500).1 < 1500 {
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+    thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let (used, slices_sum, ledger_sum, _, _) = books(&mut admin, &org, 1500);
+    assert_eq!((slices_sum, ledger_sum), (used, used));
+    assert!((1500..=1508).contains(&used), "{used}");
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT flagship.record_usage('acme', 'calls', 1) ->> 'allowed'"
+        ),
+        "false"
+    );
+}
+
+/// A sliced metric's document: what may be split, into how many, and no
+/// way back to one row (the counters of running periods would have to be
+/// merged under their consumers).
+#[test]
+fn slices_are_a_checked_metric_setting() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-settings", 10, 8);
+    let mut client = session_on(connect(), &org);
+    for (document, expected) in [
+        (
+            r#"{"key": "calls", "slices": 0}"#,
+            "slices: must be a whole number from 1 to 64",
+        ),
+        (
+            r#"{"key": "calls", "slices": 65}"#,
+            "slices: must be a whole number from 1 to 64",
+        ),
+        (
+            r#"{"key": "calls", "slices": 2.5}"#,
+            "slices: must be a whole number from 1 to 64",
+        ),
+        (
+            r#"{"key": "calls", "slices": "8"}"#,
+            "slices: must be a whole number from 1 to 64",
+        ),
+        (
+            r#"{"key": "seats", "aggregation": "gauge", "slices": 2}"#,
+            "slices: only a sum can be split",
+        ),
+        (
+            r#"{"key": "calls"}"#,
+            "slices: a sliced metric keeps at least 2 slices",
+        ),
+    ] {
+        let error = client
+            .batch_execute(&format!("SELECT flagship.put_metric('shop', '{document}')"))
+            .unwrap_err();
+        let error = error.as_db_error().unwrap();
+        assert_eq!(error.code().code(), "22023", "{document}");
+        assert!(
+            error.message().contains(expected),
+            "{document}: {}",
+            error.message()
+        );
+        assert!(
+            error.message().starts_with("metric \""),
+            "{}",
+            error.message()
+        );
+    }
+    assert_eq!(
+        sqlstate(
+            &mut client,
+            r#"SELECT flagship.put_metric('shop', '{"key": "calls", "slices": 2}')"#
+        ),
+        "none"
+    );
+    assert_eq!(
+        text(
+            &mut client,
+            "SELECT flagship.export_project('shop') -> 'metrics' -> 0 ->> 'slices'"
+        ),
+        "2"
+    );
+}
+
+/// Acknowledged consumptions survive a backend killed with SIGKILL (the
+/// server restarts and recovers) and an immediate stop; after each, the
+/// slices sum to the ledger and stay within the limit.
+#[test]
+fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
+    let server = ThrowawayServer::start("escrow-crash", "");
+    let mut setup = server.connect("postgres");
+    setup
+        .batch_execute(
+            "CREATE EXTENSION flagship;
+             SELECT flagship.create_project(flagship.create_organization('crash', 'Crash'), 'shop', 'Shop');",
+        )
+        .unwrap();
+    let org = text(&mut setup, "SELECT id::text FROM flagship.organizations");
+    setup_sliced(&mut setup, &org, 3000, 8);
+    let port = server.port;
+    for (round, crash) in ["kill -9 of a backend", "pg_ctl stop -m immediate"]
+        .iter()
+        .enumerate()
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let org = org.clone();
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let connection = postgres::Client::connect(
+                        &format!("host=/tmp port={port} user=postgres dbname=postgres"),
+                        postgres::NoTls,
+                    )
+                    .unwrap();
+                    let mut client = session_on(connection, &org);
+                    let mut acknowledged = Vec::new();
+                    let mut attempt = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        attempt += 1;
+                        let key = format!("r{round}-w{worker}-{attempt}");
+                        match client.query_one(
+                            "SELECT (flagship.record_usage('acme', 'calls', 1, $1) ->> 'allowed')::boolean",
+                            &[&key],
+                        ) {
+                            Ok(row) if row.get::<_, bool>(0) => acknowledged.push(key),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    acknowledged
+                })
+            })
+            .collect();
+        thread::sleep(std::time::Duration::from_millis(800));
+        let mut watcher = server.connect("postgres");
+        if round == 0 {
+            let victim: i32 = watcher
+                .query_one(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE '%record_usage%'
+                       AND pid <> pg_backend_pid() LIMIT 1",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            let killed = std::process::Command::new("kill")
+                .args(["-9", &victim.to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success(), "{crash}");
+        } else {
+            server.pg_ctl_stop("immediate");
+            server.pg_ctl_start();
+        }
+        drop(watcher);
+        stop.store(true, Ordering::Relaxed);
+        let acknowledged: Vec<String> = workers
+            .into_iter()
+            .flat_map(|worker| worker.join().unwrap())
+            .collect();
+        let mut after = session_on(server.reconnect("postgres"), &org);
+        let (used, slices_sum, ledger_sum, caps, _) = books(&mut after, &org, 3000);
+        assert_eq!((slices_sum, ledger_sum), (used, used), "{crash}");
+        assert!(
+            used <= 3000 && caps <= 3000,
+            "{crash}: used {used}, caps {caps}"
+        );
+        let found: i64 = after
+            .query_one(
+                "SELECT count(*) FROM flagship.usage_ledger WHERE idempotency_key = ANY($1)",
+                &[&acknowledged],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            found,
+            acknowledged.len() as i64,
+            "{crash}: acknowledged and lost"
+        );
+        assert!(
+            !acknowledged.is_empty(),
+            "{crash}: nothing ran before the crash"
+        );
+    }
+}
