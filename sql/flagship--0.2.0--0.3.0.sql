@@ -5405,7 +5405,8 @@ DECLARE
     refused_hint text;
     target_project uuid := flagship.resolve_project(project);
     saved uuid;
-    slice_count smallint := 1;
+    -- NULL: not given, which keeps an existing metric's split.
+    slice_count smallint;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_metric');
     PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description,slices}');
@@ -5434,11 +5435,11 @@ BEGIN
     END IF;
     INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
     SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
-           coalesce(definition->>'aggregation', 'sum'), slice_count
+           coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1)
       FROM flagship.projects p WHERE p.id = target_project
     ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
        SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
-           slices = EXCLUDED.slices, updated_at = now()
+           slices = coalesce(slice_count, m.slices), updated_at = now()
     RETURNING m.id INTO saved;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN
@@ -5566,6 +5567,10 @@ BEGIN
     used_after := total + amount;
 END
 $fn$;
+REVOKE ALL ON FUNCTION flagship.rebalance_slices(uuid, uuid, uuid, timestamptz, bigint, bigint, integer, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.rebalance_slices(uuid, uuid, uuid, timestamptz, bigint, bigint, integer, integer)
+    TO flagship_app, flagship_admin;
 
 -- Gives `refund` of a reservation back: to its period's counter, or into
 -- the grants it drew from (last drawn first; a grant that expired since

@@ -2,8 +2,9 @@
 --
 -- Configuration (metrics, plans, plan_features, usage_limits, customers,
 -- subscriptions, overrides) follows the same tenancy rules as flags. Usage
--- lives in two tables: usage_counters, one row per customer and metric
--- holding the current period's total (what limit checks read and lock), and
+-- lives in two tables: usage_counters, one row per customer and metric (one
+-- per slice of a sliced metric: see "Escrow slices" below) holding the
+-- current period's total (what limit checks read and lock), and
 -- usage_ledger, an append-only history of every consumption (billing export
 -- and idempotency).
 --
@@ -411,6 +412,10 @@ BEGIN
     used_after := total + amount;
 END
 $fn$;
+REVOKE ALL ON FUNCTION flagship.rebalance_slices(uuid, uuid, uuid, timestamptz, bigint, bigint, integer, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flagship.rebalance_slices(uuid, uuid, uuid, timestamptz, bigint, bigint, integer, integer)
+    TO flagship_app, flagship_admin;
 
 -- Prepaid credits (0.3) ------------------------------------------------------
 --
@@ -753,7 +758,8 @@ DECLARE
     refused_hint text;
     target_project uuid := flagship.resolve_project(project);
     saved uuid;
-    slice_count smallint := 1;
+    -- NULL: not given, which keeps an existing metric's split.
+    slice_count smallint;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_metric');
     PERFORM flagship.require_object(definition, 'metric', '{key,name,unit,aggregation,description,slices}');
@@ -782,11 +788,11 @@ BEGIN
     END IF;
     INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
     SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
-           coalesce(definition->>'aggregation', 'sum'), slice_count
+           coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1)
       FROM flagship.projects p WHERE p.id = target_project
     ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
        SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
-           slices = EXCLUDED.slices, updated_at = now()
+           slices = coalesce(slice_count, m.slices), updated_at = now()
     RETURNING m.id INTO saved;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN

@@ -23,6 +23,7 @@ use crate::cache::{self, Stamped};
 use crate::errors::invalid_parameter;
 use crate::postgres::backend;
 use crate::postgres::jsonb::BuiltJsonb;
+use crate::postgres::subtransaction::Subtransaction;
 use flagship_engine::limits::{self, Facts, Reason, Terms};
 use flagship_engine::periods::{self, Period};
 
@@ -268,9 +269,12 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
     let sliced_schema = crate::cache::versioned();
     // 0.2.0's counters have no slices: the same statements without them.
+    // A row split for a limit (`split_limit`) belongs to a sliced counter:
+    // the one-row path refuses it rather than ignore its caps (terms read
+    // before a metric was sliced, or slices set back to 1 behind put_metric).
     let (slice_zero, counter_key) = if sliced_schema {
         (
-            "AND c.slice = 0",
+            "AND c.slice = 0 AND c.split_limit IS NULL",
             "organization_id, customer_id, metric_id, slice",
         )
     } else {
@@ -306,7 +310,8 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                         "WITH target AS (
                              SELECT c.slice FROM flagship.usage_counters c
                               WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
-                                AND ($6::bigint IS NULL OR (c.split_limit = $6 AND {USED} + $5 <= c.cap))
+                                AND (($6::bigint IS NULL AND c.split_limit IS NULL)
+                                     OR (c.split_limit = $6 AND {USED} + $5 <= c.cap))
                               ORDER BY c.slice = $11 DESC, c.slice
                               LIMIT 1
                                 FOR UPDATE SKIP LOCKED),
@@ -688,13 +693,21 @@ fn consume_sliced(
     let preferred = (std::process::id() % u32::from(subject.slices)) as i32;
     let mut parameters = subject.change(amount, idempotency_key);
     parameters.push(preferred.into());
-    if let Some(used_after) = first_i64(spi(client.update(
+    // In a subtransaction: a slice that filled up between the snapshot and
+    // the lock stays locked though skipped, and holding it while the
+    // rebalancing waits for every slice in order could deadlock with
+    // another rebalancing. Rolling the attempt back lets go of it.
+    let attempt = Subtransaction::begin();
+    let consumed = first_i64(spi(client.update(
         &statements.consume_slice,
         None,
         &parameters,
-    ))) {
+    )));
+    if let Some(used_after) = consumed {
+        attempt.release();
         return subject.granted(used_after);
     }
+    drop(attempt);
     let mut arguments = Vec::from(subject.key());
     arguments.extend([
         amount.into(),

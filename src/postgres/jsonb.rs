@@ -300,10 +300,16 @@ unsafe fn read_container(
     }
 }
 
+/// A string of the document. In a database of another encoding the text
+/// path read it lossily too (pgrx's text conversion), so this does.
 fn utf8(bytes: &[u8]) -> Result<String, String> {
-    std::str::from_utf8(bytes)
-        .map(str::to_owned)
-        .map_err(|_| "cannot be read (a string is not UTF-8)".to_string())
+    if super::backend::database_is_utf8() {
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| "cannot be read (a string is not UTF-8)".to_string())
+    } else {
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
 }
 
 /// A stored number as serde_json reads jsonb's text of it: numeric_out is

@@ -14,6 +14,8 @@
 //! - `settings`: settings read without copying;
 //! - `shared_windows`: rate-limit windows in shared memory, each slot
 //!   touched only under its partition's lock;
+//! - `subtransaction`: an internal subtransaction rolled back unless
+//!   released;
 //! - `unguarded`: the few C functions called without pgrx's error guard.
 #![allow(unsafe_code)]
 
@@ -24,4 +26,5 @@ pub mod jsonb;
 pub mod settings;
 pub mod shared_windows;
 pub mod statement_reads;
+pub mod subtransaction;
 pub mod unguarded;

@@ -210,6 +210,39 @@ fn a_slice_without_room_borrows_from_the_others() {
     assert_eq!((used, slices_sum, ledger_sum, caps), (120, 120, 120, 200));
 }
 
+/// A limit that was soft (or absent) for a while, then hard again: the
+/// caps split before it are void (found by review: a slice kept its old
+/// cap while another went far past the limit, and granted it again).
+#[test]
+fn a_limit_soft_for_a_while_voids_the_caps() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-soft", 100, 2);
+    let mut client = session_on(connect(), &org);
+    let allowed = |client: &mut postgres::Client, amount: i64| -> String {
+        text(
+            client,
+            &format!("SELECT flagship.record_usage('acme', 'calls', {amount}) ->> 'allowed'"),
+        )
+    };
+    let plan = |client: &mut postgres::Client, enforcement: &str| {
+        client
+            .batch_execute(&format!(
+                r#"SELECT flagship.put_plan('shop', '{{"key": "pro", "limits": {{"calls":
+                       {{"limit": 100, "enforcement": "{enforcement}"}}}}}}')"#
+            ))
+            .unwrap();
+    };
+    assert_eq!(allowed(&mut client, 10), "true");
+    plan(&mut client, "soft");
+    for _ in 0..4 {
+        assert_eq!(allowed(&mut client, 50), "true");
+    }
+    plan(&mut client, "hard");
+    assert_eq!(allowed(&mut client, 1), "false");
+    let (used, slices_sum, ledger_sum, _, _) = books(&mut client, &org, 100);
+    assert_eq!((used, slices_sum, ledger_sum), (210, 210, 210));
+}
+
 /// The limit lowered while 8 sessions consume: once the change commits, the
 /// counter stops at the new limit (the transactions already past their
 /// check when it committed may finish: one each at most).
@@ -292,7 +325,7 @@ fn slices_are_a_checked_metric_setting() {
             "slices: only a sum can be split",
         ),
         (
-            r#"{"key": "calls"}"#,
+            r#"{"key": "calls", "slices": 1}"#,
             "slices: a sliced metric keeps at least 2 slices",
         ),
     ] {
@@ -312,6 +345,21 @@ fn slices_are_a_checked_metric_setting() {
             error.message()
         );
     }
+    // A document without "slices" (an export from before) keeps the split.
+    assert_eq!(
+        sqlstate(
+            &mut client,
+            r#"SELECT flagship.put_metric('shop', '{"key": "calls", "name": "Calls"}')"#
+        ),
+        "none"
+    );
+    assert_eq!(
+        text(
+            &mut client,
+            "SELECT flagship.export_project('shop') -> 'metrics' -> 0 ->> 'slices'"
+        ),
+        "8"
+    );
     assert_eq!(
         sqlstate(
             &mut client,
@@ -342,7 +390,8 @@ fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
         )
         .unwrap();
     let org = text(&mut setup, "SELECT id::text FROM flagship.organizations");
-    setup_sliced(&mut setup, &org, 3000, 8);
+    // Far enough that the counter does not fill up before the crashes.
+    setup_sliced(&mut setup, &org, 10_000_000, 8);
     let port = server.port;
     for (round, crash) in ["kill -9 of a backend", "pg_ctl stop -m immediate"]
         .iter()
@@ -405,10 +454,10 @@ fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
             .flat_map(|worker| worker.join().unwrap())
             .collect();
         let mut after = session_on(server.reconnect("postgres"), &org);
-        let (used, slices_sum, ledger_sum, caps, _) = books(&mut after, &org, 3000);
+        let (used, slices_sum, ledger_sum, caps, _) = books(&mut after, &org, 10_000_000);
         assert_eq!((slices_sum, ledger_sum), (used, used), "{crash}");
         assert!(
-            used <= 3000 && caps <= 3000,
+            used <= 10_000_000 && caps <= 10_000_000,
             "{crash}: used {used}, caps {caps}"
         );
         let found: i64 = after

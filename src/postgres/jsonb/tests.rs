@@ -105,6 +105,15 @@
             // Arrays past the 32-entry stride of stored offsets.
             prop::collection::vec(generated::value(), 0..100)
                 .prop_map(|items| Value::Array(items).to_string()),
+            // ... and nested after other members.
+            (
+                generated::members(),
+                prop::collection::vec(generated::value(), 33..80)
+            )
+                .prop_map(|(mut members, items)| {
+                    members.push(("nested".to_string(), Value::Array(items)));
+                    generated::object_text(&members)
+                }),
             number_text.clone(),
             prop::collection::vec(number_text, 1..5)
                 .prop_map(|numbers| format!("{{\"n\": [{}]}}", numbers.join(", "))),
