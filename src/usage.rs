@@ -9,6 +9,7 @@
 //! once per backend. Decisions are made by the pure `limits` module.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
@@ -243,7 +244,9 @@ struct Statements {
 }
 
 struct SlicedStatements {
+    consume_own_slice: OwnedPreparedStatement,
     consume_slice: OwnedPreparedStatement,
+    holds_slice: OwnedPreparedStatement,
     rebalance_slices: OwnedPreparedStatement,
     append_record: OwnedPreparedStatement,
 }
@@ -304,34 +307,24 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                 // for a locked one. The answer's use adds the other slices
                 // as this statement sees them.
                 sliced: sliced_schema.then(|| SlicedStatements {
+                consume_own_slice: prepare(
+                    client,
+                    &consume_own_slice_sql(),
+                    &with(&[&change[..], &[INT4OID]].concat()),
+                ),
                 consume_slice: prepare(
                     client,
-                    &format!(
-                        "WITH target AS (
-                             SELECT c.slice FROM flagship.usage_counters c
-                              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
-                                AND (($6::bigint IS NULL AND c.split_limit IS NULL)
-                                     OR (c.split_limit = $6 AND {USED} + $5 <= c.cap))
-                              ORDER BY c.slice = $11 DESC, c.slice
-                              LIMIT 1
-                                FOR UPDATE SKIP LOCKED),
-                         consumed AS (
-                             UPDATE flagship.usage_counters c
-                                SET used = {USED} + $5, period_start = $4, updated_at = now()
-                               FROM target
-                              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
-                                AND c.slice = target.slice
-                          RETURNING c.slice, c.used)
-                         INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
-                         SELECT $1, $2, $3, $4, 'record', $5,
-                                consumed.used + coalesce((SELECT sum({USED}) FROM flagship.usage_counters c
-                                                           WHERE c.organization_id = $1 AND c.customer_id = $2
-                                                             AND c.metric_id = $3 AND c.slice <> consumed.slice), 0),
-                                $7, $8, $9, $10
-                           FROM consumed
-                         RETURNING used_after"
-                    ),
+                    &consume_any_slice_sql(),
                     &with(&[&change[..], &[INT4OID]].concat()),
+                ),
+                // Whether this transaction holds a lock on a slice of the
+                // counter (FOR UPDATE leaves its xid in the row's xmax).
+                holds_slice: prepare(
+                    client,
+                    "SELECT EXISTS (SELECT FROM flagship.usage_counters c
+                                     WHERE c.organization_id = $1 AND c.customer_id = $2
+                                       AND c.metric_id = $3 AND c.xmax = pg_current_xact_id()::xid)",
+                    &key[..3],
                 ),
                 rebalance_slices: prepare(
                     client,
@@ -417,6 +410,67 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
         });
         run(client, &statements)
     })
+}
+
+/// Whether a slice (`c`) has room for $5 within a cap split for the limit
+/// in force ($6; NULL: soft or unlimited, which only rows without a split
+/// take).
+const SLICE_HAS_ROOM: &str = "(($6::bigint IS NULL AND c.split_limit IS NULL) \
+     OR (c.split_limit = $6 AND CASE WHEN c.period_start IS NOT DISTINCT FROM $4 \
+                                     THEN c.used ELSE 0 END + $5 <= c.cap))";
+
+/// A sliced counter's consumption: the `consumed` CTE moves one slice
+/// (returning its slice, used and cap); the ledger row follows, and the
+/// answer is the counter's use (the other slices as this statement sees
+/// them) and the room left in that slice.
+fn consume_slice_sql(consumed: &str) -> String {
+    format!(
+        "WITH {consumed},
+        logged AS (
+            INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+            SELECT $1, $2, $3, $4, 'record', $5,
+                   consumed.used + coalesce((SELECT sum({USED}) FROM flagship.usage_counters c
+                                              WHERE c.organization_id = $1 AND c.customer_id = $2
+                                                AND c.metric_id = $3 AND c.slice <> consumed.slice), 0),
+                   $7, $8, $9, $10
+              FROM consumed
+         RETURNING used_after)
+        SELECT logged.used_after, consumed.cap - consumed.used FROM logged, consumed"
+    )
+}
+
+/// The backend's own slice ($11), as the one-row path moves its row: a
+/// consumer waits only behind another of the same slice.
+fn consume_own_slice_sql() -> String {
+    consume_slice_sql(&format!(
+        "consumed AS (
+            UPDATE flagship.usage_counters c
+               SET used = {USED} + $5, period_start = $4, updated_at = now()
+             WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
+               AND c.slice = $11 AND {SLICE_HAS_ROOM}
+         RETURNING c.slice, c.used, c.cap)"
+    ))
+}
+
+/// Any free slice with room (the backend's own first), never waiting for a
+/// locked one.
+fn consume_any_slice_sql() -> String {
+    consume_slice_sql(&format!(
+        "target AS (
+            SELECT c.slice FROM flagship.usage_counters c
+             WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
+               AND {SLICE_HAS_ROOM}
+             ORDER BY c.slice = $11 DESC, c.slice
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED),
+        consumed AS (
+            UPDATE flagship.usage_counters c
+               SET used = {USED} + $5, period_start = $4, updated_at = now()
+              FROM target
+             WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
+               AND c.slice = target.slice
+         RETURNING c.slice, c.used, c.cap)"
+    ))
 }
 
 fn spi<T>(result: pgrx::spi::SpiResult<T>) -> T {
@@ -679,6 +733,29 @@ fn record(
     answer
 }
 
+/// A consumption runs without a subtransaction while its slice had at
+/// least this many times the amount left (see `consume_sliced`).
+const ROOM_FOR_A_BARE_ATTEMPT: i64 = 64;
+
+type CounterKey = (pgrx::Uuid, pgrx::Uuid, pgrx::Uuid);
+
+thread_local! {
+    /// The room left in the slice this backend last consumed from, per
+    /// counter (keyed by organization first, like every cache here);
+    /// None: no cap (soft or unlimited), as good as endless.
+    static SLICE_ROOM: RefCell<HashMap<CounterKey, i64>> = RefCell::new(HashMap::new());
+}
+
+fn remember_room(counter: CounterKey, room: Option<i64>) {
+    SLICE_ROOM.with(|rooms| {
+        let mut rooms = rooms.borrow_mut();
+        if rooms.len() >= 10_000 {
+            rooms.clear();
+        }
+        rooms.insert(counter, room.unwrap_or(i64::MAX));
+    });
+}
+
 /// Consumes from a sliced counter (see "Escrow slices" in usage.sql): a
 /// free slice with room, else the rebalancing that locks them all.
 fn consume_sliced(
@@ -693,21 +770,54 @@ fn consume_sliced(
     let preferred = (std::process::id() % u32::from(subject.slices)) as i32;
     let mut parameters = subject.change(amount, idempotency_key);
     parameters.push(preferred.into());
-    // In a subtransaction: a slice that filled up between the snapshot and
-    // the lock stays locked though skipped, and holding it while the
-    // rebalancing waits for every slice in order could deadlock with
-    // another rebalancing. Rolling the attempt back lets go of it.
-    let attempt = Subtransaction::begin();
-    let consumed = first_i64(spi(client.update(
-        &statements.consume_slice,
-        None,
-        &parameters,
-    )));
-    if let Some(used_after) = consumed {
-        attempt.release();
+    // A slice that filled up between the statement's snapshot and its lock
+    // stays locked though `SKIP LOCKED` passed it over; holding it while
+    // the rebalancing waits for every slice in order could deadlock with
+    // another rebalancing. Near a slice's end the attempt runs in a
+    // subtransaction, rolled back to let go of such a slice; far from it
+    // (the room this backend last saw), where that cannot happen short of
+    // a burst of many times the amount, the attempt runs bare, and should
+    // it hold a slice anyway the rebalancing is not risked: 40001, retry.
+    let counter = (subject.organization, subject.customer, subject.metric);
+    let near_the_end = SLICE_ROOM.with(|room| {
+        room.borrow()
+            .get(&counter)
+            .is_none_or(|room| *room < amount.saturating_mul(ROOM_FOR_A_BARE_ATTEMPT))
+    });
+    let attempt = near_the_end.then(Subtransaction::begin);
+    let mut consume = |statement: &OwnedPreparedStatement| {
+        let consumed = spi(client.update(statement, None, &parameters));
+        (!consumed.is_empty()).then(|| {
+            let row = consumed.first();
+            (spi(row.get::<i64>(1)).unwrap_or(0), spi(row.get::<i64>(2)))
+        })
+    };
+    // The backend's own slice first (waiting only behind a consumer of the
+    // same slice), then any free one.
+    let consumed =
+        consume(&statements.consume_own_slice).or_else(|| consume(&statements.consume_slice));
+    if let Some((used_after, room)) = consumed {
+        if let Some(attempt) = attempt {
+            attempt.release();
+        }
+        remember_room(counter, room);
         return subject.granted(used_after);
     }
-    drop(attempt);
+    match attempt {
+        Some(attempt) => drop(attempt),
+        None => {
+            let held = spi(client.select(&statements.holds_slice, Some(1), &subject.key()[..3]));
+            if spi(held.first().get::<bool>(1)) == Some(true) {
+                crate::errors::raise(
+                    PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                    "usage: the counter's slices changed under this consumption; retry the transaction"
+                        .to_string(),
+                    Some("rare: a slice ran out between two consumers' reads"),
+                );
+            }
+        }
+    }
+    SLICE_ROOM.with(|room| room.borrow_mut().remove(&counter));
     let mut arguments = Vec::from(subject.key());
     arguments.extend([
         amount.into(),
