@@ -376,6 +376,15 @@ BEGIN
     INSERT INTO flagship.usage_counters (organization_id, customer_id, metric_id, slice, period_start, used)
     SELECT org, customer, metric, i, period, 0 FROM generate_series(0, slice_count - 1) AS i
     ON CONFLICT DO NOTHING;
+    -- Twice: the first statement waits for the slices it sees, in slice
+    -- order; the second, under a snapshot taken once it holds them, also
+    -- sees (and locks, still in order: they come after) slices another
+    -- consumer created meanwhile when the metric's split was raised, which
+    -- the first statement's snapshot may have missed. It alone counts.
+    PERFORM FROM flagship.usage_counters c
+      WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
+      ORDER BY c.slice
+        FOR UPDATE;
     SELECT coalesce(sum(u.used), 0) INTO total FROM (
         SELECT CASE WHEN c.period_start IS NOT DISTINCT FROM period THEN c.used ELSE 0 END AS used
           FROM flagship.usage_counters c

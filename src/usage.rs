@@ -9,7 +9,6 @@
 //! once per backend. Decisions are made by the pure `limits` module.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
@@ -246,7 +245,6 @@ struct Statements {
 struct SlicedStatements {
     consume_own_slice: OwnedPreparedStatement,
     consume_slice: OwnedPreparedStatement,
-    holds_slice: OwnedPreparedStatement,
     rebalance_slices: OwnedPreparedStatement,
     append_record: OwnedPreparedStatement,
 }
@@ -316,15 +314,6 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                     client,
                     &consume_any_slice_sql(),
                     &with(&[&change[..], &[INT4OID]].concat()),
-                ),
-                // Whether this transaction holds a lock on a slice of the
-                // counter (FOR UPDATE leaves its xid in the row's xmax).
-                holds_slice: prepare(
-                    client,
-                    "SELECT EXISTS (SELECT FROM flagship.usage_counters c
-                                     WHERE c.organization_id = $1 AND c.customer_id = $2
-                                       AND c.metric_id = $3 AND c.xmax = pg_current_xact_id()::xid)",
-                    &key[..3],
                 ),
                 rebalance_slices: prepare(
                     client,
@@ -420,9 +409,8 @@ const SLICE_HAS_ROOM: &str = "(($6::bigint IS NULL AND c.split_limit IS NULL) \
                                      THEN c.used ELSE 0 END + $5 <= c.cap))";
 
 /// A sliced counter's consumption: the `consumed` CTE moves one slice
-/// (returning its slice, used and cap); the ledger row follows, and the
-/// answer is the counter's use (the other slices as this statement sees
-/// them) and the room left in that slice.
+/// (returning its slice and used); the ledger row follows, and the answer
+/// is the counter's use (the other slices as this statement sees them).
 fn consume_slice_sql(consumed: &str) -> String {
     format!(
         "WITH {consumed},
@@ -435,7 +423,7 @@ fn consume_slice_sql(consumed: &str) -> String {
                    $7, $8, $9, $10
               FROM consumed
          RETURNING used_after)
-        SELECT logged.used_after, consumed.cap - consumed.used FROM logged, consumed"
+        SELECT used_after FROM logged"
     )
 }
 
@@ -448,7 +436,7 @@ fn consume_own_slice_sql() -> String {
                SET used = {USED} + $5, period_start = $4, updated_at = now()
              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
                AND c.slice = $11 AND {SLICE_HAS_ROOM}
-         RETURNING c.slice, c.used, c.cap)"
+         RETURNING c.slice, c.used)"
     ))
 }
 
@@ -469,7 +457,7 @@ fn consume_any_slice_sql() -> String {
               FROM target
              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
                AND c.slice = target.slice
-         RETURNING c.slice, c.used, c.cap)"
+         RETURNING c.slice, c.used)"
     ))
 }
 
@@ -733,29 +721,6 @@ fn record(
     answer
 }
 
-/// A consumption runs without a subtransaction while its slice had at
-/// least this many times the amount left (see `consume_sliced`).
-const ROOM_FOR_A_BARE_ATTEMPT: i64 = 64;
-
-type CounterKey = (pgrx::Uuid, pgrx::Uuid, pgrx::Uuid);
-
-thread_local! {
-    /// The room left in the slice this backend last consumed from, per
-    /// counter (keyed by organization first, like every cache here);
-    /// None: no cap (soft or unlimited), as good as endless.
-    static SLICE_ROOM: RefCell<HashMap<CounterKey, i64>> = RefCell::new(HashMap::new());
-}
-
-fn remember_room(counter: CounterKey, room: Option<i64>) {
-    SLICE_ROOM.with(|rooms| {
-        let mut rooms = rooms.borrow_mut();
-        if rooms.len() >= 10_000 {
-            rooms.clear();
-        }
-        rooms.insert(counter, room.unwrap_or(i64::MAX));
-    });
-}
-
 /// Consumes from a sliced counter (see "Escrow slices" in usage.sql): a
 /// free slice with room, else the rebalancing that locks them all.
 fn consume_sliced(
@@ -770,54 +735,24 @@ fn consume_sliced(
     let preferred = (std::process::id() % u32::from(subject.slices)) as i32;
     let mut parameters = subject.change(amount, idempotency_key);
     parameters.push(preferred.into());
-    // A slice that filled up between the statement's snapshot and its lock
-    // stays locked though `SKIP LOCKED` passed it over; holding it while
-    // the rebalancing waits for every slice in order could deadlock with
-    // another rebalancing. Near a slice's end the attempt runs in a
-    // subtransaction, rolled back to let go of such a slice; far from it
-    // (the room this backend last saw), where that cannot happen short of
-    // a burst of many times the amount, the attempt runs bare, and should
-    // it hold a slice anyway the rebalancing is not risked: 40001, retry.
-    let counter = (subject.organization, subject.customer, subject.metric);
-    let near_the_end = SLICE_ROOM.with(|room| {
-        room.borrow()
-            .get(&counter)
-            .is_none_or(|room| *room < amount.saturating_mul(ROOM_FOR_A_BARE_ATTEMPT))
-    });
-    let attempt = near_the_end.then(Subtransaction::begin);
+    // In a subtransaction, rolled back when it finds no room: an attempt
+    // may end up holding a slice it could not use (locked, then found full
+    // on the newest version: EvalPlanQual keeps the lock), and holding it
+    // while the rebalancing waits for every slice in order could deadlock
+    // with another rebalancing.
+    let attempt = Subtransaction::begin();
     let mut consume = |statement: &OwnedPreparedStatement| {
-        let consumed = spi(client.update(statement, None, &parameters));
-        (!consumed.is_empty()).then(|| {
-            let row = consumed.first();
-            (spi(row.get::<i64>(1)).unwrap_or(0), spi(row.get::<i64>(2)))
-        })
+        first_i64(spi(client.update(statement, None, &parameters)))
     };
     // The backend's own slice first (waiting only behind a consumer of the
     // same slice), then any free one.
     let consumed =
         consume(&statements.consume_own_slice).or_else(|| consume(&statements.consume_slice));
-    if let Some((used_after, room)) = consumed {
-        if let Some(attempt) = attempt {
-            attempt.release();
-        }
-        remember_room(counter, room);
+    if let Some(used_after) = consumed {
+        attempt.release();
         return subject.granted(used_after);
     }
-    match attempt {
-        Some(attempt) => drop(attempt),
-        None => {
-            let held = spi(client.select(&statements.holds_slice, Some(1), &subject.key()[..3]));
-            if spi(held.first().get::<bool>(1)) == Some(true) {
-                crate::errors::raise(
-                    PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-                    "usage: the counter's slices changed under this consumption; retry the transaction"
-                        .to_string(),
-                    Some("rare: a slice ran out between two consumers' reads"),
-                );
-            }
-        }
-    }
-    SLICE_ROOM.with(|room| room.borrow_mut().remove(&counter));
+    drop(attempt);
     let mut arguments = Vec::from(subject.key());
     arguments.extend([
         amount.into(),

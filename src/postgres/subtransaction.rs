@@ -52,10 +52,12 @@ impl Subtransaction {
 
 impl Drop for Subtransaction {
     fn drop(&mut self) {
-        // While an error unwinds, the transaction's abort undoes every
-        // subtransaction still open; rolling back here is only for the
-        // normal path.
-        if self.open && !std::thread::panicking() {
+        // Also while an ERROR unwinds: PostgreSQL's abort would end only
+        // the innermost subtransaction, this one, and leave the caller's
+        // level failed (autocommit would stay in an aborted transaction).
+        // pgrx has copied and flushed the error before it unwinds, as
+        // PL/pgSQL's handler does before it rolls its subtransaction back.
+        if self.open {
             // SAFETY: as in `release`.
             unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
             self.restore();

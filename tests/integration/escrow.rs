@@ -243,6 +243,89 @@ fn a_limit_soft_for_a_while_voids_the_caps() {
     assert_eq!((used, slices_sum, ledger_sum), (210, 210, 210));
 }
 
+/// An error while a consumption waits for its slice (here a lock timeout)
+/// fails that statement only: in autocommit the session goes on (found by
+/// review: the subtransaction around the attempt stayed open, and every
+/// later command answered 25P02).
+#[test]
+fn an_error_inside_a_consumption_leaves_the_session_usable() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-error", 1000, 2);
+    let mut client = session_on(connect(), &org);
+    assert_eq!(
+        text(
+            &mut client,
+            "SELECT flagship.record_usage('acme', 'calls') ->> 'allowed'"
+        ),
+        "true"
+    );
+    let mut holder = connect();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT slice FROM flagship.usage_counters
+              WHERE organization_id = '{org}' FOR UPDATE"
+        ))
+        .unwrap();
+    client.batch_execute("SET lock_timeout = '100ms'").unwrap();
+    let error = client
+        .batch_execute("SELECT flagship.record_usage('acme', 'calls')")
+        .unwrap_err();
+    assert_eq!(
+        error.code().map(|code| code.code()),
+        Some("55P03"),
+        "{error}"
+    );
+    holder.batch_execute("ROLLBACK").unwrap();
+    client.batch_execute("RESET lock_timeout").unwrap();
+    assert_eq!(
+        text(
+            &mut client,
+            "SELECT flagship.record_usage('acme', 'calls') ->> 'used'"
+        ),
+        "2"
+    );
+}
+
+/// The split raised from 2 to 8 while 8 sessions consume close to the
+/// limit: consumers that read either split agree on the books.
+#[test]
+fn raising_the_split_while_hot_keeps_the_books() {
+    let mut su = connect();
+    let org = sliced_customer(&mut su, "escrow-raise", 3000, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let org = org.clone();
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut client = session_on(connect(), &org);
+                while !stop.load(Ordering::Relaxed) {
+                    client
+                        .batch_execute("SELECT flagship.record_usage('acme', 'calls', 3)")
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut admin = session_on(connect(), &org);
+    while books(&mut admin, &org, 0).1 < 1500 {
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    admin
+        .batch_execute(r#"SELECT flagship.put_metric('shop', '{"key": "calls", "slices": 8}')"#)
+        .unwrap();
+    while books(&mut admin, &org, 3000).1 < 2998 {
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let (used, slices_sum, ledger_sum, caps, rows) = books(&mut admin, &org, 3000);
+    assert_eq!((slices_sum, ledger_sum, caps, rows), (used, used, 3000, 8));
+    assert!((2998..=3000).contains(&used), "{used}");
+}
+
 /// The limit lowered while 8 sessions consume: once the change commits, the
 /// counter stops at the new limit (the transactions already past their
 /// check when it committed may finish: one each at most).
