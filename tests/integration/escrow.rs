@@ -61,6 +61,35 @@ fn books(client: &mut postgres::Client, org: &str, limit: i64) -> (i64, i64, i64
     (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
 }
 
+/// 8 sessions consuming `amount` at a time until the returned closure is
+/// called, which stops and joins them.
+fn consume_until_stopped(org: &str, amount: i64) -> impl FnOnce() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let org = org.to_string();
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut client = session_on(connect(), &org);
+                while !stop.load(Ordering::Relaxed) {
+                    client
+                        .execute(
+                            "SELECT flagship.record_usage('acme', 'calls', $1)",
+                            &[&amount],
+                        )
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    move || {
+        stop.store(true, Ordering::Relaxed);
+        for worker in workers {
+            worker.join().unwrap();
+        }
+    }
+}
+
 /// A tiny deterministic generator per thread (no dependency for dice).
 fn dice(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
@@ -292,21 +321,7 @@ fn an_error_inside_a_consumption_leaves_the_session_usable() {
 fn raising_the_split_while_hot_keeps_the_books() {
     let mut su = connect();
     let org = sliced_customer(&mut su, "escrow-raise", 3000, 2);
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..8)
-        .map(|_| {
-            let org = org.clone();
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let mut client = session_on(connect(), &org);
-                while !stop.load(Ordering::Relaxed) {
-                    client
-                        .batch_execute("SELECT flagship.record_usage('acme', 'calls', 3)")
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
+    let stop = consume_until_stopped(&org, 3);
     let mut admin = session_on(connect(), &org);
     while books(&mut admin, &org, 0).1 < 1500 {
         thread::sleep(std::time::Duration::from_millis(5));
@@ -317,10 +332,7 @@ fn raising_the_split_while_hot_keeps_the_books() {
     while books(&mut admin, &org, 3000).1 < 2998 {
         thread::sleep(std::time::Duration::from_millis(10));
     }
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.join().unwrap();
-    }
+    stop();
     let (used, slices_sum, ledger_sum, caps, rows) = books(&mut admin, &org, 3000);
     assert_eq!((slices_sum, ledger_sum, caps, rows), (used, used, 3000, 8));
     assert!((2998..=3000).contains(&used), "{used}");
@@ -333,21 +345,7 @@ fn raising_the_split_while_hot_keeps_the_books() {
 fn lowering_the_limit_while_hot_holds() {
     let mut su = connect();
     let org = sliced_customer(&mut su, "escrow-lower", 1_000_000, 8);
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..8)
-        .map(|_| {
-            let org = org.clone();
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let mut client = session_on(connect(), &org);
-                while !stop.load(Ordering::Relaxed) {
-                    client
-                        .batch_execute("SELECT flagship.record_usage('acme', 'calls', 1)")
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
+    let stop = consume_until_stopped(&org, 1);
     let mut admin = session_on(connect(), &org);
     while books(&mut admin, &org, 0).1 < 500 {
         thread::sleep(std::time::Duration::from_millis(10));
@@ -362,10 +360,7 @@ fn lowering_the_limit_while_hot_holds() {
         thread::sleep(std::time::Duration::from_millis(10));
     }
     thread::sleep(std::time::Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.join().unwrap();
-    }
+    stop();
     let (used, slices_sum, ledger_sum, _, _) = books(&mut admin, &org, 1500);
     assert_eq!((slices_sum, ledger_sum), (used, used));
     assert!((1500..=1508).contains(&used), "{used}");
