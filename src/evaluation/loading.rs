@@ -285,20 +285,17 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
                 segments: Vec::new(),
                 version: None,
             };
-            for row in 0..found.len() {
-                match found.get::<String>(row, 1).as_deref() {
+            for row in (0..found.len()).filter_map(|row| found.row(row)) {
+                match row.get::<String>(1).as_deref() {
                     Some("flag") => rows.flags.push(StoredFlag {
-                        definition: stored_document(found, row, FLAG_BLOCK),
-                        config: found
-                            .get::<bool>(row, first_column(HAS_CONFIG_BLOCK))
+                        definition: stored_document(&row, FLAG_BLOCK),
+                        config: row
+                            .get::<bool>(first_column(HAS_CONFIG_BLOCK))
                             .unwrap_or(false)
-                            .then(|| stored_document(found, row, CONFIG_BLOCK)),
+                            .then(|| stored_document(&row, CONFIG_BLOCK)),
                     }),
-                    Some("segment") => {
-                        rows.segments
-                            .push(stored_document(found, row, SEGMENT_BLOCK))
-                    }
-                    _ => rows.version = found.get::<i64>(row, first_column(VERSION_BLOCK)),
+                    Some("segment") => rows.segments.push(stored_document(&row, SEGMENT_BLOCK)),
+                    _ => rows.version = row.get::<i64>(first_column(VERSION_BLOCK)),
                 }
             }
             rows
@@ -308,19 +305,19 @@ fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
 
 /// Row `row`'s block `block` as a document object: a NULL column is a
 /// `null` field, as the documents were written.
-fn stored_document(found: &statement_reads::Rows<'_>, row: usize, block: usize) -> StoredDocument {
+fn stored_document(row: &statement_reads::Row<'_>, block: usize) -> StoredDocument {
     let fields = BLOCKS[block];
     let mut document = serde_json::Map::with_capacity(fields.len());
     let mut text_bytes = 0;
     let mut unreadable = None;
     for (column, field) in (first_column(block)..).zip(fields) {
         let value = match field.kind {
-            Column::Boolean => found.get::<bool>(row, column).map(Value::Bool),
-            Column::Text => found.get::<String>(row, column).map(|text| {
+            Column::Boolean => row.get::<bool>(column).map(Value::Bool),
+            Column::Text => row.get::<String>(column).map(|text| {
                 text_bytes += text.len();
                 Value::String(text)
             }),
-            Column::Json => found.jsonb(row, column).and_then(|stored| {
+            Column::Json => row.jsonb(column).and_then(|stored| {
                 text_bytes += stored.size_bytes();
                 match stored.to_document() {
                     Ok(value) => Some(value),
