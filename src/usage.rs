@@ -404,9 +404,12 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
 /// Whether a slice (`c`) has room for $5 within a cap split for the limit
 /// in force ($6; NULL: soft or unlimited, which only rows without a split
 /// take).
-const SLICE_HAS_ROOM: &str = "(($6::bigint IS NULL AND c.split_limit IS NULL) \
-     OR (c.split_limit = $6 AND CASE WHEN c.period_start IS NOT DISTINCT FROM $4 \
-                                     THEN c.used ELSE 0 END + $5 <= c.cap))";
+fn slice_has_room() -> String {
+    format!(
+        "(($6::bigint IS NULL AND c.split_limit IS NULL) \
+          OR (c.split_limit = $6 AND {USED} + $5 <= c.cap))"
+    )
+}
 
 /// A sliced counter's consumption: the `consumed` CTE moves one slice
 /// (returning its slice and used); the ledger row follows, and the answer
@@ -430,12 +433,13 @@ fn consume_slice_sql(consumed: &str) -> String {
 /// The backend's own slice ($11), as the one-row path moves its row: a
 /// consumer waits only behind another of the same slice.
 fn consume_own_slice_sql() -> String {
+    let room = slice_has_room();
     consume_slice_sql(&format!(
         "consumed AS (
             UPDATE flagship.usage_counters c
                SET used = {USED} + $5, period_start = $4, updated_at = now()
              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
-               AND c.slice = $11 AND {SLICE_HAS_ROOM}
+               AND c.slice = $11 AND {room}
          RETURNING c.slice, c.used)"
     ))
 }
@@ -443,11 +447,12 @@ fn consume_own_slice_sql() -> String {
 /// Any free slice with room (the backend's own first), never waiting for a
 /// locked one.
 fn consume_any_slice_sql() -> String {
+    let room = slice_has_room();
     consume_slice_sql(&format!(
         "target AS (
             SELECT c.slice FROM flagship.usage_counters c
              WHERE c.organization_id = $1 AND c.customer_id = $2 AND c.metric_id = $3
-               AND {SLICE_HAS_ROOM}
+               AND {room}
              ORDER BY c.slice = $11 DESC, c.slice
              LIMIT 1
                FOR UPDATE SKIP LOCKED),

@@ -220,7 +220,7 @@ pub fn read_changes() -> bool {
     let since = last.map(|read| read.horizon.to_string());
     let (horizon, changed) = as_versions_owner(|| {
         Spi::connect(|client| {
-            let row = statement_reads::select(
+            let rows = statement_reads::select(
                 client,
                 // Runs as the owner: every name is qualified, so the
                 // caller's search path (or pg_temp) chooses nothing.
@@ -232,10 +232,13 @@ pub fn read_changes() -> bool {
                 &[since.into()],
                 1,
             );
-            (
-                row.get::<String>(0, 1).unwrap_or_default(),
-                row.get::<Vec<pgrx::Uuid>>(0, 2).unwrap_or_default(),
-            )
+            match rows.row(0) {
+                Some(row) => (
+                    row.get::<String>(1).unwrap_or_default(),
+                    row.get::<Vec<pgrx::Uuid>>(2).unwrap_or_default(),
+                ),
+                None => (String::new(), Vec::new()),
+            }
         })
     });
     CHANGE_READS.with(|reads| reads.set(reads.get() + 1));

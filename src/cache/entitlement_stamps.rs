@@ -150,13 +150,16 @@ pub fn load_entitlement_document(
         entitlement_version_sql()
     );
     let (watched, document, version) = Spi::connect(|client| {
-        let row =
+        let rows =
             statement_reads::select(client, statement_reads::Query::Text(&query), arguments, 1);
-        (
-            row.get::<pg_sys::Oid>(0, 1),
-            row.get::<String>(0, 2),
-            row.get::<i64>(0, 3),
-        )
+        match rows.row(0) {
+            Some(row) => (
+                row.get::<pg_sys::Oid>(1),
+                row.get::<String>(2),
+                row.get::<i64>(3),
+            ),
+            None => (None, None, None),
+        }
     });
     if let Some(watched) = watched {
         WATCHED_ENTITLEMENTS.with(|cell| cell.set(watched));

@@ -31,13 +31,14 @@ pub(super) fn locate(environment: &str) -> Located {
         query,
         environment.into(),
         pg_sys::TEXTOID,
-        |found| {
-            (
-                found.get::<pg_sys::Oid>(0, 1).unwrap_or(pg_sys::InvalidOid),
-                found.get::<Vec<pgrx::Uuid>>(0, 2).unwrap_or_default(),
-                found.get::<i64>(0, 3),
-                found.get::<pgrx::Uuid>(0, 4),
-            )
+        |found| match found.row(0) {
+            Some(row) => (
+                row.get::<pg_sys::Oid>(1).unwrap_or(pg_sys::InvalidOid),
+                row.get::<Vec<pgrx::Uuid>>(2).unwrap_or_default(),
+                row.get::<i64>(3),
+                row.get::<pgrx::Uuid>(4),
+            ),
+            None => (pg_sys::InvalidOid, Vec::new(), None, None),
         },
     );
     cache::watch_configuration(watched);

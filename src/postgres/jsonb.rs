@@ -328,8 +328,7 @@ unsafe fn number(numeric: pg_sys::Numeric) -> Result<Value, String> {
     parse_document(&text)
 }
 
-/// Converts one looked-up non-string value. Nested containers are rare in
-/// contexts and take the text path.
+/// Converts one looked-up non-string value.
 ///
 /// # Safety
 /// `value` must be what jsonb_util.c filled in from a live container: its
@@ -346,15 +345,8 @@ unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
                 .map(Value::Number)
                 .unwrap_or(Value::Null)
         }
-        jbvType::jbvBinary => {
-            let binary = value.val.binary;
-            let text = CStr::from_ptr(pg_sys::JsonbToCString(
-                std::ptr::null_mut(),
-                binary.data,
-                binary.len,
-            ));
-            serde_json::from_str(&text.to_string_lossy()).unwrap_or(Value::Null)
-        }
+        // A nested container, read from its layout as documents are.
+        jbvType::jbvBinary => read_container(value.val.binary.data, 0).unwrap_or(Value::Null),
         _ => Value::Null,
     }
 }

@@ -71,27 +71,12 @@ impl<'c> Rows<'c> {
     }
 
     /// Column `column` (1-based) of row `row`, as `T`; None when NULL or
-    /// when there is no such row.
+    /// when there is no such row or column. To read several columns of a
+    /// row, take it apart once with `row`.
     pub fn get<T: FromDatum>(&self, row: usize, column: i32) -> Option<T> {
-        if row >= self.count || self.table.is_null() {
-            return None;
-        }
-        // SAFETY: `table` is the tuple table SPI returned for this query,
-        // alive until the connection closes (`'c`); `row` is within its
-        // `count` rows; SPI_getbinval and SPI_gettypeid check `column` and
-        // raise (inside pgrx's guard) when it is out of range.
-        unsafe {
-            let table = &*self.table;
-            let tuple = *table.vals.add(row);
-            let mut is_null = false;
-            let datum = pg_sys::SPI_getbinval(tuple, table.tupdesc, column, &mut is_null);
-            let type_oid = pg_sys::SPI_gettypeid(table.tupdesc, column);
-            T::from_polymorphic_datum(datum, is_null, type_oid)
-        }
+        self.row(row)?.get(column)
     }
-}
 
-impl Rows<'_> {
     /// Row `row` with all its columns taken apart at once: one call into
     /// PostgreSQL per row instead of two per column (a loaded environment
     /// reads some 300 columns).

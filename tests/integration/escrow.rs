@@ -470,7 +470,7 @@ fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
     let org = text(&mut setup, "SELECT id::text FROM flagship.organizations");
     // Far enough that the counter does not fill up before the crashes.
     setup_sliced(&mut setup, &org, 10_000_000, 8);
-    let port = server.port;
+    let address = server.address("postgres");
     for (round, crash) in ["kill -9 of a backend", "pg_ctl stop -m immediate"]
         .iter()
         .enumerate()
@@ -480,12 +480,9 @@ fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
             .map(|worker| {
                 let org = org.clone();
                 let stop = Arc::clone(&stop);
+                let address = address.clone();
                 thread::spawn(move || {
-                    let connection = postgres::Client::connect(
-                        &format!("host=/tmp port={port} user=postgres dbname=postgres"),
-                        postgres::NoTls,
-                    )
-                    .unwrap();
+                    let connection = postgres::Client::connect(&address, postgres::NoTls).unwrap();
                     let mut client = session_on(connection, &org);
                     let mut acknowledged = Vec::new();
                     let mut attempt = 0;

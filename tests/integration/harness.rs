@@ -210,7 +210,7 @@ pub fn tenant_tables(client: &mut Client) -> Vec<String> {
 /// own, for what the shared test server must not go through: starting
 /// without preloading, crashes. Stopped (immediately) and removed on drop.
 pub struct ThrowawayServer {
-    pub port: u16,
+    port: u16,
     bindir: String,
     data: std::path::PathBuf,
     options: String,
@@ -294,32 +294,31 @@ impl ThrowawayServer {
     }
 
     pub fn connect(&self, database: &str) -> Client {
-        Client::connect(
-            &format!(
-                "host=/tmp port={} user=postgres dbname={database}",
-                self.port
-            ),
-            postgres::NoTls,
-        )
-        .unwrap()
+        self.try_connect(database).unwrap()
     }
 
     /// Connects, waiting up to 30 s for the server to accept connections
     /// again (after a crash, the postmaster restarts and recovers).
     pub fn reconnect(&self, database: &str) -> Client {
         for _ in 0..300 {
-            if let Ok(client) = Client::connect(
-                &format!(
-                    "host=/tmp port={} user=postgres dbname={database}",
-                    self.port
-                ),
-                postgres::NoTls,
-            ) {
+            if let Ok(client) = self.try_connect(database) {
                 return client;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("the server did not come back within 30 s");
+    }
+
+    /// The connection string of `database` on this server, for threads.
+    pub fn address(&self, database: &str) -> String {
+        format!(
+            "host=/tmp port={} user=postgres dbname={database}",
+            self.port
+        )
+    }
+
+    fn try_connect(&self, database: &str) -> Result<Client, postgres::Error> {
+        Client::connect(&self.address(database), postgres::NoTls)
     }
 }
 
