@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use crate::harness::{connect, organization, sqlstate, text, ThrowawayServer};
+use crate::harness::{
+    app_session, connect, login_as, organization, sqlstate, text, ThrowawayServer,
+};
 
 /// An organization whose customer `acme` may use `limit` of `calls`, a sum
 /// split into `slices`. Returns the organization id.
@@ -336,6 +338,71 @@ fn raising_the_split_while_hot_keeps_the_books() {
     let (used, slices_sum, ledger_sum, caps, rows) = books(&mut admin, &org, 3000);
     assert_eq!((slices_sum, ledger_sum, caps, rows), (used, used, 3000, 8));
     assert!((2998..=3000).contains(&used), "{used}");
+}
+
+/// Sliced counters as the application uses them: non-superuser login
+/// roles of two organizations, each consuming (and rebalancing) its own
+/// slices only; the rebalancing is not a way around record_usage; a role
+/// with no FlagShip role reaches none of it.
+#[test]
+fn slices_under_application_roles_of_two_organizations() {
+    let mut su = connect();
+    let org_a = sliced_customer(&mut su, "escrow-app-a", 10, 2);
+    let org_b = sliced_customer(&mut su, "escrow-app-b", 10, 2);
+    let mut app_a = app_session(&mut su, &org_a, "escrow_app_a");
+    let mut app_b = app_session(&mut su, &org_b, "escrow_app_b");
+    let consume = |client: &mut postgres::Client, amount: i64| -> String {
+        text(
+            client,
+            &format!("SELECT flagship.record_usage('acme', 'calls', {amount}) ->> 'allowed'"),
+        )
+    };
+    assert_eq!(consume(&mut app_a, 6), "true");
+    assert_eq!(consume(&mut app_a, 4), "true");
+    assert_eq!(consume(&mut app_a, 1), "false");
+    assert_eq!(consume(&mut app_b, 3), "true");
+    assert_eq!(
+        text(
+            &mut app_b,
+            "SELECT flagship.check_usage_limit('acme', 'calls') ->> 'used'"
+        ),
+        "3"
+    );
+    assert_eq!(
+        text(
+            &mut app_a,
+            "SELECT count(*)::text || ' ' || sum(used)::text FROM flagship.usage_counters"
+        ),
+        "2 10"
+    );
+    let counter = text(
+        &mut app_a,
+        "SELECT format('%L::uuid, %L::uuid, %L::uuid, %L::timestamptz', organization_id,
+                       customer_id, metric_id, period_start)
+           FROM flagship.usage_counters LIMIT 1",
+    );
+    assert_eq!(
+        sqlstate(
+            &mut app_a,
+            &format!("SELECT flagship.rebalance_slices({counter}, 5, NULL, 2, 0)")
+        ),
+        "42501"
+    );
+    let (_, mut nobody) = login_as(&mut su, "escrow_nobody", &[]);
+    assert_eq!(
+        sqlstate(
+            &mut nobody,
+            "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production')"
+        ),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(
+            &mut nobody,
+            &format!("SELECT flagship.rebalance_slices({counter}, 5, NULL, 2, 0)")
+        ),
+        "42501"
+    );
 }
 
 /// The limit lowered while 8 sessions consume: once the change commits, the
