@@ -331,11 +331,11 @@ fn resolve<R>(
         Some(context) if !context.is_object() => {
             snapshot.evaluate_attributes(flag_key, None, &entitlements)
         }
-        Some(context) => {
-            let extracted =
-                Extracted::from(context, snapshot.context_keys(flag_key), environment_id);
-            snapshot.evaluate_attributes(flag_key, Some(&extracted), &entitlements)
-        }
+        Some(context) => snapshot.evaluate_extracting(
+            flag_key,
+            |keys| Some(Extracted::from(context, keys, environment_id)),
+            &entitlements,
+        ),
     };
     exposures::observe(environment_id, &resolution, context);
     answer(&resolution, Some(&snapshot))

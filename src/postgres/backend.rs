@@ -262,19 +262,43 @@ pub fn as_owner_without_forced_security<R>(owner: pg_sys::Oid, read: impl FnOnce
     read()
 }
 
-thread_local! {
-    static DATABASE_IS_UTF8: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
-}
+/// The database encoding's answer, once known: 0 not yet, 1 other, 2 UTF-8.
+/// A process-wide static rather than a thread-local, because a thread-local
+/// costs a `__tls_get_addr` call in a shared library and this is read for
+/// every string argument and attribute (backends are single-threaded).
+static DATABASE_IS_UTF8: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Whether text in this database is UTF-8 (fixed for a backend's lifetime).
+#[inline]
 pub fn database_is_utf8() -> bool {
-    DATABASE_IS_UTF8.with(|cell| {
-        // SAFETY: GetDatabaseEncoding returns a backend global set at
-        // connection; it cannot raise.
-        *cell.get_or_init(|| unsafe {
-            pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32
-        })
-    })
+    match DATABASE_IS_UTF8.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => look_up_database_encoding(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn look_up_database_encoding() -> bool {
+    // SAFETY: GetDatabaseEncoding returns a backend global set at
+    // connection; it cannot raise. MyDatabaseId is a plain global.
+    let (utf8, connected) = unsafe {
+        (
+            pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32,
+            pg_sys::MyDatabaseId != pg_sys::InvalidOid,
+        )
+    };
+    // Kept only once connected: before that (the postmaster loading a
+    // preloaded library) the encoding is not the database's, and a value
+    // kept there would be inherited by every backend.
+    if connected {
+        DATABASE_IS_UTF8.store(
+            if utf8 { 2 } else { 1 },
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    utf8
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for

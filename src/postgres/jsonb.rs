@@ -16,6 +16,8 @@ use pgrx::pg_sys::{self, jbvType, JsonbIteratorToken as Token};
 use pgrx::prelude::*;
 use serde_json::{Number, Value};
 
+mod numeric;
+
 /// A `jsonb` argument, detoasted but not converted. It borrows the
 /// argument's memory, which PostgreSQL keeps for the function call `'fcx`
 /// (the argument datum itself, or a detoasted copy palloc'd in the call's
@@ -98,6 +100,13 @@ impl JsonbArg<'_> {
                     *slot = value;
                     true
                 }
+                Entry::Number(numeric) => match numeric::whole_number(numeric) {
+                    Some(whole) => {
+                        *slot = Value::Number(whole);
+                        true
+                    }
+                    None => self.read_other_into(key, slot),
+                },
                 Entry::Other => self.read_other_into(key, slot),
             }
         }
@@ -132,14 +141,17 @@ enum Entry<'a> {
     Absent,
     String(&'a [u8]),
     Scalar(Value),
-    /// A number or a nested container, left to PostgreSQL to decode.
+    /// A stored `numeric` (its varlena): whole numbers are read in place,
+    /// others left to PostgreSQL to decode.
+    Number(*const u8),
+    /// A nested container, left to PostgreSQL to decode.
     Other,
 }
 
 /// Binary search of an object container's keys, reading the on-disk layout
 /// of jsonb.h directly, so that a string value goes straight into its slot
-/// without an intermediate `JsonbValue` (numbers and nested containers still
-/// go through PostgreSQL's own decoding).
+/// without an intermediate `JsonbValue` (whole numbers are read in place too;
+/// other numbers and nested containers go through PostgreSQL's decoding).
 ///
 /// Layout: a header word (pair count), then one JEntry per key followed by
 /// one per value, then the data. A JEntry holds either the length of its
@@ -196,6 +208,11 @@ unsafe fn find_key<'a>(container: *const pg_sys::JsonbContainer, key: &[u8]) -> 
                     pg_sys::JENTRY_ISBOOL_TRUE => Entry::Scalar(Value::Bool(true)),
                     pg_sys::JENTRY_ISBOOL_FALSE => Entry::Scalar(Value::Bool(false)),
                     pg_sys::JENTRY_ISNULL => Entry::Scalar(Value::Null),
+                    pg_sys::JENTRY_ISNUMERIC => {
+                        // Numbers sit at int-aligned offsets of the data.
+                        let (begin, _) = bounds(index);
+                        Entry::Number(data.add((begin + 3) & !3))
+                    }
                     _ => Entry::Other,
                 };
             }
@@ -319,6 +336,9 @@ fn utf8(bytes: &[u8]) -> Result<String, String> {
 /// # Safety
 /// `numeric` must point to a complete numeric inside a live container.
 unsafe fn number(numeric: pg_sys::Numeric) -> Result<Value, String> {
+    if let Some(whole) = numeric::whole_number(numeric.cast()) {
+        return Ok(Value::Number(whole));
+    }
     let text = pgrx::direct_function_call::<&CStr>(
         pg_sys::numeric_out,
         &[Some(pg_sys::Datum::from(numeric))],
@@ -337,6 +357,9 @@ unsafe fn to_value(value: &pg_sys::JsonbValue) -> Value {
     match value.type_ {
         jbvType::jbvBool => Value::Bool(value.val.boolean),
         jbvType::jbvNumeric => {
+            if let Some(whole) = numeric::whole_number(value.val.numeric.cast()) {
+                return Value::Number(whole);
+            }
             let text = pg_sys::numeric_normalize(value.val.numeric);
             let text = CStr::from_ptr(text).to_string_lossy();
             text.parse::<Number>()

@@ -49,6 +49,12 @@ pub trait Attributes {
     fn get(&self, key: &str) -> Option<&Value>;
 }
 
+impl<T: Attributes + ?Sized> Attributes for &T {
+    fn get(&self, key: &str) -> Option<&Value> {
+        (**self).get(key)
+    }
+}
+
 impl Attributes for serde_json::Map<String, Value> {
     fn get(&self, key: &str) -> Option<&Value> {
         serde_json::Map::get(self, key)

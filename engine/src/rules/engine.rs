@@ -351,8 +351,28 @@ impl Snapshot {
         context: &Value,
         entitlements: &dyn Entitlements,
     ) -> Resolution<'a> {
-        let attributes = context.as_object().map(|map| map as &dyn Attributes);
-        self.evaluate_at_depth(flag_key, attributes, entitlements, 0)
+        self.evaluate_extracting(flag_key, |_| context.as_object(), entitlements)
+    }
+
+    /// Evaluates with attributes made for the flag: `extract` gets the
+    /// context keys the flag may read (`context_keys`) and gives the
+    /// attributes, or `None` for a context that is not an object. One
+    /// lookup of the flag serves both, instead of one per call (evaluation
+    /// runs per row).
+    pub fn evaluate_extracting<'a, A: Attributes>(
+        &'a self,
+        flag_key: &'a str,
+        extract: impl FnOnce(&'a [String]) -> Option<A>,
+        entitlements: &dyn Entitlements,
+    ) -> Resolution<'a> {
+        match self.flags.get(flag_key) {
+            Some(flag) => {
+                let attributes = extract(&flag.context_keys);
+                let attributes = attributes.as_ref().map(|found| found as &dyn Attributes);
+                self.evaluate_flag(flag, attributes, entitlements, 0)
+            }
+            None => self.missing(flag_key),
+        }
     }
 
     /// Evaluates with any attribute source; `None` stands for a context
@@ -373,20 +393,36 @@ impl Snapshot {
         entitlements: &dyn Entitlements,
         depth: usize,
     ) -> Resolution<'a> {
-        let Some(flag) = self.flags.get(flag_key) else {
-            if let Some(why) = self.unloadable.get(flag_key) {
-                return Resolution::error(
-                    flag_key,
-                    ErrorCode::General,
-                    format!("flag \"{flag_key}\" cannot be evaluated: {why}"),
-                );
-            }
+        match self.flags.get(flag_key) {
+            Some(flag) => self.evaluate_flag(flag, attributes, entitlements, depth),
+            None => self.missing(flag_key),
+        }
+    }
+
+    /// The answer for a flag key that names no compiled flag.
+    fn missing<'a>(&'a self, flag_key: &'a str) -> Resolution<'a> {
+        if let Some(why) = self.unloadable.get(flag_key) {
             return Resolution::error(
                 flag_key,
-                ErrorCode::FlagNotFound,
-                format!("flag \"{flag_key}\" not found"),
+                ErrorCode::General,
+                format!("flag \"{flag_key}\" cannot be evaluated: {why}"),
             );
-        };
+        }
+        Resolution::error(
+            flag_key,
+            ErrorCode::FlagNotFound,
+            format!("flag \"{flag_key}\" not found"),
+        )
+    }
+
+    fn evaluate_flag<'a>(
+        &'a self,
+        flag: &'a CompiledFlag,
+        attributes: Option<&dyn Attributes>,
+        entitlements: &dyn Entitlements,
+        depth: usize,
+    ) -> Resolution<'a> {
+        let flag_key = flag.key.as_str();
         if flag.archived {
             return Resolution::error(
                 flag_key,

@@ -97,6 +97,14 @@
             Just("-9223372036854775809".to_string()),
             (any::<i64>(), 0u32..40).prop_map(|(m, e)| format!("{m}e{e}")),
             (any::<i32>(), 1usize..30).prop_map(|(m, zeros)| format!("{m}.{}", "0".repeat(zeros))),
+            // Whole numbers are read from numeric's digits (base 10 000):
+            // around each digit boundary and the ends of u64 and i64.
+            (0u32..6, -2i128..3, any::<bool>()).prop_map(|(power, offset, negative)| {
+                let magnitude = 10_000i128.pow(power) + offset;
+                format!("{}", if negative { -magnitude } else { magnitude })
+            }),
+            (-2i128..3).prop_map(|offset| (i128::from(u64::MAX) + offset).to_string()),
+            (-2i128..3).prop_map(|offset| (i128::from(i64::MIN) + offset).to_string()),
         ];
         let documents = prop_oneof![
             generated::value().prop_map(|value| value.to_string()),
