@@ -37,7 +37,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
 use crate::context::{IdentityKey, RawIdentity};
-use crate::postgres::{backend, callbacks, statement_reads};
+use crate::postgres::backend::{self, SnapshotAge};
+use crate::postgres::{callbacks, statement_reads};
 
 mod announcements;
 mod checks;
@@ -56,11 +57,11 @@ static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 thread_local! {
     static CONFIGURATION_SIGNAL: Cell<u64> = const { Cell::new(0) };
     static ENTITLEMENT_SIGNAL: Cell<u64> = const { Cell::new(0) };
-    /// The next transaction id when the last signal of each kind arrived
-    /// (0: none yet). A check made under a snapshot that may not see the
-    /// change that sent it is not conclusive; see `Checked`.
-    static CONFIGURATION_SIGNALLED_AT: Cell<u32> = const { Cell::new(0) };
-    static ENTITLEMENT_SIGNALLED_AT: Cell<u32> = const { Cell::new(0) };
+    /// What a snapshot must see to see every change signalled so far, per
+    /// kind. A check made under a snapshot that may not see the change that
+    /// sent a signal is not conclusive; see `Checked`.
+    static CONFIGURATION_SIGNALLED_AT: Cell<Threshold> = const { Cell::new(Threshold::NoSignal) };
+    static ENTITLEMENT_SIGNALLED_AT: Cell<Threshold> = const { Cell::new(Threshold::NoSignal) };
     static WATCHED_RELATION: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static WATCHED_ENTITLEMENTS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static COMPILED: RefCell<Lru> = RefCell::new(Lru::default());
@@ -243,12 +244,48 @@ pub fn accept_invalidations() {
     // invalidation would be, in case that has not arrived yet; the xid
     // bound moves too, so a check made under an older snapshot (a cursor's)
     // after this does not vouch for later ones.
+    // The active snapshot saw those commits ended: every snapshot that sees
+    // all it saw sees them too.
     let (configuration, entitlements) = announcements::settle();
-    if configuration {
-        signal_configuration();
+    if configuration || entitlements {
+        let seen_by = backend::active_snapshot_age().map_or(Threshold::Fresh, Threshold::Seen);
+        if configuration {
+            signal_configuration(seen_by);
+        }
+        if entitlements {
+            signal_entitlements(seen_by);
+        }
     }
-    if entitlements {
-        signal_entitlements();
+}
+
+/// What a snapshot must see to see the changes signalled so far.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Threshold {
+    NoSignal,
+    /// Everything a snapshot of this age saw ended (`checks::sees_all_of`).
+    Seen(SnapshotAge),
+    /// Everything that had ended when the last signal arrived: read as the
+    /// age of a snapshot taken at the next check (later than needed, so
+    /// never too lenient). The invalidation callback that receives the
+    /// signal cannot take a snapshot itself.
+    Fresh,
+}
+
+impl Threshold {
+    /// The stricter of two thresholds: the later age (a later snapshot sees
+    /// all an earlier one saw).
+    fn and(self, other: Threshold) -> Threshold {
+        match (self, other) {
+            (Threshold::Fresh, _) | (_, Threshold::Fresh) => Threshold::Fresh,
+            (Threshold::NoSignal, other) | (other, Threshold::NoSignal) => other,
+            (Threshold::Seen(mine), Threshold::Seen(theirs)) => {
+                if checks::sees_all_of(mine, theirs) {
+                    Threshold::Seen(mine)
+                } else {
+                    Threshold::Seen(theirs)
+                }
+            }
+        }
     }
 }
 
@@ -383,28 +420,32 @@ pub fn watch_configuration(relation: pg_sys::Oid) {
     WATCHED_RELATION.with(|watched| watched.set(relation));
 }
 
-fn signal_configuration() {
+/// Signals a configuration change that a snapshot sees once it meets
+/// `seen_by` (see `checks::sees_everything_since`).
+fn signal_configuration(seen_by: Threshold) {
     bump(&CONFIGURATION_SIGNAL);
-    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
+    CONFIGURATION_SIGNALLED_AT.with(|at| at.set(at.get().and(seen_by)));
 }
 
-fn signal_entitlements() {
+fn signal_entitlements(seen_by: Threshold) {
     bump(&ENTITLEMENT_SIGNAL);
-    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(backend::next_transaction_id().max(1)));
+    ENTITLEMENT_SIGNALLED_AT.with(|at| at.set(at.get().and(seen_by)));
 }
 
 /// Signals what depends on `relation`: entitlements for their relation,
 /// configuration for the flags' relation, both for InvalidOid
 /// ("everything may have changed", e.g. after an invalidation queue
 /// overflow), nothing otherwise.
+/// The change that sent the invalidation had completed before it was
+/// sent, so a snapshot taken after it arrived sees it (`Threshold::Fresh`).
 fn signal_for(relation: pg_sys::Oid) {
     if relation == pg_sys::InvalidOid {
-        signal_configuration();
-        signal_entitlements();
+        signal_configuration(Threshold::Fresh);
+        signal_entitlements(Threshold::Fresh);
     } else if relation == WATCHED_ENTITLEMENTS.with(Cell::get) {
-        signal_entitlements();
+        signal_entitlements(Threshold::Fresh);
     } else if relation == WATCHED_RELATION.with(Cell::get) {
-        signal_configuration();
+        signal_configuration(Threshold::Fresh);
     }
 }
 

@@ -4,12 +4,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::thread::LocalKey;
 
 use pgrx::prelude::*;
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    configuration_signal, entitlement_signal, versioned, CONFIGURATION_SIGNALLED_AT,
+    configuration_signal, entitlement_signal, versioned, Threshold, CONFIGURATION_SIGNALLED_AT,
     ENTITLEMENT_SIGNALLED_AT, MAX_NAMES,
 };
 use crate::postgres::backend::{self, SnapshotAge};
@@ -47,9 +48,8 @@ struct ChangeRead {
 /// snapshot taken before it arrived may not see (REPEATABLE READ, or a
 /// statement that started just before the commit): a check under such a
 /// snapshot answers for that snapshot only, and the next statement checks
-/// again. A check is conclusive when every transaction that existed when
-/// the signal arrived had finished before its snapshot (the snapshot's
-/// xmin is past the next transaction id of that moment).
+/// again. A check is conclusive when its snapshot was taken after the
+/// signal's change completed (`sees_everything_since`).
 ///
 /// A check answers only for snapshots that see everything its own saw
 /// (`sees_all_of`): a cursor opened before a change keeps its older
@@ -96,7 +96,7 @@ impl Checked {
         let snapshot = backend::active_snapshot_age();
         Checked {
             signal,
-            conclusive: snapshot.is_some() && sees_everything_since(signalled_at.with(Cell::get)),
+            conclusive: snapshot.is_some() && sees_everything_since(signalled_at),
             snapshot: snapshot.unwrap_or(SnapshotAge {
                 xmax: 0,
                 running: None,
@@ -211,8 +211,8 @@ pub fn read_changes() -> bool {
     // checks do). Under REPEATABLE READ and SERIALIZABLE the snapshot is the
     // transaction's: checks there answer for it alone, as without reads.
     if backend::snapshot_per_transaction()
-        || !sees_everything_since(CONFIGURATION_SIGNALLED_AT.with(Cell::get))
-        || !sees_everything_since(ENTITLEMENT_SIGNALLED_AT.with(Cell::get))
+        || !sees_everything_since(&CONFIGURATION_SIGNALLED_AT)
+        || !sees_everything_since(&ENTITLEMENT_SIGNALLED_AT)
         || !versioned()
     {
         return false;
@@ -244,6 +244,19 @@ pub fn read_changes() -> bool {
     CHANGE_READS.with(|reads| reads.set(reads.get() + 1));
     let Ok(horizon) = horizon.parse::<u64>() else {
         return false;
+    };
+    // The read's own locks take in invalidations that arrived meanwhile:
+    // typically those of the very commit whose announcement started it
+    // (PostgreSQL sends a commit's invalidations a moment after making it
+    // visible). The read answers for them too when its snapshot sees
+    // everything they signal; otherwise every cached check would be
+    // repeated with a query right after it.
+    let (configuration, entitlements) = if sees_everything_since(&CONFIGURATION_SIGNALLED_AT)
+        && sees_everything_since(&ENTITLEMENT_SIGNALLED_AT)
+    {
+        (configuration_signal(), entitlement_signal())
+    } else {
+        (configuration, entitlements)
     };
     TRACKED.with(|tracked| {
         let mut tracked = tracked.borrow_mut();
@@ -302,25 +315,35 @@ pub(super) fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
     backend::as_owner_without_forced_security(owner, read)
 }
 
-/// Whether the active snapshot sees every change signalled when the next
-/// transaction id was `next_at_signal` (true when there was no signal).
-/// A transaction sends its signal after it has ended, so it is visible to
-/// any snapshot taken after the signal arrived. Two ways to know that the
-/// snapshot is one: every transaction older than the signal had ended
-/// before it (its xmin), or it saw a transaction at or past that id end
-/// (its xmax), which a snapshot taken before the signal cannot have seen.
-/// The second keeps checks conclusive while some old transaction stays
-/// open (an idle session, a long report), as long as others commit.
-pub(super) fn sees_everything_since(next_at_signal: u32) -> bool {
-    if next_at_signal == 0 {
+/// Whether the active snapshot sees every change signalled so far (kept in
+/// `signalled_at`). A change sends its signal after it has completed, so a
+/// snapshot taken after the signal arrived sees it; the threshold is the
+/// age of one such snapshot (taken at the first check after the signal),
+/// or of a snapshot that saw an announced commit ended. A snapshot that
+/// sees all that one saw sees the change. One taken before the signal
+/// arrived and before the change completed does not, and its checks answer
+/// for it alone. Unlike comparing transaction ids with the next one at the
+/// signal, this does not wait for transactions that were merely running
+/// when the signal arrived (a writer's next transaction, an idle session).
+pub(super) fn sees_everything_since(signalled_at: &'static LocalKey<Cell<Threshold>>) -> bool {
+    let threshold = signalled_at.with(Cell::get);
+    if let Threshold::NoSignal = threshold {
         return true;
     }
-    let Some((xmin, xmax)) = backend::active_snapshot_bounds() else {
+    // Only under an active snapshot: the transaction's xmin is set then,
+    // and taking another snapshot leaves it as it is.
+    let Some(now) = backend::active_snapshot_age() else {
         return false;
     };
-    // Transaction ids wrap around: compare as PostgreSQL does.
-    let since = |xid: pg_sys::TransactionId| xid.into_inner().wrapping_sub(next_at_signal) as i32;
-    since(xmin) >= 0 || since(xmax) > 0
+    let threshold = match threshold {
+        Threshold::Seen(age) => age,
+        _ => {
+            let age = backend::fresh_snapshot_age();
+            signalled_at.with(|at| at.set(Threshold::Seen(age)));
+            age
+        }
+    };
+    sees_all_of(now, threshold)
 }
 
 /// Whether a snapshot of age `now` sees every transaction one of age
@@ -330,7 +353,7 @@ pub(super) fn sees_everything_since(next_at_signal: u32) -> bool {
 /// `now` saw running are a subset of `then`'s or a superset of them (when
 /// `now` is older): not more of them means a subset. Transaction ids wrap
 /// around: compared as PostgreSQL does.
-fn sees_all_of(now: SnapshotAge, then: SnapshotAge) -> bool {
+pub(super) fn sees_all_of(now: SnapshotAge, then: SnapshotAge) -> bool {
     let ahead = now.xmax.wrapping_sub(then.xmax) as i32;
     ahead > 0
         || (ahead == 0

@@ -62,47 +62,70 @@ pub fn snapshot_per_transaction() -> bool {
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
-/// The active snapshot's xmin and xmax, if a snapshot is active.
-pub fn active_snapshot_bounds() -> Option<(pg_sys::TransactionId, pg_sys::TransactionId)> {
-    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
-    // the snapshot is only dereferenced when one is set.
-    unsafe {
-        if !unguarded::ActiveSnapshotSet() {
-            return None;
-        }
-        let snapshot = unguarded::GetActiveSnapshot();
-        Some(((*snapshot).xmin, (*snapshot).xmax))
-    }
-}
-
-/// What the active snapshot's age can be told by: its xmax (one past the
-/// newest completed transaction id then) and how many transaction ids below
-/// that it saw running (top-level ones; on a standby every known one), or
-/// None when the snapshot cannot say (a standby's overflowed list).
+/// What a snapshot's age can be told by: its xmax (one past the newest
+/// completed transaction id then) and how many transaction ids below that
+/// it saw running (top-level ones; on a standby every known one), or None
+/// when the snapshot cannot say (a standby's overflowed list).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SnapshotAge {
     pub xmax: u32,
     pub running: Option<u32>,
 }
 
-/// The active snapshot's age, if a snapshot is active.
-pub fn active_snapshot_age() -> Option<SnapshotAge> {
-    // SAFETY: as for active_snapshot_bounds.
-    unsafe {
-        if !unguarded::ActiveSnapshotSet() {
-            return None;
-        }
-        let snapshot = &*unguarded::GetActiveSnapshot();
+impl SnapshotAge {
+    fn of(snapshot: &pg_sys::SnapshotData) -> SnapshotAge {
         let running = if snapshot.takenDuringRecovery {
             (!snapshot.suboverflowed).then_some(snapshot.subxcnt as u32)
         } else {
             Some(snapshot.xcnt)
         };
-        Some(SnapshotAge {
+        SnapshotAge {
             xmax: snapshot.xmax.into_inner(),
             running,
-        })
+        }
     }
+}
+
+/// The active snapshot's age, if a snapshot is active.
+pub fn active_snapshot_age() -> Option<SnapshotAge> {
+    // SAFETY: ActiveSnapshotSet and GetActiveSnapshot read backend globals;
+    // the snapshot is only dereferenced when one is set.
+    unsafe {
+        if !unguarded::ActiveSnapshotSet() {
+            return None;
+        }
+        Some(SnapshotAge::of(&*unguarded::GetActiveSnapshot()))
+    }
+}
+
+thread_local! {
+    /// A snapshot of our own, for `fresh_snapshot_age`: not the
+    /// transaction's or the secondary snapshot, which the executor and
+    /// foreign-key checks may be using. GetSnapshotData allocates its id
+    /// arrays on first use (malloc) and reuses them.
+    static OWN_SNAPSHOT: std::cell::UnsafeCell<pg_sys::SnapshotData> = const {
+        std::cell::UnsafeCell::new(pg_sys::SnapshotData {
+            snapshot_type: pg_sys::SnapshotType::SNAPSHOT_MVCC,
+            // SAFETY: every other field of SnapshotData is an integer, a
+            // boolean or a pointer, for which zero is valid (NULL arrays
+            // are what GetSnapshotData expects of a new snapshot).
+            ..unsafe { std::mem::zeroed() }
+        })
+    };
+}
+
+/// The age of a snapshot taken now: it sees every transaction that has
+/// completed before this call.
+pub fn fresh_snapshot_age() -> SnapshotAge {
+    OWN_SNAPSHOT.with(|own| {
+        // SAFETY: the snapshot is ours alone (thread-local, no reference
+        // to it outlives this call); GetSnapshotData fills it in place
+        // (guarded: it may raise only when out of memory).
+        unsafe {
+            let snapshot = pg_sys::GetSnapshotData(own.get());
+            SnapshotAge::of(&*snapshot)
+        }
+    })
 }
 
 /// Whether row-level security lets the current role see every
@@ -146,7 +169,7 @@ pub fn announce_commit(cache: i32, xid: pg_sys::TransactionId) {
 /// Whether the active snapshot sees transaction `xid` as ended (committed
 /// or aborted), None without an active snapshot.
 pub fn active_snapshot_sees_ended(xid: u32) -> Option<bool> {
-    // SAFETY: as for active_snapshot_bounds; `xip` holds `xcnt` ids.
+    // SAFETY: as for active_snapshot_age; `xip` holds `xcnt` ids.
     unsafe {
         if !unguarded::ActiveSnapshotSet() {
             return None;
@@ -174,28 +197,16 @@ pub fn active_snapshot_sees_ended(xid: u32) -> Option<bool> {
     }
 }
 
-/// The next transaction id to be assigned (its low 32 bits).
-pub fn next_transaction_id() -> u32 {
+/// How many transactions have completed so far (procarray's counter).
+/// Read in the relcache callback, the value counts the sender's completion:
+/// the sender ended (incrementing the counter under ProcArrayLock) before
+/// it queued the invalidation, and reading the queue takes its lock, so the
+/// store is visible here. `cache::checks::sees_everything_since` relies on
+/// that bound.
+pub fn completions_now() -> u64 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any
     // backend runs; an aligned u64 is read whole on the 64-bit platforms
-    // pgrx supports. Read in the relcache callback, the value is past the
-    // sender's id: the sender took its id (under XidGenLock) before it
-    // queued the invalidation, and reading the queue takes its lock, so the
-    // store is visible here. `cache::sees_everything_since` relies on that
-    // bound (an older value would make its xmax test too lenient).
-    unsafe {
-        let cache = pg_sys::ShmemVariableCache;
-        if cache.is_null() {
-            u32::MAX
-        } else {
-            std::ptr::read_volatile(std::ptr::addr_of!((*cache).nextXid.value)) as u32
-        }
-    }
-}
-
-/// How many transactions have completed so far (procarray's counter).
-pub fn completions_now() -> u64 {
-    // SAFETY: as for next_transaction_id.
+    // pgrx supports.
     unsafe {
         let cache = pg_sys::ShmemVariableCache;
         if cache.is_null() {
