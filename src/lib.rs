@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 
 mod audit;
 mod cache;
+mod citus;
 mod context;
 mod encoded;
 mod entitlements;

@@ -60,6 +60,17 @@ pub(super) fn wrote(change: Change) {
     });
 }
 
+/// Whether this transaction changed configuration or entitlements. Its own
+/// change signals before it commits, and its snapshots differ from one
+/// another by command, not by age: no check made in it answers for another
+/// of its snapshots (`checks::sees_everything_since`).
+pub(super) fn wrote_in_this_transaction() -> bool {
+    WROTE.with(|wrote| {
+        let (configuration, entitlements) = wrote.get();
+        configuration || entitlements
+    })
+}
+
 /// Announces the commit of a transaction that changed configuration or
 /// entitlements, at PRE_COMMIT (before it becomes visible). A transaction
 /// prepared for two-phase commit is not announced: COMMIT PREPARED runs

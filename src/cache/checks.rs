@@ -330,6 +330,11 @@ pub(super) fn sees_everything_since(signalled_at: &'static LocalKey<Cell<Thresho
     if let Threshold::NoSignal = threshold {
         return true;
     }
+    // This transaction's own change is seen by its later commands only,
+    // which ages do not tell apart: every check in it asks again.
+    if super::announcements::wrote_in_this_transaction() {
+        return false;
+    }
     // Only under an active snapshot: the transaction's xmin is set then,
     // and taking another snapshot leaves it as it is.
     let Some(now) = backend::active_snapshot_age() else {

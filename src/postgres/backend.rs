@@ -76,12 +76,50 @@ impl SnapshotAge {
     fn of(snapshot: &pg_sys::SnapshotData) -> SnapshotAge {
         let running = if snapshot.takenDuringRecovery {
             (!snapshot.suboverflowed).then_some(snapshot.subxcnt as u32)
+        } else if snapshot.xcnt >= 2 && prepared_transactions_possible() {
+            // A transaction being prepared is in the procarray twice for a
+            // moment (its dummy entry is added before its own is cleared,
+            // then it waits for a synchronous standby), and GetSnapshotData
+            // lists its xid twice: count each running xid once, or a
+            // completion could hide behind the duplicate.
+            // SAFETY: `xip` holds `xcnt` xids of this live snapshot.
+            let mut running =
+                unsafe { std::slice::from_raw_parts(snapshot.xip, snapshot.xcnt as usize) }
+                    .iter()
+                    .map(|xid| xid.into_inner())
+                    .collect::<Vec<u32>>();
+            running.sort_unstable();
+            running.dedup();
+            Some(running.len() as u32)
         } else {
             Some(snapshot.xcnt)
         };
         SnapshotAge {
             xmax: snapshot.xmax.into_inner(),
             running,
+        }
+    }
+}
+
+/// Whether this server allows prepared transactions
+/// (`max_prepared_transactions` > 0, fixed at server start).
+fn prepared_transactions_possible() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+    // 0: not read yet, 1: no, 2: yes.
+    static POSSIBLE: AtomicU8 = AtomicU8::new(0);
+    match POSSIBLE.load(Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            // SAFETY: a guarded read of a setting's current value, copied
+            // before anything can change it.
+            let possible = unsafe {
+                let value =
+                    pg_sys::GetConfigOption(c"max_prepared_transactions".as_ptr(), false, false);
+                value.is_null() || std::ffi::CStr::from_ptr(value).to_bytes() != b"0"
+            };
+            POSSIBLE.store(if possible { 2 } else { 1 }, Relaxed);
+            possible
         }
     }
 }

@@ -499,6 +499,65 @@ fn a_cursor_keeps_the_configuration_of_its_snapshot() {
     reader.batch_execute("COMMIT").unwrap();
 }
 
+/// Review of the signal thresholds (#14): this transaction's own change
+/// signals before it commits, and its snapshots differ by command, not by
+/// age. A cursor opened before the change keeps the older configuration;
+/// a statement after a function that changed it sees the change.
+#[test]
+fn own_changes_are_seen_by_later_commands_only() {
+    let mut session = connect();
+    let (org, _) = organization(&mut session, "own");
+    put_flag(&mut session, &org, ON);
+    session
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; BEGIN; \
+             DECLARE c CURSOR FOR \
+               SELECT flagship.flagship_evaluate('f', '{{}}', 'shop/production') ->> 'reason' \
+                 FROM generate_series(1, 2)"
+        ))
+        .unwrap();
+    assert_eq!(text(&mut session, "FETCH 1 FROM c"), "STATIC");
+    session
+        .batch_execute(&format!(
+            "SELECT flagship.put_flag('shop', $doc${OFF}$doc$)"
+        ))
+        .unwrap();
+    assert_eq!(reason(&mut session), "DISABLED");
+    assert_eq!(
+        text(&mut session, "FETCH 1 FROM c"),
+        "STATIC",
+        "the cursor saw a later command's change"
+    );
+    session.batch_execute("COMMIT").unwrap();
+
+    // A function that changes the configuration inside a statement: that
+    // statement keeps its snapshot's answer, the next one sees the change.
+    session
+        .batch_execute(&format!(
+            "BEGIN;
+             CREATE FUNCTION pg_temp.flip() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM flagship.put_flag('shop', $doc${ON}$doc$);
+                 RETURN 'flipped';
+             END $$;"
+        ))
+        .unwrap();
+    assert_eq!(reason(&mut session), "DISABLED");
+    assert_eq!(
+        text(
+            &mut session,
+            "SELECT pg_temp.flip() || ':' || (flagship.flagship_evaluate('f', '{}', 'shop/production') ->> 'reason')"
+        ),
+        "flipped:DISABLED"
+    );
+    assert_eq!(
+        reason(&mut session),
+        "STATIC",
+        "a later statement missed its own transaction's change"
+    );
+    session.batch_execute("COMMIT").unwrap();
+}
+
 /// Bug of #14: with a blank flagship.organization_id the cache kept
 /// answering with the JWT's previous organization after the claims changed.
 #[test]

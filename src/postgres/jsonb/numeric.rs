@@ -82,6 +82,11 @@ pub(super) unsafe fn whole_number(numeric: *const u8) -> Option<Number> {
         value *= BASE;
     }
     if negative {
+        // numeric.c never stores a negative zero, but jsonb's text of one
+        // would read as -0.0: leave it to the text path.
+        if value == 0 {
+            return None;
+        }
         value = -value;
     }
     if let Ok(positive) = u64::try_from(value) {

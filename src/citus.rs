@@ -1,0 +1,64 @@
+//! FlagShip next to Citus: which node this backend runs on.
+//!
+//! `CREATE EXTENSION flagship` on a Citus coordinator reaches every worker,
+//! but FlagShip's tables are not distributed (issue #21): the workers'
+//! copies stay empty and the configuration lives on the coordinator. Citus
+//! runs the functions of a query on a distributed table inside the shard
+//! queries it sends to the workers, so `WHERE flagship_enabled(...)` there
+//! would find no environment and answer false for every row. An evaluation
+//! that finds nothing on a worker raises instead.
+
+use std::cell::Cell;
+
+use pgrx::prelude::*;
+
+use crate::postgres::statement_reads::{self, Query};
+
+thread_local! {
+    /// This node's Citus group (0: the coordinator, or no Citus at all),
+    /// looked up once: a backend does not move between nodes.
+    static GROUP: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// The Citus group of this node: 0 on the coordinator and without Citus,
+/// the worker's group otherwise.
+fn group() -> i32 {
+    if let Some(group) = GROUP.with(Cell::get) {
+        return group;
+    }
+    let group = Spi::connect(|client| {
+        let one =
+            |sql: &str| statement_reads::select(client, Query::Text(sql), &[], 1).get::<i32>(0, 1);
+        // The catalog exists only where the citus extension is created.
+        match one(
+            "SELECT 1 WHERE pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL",
+        ) {
+            Some(_) => one("SELECT groupid FROM pg_catalog.pg_dist_local_group").unwrap_or(0),
+            None => 0,
+        }
+    });
+    GROUP.with(|cell| cell.set(Some(group)));
+    group
+}
+
+/// Raises feature_not_supported when this backend runs on a Citus worker,
+/// where FlagShip has no configuration: called before answering that an
+/// environment was not found, which there would be a silent wrong answer.
+pub fn refuse_evaluation_on_a_worker() {
+    let group = group();
+    if group != 0 {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "a flag was evaluated on a Citus worker (node group {group}), where FlagShip \
+                 has no configuration: it lives on the coordinator, and FlagShip's tables \
+                 are not distributed"
+            ),
+            Some(
+                "Citus runs the functions of a query on a distributed table on the workers. \
+                 Evaluate on the coordinator: over the rows a subquery brings back (add \
+                 OFFSET 0 to it), or for the distinct contexts first, then join.",
+            ),
+        );
+    }
+}
