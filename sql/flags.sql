@@ -306,12 +306,21 @@ SELECT flagship.version_on_change(t, 'configuration', 'project_id')
 SELECT flagship.version_on_change('feature_rules', 'configuration', 'environment_id');
 
 -- (2) A statement trigger sends a relcache invalidation of the relation the
--- caches watch (flagship.features for flags, flagship.customers for
--- entitlements): PostgreSQL delivers it to this backend at its next command
--- and to the others at commit, and it tells them to compare versions at
--- their next use (it discards nothing). TRUNCATE fires no row trigger, so
--- it bumps every version. SECURITY DEFINER because invalidate_cache is not
+-- caches watch (flagship.configuration_signal for flags,
+-- flagship.entitlement_signal for entitlements; the trigger names
+-- flagship.features or flagship.customers for the kind): PostgreSQL
+-- delivers it to this backend at its next command and to the others at
+-- commit, and it tells them to compare versions at their next use (it
+-- discards nothing). The signal relations are sequences no statement or
+-- policy reads, so a signal makes no backend rebuild a relation's cache
+-- entry or replan a statement (signalling flagship.features itself did:
+-- half of a put_flag's CPU). TRUNCATE fires no row trigger, so it bumps
+-- every version. SECURITY DEFINER because invalidate_cache is not
 -- executable by the FlagShip roles.
+CREATE SEQUENCE flagship.configuration_signal;
+CREATE SEQUENCE flagship.entitlement_signal;
+REVOKE ALL ON SEQUENCE flagship.configuration_signal, flagship.entitlement_signal FROM PUBLIC;
+
 CREATE FUNCTION flagship.configuration_changed() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -5649,3 +5649,12 @@ BEGIN
             CASE WHEN reservation.paid_by IS NOT NULL THEN refunded END);
 END
 $fn$;
+
+-- Signal relations (#14) -----------------------------------------------------
+-- The caches' invalidations go to two sequences no statement or policy
+-- reads, instead of flagship.features and flagship.customers themselves
+-- (which made every backend rebuild those relations' cache entries and
+-- replan the statements reading them after any change anywhere).
+CREATE SEQUENCE flagship.configuration_signal;
+CREATE SEQUENCE flagship.entitlement_signal;
+REVOKE ALL ON SEQUENCE flagship.configuration_signal, flagship.entitlement_signal FROM PUBLIC;

@@ -510,18 +510,19 @@ pub fn register_callbacks() {
 /// names (`'flagship.features'::regclass`).
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn invalidate_cache(relation: pg_sys::Oid) {
+    let signal = backend::signal_relation_for(relation);
     if !holding_commit_signals() {
-        backend::invalidate_relation(relation);
+        backend::invalidate_relation(signal);
     }
     // A backend learns which relation is which when it first loads; one
     // that has not announces both kinds (a receiver checks once more).
-    if relation != WATCHED_ENTITLEMENTS.with(Cell::get) {
+    if signal != WATCHED_ENTITLEMENTS.with(Cell::get) {
         announcements::wrote(announcements::Change::Configuration);
     }
-    if relation != WATCHED_RELATION.with(Cell::get) {
+    if signal != WATCHED_RELATION.with(Cell::get) {
         announcements::wrote(announcements::Change::Entitlements);
     }
-    signal_for(relation);
+    signal_for(signal);
 }
 
 /// Test builds only: `flagship.test_hold_commit_signals` keeps a writer's

@@ -145,7 +145,9 @@ pub fn load_entitlement_document(
 ) -> (Option<serde_json::Value>, Option<i64>) {
     let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
     let query = format!(
-        "SELECT 'flagship.customers'::regclass::oid, flagship.{function}({})::text, {}",
+        "SELECT coalesce(pg_catalog.to_regclass('flagship.entitlement_signal'), \
+                         'flagship.customers'::regclass)::oid, \
+                flagship.{function}({})::text, {}",
         placeholders.join(", "),
         entitlement_version_sql()
     );

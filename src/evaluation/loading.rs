@@ -18,7 +18,8 @@ use flagship_engine::rules::Snapshot;
 pub(super) fn locate(environment: &str) -> Located {
     let query = || {
         format!(
-            "SELECT 'flagship.features'::regclass::oid, c.ids, \
+            "SELECT coalesce(pg_catalog.to_regclass('flagship.configuration_signal'), \
+                             'flagship.features'::regclass)::oid, c.ids, \
                     CASE WHEN cardinality(c.ids) = 1 THEN {} END, \
                     (SELECT e.organization_id FROM flagship.environments e \
                       WHERE e.id = c.ids[1] AND cardinality(c.ids) = 1) \

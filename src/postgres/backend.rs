@@ -270,6 +270,31 @@ pub fn invalidate_relation(relation: pg_sys::Oid) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
 }
 
+/// The relation whose invalidation carries the signal for changes of
+/// `watched` (flagship.features: configuration, flagship.customers:
+/// entitlements): its `_signal` sequence beside it, or `watched` itself
+/// under SQL older than 0.3.0, which has none.
+pub fn signal_relation_for(watched: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: guarded catalog lookups; get_rel_name answers NULL for a
+    // missing relation, and its palloc'd name is read before it is freed
+    // with the statement.
+    unsafe {
+        let name = pg_sys::get_rel_name(watched);
+        if name.is_null() {
+            return watched;
+        }
+        let signal: &CStr = match CStr::from_ptr(name).to_bytes() {
+            b"features" => c"configuration_signal",
+            b"customers" => c"entitlement_signal",
+            _ => return watched,
+        };
+        match pg_sys::get_relname_relid(signal.as_ptr(), pg_sys::get_rel_namespace(watched)) {
+            pg_sys::InvalidOid => watched,
+            found => found,
+        }
+    }
+}
+
 /// Whether `schema`.`relation` exists.
 pub fn relation_exists(schema: &CStr, relation: &CStr) -> bool {
     // SAFETY: guarded catalog lookups that answer InvalidOid when missing.
