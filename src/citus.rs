@@ -43,21 +43,22 @@ fn group() -> i32 {
 
 /// Raises feature_not_supported when this backend runs on a Citus worker,
 /// where FlagShip has no configuration: called before answering that an
-/// environment was not found, which there would be a silent wrong answer.
+/// environment was not found (evaluation, usage limits and metering look
+/// one up), which there would be a silent wrong answer.
 pub fn refuse_evaluation_on_a_worker() {
     let group = group();
     if group != 0 {
         crate::errors::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!(
-                "a flag was evaluated on a Citus worker (node group {group}), where FlagShip \
-                 has no configuration: it lives on the coordinator, and FlagShip's tables \
-                 are not distributed"
+                "FlagShip was called on a Citus worker (node group {group}), where it has no \
+                 configuration: that lives on the coordinator, and FlagShip's tables are not \
+                 distributed"
             ),
             Some(
                 "Citus runs the functions of a query on a distributed table on the workers. \
-                 Evaluate on the coordinator: over the rows a subquery brings back (add \
-                 OFFSET 0 to it), or for the distinct contexts first, then join.",
+                 Call FlagShip on the coordinator: over the rows a subquery brings back (add \
+                 OFFSET 0 to it), or for the distinct values first, then join.",
             ),
         );
     }

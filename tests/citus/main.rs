@@ -143,6 +143,15 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
     let (code, message) = failure(&mut client, &gated(&format!("{orders} o")));
     assert_eq!(code, "0A000", "{message}");
     assert!(message.contains("Citus worker"), "{message}");
+    // Metering looks its environment up alike.
+    let (code, _) = failure(
+        &mut client,
+        &format!(
+            "SELECT count(*) FROM {orders} o \
+              WHERE (flagship.check_usage_limit('c' || o.id, 'calls', 1, '{slug}/shop/production') ->> 'allowed')::boolean"
+        ),
+    );
+    assert_eq!(code, "0A000");
     // The documented way: the rows come back to the coordinator first.
     assert_eq!(
         client
