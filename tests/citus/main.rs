@@ -58,6 +58,31 @@ fn failure(client: &mut Client, sql: &str) -> (String, String) {
     }
 }
 
+/// Runs `work` in `count` coordinator sessions at once, each acting for
+/// `organization` and told its number; their results in that order.
+fn in_sessions<R: Send + 'static>(
+    count: usize,
+    organization: &str,
+    work: impl Fn(&mut Client, usize) -> R + Send + Sync + Copy + 'static,
+) -> Vec<R> {
+    let sessions: Vec<_> = (0..count)
+        .map(|number| {
+            let organization = organization.to_string();
+            std::thread::spawn(move || {
+                let mut client = coordinator();
+                client
+                    .batch_execute(&format!("SET flagship.organization_id = '{organization}'"))
+                    .unwrap();
+                work(&mut client, number)
+            })
+        })
+        .collect();
+    sessions
+        .into_iter()
+        .map(|session| session.join().unwrap())
+        .collect()
+}
+
 const NORDIC: &str = r#"{"key": "nordic", "environments": {"production": {"enabled": true,
     "rules": [{"conditions": [{"attribute": "country", "op": "in", "values": ["NO", "SE"]}],
                "serve": {"variant": "on"}}],
@@ -184,26 +209,18 @@ fn eight_sessions_racing_on_one_limit_are_granted_exactly_the_limit() {
                SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
         )
         .unwrap();
-    let sessions: Vec<_> = (0..8)
-        .map(|_| {
-            let id = id.clone();
-            std::thread::spawn(move || {
-                let mut client = coordinator();
-                client
-                    .batch_execute(&format!("SET flagship.organization_id = '{id}'"))
-                    .unwrap();
-                (0..30)
-                    .filter(|_| {
-                        text(
-                            &mut client,
-                            "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production') ->> 'allowed'",
-                        ) == "true"
-                    })
-                    .count()
+    let granted: usize = in_sessions(8, &id, |client, _| {
+        (0..30)
+            .filter(|_| {
+                text(
+                    client,
+                    "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production') ->> 'allowed'",
+                ) == "true"
             })
-        })
-        .collect();
-    let granted: usize = sessions.into_iter().map(|s| s.join().unwrap()).sum();
+            .count()
+    })
+    .into_iter()
+    .sum();
     assert_eq!(granted, 100);
     assert_eq!(
         text(
@@ -245,26 +262,16 @@ fn api_keys_are_issued_verified_and_revoked_on_the_coordinator() {
 fn the_audit_chain_stays_valid_after_concurrent_writes() {
     let mut setup = coordinator();
     let (id, _) = organization(&mut setup);
-    let writers: Vec<_> = (0..4)
-        .map(|writer| {
-            let id = id.clone();
-            std::thread::spawn(move || {
-                let mut client = coordinator();
-                client
-                    .batch_execute(&format!("SET flagship.organization_id = '{id}'"))
-                    .unwrap();
-                for round in 0..10 {
-                    client
-                        .batch_execute(&format!(
-                            r#"SELECT flagship.put_flag('shop', '{{"key": "w{writer}", "environments": {{"production": {{"enabled": {}}}}}}}')"#,
-                            round % 2 == 0
-                        ))
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    writers.into_iter().for_each(|w| w.join().unwrap());
+    in_sessions(4, &id, |client, writer| {
+        for round in 0..10 {
+            client
+                .batch_execute(&format!(
+                    r#"SELECT flagship.put_flag('shop', '{{"key": "w{writer}", "environments": {{"production": {{"enabled": {}}}}}}}')"#,
+                    round % 2 == 0
+                ))
+                .unwrap();
+        }
+    });
     assert_eq!(
         text(
             &mut setup,
