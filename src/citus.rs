@@ -15,16 +15,21 @@ use pgrx::prelude::*;
 use crate::postgres::statement_reads::{self, Query};
 
 thread_local! {
-    /// This node's Citus group (0: the coordinator, or no Citus at all),
-    /// looked up once: a backend does not move between nodes.
-    static GROUP: Cell<Option<i32>> = const { Cell::new(None) };
+    /// This node's Citus group (0: the coordinator, or no Citus at all) and
+    /// the transaction it was looked up in (its start time). Kept for one
+    /// transaction only: a node becomes a worker when a coordinator adds
+    /// it, and stops being one when it is removed.
+    static GROUP: Cell<Option<(pg_sys::TimestampTz, i32)>> = const { Cell::new(None) };
 }
 
 /// The Citus group of this node: 0 on the coordinator and without Citus,
 /// the worker's group otherwise.
 fn group() -> i32 {
-    if let Some(group) = GROUP.with(Cell::get) {
-        return group;
+    let transaction = crate::postgres::backend::transaction_start();
+    if let Some((looked_up_in, group)) = GROUP.with(Cell::get) {
+        if looked_up_in == transaction {
+            return group;
+        }
     }
     let group = Spi::connect(|client| {
         let one =
@@ -37,7 +42,7 @@ fn group() -> i32 {
             None => 0,
         }
     });
-    GROUP.with(|cell| cell.set(Some(group)));
+    GROUP.with(|cell| cell.set(Some((transaction, group))));
     group
 }
 

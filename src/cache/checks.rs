@@ -326,14 +326,16 @@ pub(super) fn as_versions_owner<R>(read: impl FnOnce() -> R) -> R {
 /// signal, this does not wait for transactions that were merely running
 /// when the signal arrived (a writer's next transaction, an idle session).
 pub(super) fn sees_everything_since(signalled_at: &'static LocalKey<Cell<Threshold>>) -> bool {
+    // This transaction's own change is seen by its later commands only,
+    // which ages do not tell apart: every check in it asks again (also
+    // before this backend has heard any signal: a backend that has not
+    // located yet does not signal itself).
+    if super::announcements::wrote_in_this_transaction() {
+        return false;
+    }
     let threshold = signalled_at.with(Cell::get);
     if let Threshold::NoSignal = threshold {
         return true;
-    }
-    // This transaction's own change is seen by its later commands only,
-    // which ages do not tell apart: every check in it asks again.
-    if super::announcements::wrote_in_this_transaction() {
-        return false;
     }
     // Only under an active snapshot: the transaction's xmin is set then,
     // and taking another snapshot leaves it as it is.

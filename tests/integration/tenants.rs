@@ -559,6 +559,26 @@ fn own_changes_are_seen_by_later_commands_only() {
         "a later statement missed its own transaction's change"
     );
     session.batch_execute("COMMIT").unwrap();
+
+    // The same in a session that had located nothing before it wrote (a
+    // backend that has not located does not signal itself).
+    let mut fresh = connect();
+    fresh
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{org}'; BEGIN; \
+             DECLARE c CURSOR FOR \
+               SELECT flagship.flagship_evaluate('f', '{{}}', 'shop/production') ->> 'reason' \
+                 FROM generate_series(1, 2); \
+             SELECT flagship.put_flag('shop', $doc${OFF}$doc$);"
+        ))
+        .unwrap();
+    assert_eq!(text(&mut fresh, "FETCH 1 FROM c"), "STATIC");
+    assert_eq!(
+        reason(&mut fresh),
+        "DISABLED",
+        "a fresh session missed its own change"
+    );
+    fresh.batch_execute("COMMIT").unwrap();
 }
 
 /// Bug of #14: with a blank flagship.organization_id the cache kept
