@@ -5658,3 +5658,102 @@ $fn$;
 CREATE SEQUENCE flagship.configuration_signal;
 CREATE SEQUENCE flagship.entitlement_signal;
 REVOKE ALL ON SEQUENCE flagship.configuration_signal, flagship.entitlement_signal FROM PUBLIC;
+
+-- Keys verified on a Citus worker (#21) ---------------------------------------
+-- A verification Citus pushes down to a worker, where no key is stored,
+-- raises instead of answering NOT_FOUND for every row.
+CREATE  FUNCTION "refuse_on_a_citus_worker"() RETURNS void
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'refuse_on_a_citus_worker_wrapper';
+REVOKE ALL ON FUNCTION flagship.refuse_on_a_citus_worker() FROM PUBLIC;
+
+-- Verification runs before the caller has any organization, so it is
+-- SECURITY DEFINER: it finds the key by hash alone and reveals only what
+-- the key itself grants.
+CREATE OR REPLACE FUNCTION flagship.verify_api_key(key text, client_ip inet DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    key_row flagship.api_keys;
+    organization_status text;
+    code text;
+    uses bigint;
+    customer_key text;
+    rate_limit record;
+BEGIN
+    IF key IS NOT NULL AND key ~ '^fs_(live|test)_[0-9a-f]{64}$' THEN
+        SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
+    END IF;
+    IF key_row.id IS NULL THEN
+        -- On a Citus worker, where no key is stored, this raises instead.
+        PERFORM flagship.refuse_on_a_citus_worker();
+        code := 'NOT_FOUND';
+    -- An allow-list admits only the addresses it lists, and tells callers
+    -- elsewhere nothing more (not even that the key was revoked); a
+    -- verification that does not say where the call comes from is refused.
+    ELSIF key_row.allowed_ips IS NOT NULL
+          AND (client_ip IS NULL
+               OR NOT EXISTS (SELECT FROM unnest(key_row.allowed_ips) a WHERE client_ip <<= a)) THEN
+        code := 'FORBIDDEN';
+    ELSIF key_row.revoked_at IS NOT NULL THEN
+        code := 'REVOKED';
+    ELSIF key_row.expires_at IS NOT NULL AND key_row.expires_at <= now() THEN
+        code := 'EXPIRED';
+    ELSE
+        SELECT o.status INTO organization_status FROM flagship.organizations o
+         WHERE o.id = key_row.organization_id;
+        IF organization_status IS DISTINCT FROM 'active' THEN
+            code := 'FORBIDDEN';
+        END IF;
+        -- Rate limits before the usage limit: a refused attempt spends no
+        -- use. Every limit counts the attempt (it happened either way).
+        FOR rate_limit IN SELECT * FROM jsonb_each(key_row.rate_limits) WHERE code IS NULL LOOP
+            IF NOT (flagship.rate_limit_hit(key_row.organization_id,
+                                            'key:' || coalesce(key_row.uses_of, key_row.id), rate_limit.key,
+                                            (rate_limit.value->>'limit')::bigint, rate_limit.value->>'window',
+                                            1)->>'allowed')::boolean THEN
+                code := 'RATE_LIMITED';
+            END IF;
+        END LOOP;
+        IF code IS NOT NULL THEN
+            NULL;
+        ELSIF key_row.usage_limit IS NOT NULL THEN
+            -- Counting uses is a write by nature; only limited keys pay it.
+            uses := nextval(flagship.ensure_key_use_sequence(coalesce(key_row.uses_of, key_row.id),
+                                                              key_row.usage_count));
+            IF uses <= key_row.usage_limit THEN
+                code := 'VALID';
+                UPDATE flagship.api_keys k SET usage_count = greatest(k.usage_count, uses), last_used_at = now()
+                 WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id;
+            ELSE
+                code := 'USAGE_EXCEEDED';
+            END IF;
+        ELSE
+            code := 'VALID';
+            -- At most one write a minute per key, so busy keys do not turn
+            -- every verification into a hot-row update.
+            UPDATE flagship.api_keys k SET last_used_at = now()
+             WHERE k.organization_id = key_row.organization_id AND k.id = key_row.id
+               AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    IF code <> 'VALID' THEN
+        RETURN jsonb_build_object('valid', false, 'code', code, 'key_id', NULL,
+                                  'organization_id', NULL, 'environment_id', NULL, 'scopes', NULL,
+                                  'customer', NULL);
+    END IF;
+    IF key_row.customer_id IS NOT NULL THEN
+        SELECT c.external_key INTO customer_key FROM flagship.customers c
+         WHERE c.organization_id = key_row.organization_id AND c.id = key_row.customer_id;
+    END IF;
+    RETURN jsonb_build_object('valid', true, 'code', code, 'key_id', key_row.id,
+                              'organization_id', key_row.organization_id,
+                              'environment_id', key_row.environment_id, 'scopes', to_jsonb(key_row.scopes),
+                              'customer', customer_key);
+END
+$fn$;

@@ -428,6 +428,8 @@ BEGIN
         SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
     END IF;
     IF key_row.id IS NULL THEN
+        -- On a Citus worker, where no key is stored, this raises instead.
+        PERFORM flagship.refuse_on_a_citus_worker();
         code := 'NOT_FOUND';
     -- An allow-list admits only the addresses it lists, and tells callers
     -- elsewhere nothing more (not even that the key was revoked); a
@@ -498,6 +500,7 @@ $fn$;
 REVOKE ALL ON FUNCTION flagship.rate_limit_hit(uuid, text, text, bigint, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin, flagship_app;
 REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
+REVOKE ALL ON FUNCTION flagship.refuse_on_a_citus_worker() FROM PUBLIC;
 
 -- A new key with the same settings (name, scopes, environment, customer,
 -- addresses, expiry, usage limit, and the same use sequence, so both keys

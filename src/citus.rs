@@ -22,6 +22,15 @@ thread_local! {
     static GROUP: Cell<Option<(pg_sys::TimestampTz, i32)>> = const { Cell::new(None) };
 }
 
+/// `verify_api_key` calls this before it answers `NOT_FOUND`: on a Citus
+/// worker every key is unknown, and a pushed-down verification would
+/// refuse every row in silence. Not executable by PUBLIC; the SECURITY
+/// DEFINER verification runs it as the owner.
+#[pg_extern(volatile, parallel_restricted)]
+pub fn refuse_on_a_citus_worker() {
+    refuse_evaluation_on_a_worker();
+}
+
 /// The Citus group of this node: 0 on the coordinator and without Citus,
 /// the worker's group otherwise.
 fn group() -> i32 {

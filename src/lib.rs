@@ -79,7 +79,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/keys.sql",
     name = "keys",
-    requires = ["usage", rate_limits::rate_limit_hit]
+    requires = [
+        "usage",
+        rate_limits::rate_limit_hit,
+        citus::refuse_on_a_citus_worker
+    ]
 );
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["keys"]);
 extension_sql_file!(

@@ -185,6 +185,15 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
             .get::<_, i64>(0),
         500
     );
+    // So is a key verification: on a worker every key would be unknown.
+    let (code, _) = failure(
+        &mut client,
+        &format!(
+            "SELECT count(*) FROM {orders} o \
+              WHERE (flagship.verify_api_key('fs_live_' || o.id) ->> 'valid')::boolean"
+        ),
+    );
+    assert_eq!(code, "0A000");
     // A session on a worker is refused alike.
     let mut worker = connect_to(ports()[1]);
     let (code, _) = failure(
