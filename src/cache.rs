@@ -241,11 +241,10 @@ pub fn accept_invalidations() {
         backend::accept_invalidation_messages();
     }
     // An announced commit this snapshot sees ended is signalled now, as its
-    // invalidation would be, in case that has not arrived yet; the xid
-    // bound moves too, so a check made under an older snapshot (a cursor's)
-    // after this does not vouch for later ones.
-    // The active snapshot saw those commits ended: every snapshot that sees
-    // all it saw sees them too.
+    // invalidation would be, in case that has not arrived yet. The bound is
+    // this snapshot's age: every snapshot that sees all it saw sees those
+    // commits, and a check made under an older one (a cursor's) after this
+    // does not vouch for later ones.
     let (configuration, entitlements) = announcements::settle();
     if configuration || entitlements {
         let seen_by = backend::active_snapshot_age().map_or(Threshold::Fresh, Threshold::Seen);
@@ -435,9 +434,9 @@ fn signal_entitlements(seen_by: Threshold) {
 /// Signals what depends on `relation`: entitlements for their relation,
 /// configuration for the flags' relation, both for InvalidOid
 /// ("everything may have changed", e.g. after an invalidation queue
-/// overflow), nothing otherwise.
-/// The change that sent the invalidation had completed before it was
-/// sent, so a snapshot taken after it arrived sees it (`Threshold::Fresh`).
+/// overflow), nothing otherwise. The change that sent the invalidation had
+/// completed before it was sent, so a snapshot taken after it arrived sees
+/// it (`Threshold::Fresh`).
 fn signal_for(relation: pg_sys::Oid) {
     if relation == pg_sys::InvalidOid {
         signal_configuration(Threshold::Fresh);

@@ -28,7 +28,7 @@ thread_local! {
 /// DEFINER verification runs it as the owner.
 #[pg_extern(volatile, parallel_restricted)]
 pub fn refuse_on_a_citus_worker() {
-    refuse_evaluation_on_a_worker();
+    refuse_on_a_worker();
 }
 
 /// The Citus group of this node: 0 on the coordinator and without Citus,
@@ -59,7 +59,7 @@ fn group() -> i32 {
 /// where FlagShip has no configuration: called before answering that an
 /// environment was not found (evaluation, usage limits and metering look
 /// one up), which there would be a silent wrong answer.
-pub fn refuse_evaluation_on_a_worker() {
+pub fn refuse_on_a_worker() {
     let group = group();
     if group != 0 {
         crate::errors::raise(

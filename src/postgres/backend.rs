@@ -235,12 +235,8 @@ pub fn active_snapshot_sees_ended(xid: u32) -> Option<bool> {
     }
 }
 
-/// How many transactions have completed so far (procarray's counter).
-/// Read in the relcache callback, the value counts the sender's completion:
-/// the sender ended (incrementing the counter under ProcArrayLock) before
-/// it queued the invalidation, and reading the queue takes its lock, so the
-/// store is visible here. `cache::checks::sees_everything_since` relies on
-/// that bound.
+/// How many transactions have completed so far (procarray's counter): a
+/// change tells `cache::accept_invalidations` to read the queue again.
 pub fn completions_now() -> u64 {
     // SAFETY: ShmemVariableCache points to shared memory set up before any
     // backend runs; an aligned u64 is read whole on the 64-bit platforms
