@@ -21,3 +21,12 @@ DROP TABLE IF EXISTS bench.quota_ledger;
 CREATE TABLE bench.quota_ledger (id bigserial PRIMARY KEY, customer text NOT NULL, amount bigint NOT NULL,
                                  used_after bigint NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now());
 VACUUM ANALYZE;
+-- The same rows record_usage writes, written by hand into FlagShip's own
+-- tables (benches/same_rows_many.pgbench): customer ids by number, and
+-- every customer's counter created (record_usage creates it on first use).
+DROP TABLE IF EXISTS bench.customer_ids;
+CREATE TABLE bench.customer_ids (n int PRIMARY KEY, id uuid NOT NULL);
+INSERT INTO bench.customer_ids
+SELECT substr(external_key, 6)::int, id FROM flagship.customers WHERE external_key LIKE 'cust-%';
+SELECT count(flagship.record_usage('cust-' || i, 'api_calls', environment => 'app/production')) FROM generate_series(1, 1000) AS i;
+VACUUM ANALYZE;

@@ -136,32 +136,71 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
     loaded
 }
 
+/// The loading statement of each document function, planned once per
+/// backend (and again when the version table appears: its text depends on
+/// it). Planning it on every load cost more than running it.
+struct KeptLoad {
+    function: &'static str,
+    versioned: bool,
+    plan: statement_reads::KeptPlan,
+}
+
+thread_local! {
+    static KEPT_LOADS: RefCell<Vec<KeptLoad>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Runs `function(arguments)`, a SQL function returning jsonb about plans
 /// and customers whose first argument is the environment, and reads the
 /// entitlement version in the same statement (one snapshot for both).
 pub fn load_entitlement_document(
-    function: &str,
+    function: &'static str,
     arguments: &[pgrx::datum::DatumWithOid<'_>],
 ) -> (Option<serde_json::Value>, Option<i64>) {
-    let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
-    let query = format!(
-        "SELECT coalesce(pg_catalog.to_regclass('flagship.entitlement_signal'), \
-                         'flagship.customers'::regclass)::oid, \
-                flagship.{function}({})::text, {}",
-        placeholders.join(", "),
-        entitlement_version_sql()
-    );
+    let versioned = versioned();
+    let sql = || {
+        let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
+        format!(
+            "SELECT coalesce(pg_catalog.to_regclass('flagship.entitlement_signal'), \
+                             'flagship.customers'::regclass)::oid, \
+                    flagship.{function}({})::text, {}",
+            placeholders.join(", "),
+            entitlement_version_sql()
+        )
+    };
     let (watched, document, version) = Spi::connect(|client| {
-        let rows =
-            statement_reads::select(client, statement_reads::Query::Text(&query), arguments, 1);
-        match rows.row(0) {
-            Some(row) => (
-                row.get::<pg_sys::Oid>(1),
-                row.get::<String>(2),
-                row.get::<i64>(3),
-            ),
-            None => (None, None, None),
-        }
+        KEPT_LOADS.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let found = kept
+                .iter()
+                .position(|load| load.function == function && load.versioned == versioned);
+            let index = found.unwrap_or_else(|| {
+                kept.retain(|load| load.function != function);
+                let types: Vec<pg_sys::Oid> =
+                    arguments.iter().map(|argument| argument.oid()).collect();
+                kept.push(KeptLoad {
+                    function,
+                    versioned,
+                    plan: statement_reads::KeptPlan::prepare(client, &sql(), &types),
+                });
+                kept.len() - 1
+            });
+            // Stays borrowed while it runs: the document functions are SQL
+            // and load nothing through here.
+            let rows = statement_reads::select(
+                client,
+                statement_reads::Query::Kept(&kept[index].plan),
+                arguments,
+                1,
+            );
+            match rows.row(0) {
+                Some(row) => (
+                    row.get::<pg_sys::Oid>(1),
+                    row.get::<String>(2),
+                    row.get::<i64>(3),
+                ),
+                None => (None, None, None),
+            }
+        })
     });
     if let Some(watched) = watched {
         WATCHED_ENTITLEMENTS.with(|cell| cell.set(watched));
