@@ -5659,14 +5659,39 @@ CREATE SEQUENCE flagship.configuration_signal;
 CREATE SEQUENCE flagship.entitlement_signal;
 REVOKE ALL ON SEQUENCE flagship.configuration_signal, flagship.entitlement_signal FROM PUBLIC;
 
--- Keys verified on a Citus worker (#21) ---------------------------------------
--- A verification Citus pushes down to a worker, where no key is stored,
--- raises instead of answering NOT_FOUND for every row.
+-- Keys and permissions checked on a Citus worker (#21) -------------------------
+-- A key verification or a permission check Citus pushes down to a worker,
+-- where nothing is stored, raises instead of answering no for every row.
+-- Executable by everyone: has_permission (invoker's rights) calls it; it
+-- raises on a Citus worker and does nothing anywhere else.
 CREATE  FUNCTION "refuse_on_a_citus_worker"() RETURNS void
 STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'refuse_on_a_citus_worker_wrapper';
-REVOKE ALL ON FUNCTION flagship.refuse_on_a_citus_worker() FROM PUBLIC;
+
+-- Whether a member holds a permission through any of its roles in the
+-- organization (the session's when NULL). Invoker's rights: row-level
+-- security answers false for any organization but the session's.
+CREATE OR REPLACE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    -- On a Citus worker, where no member is stored, a false answer raises
+    -- instead (#21): a call pushed down into a shard query would deny
+    -- every row in silence.
+    SELECT CASE WHEN EXISTS (
+        SELECT FROM flagship.members m
+          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
+         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
+           AND m.user_key = has_permission.user_key
+           AND rp.permission = has_permission.permission)
+    THEN true
+    ELSE (SELECT false FROM flagship.refuse_on_a_citus_worker())
+    END
+$fn$;
 
 -- Verification runs before the caller has any organization, so it is
 -- SECURITY DEFINER: it finds the key by hash alone and reveals only what

@@ -500,7 +500,6 @@ $fn$;
 REVOKE ALL ON FUNCTION flagship.rate_limit_hit(uuid, text, text, bigint, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) TO flagship_admin, flagship_app;
 REVOKE EXECUTE ON FUNCTION flagship.verify_api_key(text, inet) FROM PUBLIC;
-REVOKE ALL ON FUNCTION flagship.refuse_on_a_citus_worker() FROM PUBLIC;
 
 -- A new key with the same settings (name, scopes, environment, customer,
 -- addresses, expiry, usage limit, and the same use sequence, so both keys

@@ -166,13 +166,19 @@ LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT EXISTS (
+    -- On a Citus worker, where no member is stored, a false answer raises
+    -- instead (#21): a call pushed down into a shard query would deny
+    -- every row in silence.
+    SELECT CASE WHEN EXISTS (
         SELECT FROM flagship.members m
           JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
           JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
          WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
            AND m.user_key = has_permission.user_key
            AND rp.permission = has_permission.permission)
+    THEN true
+    ELSE (SELECT false FROM flagship.refuse_on_a_citus_worker())
+    END
 $fn$;
 
 -- Whether the session's actor may use a permission in the session's

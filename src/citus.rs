@@ -22,10 +22,11 @@ thread_local! {
     static GROUP: Cell<Option<(pg_sys::TimestampTz, i32)>> = const { Cell::new(None) };
 }
 
-/// `verify_api_key` calls this before it answers `NOT_FOUND`: on a Citus
-/// worker every key is unknown, and a pushed-down verification would
-/// refuse every row in silence. Not executable by PUBLIC; the SECURITY
-/// DEFINER verification runs it as the owner.
+/// `verify_api_key` calls this before it answers `NOT_FOUND`, and
+/// `has_permission` before it answers false: on a Citus worker every key
+/// and every member is unknown, and a pushed-down call would refuse every
+/// row in silence. Executable by everyone (`has_permission` runs with its
+/// caller's rights); it tells nothing but whether this node is a worker.
 #[pg_extern(volatile, parallel_restricted)]
 pub fn refuse_on_a_citus_worker() {
     refuse_on_a_worker();

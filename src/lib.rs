@@ -39,6 +39,7 @@ extension_sql_file!(
         "bootstrap",
         context::current_organization_id,
         context::current_actor,
+        citus::refuse_on_a_citus_worker,
         context::acting_role,
         context::current_key_id,
         context::key_grants

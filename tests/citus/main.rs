@@ -2,8 +2,9 @@
 //! on 127.0.0.1 (`scripts/citus-cluster start`), FlagShip created on every
 //! node, its tables local to the coordinator (not distributed: #21). What
 //! these tests hold: on the coordinator FlagShip behaves as on one server,
-//! with several sessions at once; an evaluation Citus pushes down into a
-//! shard query on a worker raises instead of answering false.
+//! with several sessions at once and for login roles of two organizations;
+//! an evaluation Citus pushes down into a shard query on a worker raises
+//! instead of answering false.
 //!
 //! Ignored by a plain `cargo test` (they need the cluster); `scripts/test`
 //! starts the cluster and runs them with `--ignored`. The ports come from
@@ -21,13 +22,17 @@ fn ports() -> Vec<u16> {
         .collect()
 }
 
-fn connect_to(port: u16) -> Client {
+fn connect_as(port: u16, user: &str) -> Client {
     let database = std::env::var("FLAGSHIP_CITUS_DB").unwrap_or_else(|_| "flagship".into());
     Client::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres dbname={database}"),
+        &format!("host=127.0.0.1 port={port} user={user} dbname={database}"),
         NoTls,
     )
-    .unwrap_or_else(|error| panic!("connecting to the Citus node on {port}: {error}"))
+    .unwrap_or_else(|error| panic!("connecting to the Citus node on {port} as {user}: {error}"))
+}
+
+fn connect_to(port: u16) -> Client {
+    connect_as(port, "postgres")
 }
 
 fn coordinator() -> Client {
@@ -144,7 +149,8 @@ fn a_change_on_the_coordinator_is_seen_by_the_next_statement_of_another_session(
 
 /// Before: `WHERE flagship_enabled(...)` on a distributed table ran on the
 /// workers, whose FlagShip tables are empty, and answered false for every
-/// row (0 of 500 nordic orders, no error).
+/// row (0 of 500 nordic orders, no error); `has_permission` answered false
+/// there until this session.
 #[test]
 #[ignore = "needs the Citus cluster (scripts/test starts it)"]
 fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
@@ -191,6 +197,15 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
         &format!(
             "SELECT count(*) FROM {orders} o \
               WHERE (flagship.verify_api_key('fs_live_' || o.id) ->> 'valid')::boolean"
+        ),
+    );
+    assert_eq!(code, "0A000");
+    // And a permission check: on a worker nobody holds any permission.
+    let (code, _) = failure(
+        &mut client,
+        &format!(
+            "SELECT count(*) FROM {orders} o \
+              WHERE flagship.has_permission('user-' || o.id, 'flags:write')"
         ),
     );
     assert_eq!(code, "0A000");
@@ -288,4 +303,159 @@ fn the_audit_chain_stays_valid_after_concurrent_writes() {
         ),
         "true"
     );
+}
+
+/// A login role in `group` (none: no FlagShip role at all), on every node
+/// (Citus creates roles on the workers too).
+fn login_role(client: &mut Client, prefix: &str, group: Option<&str>) -> String {
+    let role = unique(prefix);
+    let membership = group.map_or(String::new(), |group| format!(" IN ROLE {group}"));
+    client
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN{membership}"))
+        .unwrap();
+    role
+}
+
+fn count(client: &mut Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// An organization (`organization`) with rows in every tenant table and a
+/// member `alice` who owns it (so that the audit tables show rows too).
+fn populated_organization(client: &mut Client) -> (String, String) {
+    let (id, slug) = organization(client);
+    client
+        .batch_execute(&format!(
+            r#"SELECT flagship.put_segment('shop', '{{"key": "beta", "included": ["u"]}}');
+               SELECT flagship.put_flag('shop', '{{"key": "f", "environments": {{"production": {{"enabled": true}}}}}}');
+               INSERT INTO flagship.members (organization_id, user_key) VALUES ('{id}', 'alice');
+               INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+               SELECT m.organization_id, m.id, r.id FROM flagship.members m
+                 JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
+                WHERE m.organization_id = '{id}' AND m.user_key = 'alice';"#
+        ))
+        .unwrap();
+    client
+        .batch_execute(include_str!("../fixtures/every_tenant_table.sql"))
+        .unwrap();
+    (id, slug)
+}
+
+/// Row-level security on the coordinator, for login roles that are not
+/// superusers: each organization's admin sees all of its own rows and none
+/// of the other's in every tenant table; the app role evaluates its own
+/// flags and cannot name the other's environment; a role with no FlagShip
+/// role reads nothing and calls nothing.
+#[test]
+#[ignore = "needs the Citus cluster (scripts/test starts it)"]
+fn login_roles_of_two_organizations_see_only_their_own_rows_on_the_coordinator() {
+    let mut su = coordinator();
+    let (a, _) = populated_organization(&mut su);
+    let (b, b_slug) = populated_organization(&mut su);
+    let tables: Vec<String> = su
+        .query(include_str!("../fixtures/tenant_tables.sql"), &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.len() >= 20, "tenant tables: {tables:?}");
+    let admin = login_role(&mut su, "citus_admin", Some("flagship_admin"));
+    for (own, other) in [(&a, &b), (&b, &a)] {
+        let mut session = connect_as(ports()[0], &admin);
+        session
+            .batch_execute(&format!(
+                "SET flagship.organization_id = '{own}'; SET flagship.actor = 'alice'"
+            ))
+            .unwrap();
+        for table in &tables {
+            let column = if table == "organizations" {
+                "id"
+            } else {
+                "organization_id"
+            };
+            let all = count(
+                &mut session,
+                &format!("SELECT count(*) FROM flagship.{table}"),
+            );
+            let mine = count(
+                &mut session,
+                &format!("SELECT count(*) FROM flagship.{table} WHERE {column} = '{own}'"),
+            );
+            assert!(mine > 0, "{table} hides the session's own rows");
+            assert_eq!(all, mine, "{table} shows rows of another organization");
+            assert_eq!(
+                count(
+                    &mut session,
+                    &format!("SELECT count(*) FROM flagship.{table} WHERE {column} = '{other}'")
+                ),
+                0,
+                "{table} shows the other organization"
+            );
+        }
+    }
+
+    let app = login_role(&mut su, "citus_app", Some("flagship_app"));
+    let mut session = connect_as(ports()[0], &app);
+    session
+        .batch_execute(&format!("SET flagship.organization_id = '{a}'"))
+        .unwrap();
+    assert_eq!(nordic(&mut session, "NO"), "on");
+    assert_eq!(
+        text(
+            &mut session,
+            &format!(
+                "SELECT flagship.flagship_evaluate('nordic', '{{}}', '{b_slug}/shop/production') ->> 'error_code'"
+            )
+        ),
+        "ENVIRONMENT_NOT_FOUND"
+    );
+    assert_eq!(
+        text(
+            &mut session,
+            "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production') ->> 'allowed'"
+        ),
+        "true"
+    );
+    assert_eq!(
+        failure(&mut session, "UPDATE flagship.features SET archived = true").0,
+        "42501"
+    );
+
+    let nobody = login_role(&mut su, "citus_nobody", None);
+    let mut session = connect_as(ports()[0], &nobody);
+    session
+        .batch_execute(&format!("SET flagship.organization_id = '{a}'"))
+        .unwrap();
+    for statement in [
+        "SELECT count(*) FROM flagship.features",
+        "SELECT count(*) FROM flagship.api_keys",
+        "SELECT flagship.flagship_enabled('nordic', '{}', 'shop/production')",
+        "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production')",
+        "SELECT flagship.export_project('shop')",
+    ] {
+        assert_eq!(failure(&mut session, statement).0, "42501", "{statement}");
+    }
+}
+
+/// A project exported from one organization and imported into another on
+/// the coordinator serves the same answers there.
+#[test]
+#[ignore = "needs the Citus cluster (scripts/test starts it)"]
+fn a_project_exported_and_imported_on_the_coordinator_evaluates_the_same() {
+    let mut client = coordinator();
+    organization(&mut client);
+    let document = text(&mut client, "SELECT flagship.export_project('shop')::text");
+    let slug = unique("citus-import").replace('_', "-");
+    let target = text(
+        &mut client,
+        &format!("SELECT flagship.create_organization('{slug}', '{slug}')::text"),
+    );
+    client
+        .batch_execute(&format!(
+            "SET flagship.organization_id = '{target}';
+             SELECT flagship.import_project('{target}', $doc${document}$doc$::jsonb);"
+        ))
+        .unwrap();
+    assert_eq!(nordic(&mut client, "SE"), "on");
+    assert_eq!(nordic(&mut client, "DK"), "off");
 }

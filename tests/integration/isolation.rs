@@ -7,20 +7,10 @@ use postgres::Client;
 
 use crate::harness::{add_member, connect, organization, put_flag, role_in, sqlstate, text};
 
-/// Every table of the schema that carries an organization: new tables join
-/// the matrix without anyone remembering to add them.
+/// Every table of the schema that carries an organization.
 fn tenant_tables(client: &mut Client) -> Vec<String> {
     client
-        .query(
-            "SELECT c.relname::text FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'flagship' AND c.relkind = 'r'
-                AND (c.relname = 'organizations'
-                     OR EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
-                                   AND a.attname = 'organization_id' AND NOT a.attisdropped))
-              ORDER BY 1",
-            &[],
-        )
+        .query(include_str!("../fixtures/tenant_tables.sql"), &[])
         .unwrap()
         .iter()
         .map(|row| row.get(0))
@@ -64,25 +54,8 @@ fn fixture() -> Fixture {
             r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#,
         );
         // Plans, customers and usage, so that every tenant table has rows.
-        su.batch_execute(
-            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}}}');
-               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro",
-                   "overrides": {"features": {"f": true}, "limits": {"calls": {"limit": 9}}}}');
-               SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production');
-               SELECT flagship.put_metric('shop', '{"key": "tokens", "aggregation": "credits"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "features": {"f": true}, "limits": {"calls": {"limit": 5}},
-                   "credits": {"tokens": {"amount": 10}}}');
-               SELECT flagship.grant_credits('acme', 'tokens', 100, environment => 'shop/production');
-               SELECT flagship.reserve_usage('acme', 'tokens', 5, environment => 'shop/production');
-               SELECT flagship.append_events('[{"type": "FixtureCreated"}]');
-               SELECT flagship.issue_api_key(flagship.current_organization_id(), 'fixture');
-               SET flagship.count_exposures = on;
-               SELECT flagship.flagship_enabled('f', '{}', 'shop/production');
-               SELECT flagship.flush_exposures();
-               RESET flagship.count_exposures;"#,
-        )
-        .unwrap();
+        su.batch_execute(include_str!("../fixtures/every_tenant_table.sql"))
+            .unwrap();
     }
     let admin_role = role_in(&mut su, "iso_admin", Some("flagship_admin"));
     let app_role = role_in(&mut su, "iso_app", Some("flagship_app"));
