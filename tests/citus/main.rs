@@ -200,6 +200,7 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
         ),
     );
     assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("Citus worker"), "{message}");
     // The documented way: the rows come back to the coordinator first.
     assert_eq!(
         client
@@ -218,14 +219,15 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
     );
     assert_eq!(code, "0A000");
     // And a permission check: on a worker nobody holds any permission.
-    let (code, _) = failure(
+    let (code, message) = failure(
         &mut client,
         &format!(
             "SELECT count(*) FROM {orders} o \
-              WHERE flagship.has_permission('user-' || o.id, 'flags:write')"
+              WHERE flagship.has_permission('user-' || o.id, 'features:write')"
         ),
     );
-    assert_eq!(code, "0A000");
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("Citus worker"), "{message}");
     // A session on a worker is refused alike.
     let mut worker = connect_to(ports()[1]);
     let (code, _) = failure(
@@ -437,6 +439,23 @@ fn login_roles_of_two_organizations_see_only_their_own_rows_on_the_coordinator()
         failure(&mut session, "UPDATE flagship.features SET archived = true").0,
         "42501"
     );
+    // On the coordinator a permission check answers, with the caller's
+    // rights (it reads pg_dist_local_group as this role).
+    assert_eq!(
+        text(
+            &mut session,
+            "SELECT flagship.has_permission('nobody', 'features:write')::text"
+        ),
+        "false"
+    );
+    assert_eq!(
+        text(
+            &mut session,
+            "SELECT flagship.has_permission('alice', 'features:write')::text"
+        ),
+        "true"
+    );
+    drop(session);
 
     let nobody = login_role(&mut su, "citus_nobody", None);
     let mut session = connect_as(ports()[0], &nobody);
@@ -451,6 +470,10 @@ fn login_roles_of_two_organizations_see_only_their_own_rows_on_the_coordinator()
         "SELECT flagship.export_project('shop')",
     ] {
         assert_eq!(failure(&mut session, statement).0, "42501", "{statement}");
+    }
+    drop(session);
+    for role in [&admin, &app, &nobody] {
+        su.batch_execute(&format!("DROP ROLE {role}")).unwrap();
     }
 }
 
