@@ -201,6 +201,15 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
     );
     assert_eq!(code, "0A000", "{message}");
     assert!(message.contains("Citus worker"), "{message}");
+    let (code, message) = failure(
+        &mut client,
+        &format!(
+            "SELECT count(*) FROM {orders} o \
+              WHERE (flagship.rate_limit('c' || o.id, 'requests', 1, '{slug}/shop/production') ->> 'allowed')::boolean"
+        ),
+    );
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("Citus worker"), "{message}");
     // The documented way: the rows come back to the coordinator first.
     assert_eq!(
         client
