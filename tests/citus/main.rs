@@ -165,51 +165,29 @@ fn a_change_on_the_coordinator_is_seen_by_the_next_statement_of_another_session(
 fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
     let mut client = coordinator();
     let (_, slug) = organization(&mut client);
-    let orders = unique("orders");
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {orders} (id bigint, country text);
-             SELECT create_distributed_table('{orders}', 'id');
-             INSERT INTO {orders} SELECT i, (ARRAY['NO', 'SE', 'DK', 'US'])[1 + i % 4]
-               FROM generate_series(1, 1000) i;"
-        ))
-        .unwrap();
+    let orders = distributed_orders(&mut client, 1000);
+    let environment = format!("{slug}/shop/production");
     let gated = |from: &str| {
         format!(
             "SELECT count(*) FROM {from} WHERE flagship.flagship_enabled('nordic', \
-             jsonb_build_object('country', o.country), '{slug}/shop/production')"
+             jsonb_build_object('country', o.country), '{environment}')"
         )
     };
-    let (code, message) = failure(&mut client, &gated(&format!("{orders} o")));
-    assert_eq!(code, "0A000", "{message}");
-    assert!(message.contains("Citus worker"), "{message}");
-    // Metering looks its environment up alike.
-    let (code, _) = failure(
-        &mut client,
-        &format!(
-            "SELECT count(*) FROM {orders} o \
-              WHERE (flagship.check_usage_limit('c' || o.id, 'calls', 1, '{slug}/shop/production') ->> 'allowed')::boolean"
-        ),
-    );
-    assert_eq!(code, "0A000");
-    let (code, message) = failure(
-        &mut client,
-        &format!(
-            "SELECT count(*) FROM {orders} o \
-              WHERE (flagship.record_usage('c' || o.id, 'calls', 1, NULL, '{slug}/shop/production') ->> 'allowed')::boolean"
-        ),
-    );
-    assert_eq!(code, "0A000", "{message}");
-    assert!(message.contains("Citus worker"), "{message}");
-    let (code, message) = failure(
-        &mut client,
-        &format!(
-            "SELECT count(*) FROM {orders} o \
-              WHERE (flagship.rate_limit('c' || o.id, 'requests', 1, '{slug}/shop/production') ->> 'allowed')::boolean"
-        ),
-    );
-    assert_eq!(code, "0A000", "{message}");
-    assert!(message.contains("Citus worker"), "{message}");
+    assert_refused_on_a_worker(&mut client, &gated(&format!("{orders} o")));
+    // Metering, rate limits, key verification and permission checks alike:
+    // on a worker every customer, key and member would be unknown.
+    for condition in [
+        format!("(flagship.check_usage_limit('c' || o.id, 'calls', 1, '{environment}') ->> 'allowed')::boolean"),
+        format!("(flagship.record_usage('c' || o.id, 'calls', 1, NULL, '{environment}') ->> 'allowed')::boolean"),
+        format!("(flagship.rate_limit('c' || o.id, 'requests', 1, '{environment}') ->> 'allowed')::boolean"),
+        "(flagship.verify_api_key('fs_live_' || o.id) ->> 'valid')::boolean".to_string(),
+        "flagship.has_permission('user-' || o.id, 'features:write')".to_string(),
+    ] {
+        assert_refused_on_a_worker(
+            &mut client,
+            &format!("SELECT count(*) FROM {orders} o WHERE {condition}"),
+        );
+    }
     // The documented way: the rows come back to the coordinator first.
     assert_eq!(
         client
@@ -218,35 +196,37 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
             .get::<_, i64>(0),
         500
     );
-    // So is a key verification: on a worker every key would be unknown.
-    let (code, _) = failure(
-        &mut client,
-        &format!(
-            "SELECT count(*) FROM {orders} o \
-              WHERE (flagship.verify_api_key('fs_live_' || o.id) ->> 'valid')::boolean"
-        ),
-    );
-    assert_eq!(code, "0A000");
-    // And a permission check: on a worker nobody holds any permission.
-    let (code, message) = failure(
-        &mut client,
-        &format!(
-            "SELECT count(*) FROM {orders} o \
-              WHERE flagship.has_permission('user-' || o.id, 'features:write')"
-        ),
-    );
-    assert_eq!(code, "0A000", "{message}");
-    assert!(message.contains("Citus worker"), "{message}");
     // A session on a worker is refused alike.
-    let mut worker = connect_to(ports()[1]);
-    let (code, _) = failure(
-        &mut worker,
-        &format!("SELECT flagship.flagship_enabled('nordic', '{{}}', '{slug}/shop/production')"),
+    assert_refused_on_a_worker(
+        &mut connect_to(ports()[1]),
+        &format!("SELECT flagship.flagship_enabled('nordic', '{{}}', '{environment}')"),
     );
-    assert_eq!(code, "0A000");
     client
         .batch_execute(&format!("DROP TABLE {orders}"))
         .unwrap();
+}
+
+/// A new application table distributed by `id`, with `rows` rows whose
+/// `country` cycles through NO, SE, DK and US (half of them nordic).
+fn distributed_orders(client: &mut Client, rows: u32) -> String {
+    let orders = unique("orders");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {orders} (id bigint, country text);
+             SELECT create_distributed_table('{orders}', 'id');
+             INSERT INTO {orders} SELECT i, (ARRAY['NO', 'SE', 'DK', 'US'])[1 + i % 4]
+               FROM generate_series(1, {rows}) i;"
+        ))
+        .unwrap();
+    orders
+}
+
+/// `sql` fails with FlagShip's refusal on a Citus worker (0A000 is also
+/// Citus's own code for what it cannot plan: the message tells them apart).
+fn assert_refused_on_a_worker(client: &mut Client, sql: &str) {
+    let (code, message) = failure(client, sql);
+    assert_eq!(code, "0A000", "{sql}: {message}");
+    assert!(message.contains("Citus worker"), "{sql}: {message}");
 }
 
 #[test]
@@ -527,14 +507,7 @@ fn pg_dump_of_the_coordinator_restores_flagship_into_a_new_database() {
                SELECT flagship.record_usage('acme', 'calls', 3, 'dump-1', 'shop/production');"#,
         )
         .unwrap();
-    let orders = unique("dumped_orders");
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {orders} (id bigint, country text);
-             SELECT create_distributed_table('{orders}', 'id');
-             INSERT INTO {orders} SELECT i, 'NO' FROM generate_series(1, 40) i;"
-        ))
-        .unwrap();
+    let orders = distributed_orders(&mut client, 40);
     let bindir = text(
         &mut client,
         "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
