@@ -5693,6 +5693,23 @@ AS $fn$
     END
 $fn$;
 
+-- On a Citus worker FlagShip keeps nothing (its tables stay on the
+-- coordinator, #21): an organization created there would be one the
+-- coordinator never sees, answering from its own configuration. Every
+-- tenant row hangs off an organization, so refusing this one insert keeps
+-- a worker empty.
+CREATE FUNCTION flagship.organizations_only_on_the_coordinator() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM flagship.refuse_on_a_citus_worker();
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER organizations_only_on_the_coordinator BEFORE INSERT ON flagship.organizations
+    FOR EACH STATEMENT EXECUTE FUNCTION flagship.organizations_only_on_the_coordinator();
+
 -- Verification runs before the caller has any organization, so it is
 -- SECURITY DEFINER: it finds the key by hash alone and reveals only what
 -- the key itself grants.

@@ -157,6 +157,23 @@ CREATE POLICY organizations_tenant ON flagship.organizations
     USING (id = (SELECT flagship.current_organization_id()))
     WITH CHECK (id = (SELECT flagship.current_organization_id()));
 
+-- On a Citus worker FlagShip keeps nothing (its tables stay on the
+-- coordinator, #21): an organization created there would be one the
+-- coordinator never sees, answering from its own configuration. Every
+-- tenant row hangs off an organization, so refusing this one insert keeps
+-- a worker empty.
+CREATE FUNCTION flagship.organizations_only_on_the_coordinator() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM flagship.refuse_on_a_citus_worker();
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER organizations_only_on_the_coordinator BEFORE INSERT ON flagship.organizations
+    FOR EACH STATEMENT EXECUTE FUNCTION flagship.organizations_only_on_the_coordinator();
+
 -- Whether a member holds a permission through any of its roles in the
 -- organization (the session's when NULL). Invoker's rights: row-level
 -- security answers false for any organization but the session's.

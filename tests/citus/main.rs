@@ -196,10 +196,21 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
             .get::<_, i64>(0),
         500
     );
-    // A session on a worker is refused alike.
+    // A session on a worker is refused alike, and may not create an
+    // organization there, which the coordinator would never see (before:
+    // created, and served from the worker's own tables).
+    let mut worker = connect_to(ports()[1]);
     assert_refused_on_a_worker(
-        &mut connect_to(ports()[1]),
+        &mut worker,
         &format!("SELECT flagship.flagship_enabled('nordic', '{{}}', '{environment}')"),
+    );
+    assert_refused_on_a_worker(
+        &mut worker,
+        "SELECT flagship.create_organization('on-a-worker', 'On a worker')",
+    );
+    assert_eq!(
+        count(&mut worker, "SELECT count(*) FROM flagship.organizations"),
+        0
     );
     client
         .batch_execute(&format!("DROP TABLE {orders}"))
