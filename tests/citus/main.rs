@@ -188,12 +188,26 @@ fn an_evaluation_pushed_down_to_a_worker_raises_instead_of_answering_false() {
             &format!("SELECT count(*) FROM {orders} o WHERE {condition}"),
         );
     }
-    // The documented way: the rows come back to the coordinator first.
+    // The documented ways: the rows come back to the coordinator first, or
+    // only their distinct contexts do, and the answers join back.
     assert_eq!(
-        client
-            .query_one(&gated(&format!("(SELECT * FROM {orders} OFFSET 0) o")), &[])
-            .unwrap()
-            .get::<_, i64>(0),
+        count(
+            &mut client,
+            &gated(&format!("(SELECT * FROM {orders} OFFSET 0) o"))
+        ),
+        500
+    );
+    assert_eq!(
+        count(
+            &mut client,
+            &format!(
+                "WITH decided AS (
+                   SELECT country, flagship.flagship_enabled('nordic', jsonb_build_object('country', country),
+                                                             '{environment}') AS enabled
+                     FROM (SELECT DISTINCT country FROM {orders}) contexts OFFSET 0)
+                 SELECT count(*) FROM {orders} o JOIN decided d USING (country) WHERE d.enabled"
+            )
+        ),
         500
     );
     // A session on a worker is refused alike, and may not create an
