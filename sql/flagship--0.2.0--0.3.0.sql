@@ -5693,11 +5693,11 @@ AS $fn$
     END
 $fn$;
 
--- On a Citus worker FlagShip keeps nothing (its tables stay on the
--- coordinator, #21): an organization created there would be one the
--- coordinator never sees, answering from its own configuration. Every
--- tenant row hangs off an organization, so refusing this one insert keeps
--- a worker empty.
+-- FlagShip's tables stay on the Citus coordinator (#21): an organization
+-- created on a worker would be one the coordinator never sees, and that
+-- worker would answer from it. Every tenant row hangs off an organization,
+-- so new organizations are refused there (rows a node held before it
+-- became a worker stay: README, Citus).
 CREATE FUNCTION flagship.organizations_only_on_the_coordinator() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
