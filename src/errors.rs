@@ -13,6 +13,13 @@ pub fn invalid_parameter(message: impl Into<String>, hint: Option<&str>) -> ! {
     )
 }
 
+/// A text argument a call cannot do without: NULL raises 22023 naming it.
+/// (These functions are not STRICT, because other arguments may be NULL;
+/// pgrx would otherwise turn the NULL into an internal error, XX000.)
+pub fn required<'a>(value: Option<&'a str>, field: &str) -> &'a str {
+    value.unwrap_or_else(|| invalid_parameter(format!("{field}: must not be NULL"), None))
+}
+
 pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: Option<&str>) -> ! {
     let mut report = ErrorReport::new(code, message.into(), "flagship");
     if let Some(hint) = hint {

@@ -103,7 +103,8 @@ fn count(
     }
 }
 
-fn checked_cost(cost: i32) -> u32 {
+fn checked_cost(cost: Option<i32>) -> u32 {
+    let cost = cost.unwrap_or_else(|| invalid_parameter("cost: must not be NULL", None));
     if !(1..=MAX_COST).contains(&cost) {
         invalid_parameter(
             format!("cost: must be from 1 to {MAX_COST}, not {cost}"),
@@ -121,11 +122,13 @@ fn checked_cost(cost: i32) -> u32 {
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn rate_limit(
-    subject: &str,
-    name: &str,
-    cost: default!(i32, 1),
+    subject: Option<&str>,
+    name: Option<&str>,
+    cost: default!(Option<i32>, 1),
     environment: default!(Option<&str>, "NULL"),
 ) -> JsonB {
+    let subject = crate::errors::required(subject, "subject");
+    let name = crate::errors::required(name, "name");
     crate::context::require_scope("usage:write");
     let cost = checked_cost(cost);
     // A customer's key counts for its customer, or for itself, only.
@@ -200,7 +203,7 @@ fn rate_limit_hit(
         name,
         rate_limit,
         window,
-        checked_cost(cost),
+        checked_cost(Some(cost)),
     ))
 }
 

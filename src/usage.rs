@@ -45,10 +45,12 @@ fn to_postgres(at: DateTime<Utc>) -> TimestampWithTimeZone {
 }
 
 fn window(
-    period: &str,
-    at: TimestampWithTimeZone,
+    period: Option<&str>,
+    at: Option<TimestampWithTimeZone>,
     anchor: Option<TimestampWithTimeZone>,
 ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let period = crate::errors::required(period, "period");
+    let at = at.unwrap_or_else(|| invalid_parameter("at: must not be NULL", None));
     let Some(parsed) = Period::parse(period) else {
         invalid_parameter(
             format!("period: unknown period \"{period}\""),
@@ -65,8 +67,8 @@ fn window(
 /// Start of the period holding `at`; NULL for `none` (never resets).
 #[pg_extern(immutable, parallel_safe)]
 pub fn usage_period_start(
-    period: &str,
-    at: TimestampWithTimeZone,
+    period: Option<&str>,
+    at: Option<TimestampWithTimeZone>,
     billing_anchor: default!(Option<TimestampWithTimeZone>, "NULL"),
 ) -> Option<TimestampWithTimeZone> {
     window(period, at, billing_anchor).map(|(start, _)| to_postgres(start))
@@ -75,8 +77,8 @@ pub fn usage_period_start(
 /// When the period holding `at` resets; NULL for `none`.
 #[pg_extern(immutable, parallel_safe)]
 pub fn usage_period_end(
-    period: &str,
-    at: TimestampWithTimeZone,
+    period: Option<&str>,
+    at: Option<TimestampWithTimeZone>,
     billing_anchor: default!(Option<TimestampWithTimeZone>, "NULL"),
 ) -> Option<TimestampWithTimeZone> {
     window(period, at, billing_anchor).map(|(_, end)| to_postgres(end))
@@ -596,10 +598,11 @@ fn current_usage(client: &mut SpiClient<'_>, statements: &Statements, subject: &
 #[pg_extern(stable)]
 pub fn check_usage_limit(
     customer: Option<&str>,
-    metric: &str,
+    metric: Option<&str>,
     amount: default!(Option<i64>, 1),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
+    let metric = crate::errors::required(metric, "metric");
     let amount = check_amount(amount, "amount");
     crate::context::require_scope("usage:read");
     let customer = &acting_customer(customer);
@@ -635,11 +638,12 @@ pub fn check_usage_limit(
 #[search_path(pg_catalog, pg_temp)]
 pub fn record_usage(
     customer: Option<&str>,
-    metric: &str,
+    metric: Option<&str>,
     amount: default!(Option<i64>, 1),
     idempotency_key: default!(Option<&str>, "NULL"),
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
+    let metric = crate::errors::required(metric, "metric");
     let amount = check_amount(amount, "amount");
     check_idempotency_key(idempotency_key);
     crate::context::require_scope("usage:write");
@@ -795,12 +799,13 @@ fn refused_for_lack(answer: &Value) -> bool {
 #[search_path(pg_catalog, pg_temp)]
 pub fn grant_credits(
     customer: Option<&str>,
-    metric: &str,
+    metric: Option<&str>,
     amount: Option<i64>,
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     idempotency_key: default!(Option<&str>, "NULL"),
     environment: default!(Option<&str>, "NULL"),
 ) -> pgrx::JsonB {
+    let metric = crate::errors::required(metric, "metric");
     Spi::run("SELECT flagship.require_permission('plans:write', 'grant_credits')")
         .unwrap_or_else(|error| panic!("checking the permission: {error}"));
     let amount = credits::check_grant(amount, expires_at);
@@ -831,10 +836,11 @@ pub fn grant_credits(
 #[search_path(pg_catalog, pg_temp)]
 pub fn set_usage(
     customer: Option<&str>,
-    metric: &str,
+    metric: Option<&str>,
     value: Option<i64>,
     environment: default!(Option<&str>, "NULL"),
 ) -> BuiltJsonb {
+    let metric = crate::errors::required(metric, "metric");
     let value = check_amount(value, "value");
     crate::context::require_scope("usage:write");
     let customer = &acting_customer(customer);

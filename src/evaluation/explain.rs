@@ -16,10 +16,11 @@ use flagship_engine::rules::Resolution;
 /// exposure (explaining is not serving).
 #[pg_extern(stable, parallel_restricted)]
 pub fn explain_evaluation(
-    flag_key: &str,
+    flag_key: Option<&str>,
     context: default!(Option<JsonbArg>, "'{}'"),
     environment: default!(Option<&str>, "NULL"),
 ) -> pgrx::JsonB {
+    let flag_key = crate::errors::required(flag_key, "flag_key");
     let (snapshot, environment_id) = match evaluation_snapshot(environment) {
         Ok(found) => found,
         Err((code, message)) => {

@@ -139,12 +139,13 @@ fn check_ttl(ttl: Option<Interval>) -> Interval {
 #[search_path(pg_catalog, pg_temp)]
 pub fn reserve_usage(
     customer: Option<&str>,
-    metric: &str,
+    metric: Option<&str>,
     amount: Option<i64>,
     ttl: default!(Option<Interval>, "'5 minutes'"),
     idempotency_key: default!(Option<&str>, "NULL"),
     environment: default!(Option<&str>, "NULL"),
 ) -> JsonB {
+    let metric = crate::errors::required(metric, "metric");
     let amount = check_positive_amount(amount, "amount");
     let ttl = check_ttl(ttl);
     check_idempotency_key(idempotency_key);
@@ -285,7 +286,9 @@ fn settle(reservation_id: pgrx::Uuid, consume: Option<i64>, settle_as: &str) -> 
 /// (`"state": "expired"`, nothing consumed).
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-pub fn finalize_usage(reservation_id: pgrx::Uuid, amount: Option<i64>) -> JsonB {
+pub fn finalize_usage(reservation_id: Option<pgrx::Uuid>, amount: Option<i64>) -> JsonB {
+    let reservation_id = reservation_id
+        .unwrap_or_else(|| invalid_parameter("reservation_id: must not be NULL", None));
     settle(reservation_id, amount, "finalized")
 }
 

@@ -175,6 +175,20 @@
                 "PERFORM flagship.record_usage('acme', 'api_calls', 1, NULL, 'shop/moon')",
                 "moon",
             ),
+            // A NULL where a name is needed names the argument (it was an
+            // internal error, XX000, from pgrx).
+            ("PERFORM flagship.record_usage('acme', NULL)", "metric: must not be NULL"),
+            ("PERFORM flagship.check_usage_limit('acme', NULL)", "metric: must not be NULL"),
+            ("PERFORM flagship.set_usage('acme', NULL, 1)", "metric: must not be NULL"),
+            ("PERFORM flagship.grant_credits('acme', NULL, 1)", "metric: must not be NULL"),
+            ("PERFORM flagship.reserve_usage('acme', NULL, 1)", "metric: must not be NULL"),
+            ("PERFORM flagship.finalize_usage(NULL, 1)", "reservation_id: must not be NULL"),
+            ("PERFORM flagship.rate_limit(NULL, 'requests')", "subject: must not be NULL"),
+            ("PERFORM flagship.rate_limit('acme', NULL)", "name: must not be NULL"),
+            ("PERFORM flagship.rate_limit('acme', 'requests', NULL)", "cost: must not be NULL"),
+            ("PERFORM flagship.explain_evaluation(NULL)", "flag_key: must not be NULL"),
+            ("PERFORM flagship.usage_period_start(NULL, now())", "period: must not be NULL"),
+            ("PERFORM flagship.usage_period_end('month', NULL)", "at: must not be NULL"),
         ] {
             let (code, message) = failure(sql);
             assert_eq!(code, "22023", "{sql}: {message}");
