@@ -1,9 +1,10 @@
-//! pg_dump and pg_restore keep every configuration row: a restored database
-//! exports the same project and answers the same evaluations.
+//! pg_dump and pg_restore keep every row: a restored database exports the
+//! same project, answers the same evaluations, and holds the same rows in
+//! every tenant table.
 
 use std::process::Command;
 
-use crate::harness::{connect, organization, put_flag, text, unique};
+use crate::harness::{add_member, connect, organization, put_flag, text, unique};
 
 fn evaluations(client: &mut postgres::Client, slug: &str) -> String {
     text(
@@ -72,6 +73,34 @@ fn dump_and_restore_keep_rows_and_evaluations() {
            SELECT flagship.record_usage('acme', 'calls', 2, NULL, '{slug}/shop/production');"#
     ))
     .unwrap();
+    // A second organization with rows in every tenant table: events, credit
+    // grants, reservations, API keys and exposures survive the restore too.
+    let (full, _) = organization(&mut su, "dump-full");
+    su.batch_execute(&format!(
+        "SET flagship.organization_id = '{full}';
+         SELECT flagship.put_segment('shop', '{{\"key\": \"beta\", \"included\": [\"u\"]}}');"
+    ))
+    .unwrap();
+    add_member(&mut su, &full, "alice", "owner");
+    put_flag(
+        &mut su,
+        &full,
+        r#"{"key": "f", "environments": {"production": {"enabled": true}}}"#,
+    );
+    su.batch_execute(include_str!("../fixtures/every_tenant_table.sql"))
+        .unwrap();
+    for table in crate::harness::tenant_tables(&mut su) {
+        let rows = text(
+            &mut su,
+            &format!(
+                "SELECT count(*)::text FROM flagship.{table} WHERE organization_id = '{full}'"
+            ),
+        );
+        assert_ne!(rows, "0", "{table} has no row to restore");
+    }
+    let full_rows_before = organization_rows(&mut su, &full);
+    su.batch_execute(&format!("SET flagship.organization_id = '{org}'"))
+        .unwrap();
     let exported = text(&mut su, "SELECT flagship.export_project('shop')::text");
     let rows_before = organization_rows(&mut su, &org);
     assert!(rows_before.contains("audit_events"), "{rows_before}");
@@ -154,6 +183,7 @@ fn dump_and_restore_keep_rows_and_evaluations() {
     );
     assert_eq!(evaluations(&mut restored, &slug), before);
     assert_eq!(organization_rows(&mut restored, &org), rows_before);
+    assert_eq!(organization_rows(&mut restored, &full), full_rows_before);
     let chain = text(
         &mut restored,
         &format!("SELECT flagship.verify_audit_chain('{org}') ->> 'valid'"),

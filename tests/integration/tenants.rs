@@ -94,7 +94,8 @@ fn another_organizations_change_costs_one_read_not_a_query_per_environment() {
         // reads than changes; at the last attempt they may be a few more.
         let reads = cache_count(&mut reader, "change_reads") - reads_before;
         let names_changed = text(&mut writer, names) != names_before;
-        if (names_changed || reads != 5) && attempt < ATTEMPTS {
+        let located_again = cache_count(&mut reader, "locates") - locates_before;
+        if (names_changed || reads != 5 || located_again != 0) && attempt < ATTEMPTS {
             continue;
         }
         assert!(
@@ -102,10 +103,14 @@ fn another_organizations_change_costs_one_read_not_a_query_per_environment() {
             "other tests created environments during each of {ATTEMPTS} attempts"
         );
         assert_eq!(loads(&mut reader), loads_before, "reloaded");
-        assert_eq!(
-            cache_count(&mut reader, "locates"),
-            locates_before,
-            "queried a quiet organization's versions again"
+        // The bug located all five quiet environments again on each of the
+        // five changes (25). Another test's commit arriving while the
+        // reader's statement runs makes that statement's check
+        // inconclusive, and its environment is rightly located again: a
+        // few such under load, in the last attempt only.
+        assert!(
+            located_again <= 2,
+            "queried a quiet organization's versions again: {located_again} locates for 5 changes"
         );
         assert!(
             (5..=15).contains(&reads),
