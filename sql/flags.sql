@@ -227,6 +227,130 @@ $fn$;
 CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
     FOR EACH ROW EXECUTE FUNCTION flagship.segments_guard_delete();
 
+-- References between rows are checked at commit (deferred constraint
+-- triggers), whatever the write path: put_flag checks them up front too,
+-- naming the document's paths, but plain SQL (an UPDATE of a flag's
+-- prerequisites or a rule's segment, a DELETE of a flag others need) is
+-- held to the same rules. At commit, so that one transaction may write
+-- flags and segments in any order (imports, apply_project); a restore with
+-- triggers off (README, Backup and restore) runs none of them. They read
+-- the row's own organization as the owner: a transaction that changed its
+-- organization setting after writing is checked alike.
+CREATE FUNCTION flagship.features_check_references() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    flag flagship.features;
+    prerequisite jsonb;
+    prerequisite_variants jsonb;
+    missing_variant text;
+    dependant text;
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        -- The row as the transaction leaves it (or none, if it went).
+        SELECT * INTO flag FROM flagship.features f
+         WHERE f.organization_id = NEW.organization_id AND f.id = NEW.id;
+        IF FOUND THEN
+            FOR prerequisite IN SELECT * FROM jsonb_array_elements(flag.prerequisites) LOOP
+                SELECT f.variants INTO prerequisite_variants
+                  FROM flagship.features f
+                 WHERE f.organization_id = flag.organization_id AND f.project_id = flag.project_id
+                   AND f.key = prerequisite->>'flag';
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', flag.key, prerequisite->>'flag'
+                        USING ERRCODE = 'invalid_parameter_value',
+                              HINT = 'create the prerequisite flag first';
+                END IF;
+                SELECT wanted INTO missing_variant
+                  FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
+                                                          jsonb_build_array(prerequisite->'variant'))) wanted
+                 WHERE NOT prerequisite_variants ? wanted
+                 LIMIT 1;
+                IF FOUND THEN
+                    RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
+                        flag.key, prerequisite->>'flag', missing_variant
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END LOOP;
+        END IF;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        -- A flag that names this one as a prerequisite must still find a
+        -- flag of that key, with the variants it names.
+        SELECT d.key INTO dependant
+          FROM flagship.features d
+         CROSS JOIN LATERAL jsonb_array_elements(d.prerequisites) p
+         WHERE d.organization_id = OLD.organization_id AND d.project_id = OLD.project_id
+           AND p->>'flag' = OLD.key
+           AND NOT EXISTS (
+               SELECT FROM flagship.features f
+                WHERE f.organization_id = OLD.organization_id AND f.project_id = OLD.project_id
+                  AND f.key = OLD.key
+                  AND NOT EXISTS (
+                      SELECT FROM jsonb_array_elements_text(coalesce(p->'variants',
+                                                                     jsonb_build_array(p->'variant'))) wanted
+                       WHERE NOT f.variants ? wanted))
+         LIMIT 1;
+        IF dependant IS NOT NULL THEN
+            RAISE EXCEPTION 'flag "%" is a prerequisite of flag "%"', OLD.key, dependant
+                USING ERRCODE = 'foreign_key_violation',
+                      HINT = 'change or remove the prerequisite first';
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE CONSTRAINT TRIGGER features_check_references
+    AFTER INSERT OR UPDATE OF key, variants, prerequisites OR DELETE ON flagship.features
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION flagship.features_check_references();
+
+CREATE FUNCTION flagship.feature_rules_check_segments() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config flagship.feature_rules;
+    missing text;
+    flag_key text;
+    environment_key text;
+BEGIN
+    SELECT * INTO config FROM flagship.feature_rules r
+     WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.feature_id
+       AND r.environment_id = NEW.environment_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT rule->>'segment' INTO missing
+      FROM jsonb_array_elements(config.rules) rule
+     WHERE rule ? 'segment'
+       AND NOT EXISTS (SELECT FROM flagship.segments s
+                        WHERE s.organization_id = config.organization_id
+                          AND s.project_id = config.project_id AND s.key = rule->>'segment')
+     LIMIT 1;
+    IF missing IS NOT NULL THEN
+        SELECT f.key INTO flag_key FROM flagship.features f
+         WHERE f.organization_id = config.organization_id AND f.id = config.feature_id;
+        SELECT e.key INTO environment_key FROM flagship.environments e
+         WHERE e.organization_id = config.organization_id AND e.id = config.environment_id;
+        RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"', flag_key, environment_key, missing
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'create it with flagship.put_segment first';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE CONSTRAINT TRIGGER feature_rules_check_segments
+    AFTER INSERT OR UPDATE OF rules ON flagship.feature_rules
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION flagship.feature_rules_check_segments();
+REVOKE ALL ON FUNCTION flagship.features_check_references(), flagship.feature_rules_check_segments() FROM PUBLIC;
+
 -- Cache invalidation, in two parts (README, "How the cache stays exact").
 -- (1) Every changed row bumps, in the same transaction, the version of the
 -- scope it belongs to: its organization, project or environment for flags,

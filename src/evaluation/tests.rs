@@ -270,6 +270,50 @@
         assert_eq!(code, "22023");
         let (code, message) = failure("UPDATE flagship.features SET variants = '{\"yes\": true, \"no\": false}', off_variant = 'no' WHERE key = 'base'");
         assert_eq!(code, "22023", "{message}");
+        // ... and the same references as put_flag, checked at commit. Made
+        // immediate here (this test is one transaction that never commits),
+        // which first checks everything written so far: a prerequisite or a
+        // segment that does not exist, a flag that another one needs.
+        Spi::run("SET CONSTRAINTS ALL IMMEDIATE").unwrap();
+        for (sql, code, expected) in [
+            (
+                "UPDATE flagship.features SET prerequisites = '[{\"flag\": \"ghost\"}]' WHERE key = 'a'",
+                "22023",
+                "flag \"a\": prerequisites: unknown flag \"ghost\"",
+            ),
+            (
+                "UPDATE flagship.features SET prerequisites = '[{\"flag\": \"base\", \"variant\": \"blue\"}]' WHERE key = 'a'",
+                "22023",
+                "flag \"a\": prerequisites: flag \"base\" has no variant \"blue\"",
+            ),
+            (
+                "UPDATE flagship.feature_rules SET rules = '[{\"segment\": \"ghosts\", \"serve\": {\"variant\": \"on\"}}]'",
+                "22023",
+                "environments.production.rules: unknown segment \"ghosts\"",
+            ),
+            (
+                "DELETE FROM flagship.features WHERE key = 'base'",
+                "23503",
+                "flag \"base\" is a prerequisite of flag \"a\"",
+            ),
+            (
+                "UPDATE flagship.features SET key = 'base2' WHERE key = 'base'",
+                "23503",
+                "flag \"base\" is a prerequisite of flag \"a\"",
+            ),
+        ] {
+            let (raised, message) = failure(sql);
+            assert_eq!(raised, code, "{sql}: {message}");
+            assert!(message.contains(expected), "{sql}: {message}");
+        }
+        // At commit, a flag and the one that needs it may go together, in
+        // any order (rolled back after the check).
+        let (raised, message) = failure(
+            "SET CONSTRAINTS ALL DEFERRED; \
+             DELETE FROM flagship.features WHERE key = 'base'; DELETE FROM flagship.features WHERE key = 'a'; \
+             SET CONSTRAINTS ALL IMMEDIATE; RAISE EXCEPTION 'checked' USING ERRCODE = 'P0001'",
+        );
+        assert_eq!((raised.as_str(), message.as_str()), ("P0001", "checked"));
         // Nothing of the refused documents was written.
         assert_eq!(
             text("SELECT string_agg(key, ',' ORDER BY key) FROM flagship.features"),

@@ -909,3 +909,65 @@ fn a_flags_developer_plans_and_applies_flag_changes_only() {
         "Shop"
     );
 }
+
+/// Plain SQL is held to put_flag's references, at commit (deferred
+/// constraint triggers): the transaction that leaves a prerequisite or a
+/// segment dangling fails at COMMIT with nothing written, while one that
+/// removes a flag together with the flag that needs it commits. Before,
+/// both dangling writes committed, and the flags answered
+/// PREREQUISITE_FAILED or never matched their rule.
+#[test]
+fn plain_sql_writes_are_held_to_the_references_at_commit() {
+    let mut su = connect();
+    let (_, mut admin) = shop(&mut su, "ops-references");
+    admin
+        .batch_execute(
+            r#"SELECT flagship.put_flag('shop', '{"key": "gate", "prerequisites": [{"flag": "banner", "variant": "on"}],
+                   "environments": {"production": {"enabled": true}}}')"#,
+        )
+        .unwrap();
+    for (sql, code) in [
+        (
+            "DELETE FROM flagship.features WHERE key = 'banner'",
+            "23503",
+        ),
+        (
+            r#"UPDATE flagship.features SET prerequisites = '[{"flag": "ghost"}]' WHERE key = 'gate'"#,
+            "22023",
+        ),
+        (
+            r#"UPDATE flagship.features SET variants = '{"yes": true, "off": false}' WHERE key = 'banner'"#,
+            "23503",
+        ),
+        ("DELETE FROM flagship.segments WHERE key = 'staff'", "23503"),
+        (
+            r#"UPDATE flagship.feature_rules SET rules = '[{"segment": "ghosts", "serve": {"variant": "on"}}]'
+                WHERE feature_id = (SELECT id FROM flagship.features WHERE key = 'checkout')
+                  AND environment_id = (SELECT id FROM flagship.environments WHERE key = 'production')"#,
+            "22023",
+        ),
+    ] {
+        // Refused at its COMMIT (a segment in use: at the DELETE already).
+        assert_eq!(
+            sqlstate(&mut admin, &format!("BEGIN; {sql}; COMMIT")),
+            code,
+            "{sql}"
+        );
+        let _ = admin.batch_execute("ROLLBACK");
+    }
+    assert_eq!(
+        text(
+            &mut admin,
+            "SELECT string_agg(key || ':' || prerequisites::text, ',' ORDER BY key) FROM flagship.features"
+        ),
+        r#"banner:[],checkout:[],gate:[{"flag": "banner", "variant": "on"}]"#
+    );
+    assert_eq!(
+        sqlstate(
+            &mut admin,
+            "BEGIN; DELETE FROM flagship.features WHERE key = 'banner'; \
+             DELETE FROM flagship.features WHERE key = 'gate'; COMMIT"
+        ),
+        "none"
+    );
+}
