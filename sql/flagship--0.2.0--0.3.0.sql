@@ -1474,8 +1474,9 @@ BEGIN
     SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
     -- Validate the whole document first, so errors name paths in it.
     normalized := flagship.validate_flag(definition);
-    -- References to other rows are checked here rather than in the table
-    -- triggers, so that pg_restore may load tables in any order.
+    -- References to other rows are checked here first, so that errors name
+    -- paths in the document; deferred triggers hold plain SQL to the same
+    -- rules at commit (features_check_references).
     FOR prerequisite IN SELECT * FROM jsonb_array_elements(normalized->'prerequisites') LOOP
         SELECT f.variants INTO prerequisite_variants
           FROM flagship.features f
