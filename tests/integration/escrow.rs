@@ -585,6 +585,22 @@ fn crashes_in_the_middle_of_a_hot_run_keep_the_books() {
                 .status()
                 .unwrap();
             assert!(killed.success(), "{crash}");
+            // The postmaster answers the kill by ending every session and
+            // restarting; a session opened before it gets there is ended
+            // too. Until then the victim's entry stays in shared memory.
+            let restarted = (0..300).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                server
+                    .try_connect("postgres")
+                    .and_then(|mut client| {
+                        client.query_one(
+                            "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1",
+                            &[&victim],
+                        )
+                    })
+                    .is_ok_and(|row| row.get::<_, bool>(0))
+            });
+            assert!(restarted, "{crash}: the server did not restart within 30 s");
         } else {
             server.pg_ctl_stop("immediate");
             server.pg_ctl_start();

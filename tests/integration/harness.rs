@@ -317,7 +317,8 @@ impl ThrowawayServer {
         )
     }
 
-    fn try_connect(&self, database: &str) -> Result<Client, postgres::Error> {
+    /// A connection, or why there is none (the server may be restarting).
+    pub fn try_connect(&self, database: &str) -> Result<Client, postgres::Error> {
         Client::connect(&self.address(database), postgres::NoTls)
     }
 }
