@@ -227,6 +227,51 @@ $fn$;
 CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
     FOR EACH ROW EXECUTE FUNCTION flagship.segments_guard_delete();
 
+-- The prerequisites in `prerequisites` that the project cannot meet, in
+-- their order: an unknown flag (`variant` NULL), or a variant the flag does
+-- not have. One rule for put_flag and for plain SQL (the deferred check).
+CREATE FUNCTION flagship.unmet_prerequisites(organization_id uuid, project_id uuid, prerequisites jsonb)
+RETURNS TABLE (flag text, variant text)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT p.value->>'flag', missing.wanted
+      FROM jsonb_array_elements(prerequisites) WITH ORDINALITY AS p (value, position)
+      LEFT JOIN flagship.features f
+        ON f.organization_id = unmet_prerequisites.organization_id
+       AND f.project_id = unmet_prerequisites.project_id AND f.key = p.value->>'flag'
+      LEFT JOIN LATERAL (
+          SELECT wanted
+            FROM jsonb_array_elements_text(coalesce(p.value->'variants',
+                                                    jsonb_build_array(p.value->'variant'))) wanted
+           WHERE NOT f.variants ? wanted
+           LIMIT 1) missing ON true
+     WHERE f.key IS NULL OR missing.wanted IS NOT NULL
+     ORDER BY p.position
+$fn$;
+
+-- Raises for an unmet prerequisite of flag `flag_key` (nothing when
+-- `prerequisite` is NULL): put_flag and the deferred check say it alike.
+CREATE FUNCTION flagship.refuse_unmet_prerequisite(flag_key text, prerequisite text, variant text)
+RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF prerequisite IS NULL THEN
+        RETURN;
+    ELSIF variant IS NULL THEN
+        RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', flag_key, prerequisite
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'create the prerequisite flag first';
+    END IF;
+    RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"', flag_key, prerequisite, variant
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$fn$;
+
 -- References between rows are checked at commit (deferred constraint
 -- triggers), whatever the write path: put_flag checks them up front too,
 -- naming the document's paths, but plain SQL (an UPDATE of a flag's
@@ -243,9 +288,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     flag flagship.features;
-    prerequisite jsonb;
-    prerequisite_variants jsonb;
-    missing_variant text;
+    unmet record;
     dependant text;
 BEGIN
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
@@ -253,27 +296,10 @@ BEGIN
         SELECT * INTO flag FROM flagship.features f
          WHERE f.organization_id = NEW.organization_id AND f.id = NEW.id;
         IF FOUND THEN
-            FOR prerequisite IN SELECT * FROM jsonb_array_elements(flag.prerequisites) LOOP
-                SELECT f.variants INTO prerequisite_variants
-                  FROM flagship.features f
-                 WHERE f.organization_id = flag.organization_id AND f.project_id = flag.project_id
-                   AND f.key = prerequisite->>'flag';
-                IF NOT FOUND THEN
-                    RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', flag.key, prerequisite->>'flag'
-                        USING ERRCODE = 'invalid_parameter_value',
-                              HINT = 'create the prerequisite flag first';
-                END IF;
-                SELECT wanted INTO missing_variant
-                  FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
-                                                          jsonb_build_array(prerequisite->'variant'))) wanted
-                 WHERE NOT prerequisite_variants ? wanted
-                 LIMIT 1;
-                IF FOUND THEN
-                    RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
-                        flag.key, prerequisite->>'flag', missing_variant
-                        USING ERRCODE = 'invalid_parameter_value';
-                END IF;
-            END LOOP;
+            SELECT * INTO unmet
+              FROM flagship.unmet_prerequisites(flag.organization_id, flag.project_id, flag.prerequisites)
+             LIMIT 1;
+            PERFORM flagship.refuse_unmet_prerequisite(flag.key, unmet.flag, unmet.variant);
         END IF;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -281,17 +307,9 @@ BEGIN
         -- flag of that key, with the variants it names.
         SELECT d.key INTO dependant
           FROM flagship.features d
-         CROSS JOIN LATERAL jsonb_array_elements(d.prerequisites) p
+         CROSS JOIN LATERAL flagship.unmet_prerequisites(d.organization_id, d.project_id, d.prerequisites) u
          WHERE d.organization_id = OLD.organization_id AND d.project_id = OLD.project_id
-           AND p->>'flag' = OLD.key
-           AND NOT EXISTS (
-               SELECT FROM flagship.features f
-                WHERE f.organization_id = OLD.organization_id AND f.project_id = OLD.project_id
-                  AND f.key = OLD.key
-                  AND NOT EXISTS (
-                      SELECT FROM jsonb_array_elements_text(coalesce(p->'variants',
-                                                                     jsonb_build_array(p->'variant'))) wanted
-                       WHERE NOT f.variants ? wanted))
+           AND u.flag = OLD.key
          LIMIT 1;
         IF dependant IS NOT NULL THEN
             RAISE EXCEPTION 'flag "%" is a prerequisite of flag "%"', OLD.key, dependant
@@ -553,9 +571,7 @@ AS $fn$
 DECLARE
     project_row flagship.projects;
     normalized jsonb;
-    prerequisite jsonb;
-    prerequisite_variants jsonb;
-    missing_variant text;
+    unmet record;
     segment_key text;
     saved_feature uuid;
     environment_key text;
@@ -569,27 +585,11 @@ BEGIN
     -- References to other rows are checked here first, so that errors name
     -- paths in the document; deferred triggers hold plain SQL to the same
     -- rules at commit (features_check_references).
-    FOR prerequisite IN SELECT * FROM jsonb_array_elements(normalized->'prerequisites') LOOP
-        SELECT f.variants INTO prerequisite_variants
-          FROM flagship.features f
-         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
-           AND f.key = prerequisite->>'flag';
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'flag "%": prerequisites: unknown flag "%"', normalized->>'key', prerequisite->>'flag'
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'create the prerequisite flag first';
-        END IF;
-        SELECT wanted INTO missing_variant
-          FROM jsonb_array_elements_text(coalesce(prerequisite->'variants',
-                                                  jsonb_build_array(prerequisite->'variant'))) wanted
-         WHERE NOT prerequisite_variants ? wanted
-         LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'flag "%": prerequisites: flag "%" has no variant "%"',
-                normalized->>'key', prerequisite->>'flag', missing_variant
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-    END LOOP;
+    SELECT * INTO unmet
+      FROM flagship.unmet_prerequisites(project_row.organization_id, project_row.id,
+                                        normalized->'prerequisites')
+     LIMIT 1;
+    PERFORM flagship.refuse_unmet_prerequisite(normalized->>'key', unmet.flag, unmet.variant);
     FOR environment_key, segment_key IN
         SELECT env.key, rule->>'segment'
           FROM jsonb_each(coalesce(definition->'environments', '{}')) env
