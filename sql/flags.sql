@@ -295,20 +295,23 @@ BEGIN
         -- The row as the transaction leaves it (or none, if it went).
         SELECT * INTO flag FROM flagship.features f
          WHERE f.organization_id = NEW.organization_id AND f.id = NEW.id;
-        IF FOUND THEN
+        IF FOUND AND flag.prerequisites <> '[]' THEN
             SELECT * INTO unmet
               FROM flagship.unmet_prerequisites(flag.organization_id, flag.project_id, flag.prerequisites)
              LIMIT 1;
             PERFORM flagship.refuse_unmet_prerequisite(flag.key, unmet.flag, unmet.variant);
         END IF;
     END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+    -- Only a flag's key and variants are what others rely on (put_flag
+    -- rewrites them with every save: unchanged, nothing to look at).
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.key, OLD.variants) IS DISTINCT FROM (NEW.key, NEW.variants)) THEN
         -- A flag that names this one as a prerequisite must still find a
         -- flag of that key, with the variants it names.
         SELECT d.key INTO dependant
           FROM flagship.features d
          CROSS JOIN LATERAL flagship.unmet_prerequisites(d.organization_id, d.project_id, d.prerequisites) u
          WHERE d.organization_id = OLD.organization_id AND d.project_id = OLD.project_id
+           AND d.prerequisites @> jsonb_build_array(jsonb_build_object('flag', OLD.key))
            AND u.flag = OLD.key
          LIMIT 1;
         IF dependant IS NOT NULL THEN
