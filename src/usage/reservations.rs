@@ -172,7 +172,7 @@ pub fn reserve_usage(
         expire(customer_id, metric_id);
     }
     if let Some(key) = idempotency_key {
-        if let Some(first) = replay(customer, metric, amount, key) {
+        if let Some(first) = replay(customer, metric, amount, key, environment) {
             return JsonB(first);
         }
     }
@@ -205,9 +205,15 @@ pub fn reserve_usage(
     JsonB(answer)
 }
 
-/// The first reservation made with `key`, answered again; 22023 when the
-/// key was first used for another reservation.
-fn replay(customer: &str, metric: &str, amount: i64, key: &str) -> Option<Value> {
+/// The first reservation made with `key`, answered again as it was first
+/// answered; 22023 when the key was first used for another reservation.
+fn replay(
+    customer: &str,
+    metric: &str,
+    amount: i64,
+    key: &str,
+    environment: Option<&str>,
+) -> Option<Value> {
     // A duplicate racing the first call waits for its transaction.
     Spi::run_with_args(
         "SELECT pg_advisory_xact_lock(hashtextextended('reserve/' || flagship.current_organization_id() || '/' || $1, 0))",
@@ -253,14 +259,22 @@ fn replay(customer: &str, metric: &str, amount: i64, key: &str) -> Option<Value>
             hint,
         );
     }
-    Some(json!({
-        "allowed": true,
-        "reason": "WITHIN_LIMIT",
-        "reservation_id": first["reservation_id"],
-        "expires_at": first["expires_at"],
-        "state": first["state"],
-        "replayed": true,
-    }))
+    // The consumption the reservation made was recorded under its own
+    // idempotency key: recording it again replays that first answer (the
+    // terms it was granted under, rebuilt from its ledger row) and counts
+    // nothing.
+    let consumption = format!(
+        "reservation:{}",
+        first["reservation_id"].as_str().unwrap_or_default()
+    );
+    let mut answer = super::record(customer, metric, amount, Some(&consumption), environment);
+    if let Value::Object(map) = &mut answer {
+        map.insert("reservation_id".into(), first["reservation_id"].clone());
+        map.insert("expires_at".into(), first["expires_at"].clone());
+        map.insert("state".into(), first["state"].clone());
+        map.insert("replayed".into(), json!(true));
+    }
+    Some(answer)
 }
 
 fn settle(reservation_id: pgrx::Uuid, consume: Option<i64>, settle_as: &str) -> JsonB {

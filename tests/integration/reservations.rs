@@ -176,9 +176,24 @@ fn finalize_consumes_what_the_work_cost_and_releases_the_rest() {
         &mut admin,
         "flagship.reserve_usage('acme', 'calls', 5, idempotency_key => 'job-1')",
     );
-    assert_eq!(retry["reservation_id"], first["reservation_id"]);
-    assert_eq!(retry["replayed"], json!(true));
+    // The whole first answer (limit, use, period, reason), as
+    // record_usage replays (it was a cut-down answer with a fixed reason).
+    let mut expected = first.clone();
+    expected["replayed"] = json!(true);
+    expected["state"] = json!("held");
+    assert_eq!(retry, expected);
     assert_eq!(remaining(&mut admin, "calls"), json!(70));
+    // Still the first answer after more use and after the reservation
+    // was finalized.
+    answer(&mut admin, "flagship.record_usage('acme', 'calls', 1)");
+    let id = first["reservation_id"].as_str().unwrap();
+    answer(&mut admin, &format!("flagship.finalize_usage('{id}', 5)"));
+    let later = answer(
+        &mut admin,
+        "flagship.reserve_usage('acme', 'calls', 5, idempotency_key => 'job-1')",
+    );
+    expected["state"] = json!("finalized");
+    assert_eq!(later, expected);
     assert_eq!(
         sqlstate(
             &mut admin,
