@@ -13,10 +13,10 @@ pub fn invalid_parameter(message: impl Into<String>, hint: Option<&str>) -> ! {
     )
 }
 
-/// A text argument a call cannot do without: NULL raises 22023 naming it.
+/// An argument a call cannot do without: NULL raises 22023 naming it.
 /// (These functions are not STRICT, because other arguments may be NULL;
 /// pgrx would otherwise turn the NULL into an internal error, XX000.)
-pub fn required<'a>(value: Option<&'a str>, field: &str) -> &'a str {
+pub fn required<T>(value: Option<T>, field: &str) -> T {
     value.unwrap_or_else(|| invalid_parameter(format!("{field}: must not be NULL"), None))
 }
 

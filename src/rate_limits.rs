@@ -104,7 +104,7 @@ fn count(
 }
 
 fn checked_cost(cost: Option<i32>) -> u32 {
-    let cost = cost.unwrap_or_else(|| invalid_parameter("cost: must not be NULL", None));
+    let cost = crate::errors::required(cost, "cost");
     if !(1..=MAX_COST).contains(&cost) {
         invalid_parameter(
             format!("cost: must be from 1 to {MAX_COST}, not {cost}"),

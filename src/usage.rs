@@ -50,7 +50,7 @@ fn window(
     anchor: Option<TimestampWithTimeZone>,
 ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let period = crate::errors::required(period, "period");
-    let at = at.unwrap_or_else(|| invalid_parameter("at: must not be NULL", None));
+    let at = crate::errors::required(at, "at");
     let Some(parsed) = Period::parse(period) else {
         invalid_parameter(
             format!("period: unknown period \"{period}\""),

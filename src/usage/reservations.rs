@@ -116,7 +116,7 @@ pub(super) fn expired_holds(
 }
 
 fn check_ttl(ttl: Option<Interval>) -> Interval {
-    let ttl = ttl.unwrap_or_else(|| invalid_parameter("ttl: must not be NULL", None));
+    let ttl = crate::errors::required(ttl, "ttl");
     let seconds =
         Spi::get_one_with_args::<f64>("SELECT extract(epoch FROM $1)::float8", &[ttl.into()])
             .ok()
@@ -301,8 +301,7 @@ fn settle(reservation_id: pgrx::Uuid, consume: Option<i64>, settle_as: &str) -> 
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
 pub fn finalize_usage(reservation_id: Option<pgrx::Uuid>, amount: Option<i64>) -> JsonB {
-    let reservation_id = reservation_id
-        .unwrap_or_else(|| invalid_parameter("reservation_id: must not be NULL", None));
+    let reservation_id = crate::errors::required(reservation_id, "reservation_id");
     settle(reservation_id, amount, "finalized")
 }
 

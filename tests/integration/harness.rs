@@ -189,20 +189,23 @@ pub fn admin_session(su: &mut Client, prefix: &str) -> (String, Client) {
     (org, admin)
 }
 
-/// The tables of the schema that hold tenant rows (an organization_id).
-pub fn tenant_tables(client: &mut Client) -> Vec<String> {
+/// Every table of the schema that holds tenant rows, `organizations`
+/// included: new tables join the matrices without anyone remembering.
+pub fn all_tenant_tables(client: &mut Client) -> Vec<String> {
     client
-        .query(
-            "SELECT c.relname::text FROM pg_class c
-              WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
-                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid
-                               AND a.attname = 'organization_id' AND NOT a.attisdropped)
-              ORDER BY 1",
-            &[],
-        )
+        .query(include_str!("../fixtures/tenant_tables.sql"), &[])
         .unwrap()
         .iter()
         .map(|row| row.get(0))
+        .collect()
+}
+
+/// The tables of the schema that hold tenant rows in an organization_id
+/// (all but `organizations` itself).
+pub fn tenant_tables(client: &mut Client) -> Vec<String> {
+    all_tenant_tables(client)
+        .into_iter()
+        .filter(|table| table != "organizations")
         .collect()
 }
 

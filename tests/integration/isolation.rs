@@ -5,17 +5,9 @@
 
 use postgres::Client;
 
-use crate::harness::{add_member, connect, organization, put_flag, role_in, sqlstate, text};
-
-/// Every table of the schema that carries an organization.
-fn tenant_tables(client: &mut Client) -> Vec<String> {
-    client
-        .query(include_str!("../fixtures/tenant_tables.sql"), &[])
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
+use crate::harness::{
+    add_member, all_tenant_tables, connect, organization, put_flag, role_in, sqlstate, text,
+};
 
 fn tenant_column(table: &str) -> &'static str {
     if table == "organizations" {
@@ -69,7 +61,7 @@ fn fixture() -> Fixture {
 }
 
 fn assert_sees_only_own(client: &mut Client, own: &str, other: &str, how: &str) {
-    for table in &tenant_tables(&mut connect()) {
+    for table in &all_tenant_tables(&mut connect()) {
         let column = tenant_column(table);
         let foreign = count(
             client,
@@ -107,7 +99,7 @@ fn changed(client: &mut Client, sql: &str) -> u64 {
 }
 
 fn assert_changes_nothing_of(client: &mut Client, other: &str, how: &str) {
-    for table in &tenant_tables(&mut connect()) {
+    for table in &all_tenant_tables(&mut connect()) {
         let column = tenant_column(table);
         let updated = changed(
             client,
@@ -157,7 +149,7 @@ fn assert_changes_nothing_of(client: &mut Client, other: &str, how: &str) {
 #[test]
 fn organizations_are_isolated_by_setting_and_by_jwt() {
     let f = fixture();
-    let tables = tenant_tables(&mut connect());
+    let tables = all_tenant_tables(&mut connect());
     assert!(tables.len() >= 20, "tenant tables: {tables:?}");
     let mut session = connect();
     session.batch_execute("BEGIN").unwrap();
