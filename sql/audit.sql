@@ -236,33 +236,38 @@ DECLARE
     key uuid := flagship.current_key_id();
     xact bigint := pg_current_xact_id()::text::bigint;
     content bytea := flagship.audit_content_digest(acting, changes);
+    previous_hash bytea;
+    link_hash bytea;
     position bigint;
 BEGIN
+    -- The head is locked and read, then moved, in two statements: Citus
+    -- cannot send an UPDATE whose SET calls a STABLE function with the
+    -- row's columns (#21), and the lock orders appends as the UPDATE did.
     FOR attempt IN 1..2 LOOP
-        WITH link AS (
-            UPDATE flagship.audit_chain_heads h
-               SET last_seq = h.last_seq + 1,
-                   last_hash = flagship.audit_link_digest(
-                       h.last_hash, h.last_seq + 1, event_id, org, now(), action,
-                       resource_type, resource, content, xact,
-                       session_user, acting_role, key)
-             WHERE h.organization_id = org
-            RETURNING h.last_seq, h.last_hash)
-        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
-                                           resource_type, resource_id, diff, transaction_id, hash,
-                                           session_role, acting_role, key_id,
-                                           change_kind, change_key, environment_id, content_digest)
-        SELECT org, event_id, link.last_seq, now(), acting, action,
-               resource_type, resource, changes, xact, link.last_hash,
-               session_user, acting_role, key,
-               change_kind, change_key, environment, content
-          FROM link
-        RETURNING chain_seq INTO position;
+        SELECT h.last_seq + 1, h.last_hash INTO position, previous_hash
+          FROM flagship.audit_chain_heads h
+         WHERE h.organization_id = org
+           FOR UPDATE;
         EXIT WHEN position IS NOT NULL;
         -- The organization's first event starts its chain.
         INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
         ON CONFLICT DO NOTHING;
     END LOOP;
+    link_hash := flagship.audit_link_digest(
+        previous_hash, position, event_id, org, now(), action,
+        resource_type, resource, content, xact,
+        session_user, acting_role, key);
+    UPDATE flagship.audit_chain_heads h
+       SET last_seq = position, last_hash = link_hash
+     WHERE h.organization_id = org;
+    INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                       resource_type, resource_id, diff, transaction_id, hash,
+                                       session_role, acting_role, key_id,
+                                       change_kind, change_key, environment_id, content_digest)
+    VALUES (org, event_id, position, now(), acting, action,
+            resource_type, resource, changes, xact, link_hash,
+            session_user, acting_role, key,
+            change_kind, change_key, environment, content);
 
     -- Any role may LISTEN to any channel, so the payload carries nothing
     -- row-level security would hide: only the event's database-wide id.
@@ -481,7 +486,7 @@ BEGIN
             RETURN jsonb_build_object('valid', false, 'checked', 0, 'first_broken_id', NULL,
                                       'reason', 'anchor not found');
         END IF;
-        IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
+        IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
             RAISE EXCEPTION 'organization "%" not found', verify_audit_chain.organization_id
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -506,16 +511,18 @@ BEGIN
                        AS expected_hash
               FROM flagship.audit_events a
              WHERE a.organization_id = verify_audit_chain.organization_id) e
+      -- The erasure event of an erased one (a join, not a correlated
+      -- subquery, which Citus does not plan over a subquery: #21).
+      LEFT JOIN flagship.audit_events x
+        ON x.organization_id = verify_audit_chain.organization_id AND x.chain_seq = e.erased_by
+       AND x.action = 'erase'
      WHERE e.chain_seq <> e.expected_seq
         OR e.hash IS DISTINCT FROM e.expected_hash
         OR (e.erased_by IS NULL
             AND e.content_digest IS DISTINCT FROM flagship.audit_content_digest(e.actor, e.diff))
-        OR (e.erased_by IS NOT NULL AND NOT EXISTS (
-               SELECT FROM flagship.audit_events x
-                WHERE x.organization_id = e.organization_id AND x.chain_seq = e.erased_by
-                  AND x.action = 'erase'
-                  AND x.diff->'audit_events'->>e.chain_seq::text
-                      = encode(flagship.audit_content_digest(e.actor, e.diff), 'hex')))
+        OR (e.erased_by IS NOT NULL
+            AND (x.diff->'audit_events'->>e.chain_seq::text)
+                IS DISTINCT FROM encode(flagship.audit_content_digest(e.actor, e.diff), 'hex'))
      ORDER BY e.chain_seq
      LIMIT 1;
 
@@ -533,7 +540,7 @@ BEGIN
     END IF;
     -- An anchor taken before the 0.3.0 upgrade holds the event's 0.2.0 hash.
     IF anchor_seq > 0 AND NOT EXISTS (
-           SELECT FROM flagship.audit_events a
+           SELECT 1 FROM flagship.audit_events a
             WHERE a.organization_id = verify_audit_chain.organization_id
               AND a.chain_seq = anchor_seq AND anchor_hash IN (a.hash, a.legacy_hash)) THEN
         RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
@@ -580,17 +587,24 @@ GRANT EXECUTE ON FUNCTION flagship.audit_head(uuid) TO flagship_admin, flagship_
 CREATE FUNCTION flagship.changes_since(after bigint DEFAULT 0)
 RETURNS TABLE (seq bigint, id bigint, occurred_at timestamptz, kind text, key text,
                environment_id uuid, action text)
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+BEGIN
+    RETURN QUERY
     SELECT a.chain_seq, a.id, a.occurred_at, a.change_kind, a.change_key, a.environment_id, a.action
       FROM flagship.audit_events a
-     WHERE a.organization_id = flagship.current_organization_id()
+     WHERE a.organization_id = org
        AND a.chain_seq > coalesce(changes_since.after, 0)
      ORDER BY a.chain_seq
-     LIMIT 10000
+     LIMIT 10000;
+END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.changes_since(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.changes_since(bigint) TO flagship_admin, flagship_app, flagship_auditor;

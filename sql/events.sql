@@ -218,7 +218,7 @@ BEGIN
     -- ... then check, in a statement whose snapshot sees every append that
     -- held the head before.
     IF items IS NOT NULL THEN
-        EXECUTE format('SELECT EXISTS (SELECT FROM flagship.events e
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM flagship.events e
                                         WHERE e.organization_id = $1 AND e.position > $2 AND (%s))',
                        flagship.event_query_sql(items))
            INTO conflict USING organization, after;

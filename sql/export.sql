@@ -6,10 +6,55 @@
 -- With `customers => false` the document holds configuration only (what
 -- belongs in git; apply_project then leaves customers alone).
 CREATE FUNCTION flagship.export_project(project text, customers boolean DEFAULT true) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT jsonb_build_object(
+-- Each item's document is built from its row, fetched first, with the
+-- organization as a value in every read: on Citus a row of a query sent to
+-- a shard has the shard's row type, which the document functions do not
+-- take (#21).
+DECLARE
+    p flagship.projects := flagship.project_row(project);
+    s flagship.segments;
+    f flagship.features;
+    m flagship.metrics;
+    pl flagship.plans;
+    c flagship.customers;
+    segments jsonb := '[]';
+    flags jsonb := '[]';
+    metrics jsonb := '[]';
+    plans jsonb := '[]';
+    customer_documents jsonb := '[]';
+BEGIN
+    FOR s IN SELECT * FROM flagship.segments x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        segments := segments || jsonb_build_array(flagship.segment_document(s));
+    END LOOP;
+    FOR f IN SELECT * FROM flagship.features x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        flags := flags || jsonb_build_array(flagship.flag_document(f));
+    END LOOP;
+    FOR m IN SELECT * FROM flagship.metrics x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        metrics := metrics || jsonb_build_array(flagship.metric_document(m));
+    END LOOP;
+    FOR pl IN SELECT * FROM flagship.plans x
+               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        plans := plans || jsonb_build_array(flagship.plan_document(pl));
+    END LOOP;
+    IF export_project.customers THEN
+        FOR c IN SELECT x.* FROM flagship.customers x
+                   JOIN flagship.environments e ON e.organization_id = x.organization_id AND e.id = x.environment_id
+                  WHERE x.organization_id = p.organization_id AND x.project_id = p.id
+                  ORDER BY e.key, x.external_key LOOP
+            customer_documents := customer_documents || jsonb_build_array(
+                flagship.customer_document(c)
+                || jsonb_build_object('environment', (SELECT e.key FROM flagship.environments e
+                                                       WHERE e.organization_id = c.organization_id
+                                                         AND e.id = c.environment_id)));
+        END LOOP;
+    END IF;
+    RETURN jsonb_build_object(
         'format', 'flagship.project/1',
         'project', jsonb_build_object('key', p.key, 'name', p.name),
         'environments', (SELECT jsonb_agg(jsonb_build_object('key', e.key, 'name', e.name,
@@ -17,27 +62,10 @@ AS $fn$
                                           ORDER BY NOT e.is_default, e.created_at, e.key)
                            FROM flagship.environments e
                           WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
-        'segments', coalesce((SELECT jsonb_agg(flagship.segment_document(s) ORDER BY s.key)
-                                FROM flagship.segments s
-                               WHERE s.organization_id = p.organization_id AND s.project_id = p.id), '[]'),
-        'flags', coalesce((SELECT jsonb_agg(flagship.flag_document(f) ORDER BY f.key)
-                             FROM flagship.features f
-                            WHERE f.organization_id = p.organization_id AND f.project_id = p.id), '[]'),
-        'metrics', coalesce((SELECT jsonb_agg(flagship.metric_document(m) ORDER BY m.key)
-                               FROM flagship.metrics m
-                              WHERE m.organization_id = p.organization_id AND m.project_id = p.id), '[]'),
-        'plans', coalesce((SELECT jsonb_agg(flagship.plan_document(pl) ORDER BY pl.key)
-                             FROM flagship.plans pl
-                            WHERE pl.organization_id = p.organization_id AND pl.project_id = p.id), '[]'))
-        || CASE WHEN NOT export_project.customers THEN '{}'::jsonb ELSE jsonb_build_object(
-        'customers', coalesce((SELECT jsonb_agg(flagship.customer_document(c) || jsonb_build_object('environment', e.key)
-                                                ORDER BY e.key, c.external_key)
-                                 FROM flagship.customers c
-                                 JOIN flagship.environments e
-                                   ON e.organization_id = c.organization_id AND e.id = c.environment_id
-                                WHERE c.organization_id = p.organization_id AND c.project_id = p.id), '[]')) END
-      FROM flagship.projects p
-     WHERE p.id = flagship.resolve_project(project)
+        'segments', segments, 'flags', flags, 'metrics', metrics, 'plans', plans)
+        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', customer_documents)
+                ELSE '{}'::jsonb END;
+END
 $fn$;
 
 CREATE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RETURNS uuid
@@ -54,7 +82,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'this version reads "format": "flagship.project/1", as export_project writes';
     END IF;
-    IF EXISTS (SELECT FROM flagship.projects p
+    IF EXISTS (SELECT 1 FROM flagship.projects p
                 WHERE p.organization_id = import_project.organization_id
                   AND p.key = document->'project'->>'key') THEN
         RAISE EXCEPTION 'import_project: organization % already has project "%"',

@@ -72,16 +72,18 @@ SELECT pg_catalog.pg_extension_config_dump('flagship.segments', '');
 SELECT flagship.isolate_tenant_table(t, 'features:write')
   FROM unnest(ARRAY['features', 'feature_rules', 'segments']) AS t;
 
--- A feature_rules row as the environment object of a flag document: the one
--- shape the validator, the cache loader and export all read. STABLE, as
+-- A feature_rules row's columns as the environment object of a flag
+-- document: the one shape the validator and export read. STABLE, as
 -- jsonb_build_object is, and without a SET clause, so the planner inlines
--- it: the cache loader calls it once per flag of every environment it
--- compiles. It names only pg_catalog, so no search_path can change it.
-CREATE FUNCTION flagship.environment_config(config flagship.feature_rules) RETURNS jsonb
+-- it. It names only pg_catalog, so no search_path can change it. It takes
+-- the columns, not the row: on Citus a trigger's row, or a row of a query
+-- sent to a shard, is of the shard's own row type (#21).
+CREATE FUNCTION flagship.environment_config(enabled boolean, targets jsonb, rules jsonb, default_serve jsonb)
+RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $fn$
-    SELECT pg_catalog.jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
-                                         'rules', config.rules, 'default', config.default_serve)
+    SELECT pg_catalog.jsonb_build_object('enabled', enabled, 'targets', targets,
+                                         'rules', rules, 'default', default_serve)
 $fn$;
 
 GRANT SELECT ON flagship.features, flagship.feature_rules, flagship.segments
@@ -142,7 +144,7 @@ DECLARE
     config record;
 BEGIN
     FOR config IN
-        SELECT flagship.environment_config(r) AS document, e.key AS environment_key
+        SELECT flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve) AS document, e.key AS environment_key
           FROM flagship.feature_rules r
           JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
          WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
@@ -177,7 +179,7 @@ BEGIN
     END IF;
     PERFORM flagship.validate_flag_config(
         feature.key, feature.variants, feature.bucketing, environment_key,
-        flagship.environment_config(NEW));
+        flagship.environment_config(NEW.enabled, NEW.targets, NEW.rules, NEW.default_serve));
     NEW.updated_at := now();
     RETURN NEW;
 END
@@ -232,10 +234,14 @@ CREATE TRIGGER segments_guard_delete BEFORE DELETE ON flagship.segments
 -- not have. One rule for put_flag and for plain SQL (the deferred check).
 CREATE FUNCTION flagship.unmet_prerequisites(organization_id uuid, project_id uuid, prerequisites jsonb)
 RETURNS TABLE (flag text, variant text)
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL: Citus cannot plan a SQL function's statement with parameters
+-- (#21); the organization is a value of the join.
+BEGIN
+    RETURN QUERY
     SELECT p.value->>'flag', missing.wanted
       FROM jsonb_array_elements(prerequisites) WITH ORDINALITY AS p (value, position)
       LEFT JOIN flagship.features f
@@ -248,7 +254,8 @@ AS $fn$
            WHERE NOT f.variants ? wanted
            LIMIT 1) missing ON true
      WHERE f.key IS NULL OR missing.wanted IS NOT NULL
-     ORDER BY p.position
+     ORDER BY p.position;
+END
 $fn$;
 
 -- Raises for an unmet prerequisite of flag `flag_key` (nothing when
@@ -349,7 +356,7 @@ BEGIN
     SELECT rule->>'segment' INTO missing
       FROM jsonb_array_elements(config.rules) rule
      WHERE rule ? 'segment'
-       AND NOT EXISTS (SELECT FROM flagship.segments s
+       AND NOT EXISTS (SELECT 1 FROM flagship.segments s
                         WHERE s.organization_id = config.organization_id
                           AND s.project_id = config.project_id AND s.key = rule->>'segment')
      LIMIT 1;
@@ -505,6 +512,39 @@ SELECT flagship.invalidate_on_change(t, 'flagship.features')
   FROM unnest(ARRAY['organizations', 'projects', 'environments', 'features',
                     'feature_rules', 'segments']) AS t;
 
+-- Where an environment name leads for this session (its candidates), and,
+-- when it means one, that environment's organization and configuration
+-- version, for src/evaluation/loading.rs. A STABLE function's statements
+-- share the calling statement's snapshot, so the three answers agree. Each
+-- read names the organization as a value: on Citus it then goes to the
+-- shard group that holds the organization (#21).
+CREATE FUNCTION flagship.locate_environment(environment text,
+    OUT candidates uuid[], OUT organization uuid, OUT version bigint)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    project uuid;
+BEGIN
+    candidates := flagship.environment_candidates(environment);
+    IF cardinality(candidates) <> 1 THEN
+        RETURN;
+    END IF;
+    IF org IS NULL THEN
+        SELECT e.organization_id, e.project_id INTO organization, project
+          FROM flagship.environments e WHERE e.id = candidates[1];
+    ELSE
+        SELECT e.organization_id, e.project_id INTO organization, project
+          FROM flagship.environments e WHERE e.organization_id = org AND e.id = candidates[1];
+    END IF;
+    SELECT coalesce(sum(v.configuration), 0)::bigint INTO version
+      FROM flagship.cache_versions v
+     WHERE v.organization_id = organization AND v.scope IN (organization, project, candidates[1]);
+END
+$fn$;
+
 -- Documents -----------------------------------------------------------------
 
 -- Drops the keys whose value is JSON null, at the top level only.
@@ -517,18 +557,23 @@ AS $fn$
 $fn$;
 
 CREATE FUNCTION flagship.flag_document(feature flagship.features) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.jsonb_without_nulls(
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+BEGIN
+    RETURN flagship.jsonb_without_nulls(
                to_jsonb(feature) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
            || jsonb_build_object('environments', coalesce((
-               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(flagship.environment_config(r)))
+               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(
+                          flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve)))
                  FROM flagship.feature_rules r
                  JOIN flagship.environments e
                    ON e.organization_id = r.organization_id AND e.id = r.environment_id
                 WHERE r.organization_id = feature.organization_id AND r.feature_id = feature.id),
-               '{}'))
+               '{}'));
+END
 $fn$;
 
 CREATE FUNCTION flagship.segment_document(segment flagship.segments) RETURNS jsonb
@@ -549,7 +594,7 @@ DECLARE
     segment_id uuid;
 BEGIN
     PERFORM flagship.require_permission('features:write', 'put_segment');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.validate_segment(definition);
     INSERT INTO flagship.segments AS s
         (organization_id, project_id, key, name, description, included, excluded, conditions)
@@ -582,7 +627,7 @@ DECLARE
     saved_environment uuid;
 BEGIN
     PERFORM flagship.require_permission('features:write', 'put_flag');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     -- Validate the whole document first, so errors name paths in it.
     normalized := flagship.validate_flag(definition);
     -- References to other rows are checked here first, so that errors name
@@ -599,7 +644,7 @@ BEGIN
          CROSS JOIN LATERAL jsonb_array_elements(coalesce(env.value->'rules', '[]')) rule
          WHERE rule ? 'segment'
     LOOP
-        IF NOT EXISTS (SELECT FROM flagship.segments s
+        IF NOT EXISTS (SELECT 1 FROM flagship.segments s
                         WHERE s.organization_id = project_row.organization_id
                           AND s.project_id = project_row.id AND s.key = segment_key) THEN
             RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
@@ -666,7 +711,7 @@ AS $fn$
             SELECT jsonb_agg(jsonb_build_object(
                        'definition', to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[],
                        'config', CASE WHEN r.feature_id IS NOT NULL
-                                      THEN flagship.environment_config(r) END))
+                                      THEN flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve) END))
               FROM flagship.features f
               LEFT JOIN flagship.feature_rules r
                 ON r.organization_id = f.organization_id AND r.feature_id = f.id

@@ -496,17 +496,24 @@ GRANT EXECUTE ON FUNCTION flagship.audit_head(uuid) TO flagship_admin, flagship_
 CREATE FUNCTION flagship.changes_since(after bigint DEFAULT 0)
 RETURNS TABLE (seq bigint, id bigint, occurred_at timestamptz, kind text, key text,
                environment_id uuid, action text)
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+BEGIN
+    RETURN QUERY
     SELECT a.chain_seq, a.id, a.occurred_at, a.change_kind, a.change_key, a.environment_id, a.action
       FROM flagship.audit_events a
-     WHERE a.organization_id = flagship.current_organization_id()
+     WHERE a.organization_id = org
        AND a.chain_seq > coalesce(changes_since.after, 0)
      ORDER BY a.chain_seq
-     LIMIT 10000
+     LIMIT 10000;
+END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.changes_since(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flagship.changes_since(bigint) TO flagship_admin, flagship_app, flagship_auditor;
@@ -651,8 +658,7 @@ BEGIN
         RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF environment IS NOT NULL THEN
-        SELECT * INTO environment_row FROM flagship.environments e
-         WHERE e.id = flagship.resolve_environment(environment);
+        environment_row := flagship.environment_row(environment);
         -- A name or uuid of another organization's environment is refused
         -- exactly like one that does not exist.
         IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
@@ -741,13 +747,21 @@ ALTER FUNCTION flagship.current_organization_id() PARALLEL RESTRICTED;
 ALTER FUNCTION flagship.current_scopes() PARALLEL RESTRICTED;
 ALTER FUNCTION flagship.current_actor() PARALLEL RESTRICTED;
 
--- The cache loader reads a flag's environment through environment_config
--- again, now inlined by the planner (#14, cold loads).
-CREATE OR REPLACE FUNCTION flagship.environment_config(config flagship.feature_rules) RETURNS jsonb
+-- environment_config takes a row's columns, not the row (#21); its callers
+-- are redefined below.
+DROP FUNCTION flagship.environment_config(flagship.feature_rules);
+-- A feature_rules row's columns as the environment object of a flag
+-- document: the one shape the validator and export read. STABLE, as
+-- jsonb_build_object is, and without a SET clause, so the planner inlines
+-- it. It names only pg_catalog, so no search_path can change it. It takes
+-- the columns, not the row: on Citus a trigger's row, or a row of a query
+-- sent to a shard, is of the shard's own row type (#21).
+CREATE FUNCTION flagship.environment_config(enabled boolean, targets jsonb, rules jsonb, default_serve jsonb)
+RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $fn$
-    SELECT pg_catalog.jsonb_build_object('enabled', config.enabled, 'targets', config.targets,
-                                         'rules', config.rules, 'default', config.default_serve)
+    SELECT pg_catalog.jsonb_build_object('enabled', enabled, 'targets', targets,
+                                         'rules', rules, 'default', default_serve)
 $fn$;
 
 
@@ -820,10 +834,55 @@ DROP FUNCTION flagship.export_project(text);
 -- With `customers => false` the document holds configuration only (what
 -- belongs in git; apply_project then leaves customers alone).
 CREATE FUNCTION flagship.export_project(project text, customers boolean DEFAULT true) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT jsonb_build_object(
+-- Each item's document is built from its row, fetched first, with the
+-- organization as a value in every read: on Citus a row of a query sent to
+-- a shard has the shard's row type, which the document functions do not
+-- take (#21).
+DECLARE
+    p flagship.projects := flagship.project_row(project);
+    s flagship.segments;
+    f flagship.features;
+    m flagship.metrics;
+    pl flagship.plans;
+    c flagship.customers;
+    segments jsonb := '[]';
+    flags jsonb := '[]';
+    metrics jsonb := '[]';
+    plans jsonb := '[]';
+    customer_documents jsonb := '[]';
+BEGIN
+    FOR s IN SELECT * FROM flagship.segments x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        segments := segments || jsonb_build_array(flagship.segment_document(s));
+    END LOOP;
+    FOR f IN SELECT * FROM flagship.features x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        flags := flags || jsonb_build_array(flagship.flag_document(f));
+    END LOOP;
+    FOR m IN SELECT * FROM flagship.metrics x
+              WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        metrics := metrics || jsonb_build_array(flagship.metric_document(m));
+    END LOOP;
+    FOR pl IN SELECT * FROM flagship.plans x
+               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
+        plans := plans || jsonb_build_array(flagship.plan_document(pl));
+    END LOOP;
+    IF export_project.customers THEN
+        FOR c IN SELECT x.* FROM flagship.customers x
+                   JOIN flagship.environments e ON e.organization_id = x.organization_id AND e.id = x.environment_id
+                  WHERE x.organization_id = p.organization_id AND x.project_id = p.id
+                  ORDER BY e.key, x.external_key LOOP
+            customer_documents := customer_documents || jsonb_build_array(
+                flagship.customer_document(c)
+                || jsonb_build_object('environment', (SELECT e.key FROM flagship.environments e
+                                                       WHERE e.organization_id = c.organization_id
+                                                         AND e.id = c.environment_id)));
+        END LOOP;
+    END IF;
+    RETURN jsonb_build_object(
         'format', 'flagship.project/1',
         'project', jsonb_build_object('key', p.key, 'name', p.name),
         'environments', (SELECT jsonb_agg(jsonb_build_object('key', e.key, 'name', e.name,
@@ -831,27 +890,10 @@ AS $fn$
                                           ORDER BY NOT e.is_default, e.created_at, e.key)
                            FROM flagship.environments e
                           WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
-        'segments', coalesce((SELECT jsonb_agg(flagship.segment_document(s) ORDER BY s.key)
-                                FROM flagship.segments s
-                               WHERE s.organization_id = p.organization_id AND s.project_id = p.id), '[]'),
-        'flags', coalesce((SELECT jsonb_agg(flagship.flag_document(f) ORDER BY f.key)
-                             FROM flagship.features f
-                            WHERE f.organization_id = p.organization_id AND f.project_id = p.id), '[]'),
-        'metrics', coalesce((SELECT jsonb_agg(flagship.metric_document(m) ORDER BY m.key)
-                               FROM flagship.metrics m
-                              WHERE m.organization_id = p.organization_id AND m.project_id = p.id), '[]'),
-        'plans', coalesce((SELECT jsonb_agg(flagship.plan_document(pl) ORDER BY pl.key)
-                             FROM flagship.plans pl
-                            WHERE pl.organization_id = p.organization_id AND pl.project_id = p.id), '[]'))
-        || CASE WHEN NOT export_project.customers THEN '{}'::jsonb ELSE jsonb_build_object(
-        'customers', coalesce((SELECT jsonb_agg(flagship.customer_document(c) || jsonb_build_object('environment', e.key)
-                                                ORDER BY e.key, c.external_key)
-                                 FROM flagship.customers c
-                                 JOIN flagship.environments e
-                                   ON e.organization_id = c.organization_id AND e.id = c.environment_id
-                                WHERE c.organization_id = p.organization_id AND c.project_id = p.id), '[]')) END
-      FROM flagship.projects p
-     WHERE p.id = flagship.resolve_project(project)
+        'segments', segments, 'flags', flags, 'metrics', metrics, 'plans', plans)
+        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', customer_documents)
+                ELSE '{}'::jsonb END;
+END
 $fn$;
 
 CREATE OR REPLACE FUNCTION flagship.import_project(organization_id uuid, document jsonb) RETURNS uuid
@@ -951,8 +993,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    target_project uuid;
-    stored jsonb;
+    target_project flagship.projects;
+    feature_row flagship.features;
 BEGIN
     IF jsonb_typeof(patch) IS DISTINCT FROM 'object'
        OR jsonb_typeof(patch->'key') IS DISTINCT FROM 'string' THEN
@@ -960,16 +1002,21 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'for example {"key": "checkout", "environments": {"production": {"enabled": false}}}';
     END IF;
-    target_project := flagship.resolve_project(project);
-    SELECT flagship.flag_document(f) INTO stored
+    target_project := flagship.project_row(project);
+    -- The row first, then its document: a row of a query Citus sends to a
+    -- shard is of the shard's row type, which flag_document does not take
+    -- (#21).
+    SELECT * INTO feature_row
       FROM flagship.features f
-     WHERE f.project_id = target_project AND f.key = patch->>'key';
+     WHERE f.organization_id = target_project.organization_id AND f.project_id = target_project.id
+       AND f.key = patch->>'key';
     IF NOT FOUND THEN
         RAISE EXCEPTION 'flag "%" not found in project "%"', patch->>'key', project
             USING ERRCODE = 'undefined_object',
                   HINT = 'patch_flag changes an existing flag; create one with flagship.put_flag';
     END IF;
-    RETURN flagship.put_flag(target_project::text, flagship.json_merge_patch(stored, patch));
+    RETURN flagship.put_flag(target_project.id::text,
+                             flagship.json_merge_patch(flagship.flag_document(feature_row), patch));
 END
 $fn$;
 
@@ -978,33 +1025,27 @@ $fn$;
 -- Both sides of a plan are read through it, so "unchanged" compares like
 -- with like.
 CREATE FUNCTION flagship.project_items(project_id uuid, with_customers boolean) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(jsonb_object_agg(i.kind || ' ' || i.key, i.document), '{}')
-      FROM (SELECT 'project' AS kind, p.key, jsonb_build_object('key', p.key, 'name', p.name) AS document
-              FROM flagship.projects p WHERE p.id = project_items.project_id
-            UNION ALL
-            SELECT 'environment', e.key, jsonb_build_object('key', e.key, 'name', e.name, 'is_default', e.is_default)
-              FROM flagship.environments e WHERE e.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'segment', s.key, flagship.segment_document(s)
-              FROM flagship.segments s WHERE s.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'flag', f.key, flagship.flag_document(f)
-              FROM flagship.features f WHERE f.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'metric', m.key, flagship.metric_document(m)
-              FROM flagship.metrics m WHERE m.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'plan', pl.key, flagship.plan_document(pl)
-              FROM flagship.plans pl WHERE pl.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'customer', e.key || '/' || c.external_key,
-                   flagship.customer_document(c) || jsonb_build_object('environment', e.key)
-              FROM flagship.customers c
-              JOIN flagship.environments e ON e.organization_id = c.organization_id AND e.id = c.environment_id
-             WHERE with_customers AND c.project_id = project_items.project_id) i
+-- Read from export_project's document: one reader of a project for both.
+DECLARE
+    exported jsonb;
+BEGIN
+    IF project_id IS NULL THEN
+        RETURN '{}';
+    END IF;
+    exported := flagship.export_project(project_id::text, with_customers);
+    RETURN jsonb_build_object('project ' || (exported->'project'->>'key'), exported->'project')
+        || coalesce((SELECT jsonb_object_agg(kinds.kind || ' ' || CASE kinds.kind
+                                                 WHEN 'customer' THEN (item->>'environment') || '/' || (item->>'key')
+                                                 ELSE item->>'key' END,
+                                             item)
+                       FROM (VALUES ('environment', 'environments'), ('segment', 'segments'), ('flag', 'flags'),
+                                    ('metric', 'metrics'), ('plan', 'plans'), ('customer', 'customers'))
+                            AS kinds (kind, field),
+                            jsonb_array_elements(coalesce(exported->kinds.field, '[]')) AS item), '{}');
+END
 $fn$;
 
 -- Field by field, what differs between two documents of one item:
@@ -1391,7 +1432,7 @@ DECLARE
     position int := 0;
 BEGIN
     PERFORM flagship.require_permission('projects:write', 'create_project');
-    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
+    IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
         RAISE EXCEPTION 'organization "%" not found', create_project.organization_id
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'the organization must exist and match the session''s flagship.organization_id';
@@ -1436,7 +1477,7 @@ DECLARE
     segment_id uuid;
 BEGIN
     PERFORM flagship.require_permission('features:write', 'put_segment');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.validate_segment(definition);
     INSERT INTO flagship.segments AS s
         (organization_id, project_id, key, name, description, included, excluded, conditions)
@@ -1469,7 +1510,7 @@ DECLARE
     saved_environment uuid;
 BEGIN
     PERFORM flagship.require_permission('features:write', 'put_flag');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     -- Validate the whole document first, so errors name paths in it.
     normalized := flagship.validate_flag(definition);
     -- References to other rows are checked here first, so that errors name
@@ -1486,7 +1527,7 @@ BEGIN
          CROSS JOIN LATERAL jsonb_array_elements(coalesce(env.value->'rules', '[]')) rule
          WHERE rule ? 'segment'
     LOOP
-        IF NOT EXISTS (SELECT FROM flagship.segments s
+        IF NOT EXISTS (SELECT 1 FROM flagship.segments s
                         WHERE s.organization_id = project_row.organization_id
                           AND s.project_id = project_row.id AND s.key = segment_key) THEN
             RAISE EXCEPTION 'flag "%": environments.%.rules: unknown segment "%"',
@@ -1590,7 +1631,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
@@ -1644,8 +1685,7 @@ DECLARE
     new_anchor timestamptz;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_customer');
-    SELECT * INTO environment_row FROM flagship.environments e
-     WHERE e.id = flagship.resolve_environment(environment);
+    environment_row := flagship.environment_row(environment);
     PERFORM flagship.require_object(definition, 'customer',
         '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes,environment}');
     -- export_project names each customer's environment: accepted when it is
@@ -1827,8 +1867,7 @@ BEGIN
         RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF environment IS NOT NULL THEN
-        SELECT * INTO environment_row FROM flagship.environments e
-         WHERE e.id = flagship.resolve_environment(environment);
+        environment_row := flagship.environment_row(environment);
         -- A name or uuid of another organization's environment is refused
         -- exactly like one that does not exist.
         IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
@@ -2460,7 +2499,7 @@ BEGIN
     -- ... then check, in a statement whose snapshot sees every append that
     -- held the head before.
     IF items IS NOT NULL THEN
-        EXECUTE format('SELECT EXISTS (SELECT FROM flagship.events e
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM flagship.events e
                                         WHERE e.organization_id = $1 AND e.position > $2 AND (%s))',
                        flagship.event_query_sql(items))
            INTO conflict USING organization, after;
@@ -2545,28 +2584,44 @@ $fn$;
 CREATE FUNCTION flagship.within_session_key(scopes text[], environment_id uuid, expires_at timestamptz,
                                             usage_limit bigint, allowed_ips cidr[], customer_id uuid)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.current_key_id() IS NULL OR coalesce((
-        SELECT NOT ((cardinality(k.scopes) > 0
-                     AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
-                          OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
-                                      WHERE NOT flagship.key_grants(s))))
-                    OR (k.environment_id IS NOT NULL
-                        AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
-                    OR (k.expires_at IS NOT NULL
-                        AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
-                    OR (k.usage_limit IS NOT NULL
-                        AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
-                    OR (k.allowed_ips IS NOT NULL
-                        AND (within_session_key.allowed_ips IS NULL
-                             OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
-                                         WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
-                    OR (k.customer_id IS NOT NULL
-                        AND within_session_key.customer_id IS DISTINCT FROM k.customer_id))
-          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id()), false)
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    session_key constant uuid := flagship.current_key_id();
+    org constant uuid := flagship.current_organization_id();
+    -- The columns a key's bounds are in (no role may read its hash).
+    k record;
+BEGIN
+    IF session_key IS NULL THEN
+        RETURN true;
+    END IF;
+    SELECT ak.scopes, ak.environment_id, ak.expires_at, ak.usage_limit, ak.allowed_ips, ak.customer_id
+      INTO k FROM flagship.api_keys ak
+     WHERE ak.organization_id = org AND ak.id = session_key;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    RETURN coalesce(NOT ((cardinality(k.scopes) > 0
+                          AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
+                               OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
+                                           WHERE NOT flagship.key_grants(s))))
+                         OR (k.environment_id IS NOT NULL
+                             AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
+                         OR (k.expires_at IS NOT NULL
+                             AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
+                         OR (k.usage_limit IS NOT NULL
+                             AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
+                         OR (k.allowed_ips IS NOT NULL
+                             AND (within_session_key.allowed_ips IS NULL
+                                  OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
+                                              WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
+                         OR (k.customer_id IS NOT NULL
+                             AND within_session_key.customer_id IS DISTINCT FROM k.customer_id)), false);
+END
 $fn$;
 
 -- `customer` (an external key of the key's environment) makes the key the
@@ -2634,8 +2689,7 @@ BEGIN
         RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF environment IS NOT NULL THEN
-        SELECT * INTO environment_row FROM flagship.environments e
-         WHERE e.id = flagship.resolve_environment(environment);
+        environment_row := flagship.environment_row(environment);
         -- A name or uuid of another organization's environment is refused
         -- exactly like one that does not exist.
         IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
@@ -2853,7 +2907,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'create organizations in a session without flagship.authenticate';
     END IF;
-    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
+    IF EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
         RAISE EXCEPTION 'organization slug "%" is already taken', slug
             USING ERRCODE = 'unique_violation';
     END IF;
@@ -2984,7 +3038,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
@@ -3295,7 +3349,7 @@ BEGIN
                         FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
                      '{development,staging,production}'));
     ELSIF (selected IS NULL OR selected ? ('project ' || project_key))
-          AND EXISTS (SELECT FROM flagship.projects p
+          AND EXISTS (SELECT 1 FROM flagship.projects p
                        WHERE p.id = target_project
                          AND p.name IS DISTINCT FROM coalesce(document->'project'->>'name', p.key)) THEN
         -- Only a real change needs projects:write (a member who may only
@@ -3318,7 +3372,7 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'key: lowercase letters, digits, ''_'', ''.'' and ''-''';
         END IF;
-        IF EXISTS (SELECT FROM flagship.environments e
+        IF EXISTS (SELECT 1 FROM flagship.environments e
                     WHERE e.project_id = target_project AND e.key = item->>'key'
                       AND e.name = coalesce(item->>'name', initcap(item->>'key'))
                       AND e.is_default = coalesce((item->>'is_default')::boolean, false)) THEN
@@ -3351,9 +3405,13 @@ BEGIN
     WHILE cardinality(pending) > 0 LOOP
         still_pending := '{}';
         FOREACH item IN ARRAY pending LOOP
-            IF EXISTS (SELECT FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
-                        WHERE NOT EXISTS (SELECT FROM flagship.features f
-                                           WHERE f.project_id = target_project AND f.key = p->>'flag')) THEN
+            -- A join, not a correlated subquery: Citus plans no correlated
+            -- subquery beside a set-returning function (#21).
+            IF EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
+                         LEFT JOIN flagship.features f
+                           ON f.organization_id = write_project.organization_id
+                          AND f.project_id = target_project AND f.key = p->>'flag'
+                        WHERE f.id IS NULL) THEN
                 still_pending := still_pending || item;
             ELSE
                 PERFORM flagship.put_flag(target_project::text, item);
@@ -3451,7 +3509,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'flagship.organization_id names the organization a session may change';
     END IF;
-    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = project_changes.organization_id) THEN
+    IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = project_changes.organization_id) THEN
         RAISE EXCEPTION '%: organization "%" not found', caller, organization_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -3546,10 +3604,10 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         -- A sequence that a rolled key still counts on stays (it goes with
         -- the last key using it).
-        IF NOT EXISTS (SELECT FROM flagship.api_keys k
+        IF NOT EXISTS (SELECT 1 FROM flagship.api_keys k
                         WHERE k.uses_of = coalesce(OLD.uses_of, OLD.id) AND k.id <> OLD.id)
            AND (OLD.uses_of IS NULL
-                OR NOT EXISTS (SELECT FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
+                OR NOT EXISTS (SELECT 1 FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
             EXECUTE format('DROP SEQUENCE IF EXISTS %s',
                            flagship.key_use_sequence(coalesce(OLD.uses_of, OLD.id)));
         END IF;
@@ -3758,7 +3816,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
@@ -3818,8 +3876,7 @@ DECLARE
     new_anchor timestamptz;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_customer');
-    SELECT * INTO environment_row FROM flagship.environments e
-     WHERE e.id = flagship.resolve_environment(environment);
+    environment_row := flagship.environment_row(environment);
     PERFORM flagship.require_object(definition, 'customer',
         '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes,environment}');
     -- export_project names each customer's environment: accepted when it is
@@ -3867,7 +3924,7 @@ BEGIN
     VALUES (environment_row.organization_id, environment_row.project_id, environment_row.id,
             definition->>'key', definition->>'name', coalesce(definition->'attributes', '{}'))
     ON CONFLICT ON CONSTRAINT customers_key_unique DO UPDATE
-       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = now()
+       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = EXCLUDED.updated_at
     RETURNING c.id INTO saved;
 
     IF plan_row.id IS NULL THEN
@@ -3881,7 +3938,7 @@ BEGIN
         ON CONFLICT (organization_id, customer_id) DO UPDATE
            SET plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
                trial_ends_at = EXCLUDED.trial_ends_at,
-               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = now();
+               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = EXCLUDED.updated_at;
     END IF;
 
     DELETE FROM flagship.customer_feature_overrides o
@@ -3921,7 +3978,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'this version reads "format": "flagship.project/1", as export_project writes';
     END IF;
-    IF EXISTS (SELECT FROM flagship.projects p
+    IF EXISTS (SELECT 1 FROM flagship.projects p
                 WHERE p.organization_id = import_project.organization_id
                   AND p.key = document->'project'->>'key') THEN
         RAISE EXCEPTION 'import_project: organization % already has project "%"',
@@ -4077,7 +4134,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits,rate_limits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
@@ -4094,7 +4151,7 @@ BEGIN
     VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
             flagship.checked_rate_limits(definition->'rate_limits', 'rate_limits'))
     ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE
-       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = now()
+       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = EXCLUDED.updated_at
     RETURNING p.id INTO saved;
 
     DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
@@ -4125,41 +4182,55 @@ END
 $fn$;
 
 CREATE OR REPLACE FUNCTION flagship.plan_document(plan flagship.plans) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
-        'key', plan.key, 'name', plan.name,
-        'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
-                                FROM flagship.plan_features f
-                               WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
-        'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
-                              FROM flagship.usage_limits l
-                              JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
-                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
-        -- Absent when the plan grants none (0.2.0 documents stay as they were).
-        'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
-                                                                     'rollover', jsonb_build_object('max', c.rollover_max)))
-                      FROM flagship.plan_credits c
-                      JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
-                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
-        'rate_limits', plan.rate_limits))
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+            'key', plan.key, 'name', plan.name,
+            'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
+                                    FROM flagship.plan_features f
+                                   WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
+            'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
+                                  FROM flagship.usage_limits l
+                                  JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                                 WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
+            -- Absent when the plan grants none (0.2.0 documents stay as they were).
+            'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
+                                                                         'rollover', jsonb_build_object('max', c.rollover_max)))
+                          FROM flagship.plan_credits c
+                          JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
+                         WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
+            'rate_limits', plan.rate_limits)));
+END
 $fn$;
 
 -- Whether `limits` is at least as tight as the rate limits of the key
 -- this transaction authenticated with (true outside key mode): each of the
 -- key's limits, with a limit no higher and a window no shorter.
 CREATE FUNCTION flagship.within_session_rate_limits(limits jsonb) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT NOT EXISTS (
-        SELECT FROM flagship.api_keys k, jsonb_each(k.rate_limits) own
-         WHERE k.id = flagship.current_key_id()
-           AND NOT coalesce(limits ? own.key
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    session_key constant uuid := flagship.current_key_id();
+    own_limits jsonb;
+BEGIN
+    SELECT k.rate_limits INTO own_limits FROM flagship.api_keys k
+     WHERE k.organization_id = org AND k.id = session_key;
+    RETURN NOT EXISTS (
+        SELECT FROM jsonb_each(own_limits) own
+         WHERE NOT coalesce(limits ? own.key
                     AND (limits->own.key->>'limit')::bigint <= (own.value->>'limit')::bigint
                     AND flagship.rate_window_us(limits->own.key->>'window')
-                        >= flagship.rate_window_us(own.value->>'window'), false))
+                        >= flagship.rate_window_us(own.value->>'window'), false));
+END
 $fn$;
 
 -- What flagship.rate_limit counts against for key:<key id>, read under the
@@ -4221,7 +4292,7 @@ BEGIN
                   HINT = 'a subject is a customer''s key (flagship.put_customer) or key:<api key id>';
     END IF;
     IF NOT coalesce(customer_row.rate_limits ? name, false)
-       AND NOT EXISTS (SELECT FROM flagship.plans p
+       AND NOT EXISTS (SELECT 1 FROM flagship.plans p
                         WHERE p.organization_id = customer_row.organization_id
                           AND p.project_id = customer_row.project_id AND p.rate_limits ? name) THEN
         RAISE EXCEPTION 'name: no plan of this project declares a rate limit "%"', name
@@ -4267,7 +4338,7 @@ DECLARE
 BEGIN
     PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
     IF organization_id IS NULL
-       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+       OR NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
         RAISE EXCEPTION 'organization_id: organization not found'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4278,7 +4349,7 @@ BEGIN
     -- is refused now rather than failing at first use.
     SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
      WHERE s IS NULL
-        OR NOT EXISTS (SELECT FROM flagship.permissions p
+        OR NOT EXISTS (SELECT 1 FROM flagship.permissions p
                         WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
      LIMIT 1;
     IF FOUND THEN
@@ -4309,8 +4380,7 @@ BEGIN
         RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF environment IS NOT NULL THEN
-        SELECT * INTO environment_row FROM flagship.environments e
-         WHERE e.id = flagship.resolve_environment(environment);
+        environment_row := flagship.environment_row(environment);
         -- A name or uuid of another organization's environment is refused
         -- exactly like one that does not exist.
         IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
@@ -4372,6 +4442,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     old flagship.api_keys;
     plaintext text;
 BEGIN
@@ -4379,14 +4450,15 @@ BEGIN
     IF grace IS NULL OR grace < interval '0' THEN
         RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Row-level security makes another organization's key look absent.
+    -- Another organization's key looks absent, as row-level security
+    -- would make it.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
            k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of,
            k.rate_limits
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
-      FROM flagship.api_keys k WHERE k.id = key_id;
+      FROM flagship.api_keys k WHERE k.organization_id = org AND k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4686,10 +4758,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     held flagship.usage_reservations;
 BEGIN
-    -- Row-level security makes another organization's reservation absent.
-    SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
+    -- Another organization's reservation is absent (row-level security
+    -- would hide it too; named as a value, Citus locks it in the
+    -- organization's shard, #21).
+    SELECT * INTO held FROM flagship.usage_reservations r
+     WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
     IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
             SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id
@@ -4730,11 +4806,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     held flagship.usage_reservations;
     released integer := 0;
 BEGIN
     FOR held IN SELECT * FROM flagship.usage_reservations r
-                 WHERE r.organization_id = flagship.current_organization_id()
+                 WHERE r.organization_id = org
                    AND r.customer_id = expire_reservations.customer_id
                    AND r.metric_id = expire_reservations.metric_id
                    AND r.state = 'held' AND r.expires_at <= now()
@@ -4953,33 +5030,38 @@ DECLARE
     key uuid := flagship.current_key_id();
     xact bigint := pg_current_xact_id()::text::bigint;
     content bytea := flagship.audit_content_digest(acting, changes);
+    previous_hash bytea;
+    link_hash bytea;
     position bigint;
 BEGIN
+    -- The head is locked and read, then moved, in two statements: Citus
+    -- cannot send an UPDATE whose SET calls a STABLE function with the
+    -- row's columns (#21), and the lock orders appends as the UPDATE did.
     FOR attempt IN 1..2 LOOP
-        WITH link AS (
-            UPDATE flagship.audit_chain_heads h
-               SET last_seq = h.last_seq + 1,
-                   last_hash = flagship.audit_link_digest(
-                       h.last_hash, h.last_seq + 1, event_id, org, now(), action,
-                       resource_type, resource, content, xact,
-                       session_user, acting_role, key)
-             WHERE h.organization_id = org
-            RETURNING h.last_seq, h.last_hash)
-        INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
-                                           resource_type, resource_id, diff, transaction_id, hash,
-                                           session_role, acting_role, key_id,
-                                           change_kind, change_key, environment_id, content_digest)
-        SELECT org, event_id, link.last_seq, now(), acting, action,
-               resource_type, resource, changes, xact, link.last_hash,
-               session_user, acting_role, key,
-               change_kind, change_key, environment, content
-          FROM link
-        RETURNING chain_seq INTO position;
+        SELECT h.last_seq + 1, h.last_hash INTO position, previous_hash
+          FROM flagship.audit_chain_heads h
+         WHERE h.organization_id = org
+           FOR UPDATE;
         EXIT WHEN position IS NOT NULL;
         -- The organization's first event starts its chain.
         INSERT INTO flagship.audit_chain_heads (organization_id) VALUES (org)
         ON CONFLICT DO NOTHING;
     END LOOP;
+    link_hash := flagship.audit_link_digest(
+        previous_hash, position, event_id, org, now(), action,
+        resource_type, resource, content, xact,
+        session_user, acting_role, key);
+    UPDATE flagship.audit_chain_heads h
+       SET last_seq = position, last_hash = link_hash
+     WHERE h.organization_id = org;
+    INSERT INTO flagship.audit_events (organization_id, id, chain_seq, occurred_at, actor, action,
+                                       resource_type, resource_id, diff, transaction_id, hash,
+                                       session_role, acting_role, key_id,
+                                       change_kind, change_key, environment_id, content_digest)
+    VALUES (org, event_id, position, now(), acting, action,
+            resource_type, resource, changes, xact, link_hash,
+            session_user, acting_role, key,
+            change_kind, change_key, environment, content);
 
     -- Any role may LISTEN to any channel, so the payload carries nothing
     -- row-level security would hide: only the event's database-wide id.
@@ -5135,7 +5217,7 @@ BEGIN
             RETURN jsonb_build_object('valid', false, 'checked', 0, 'first_broken_id', NULL,
                                       'reason', 'anchor not found');
         END IF;
-        IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
+        IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = verify_audit_chain.organization_id) THEN
             RAISE EXCEPTION 'organization "%" not found', verify_audit_chain.organization_id
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -5160,16 +5242,18 @@ BEGIN
                        AS expected_hash
               FROM flagship.audit_events a
              WHERE a.organization_id = verify_audit_chain.organization_id) e
+      -- The erasure event of an erased one (a join, not a correlated
+      -- subquery, which Citus does not plan over a subquery: #21).
+      LEFT JOIN flagship.audit_events x
+        ON x.organization_id = verify_audit_chain.organization_id AND x.chain_seq = e.erased_by
+       AND x.action = 'erase'
      WHERE e.chain_seq <> e.expected_seq
         OR e.hash IS DISTINCT FROM e.expected_hash
         OR (e.erased_by IS NULL
             AND e.content_digest IS DISTINCT FROM flagship.audit_content_digest(e.actor, e.diff))
-        OR (e.erased_by IS NOT NULL AND NOT EXISTS (
-               SELECT FROM flagship.audit_events x
-                WHERE x.organization_id = e.organization_id AND x.chain_seq = e.erased_by
-                  AND x.action = 'erase'
-                  AND x.diff->'audit_events'->>e.chain_seq::text
-                      = encode(flagship.audit_content_digest(e.actor, e.diff), 'hex')))
+        OR (e.erased_by IS NOT NULL
+            AND (x.diff->'audit_events'->>e.chain_seq::text)
+                IS DISTINCT FROM encode(flagship.audit_content_digest(e.actor, e.diff), 'hex'))
      ORDER BY e.chain_seq
      LIMIT 1;
 
@@ -5187,7 +5271,7 @@ BEGIN
     END IF;
     -- An anchor taken before the 0.3.0 upgrade holds the event's 0.2.0 hash.
     IF anchor_seq > 0 AND NOT EXISTS (
-           SELECT FROM flagship.audit_events a
+           SELECT 1 FROM flagship.audit_events a
             WHERE a.organization_id = verify_audit_chain.organization_id
               AND a.chain_seq = anchor_seq AND anchor_hash IN (a.hash, a.legacy_hash)) THEN
         RETURN jsonb_build_object('valid', false, 'checked', checked, 'first_broken_id', NULL,
@@ -5386,7 +5470,7 @@ AS $fn$
 DECLARE
     refused text;
     refused_hint text;
-    target_project uuid := flagship.resolve_project(project);
+    project_row flagship.projects := flagship.project_row(project);
     saved uuid;
     -- NULL: not given, which keeps an existing metric's split.
     slice_count smallint;
@@ -5411,18 +5495,20 @@ BEGIN
     -- would have to merge the rows of running periods under every
     -- consumer's feet. Fewer slices (at least 2) are fine: consumers use
     -- whichever rows exist.
-    IF slice_count = 1 AND EXISTS (SELECT FROM flagship.metrics m, flagship.projects p
-                               WHERE p.id = target_project AND m.organization_id = p.organization_id
-                                 AND m.project_id = p.id AND m.key = definition->>'key' AND m.slices > 1) THEN
+    IF slice_count = 1 AND EXISTS (SELECT 1 FROM flagship.metrics m
+                                    WHERE m.organization_id = project_row.organization_id
+                                      AND m.project_id = project_row.id AND m.key = definition->>'key'
+                                      AND m.slices > 1) THEN
         PERFORM flagship.refuse('slices', 'a sliced metric keeps at least 2 slices (to count in one row again, meter a new metric)');
     END IF;
+    -- DO UPDATE takes the time from the row it would have inserted: Citus
+    -- refuses a call there that is not IMMUTABLE, such as now() (#21).
     INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
-    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
-           coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1)
-      FROM flagship.projects p WHERE p.id = target_project
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
+            definition->>'unit', coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1))
     ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
        SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
-           slices = coalesce(slice_count, m.slices), updated_at = now()
+           slices = coalesce(slice_count, m.slices), updated_at = EXCLUDED.updated_at
     RETURNING m.id INTO saved;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN
@@ -5519,7 +5605,7 @@ BEGIN
     -- sees (and locks, still in order: they come after) slices another
     -- consumer created meanwhile when the metric's split was raised, which
     -- the first statement's snapshot may have missed. It alone counts.
-    PERFORM FROM flagship.usage_counters c
+    PERFORM 1 FROM flagship.usage_counters c
       WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
       ORDER BY c.slice
         FOR UPDATE;
@@ -5648,10 +5734,14 @@ REVOKE ALL ON SEQUENCE flagship.configuration_signal, flagship.entitlement_signa
 -- not have. One rule for put_flag and for plain SQL (the deferred check).
 CREATE FUNCTION flagship.unmet_prerequisites(organization_id uuid, project_id uuid, prerequisites jsonb)
 RETURNS TABLE (flag text, variant text)
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL: Citus cannot plan a SQL function's statement with parameters
+-- (#21); the organization is a value of the join.
+BEGIN
+    RETURN QUERY
     SELECT p.value->>'flag', missing.wanted
       FROM jsonb_array_elements(prerequisites) WITH ORDINALITY AS p (value, position)
       LEFT JOIN flagship.features f
@@ -5664,7 +5754,8 @@ AS $fn$
            WHERE NOT f.variants ? wanted
            LIMIT 1) missing ON true
      WHERE f.key IS NULL OR missing.wanted IS NOT NULL
-     ORDER BY p.position
+     ORDER BY p.position;
+END
 $fn$;
 
 -- Raises for an unmet prerequisite of flag `flag_key` (nothing when
@@ -5765,7 +5856,7 @@ BEGIN
     SELECT rule->>'segment' INTO missing
       FROM jsonb_array_elements(config.rules) rule
      WHERE rule ? 'segment'
-       AND NOT EXISTS (SELECT FROM flagship.segments s
+       AND NOT EXISTS (SELECT 1 FROM flagship.segments s
                         WHERE s.organization_id = config.organization_id
                           AND s.project_id = config.project_id AND s.key = rule->>'segment')
      LIMIT 1;
@@ -5798,28 +5889,361 @@ STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'refuse_on_a_citus_worker_wrapper';
 
+-- import_unleash reads its project with project_row (#21).
+CREATE OR REPLACE FUNCTION flagship.import_unleash(project text, state jsonb, environment text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    project_row flagship.projects;
+    environment_key text;
+    document jsonb;
+    kept jsonb;
+    inherited jsonb;
+    imported integer := 0;
+BEGIN
+    project_row := flagship.project_row(project);
+    IF state IS NULL OR jsonb_typeof(state) <> 'object' THEN
+        RAISE EXCEPTION 'unleash import: state must be the JSON object Unleash''s client API returns'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT e.key INTO environment_key
+      FROM flagship.environments e
+     WHERE e.organization_id = project_row.organization_id AND e.project_id = project_row.id
+       AND CASE WHEN environment IS NULL THEN e.is_default ELSE e.key = environment END;
+    IF environment_key IS NULL THEN
+        RAISE EXCEPTION 'unleash import: project "%" has no environment "%"',
+            project_row.key, coalesce(environment, '(default)')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR document IN
+        SELECT d FROM jsonb_array_elements(flagship.unleash_flag_documents(state, environment_key)) d
+    LOOP
+        -- put_flag replaces every environment it is given and drops the
+        -- others: hand it the flag's other environments unchanged, with the
+        -- flag-level salt and bucketing they were written under (imported
+        -- rollouts name their own).
+        SELECT (SELECT jsonb_object_agg(e.key, jsonb_build_object(
+                           'enabled', r.enabled, 'targets', r.targets, 'rules', r.rules,
+                           'default', r.default_serve))
+                  FROM flagship.feature_rules r
+                  JOIN flagship.environments e
+                    ON e.organization_id = r.organization_id AND e.id = r.environment_id
+                 WHERE r.organization_id = f.organization_id AND r.feature_id = f.id
+                   AND e.key <> environment_key),
+               flagship.jsonb_without_nulls(jsonb_build_object('salt', f.salt, 'bucketing', f.bucketing))
+          INTO kept, inherited
+          FROM flagship.features f
+         WHERE f.organization_id = project_row.organization_id AND f.project_id = project_row.id
+           AND f.key = document->>'key';
+        -- A new flag has neither.
+        document := document || coalesce(inherited, '{}');
+        PERFORM flagship.put_flag(project_row.id::text,
+            jsonb_set(document, '{environments}',
+                      coalesce(kept, '{}') || (document->'environments')));
+        imported := imported + 1;
+    END LOOP;
+    RETURN imported;
+END
+$fn$;
+
+-- Where an environment name leads for this session (its candidates), and,
+-- when it means one, that environment's organization and configuration
+-- version, for src/evaluation/loading.rs. A STABLE function's statements
+-- share the calling statement's snapshot, so the three answers agree. Each
+-- read names the organization as a value: on Citus it then goes to the
+-- shard group that holds the organization (#21).
+CREATE FUNCTION flagship.locate_environment(environment text,
+    OUT candidates uuid[], OUT organization uuid, OUT version bigint)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    project uuid;
+BEGIN
+    candidates := flagship.environment_candidates(environment);
+    IF cardinality(candidates) <> 1 THEN
+        RETURN;
+    END IF;
+    IF org IS NULL THEN
+        SELECT e.organization_id, e.project_id INTO organization, project
+          FROM flagship.environments e WHERE e.id = candidates[1];
+    ELSE
+        SELECT e.organization_id, e.project_id INTO organization, project
+          FROM flagship.environments e WHERE e.organization_id = org AND e.id = candidates[1];
+    END IF;
+    SELECT coalesce(sum(v.configuration), 0)::bigint INTO version
+      FROM flagship.cache_versions v
+     WHERE v.organization_id = organization AND v.scope IN (organization, project, candidates[1]);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.revoke_api_key(key_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    revoked constant timestamptz := now();
+BEGIN
+    -- Another organization's key looks absent, as row-level security
+    -- would make it. The organization and the time are values: Citus
+    -- sends the statement to the organization's shard, and refuses a
+    -- function call inside coalesce (#21).
+    UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, revoked)
+     WHERE k.organization_id = org AND k.id = key_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.features_revalidate_rules() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config record;
+BEGIN
+    FOR config IN
+        SELECT flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve) AS document, e.key AS environment_key
+          FROM flagship.feature_rules r
+          JOIN flagship.environments e ON e.organization_id = r.organization_id AND e.id = r.environment_id
+         WHERE r.organization_id = NEW.organization_id AND r.feature_id = NEW.id
+    LOOP
+        PERFORM flagship.validate_flag_config(
+            NEW.key, NEW.variants, NEW.bucketing, config.environment_key, config.document);
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.feature_rules_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    feature record;
+    environment_key text;
+BEGIN
+    SELECT f.key, f.variants, f.bucketing INTO feature
+      FROM flagship.features f
+     WHERE f.organization_id = NEW.organization_id AND f.id = NEW.feature_id;
+    SELECT e.key INTO environment_key
+      FROM flagship.environments e
+     WHERE e.organization_id = NEW.organization_id AND e.id = NEW.environment_id;
+    -- Unknown feature or environment: the foreign keys report it.
+    IF feature.key IS NULL OR environment_key IS NULL THEN
+        RETURN NEW;
+    END IF;
+    PERFORM flagship.validate_flag_config(
+        feature.key, feature.variants, feature.bucketing, environment_key,
+        flagship.environment_config(NEW.enabled, NEW.targets, NEW.rules, NEW.default_serve));
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.flag_document(feature flagship.features) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+BEGIN
+    RETURN flagship.jsonb_without_nulls(
+               to_jsonb(feature) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
+           || jsonb_build_object('environments', coalesce((
+               SELECT jsonb_object_agg(e.key, flagship.jsonb_without_nulls(
+                          flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve)))
+                 FROM flagship.feature_rules r
+                 JOIN flagship.environments e
+                   ON e.organization_id = r.organization_id AND e.id = r.environment_id
+                WHERE r.organization_id = feature.organization_id AND r.feature_id = feature.id),
+               '{}'));
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.environment_snapshot(environment_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'flags', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'definition', to_jsonb(f) - '{organization_id,project_id,id,created_at,updated_at}'::text[],
+                       'config', CASE WHEN r.feature_id IS NOT NULL
+                                      THEN flagship.environment_config(r.enabled, r.targets, r.rules, r.default_serve) END))
+              FROM flagship.features f
+              LEFT JOIN flagship.feature_rules r
+                ON r.organization_id = f.organization_id AND r.feature_id = f.id
+               AND r.environment_id = e.id
+             WHERE f.organization_id = e.organization_id AND f.project_id = e.project_id), '[]'),
+        'segments', coalesce((
+            SELECT jsonb_agg(to_jsonb(s) - '{organization_id,project_id,id,created_at,updated_at}'::text[])
+              FROM flagship.segments s
+             WHERE s.organization_id = e.organization_id AND s.project_id = e.project_id), '[]'))
+      FROM flagship.environments e
+     WHERE e.id = environment_id
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+            'key', customer.external_key, 'name', customer.name,
+            'plan', p.key, 'status', s.status, 'trial_ends_at', s.trial_ends_at,
+            'billing_anchor', s.billing_anchor,
+            'overrides', jsonb_build_object(
+                'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
+                                        FROM flagship.customer_feature_overrides o
+                                       WHERE o.organization_id = customer.organization_id
+                                         AND o.customer_id = customer.id), '{}'),
+                'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
+                                      FROM flagship.customer_limit_overrides o
+                                      JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
+                                     WHERE o.organization_id = customer.organization_id
+                                       AND o.customer_id = customer.id), '{}')),
+            'attributes', customer.attributes))
+          FROM (SELECT) AS one
+          LEFT JOIN flagship.subscriptions s
+            ON s.organization_id = customer.organization_id AND s.customer_id = customer.id
+          LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.feature_switches(in_organization uuid, in_project uuid, switches jsonb, field text)
+RETURNS TABLE (feature_key text, enabled boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN SELECT * FROM jsonb_each(coalesce(switches, '{}')) LOOP
+        IF jsonb_typeof(item.value) <> 'boolean' THEN
+            PERFORM flagship.refuse(field || '.' || item.key, 'must be true or false');
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM flagship.features f
+                        WHERE f.organization_id = in_organization AND f.project_id = in_project
+                          AND f.key = item.key) THEN
+            PERFORM flagship.refuse(field || '.' || item.key, format('unknown flag "%s"', item.key));
+        END IF;
+        feature_key := item.key;
+        enabled := item.value::boolean;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flagship.customer_entitlements(environment_id uuid, external_key text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT jsonb_build_object(
+        'status', s.status,
+        'trial_ends_at', extract(epoch FROM s.trial_ends_at),
+        'features', coalesce((
+            SELECT jsonb_agg(k.feature_key) FROM (
+                SELECT f.feature_key FROM flagship.plan_features f
+                 WHERE f.organization_id = c.organization_id AND f.plan_id = s.plan_id AND f.enabled
+                   AND NOT EXISTS (SELECT 1 FROM flagship.customer_feature_overrides o
+                                    WHERE o.organization_id = c.organization_id AND o.customer_id = c.id
+                                      AND o.feature_key = f.feature_key AND NOT o.enabled)
+                UNION
+                SELECT o.feature_key FROM flagship.customer_feature_overrides o
+                 WHERE o.organization_id = c.organization_id AND o.customer_id = c.id AND o.enabled) k), '[]'),
+        'attributes', c.attributes)
+      FROM flagship.customers c
+      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
+     WHERE c.environment_id = customer_entitlements.environment_id AND c.external_key = customer_entitlements.external_key
+$fn$;
+
+-- The row of the project or environment a name means (resolve_project's,
+-- resolve_environment's), read with its organization as a value when the
+-- session has one: Citus then reads it from that organization's shard
+-- (#21), where a call to resolve_project inside a query's WHERE would be
+-- sent to every shard along with the query.
+CREATE FUNCTION flagship.project_row(project text)
+RETURNS flagship.projects
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    wanted constant uuid := flagship.resolve_project(project);
+    org constant uuid := flagship.current_organization_id();
+    found flagship.projects;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO found FROM flagship.projects p WHERE p.id = wanted;
+    ELSE
+        SELECT * INTO found FROM flagship.projects p WHERE p.organization_id = org AND p.id = wanted;
+    END IF;
+    RETURN found;
+END
+$fn$;
+
+CREATE FUNCTION flagship.environment_row(environment text)
+RETURNS flagship.environments
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    wanted constant uuid := flagship.resolve_environment(environment);
+    org constant uuid := flagship.current_organization_id();
+    found flagship.environments;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO found FROM flagship.environments e WHERE e.id = wanted;
+    ELSE
+        SELECT * INTO found FROM flagship.environments e WHERE e.organization_id = org AND e.id = wanted;
+    END IF;
+    RETURN found;
+END
+$fn$;
+
 -- Whether a member holds a permission through any of its roles in the
 -- organization (the session's when NULL). Invoker's rights: row-level
 -- security answers false for any organization but the session's.
 CREATE OR REPLACE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL, not SQL: its statement is planned once per session (a SQL
+-- function with its own search_path is planned at every call), and with
+-- the organization as a value in every table's condition Citus can send it
+-- to the one shard group that holds the organization (#21).
+DECLARE
+    org constant uuid := coalesce(has_permission.organization_id, flagship.current_organization_id());
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM flagship.members m
+          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
+         WHERE m.organization_id = org AND mr.organization_id = org AND rp.organization_id = org
+           AND m.user_key = has_permission.user_key
+           AND rp.permission = has_permission.permission) THEN
+        RETURN true;
+    END IF;
     -- On a Citus worker, where no member is stored, a false answer raises
     -- instead (#21): a call pushed down into a shard query would deny
     -- every row in silence.
-    SELECT CASE WHEN EXISTS (
-        SELECT FROM flagship.members m
-          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
-          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
-         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
-           AND m.user_key = has_permission.user_key
-           AND rp.permission = has_permission.permission)
-    THEN true
-    ELSE (SELECT false FROM flagship.refuse_on_a_citus_worker())
-    END
+    PERFORM flagship.refuse_on_a_citus_worker();
+    RETURN false;
+END
 $fn$;
 
 -- FlagShip's tables stay on the Citus coordinator (#21): an organization

@@ -106,10 +106,10 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         -- A sequence that a rolled key still counts on stays (it goes with
         -- the last key using it).
-        IF NOT EXISTS (SELECT FROM flagship.api_keys k
+        IF NOT EXISTS (SELECT 1 FROM flagship.api_keys k
                         WHERE k.uses_of = coalesce(OLD.uses_of, OLD.id) AND k.id <> OLD.id)
            AND (OLD.uses_of IS NULL
-                OR NOT EXISTS (SELECT FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
+                OR NOT EXISTS (SELECT 1 FROM flagship.api_keys k WHERE k.id = OLD.uses_of)) THEN
             EXECUTE format('DROP SEQUENCE IF EXISTS %s',
                            flagship.key_use_sequence(coalesce(OLD.uses_of, OLD.id)));
         END IF;
@@ -130,44 +130,69 @@ CREATE TRIGGER api_keys_use_sequence AFTER INSERT OR DELETE OR UPDATE OF usage_l
 CREATE FUNCTION flagship.within_session_key(scopes text[], environment_id uuid, expires_at timestamptz,
                                             usage_limit bigint, allowed_ips cidr[], customer_id uuid)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.current_key_id() IS NULL OR coalesce((
-        SELECT NOT ((cardinality(k.scopes) > 0
-                     AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
-                          OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
-                                      WHERE NOT flagship.key_grants(s))))
-                    OR (k.environment_id IS NOT NULL
-                        AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
-                    OR (k.expires_at IS NOT NULL
-                        AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
-                    OR (k.usage_limit IS NOT NULL
-                        AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
-                    OR (k.allowed_ips IS NOT NULL
-                        AND (within_session_key.allowed_ips IS NULL
-                             OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
-                                         WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
-                    OR (k.customer_id IS NOT NULL
-                        AND within_session_key.customer_id IS DISTINCT FROM k.customer_id))
-          FROM flagship.api_keys k WHERE k.id = flagship.current_key_id()), false)
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    session_key constant uuid := flagship.current_key_id();
+    org constant uuid := flagship.current_organization_id();
+    -- The columns a key's bounds are in (no role may read its hash).
+    k record;
+BEGIN
+    IF session_key IS NULL THEN
+        RETURN true;
+    END IF;
+    SELECT ak.scopes, ak.environment_id, ak.expires_at, ak.usage_limit, ak.allowed_ips, ak.customer_id
+      INTO k FROM flagship.api_keys ak
+     WHERE ak.organization_id = org AND ak.id = session_key;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    RETURN coalesce(NOT ((cardinality(k.scopes) > 0
+                          AND (cardinality(coalesce(within_session_key.scopes, '{}')) = 0
+                               OR EXISTS (SELECT FROM unnest(within_session_key.scopes) s
+                                           WHERE NOT flagship.key_grants(s))))
+                         OR (k.environment_id IS NOT NULL
+                             AND within_session_key.environment_id IS DISTINCT FROM k.environment_id)
+                         OR (k.expires_at IS NOT NULL
+                             AND (within_session_key.expires_at IS NULL OR within_session_key.expires_at > k.expires_at))
+                         OR (k.usage_limit IS NOT NULL
+                             AND (within_session_key.usage_limit IS NULL OR within_session_key.usage_limit > k.usage_limit))
+                         OR (k.allowed_ips IS NOT NULL
+                             AND (within_session_key.allowed_ips IS NULL
+                                  OR EXISTS (SELECT FROM unnest(within_session_key.allowed_ips) n
+                                              WHERE NOT EXISTS (SELECT FROM unnest(k.allowed_ips) a WHERE n <<= a))))
+                         OR (k.customer_id IS NOT NULL
+                             AND within_session_key.customer_id IS DISTINCT FROM k.customer_id)), false);
+END
 $fn$;
 
 -- Whether `limits` is at least as tight as the rate limits of the key
 -- this transaction authenticated with (true outside key mode): each of the
 -- key's limits, with a limit no higher and a window no shorter.
 CREATE FUNCTION flagship.within_session_rate_limits(limits jsonb) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT NOT EXISTS (
-        SELECT FROM flagship.api_keys k, jsonb_each(k.rate_limits) own
-         WHERE k.id = flagship.current_key_id()
-           AND NOT coalesce(limits ? own.key
+-- PL/pgSQL with the organization as a value: Citus can plan it and send
+-- it to the organization's shard group (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    session_key constant uuid := flagship.current_key_id();
+    own_limits jsonb;
+BEGIN
+    SELECT k.rate_limits INTO own_limits FROM flagship.api_keys k
+     WHERE k.organization_id = org AND k.id = session_key;
+    RETURN NOT EXISTS (
+        SELECT FROM jsonb_each(own_limits) own
+         WHERE NOT coalesce(limits ? own.key
                     AND (limits->own.key->>'limit')::bigint <= (own.value->>'limit')::bigint
                     AND flagship.rate_window_us(limits->own.key->>'window')
-                        >= flagship.rate_window_us(own.value->>'window'), false))
+                        >= flagship.rate_window_us(own.value->>'window'), false));
+END
 $fn$;
 
 -- What flagship.rate_limit counts against for key:<key id>, read under the
@@ -229,7 +254,7 @@ BEGIN
                   HINT = 'a subject is a customer''s key (flagship.put_customer) or key:<api key id>';
     END IF;
     IF NOT coalesce(customer_row.rate_limits ? name, false)
-       AND NOT EXISTS (SELECT FROM flagship.plans p
+       AND NOT EXISTS (SELECT 1 FROM flagship.plans p
                         WHERE p.organization_id = customer_row.organization_id
                           AND p.project_id = customer_row.project_id AND p.rate_limits ? name) THEN
         RAISE EXCEPTION 'name: no plan of this project declares a rate limit "%"', name
@@ -274,7 +299,7 @@ DECLARE
 BEGIN
     PERFORM flagship.require_permission('api_keys:write', 'issue_api_key');
     IF organization_id IS NULL
-       OR NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
+       OR NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = issue_api_key.organization_id) THEN
         RAISE EXCEPTION 'organization_id: organization not found'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -285,7 +310,7 @@ BEGIN
     -- is refused now rather than failing at first use.
     SELECT s INTO bad_scope FROM unnest(coalesce(scopes, '{}')) s
      WHERE s IS NULL
-        OR NOT EXISTS (SELECT FROM flagship.permissions p
+        OR NOT EXISTS (SELECT 1 FROM flagship.permissions p
                         WHERE p.key = s OR split_part(p.key, ':', 1) || ':*' = s)
      LIMIT 1;
     IF FOUND THEN
@@ -316,8 +341,7 @@ BEGIN
         RAISE EXCEPTION 'usage_limit: must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF environment IS NOT NULL THEN
-        SELECT * INTO environment_row FROM flagship.environments e
-         WHERE e.id = flagship.resolve_environment(environment);
+        environment_row := flagship.environment_row(environment);
         -- A name or uuid of another organization's environment is refused
         -- exactly like one that does not exist.
         IF environment_row.organization_id IS DISTINCT FROM issue_api_key.organization_id THEN
@@ -511,6 +535,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     old flagship.api_keys;
     plaintext text;
 BEGIN
@@ -518,14 +543,15 @@ BEGIN
     IF grace IS NULL OR grace < interval '0' THEN
         RAISE EXCEPTION 'grace: must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Row-level security makes another organization's key look absent.
+    -- Another organization's key looks absent, as row-level security
+    -- would make it.
     SELECT k.organization_id, k.id, k.name, k.display_prefix, k.scopes, k.project_id, k.environment_id,
            k.expires_at, k.revoked_at, k.usage_limit, k.usage_count, k.customer_id, k.allowed_ips, k.uses_of,
            k.rate_limits
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
-      FROM flagship.api_keys k WHERE k.id = key_id;
+      FROM flagship.api_keys k WHERE k.organization_id = org AND k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -585,9 +611,16 @@ RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    revoked constant timestamptz := now();
 BEGIN
-    -- Row-level security makes another organization's key look absent.
-    UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, now()) WHERE k.id = key_id;
+    -- Another organization's key looks absent, as row-level security
+    -- would make it. The organization and the time are values: Citus
+    -- sends the statement to the organization's shard, and refuses a
+    -- function call inside coalesce (#21).
+    UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, revoked)
+     WHERE k.organization_id = org AND k.id = key_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;

@@ -20,7 +20,7 @@ DECLARE
     inherited jsonb;
     imported integer := 0;
 BEGIN
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     IF state IS NULL OR jsonb_typeof(state) <> 'object' THEN
         RAISE EXCEPTION 'unleash import: state must be the JSON object Unleash''s client API returns'
             USING ERRCODE = 'invalid_parameter_value';

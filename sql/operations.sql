@@ -12,8 +12,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    target_project uuid;
-    stored jsonb;
+    target_project flagship.projects;
+    feature_row flagship.features;
 BEGIN
     IF jsonb_typeof(patch) IS DISTINCT FROM 'object'
        OR jsonb_typeof(patch->'key') IS DISTINCT FROM 'string' THEN
@@ -21,16 +21,21 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'for example {"key": "checkout", "environments": {"production": {"enabled": false}}}';
     END IF;
-    target_project := flagship.resolve_project(project);
-    SELECT flagship.flag_document(f) INTO stored
+    target_project := flagship.project_row(project);
+    -- The row first, then its document: a row of a query Citus sends to a
+    -- shard is of the shard's row type, which flag_document does not take
+    -- (#21).
+    SELECT * INTO feature_row
       FROM flagship.features f
-     WHERE f.project_id = target_project AND f.key = patch->>'key';
+     WHERE f.organization_id = target_project.organization_id AND f.project_id = target_project.id
+       AND f.key = patch->>'key';
     IF NOT FOUND THEN
         RAISE EXCEPTION 'flag "%" not found in project "%"', patch->>'key', project
             USING ERRCODE = 'undefined_object',
                   HINT = 'patch_flag changes an existing flag; create one with flagship.put_flag';
     END IF;
-    RETURN flagship.put_flag(target_project::text, flagship.json_merge_patch(stored, patch));
+    RETURN flagship.put_flag(target_project.id::text,
+                             flagship.json_merge_patch(flagship.flag_document(feature_row), patch));
 END
 $fn$;
 
@@ -39,33 +44,27 @@ $fn$;
 -- Both sides of a plan are read through it, so "unchanged" compares like
 -- with like.
 CREATE FUNCTION flagship.project_items(project_id uuid, with_customers boolean) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(jsonb_object_agg(i.kind || ' ' || i.key, i.document), '{}')
-      FROM (SELECT 'project' AS kind, p.key, jsonb_build_object('key', p.key, 'name', p.name) AS document
-              FROM flagship.projects p WHERE p.id = project_items.project_id
-            UNION ALL
-            SELECT 'environment', e.key, jsonb_build_object('key', e.key, 'name', e.name, 'is_default', e.is_default)
-              FROM flagship.environments e WHERE e.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'segment', s.key, flagship.segment_document(s)
-              FROM flagship.segments s WHERE s.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'flag', f.key, flagship.flag_document(f)
-              FROM flagship.features f WHERE f.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'metric', m.key, flagship.metric_document(m)
-              FROM flagship.metrics m WHERE m.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'plan', pl.key, flagship.plan_document(pl)
-              FROM flagship.plans pl WHERE pl.project_id = project_items.project_id
-            UNION ALL
-            SELECT 'customer', e.key || '/' || c.external_key,
-                   flagship.customer_document(c) || jsonb_build_object('environment', e.key)
-              FROM flagship.customers c
-              JOIN flagship.environments e ON e.organization_id = c.organization_id AND e.id = c.environment_id
-             WHERE with_customers AND c.project_id = project_items.project_id) i
+-- Read from export_project's document: one reader of a project for both.
+DECLARE
+    exported jsonb;
+BEGIN
+    IF project_id IS NULL THEN
+        RETURN '{}';
+    END IF;
+    exported := flagship.export_project(project_id::text, with_customers);
+    RETURN jsonb_build_object('project ' || (exported->'project'->>'key'), exported->'project')
+        || coalesce((SELECT jsonb_object_agg(kinds.kind || ' ' || CASE kinds.kind
+                                                 WHEN 'customer' THEN (item->>'environment') || '/' || (item->>'key')
+                                                 ELSE item->>'key' END,
+                                             item)
+                       FROM (VALUES ('environment', 'environments'), ('segment', 'segments'), ('flag', 'flags'),
+                                    ('metric', 'metrics'), ('plan', 'plans'), ('customer', 'customers'))
+                            AS kinds (kind, field),
+                            jsonb_array_elements(coalesce(exported->kinds.field, '[]')) AS item), '{}');
+END
 $fn$;
 
 -- The fields of one item's document as document_changes compares them:
@@ -124,7 +123,7 @@ BEGIN
                         FROM jsonb_array_elements(document->'environments') WITH ORDINALITY AS x(e, ordinality)),
                      '{development,staging,production}'));
     ELSIF (selected IS NULL OR selected ? ('project ' || project_key))
-          AND EXISTS (SELECT FROM flagship.projects p
+          AND EXISTS (SELECT 1 FROM flagship.projects p
                        WHERE p.id = target_project
                          AND p.name IS DISTINCT FROM coalesce(document->'project'->>'name', p.key)) THEN
         -- Only a real change needs projects:write (a member who may only
@@ -147,7 +146,7 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'key: lowercase letters, digits, ''_'', ''.'' and ''-''';
         END IF;
-        IF EXISTS (SELECT FROM flagship.environments e
+        IF EXISTS (SELECT 1 FROM flagship.environments e
                     WHERE e.project_id = target_project AND e.key = item->>'key'
                       AND e.name = coalesce(item->>'name', initcap(item->>'key'))
                       AND e.is_default = coalesce((item->>'is_default')::boolean, false)) THEN
@@ -180,9 +179,13 @@ BEGIN
     WHILE cardinality(pending) > 0 LOOP
         still_pending := '{}';
         FOREACH item IN ARRAY pending LOOP
-            IF EXISTS (SELECT FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
-                        WHERE NOT EXISTS (SELECT FROM flagship.features f
-                                           WHERE f.project_id = target_project AND f.key = p->>'flag')) THEN
+            -- A join, not a correlated subquery: Citus plans no correlated
+            -- subquery beside a set-returning function (#21).
+            IF EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(item->'prerequisites', '[]')) p
+                         LEFT JOIN flagship.features f
+                           ON f.organization_id = write_project.organization_id
+                          AND f.project_id = target_project AND f.key = p->>'flag'
+                        WHERE f.id IS NULL) THEN
                 still_pending := still_pending || item;
             ELSE
                 PERFORM flagship.put_flag(target_project::text, item);
@@ -325,7 +328,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'flagship.organization_id names the organization a session may change';
     END IF;
-    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = project_changes.organization_id) THEN
+    IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = project_changes.organization_id) THEN
         RAISE EXCEPTION '%: organization "%" not found', caller, organization_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;

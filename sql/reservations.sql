@@ -179,10 +179,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     held flagship.usage_reservations;
 BEGIN
-    -- Row-level security makes another organization's reservation absent.
-    SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
+    -- Another organization's reservation is absent (row-level security
+    -- would hide it too; named as a value, Citus locks it in the
+    -- organization's shard, #21).
+    SELECT * INTO held FROM flagship.usage_reservations r
+     WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
     IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
             SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id
@@ -223,11 +227,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    org constant uuid := flagship.current_organization_id();
     held flagship.usage_reservations;
     released integer := 0;
 BEGIN
     FOR held IN SELECT * FROM flagship.usage_reservations r
-                 WHERE r.organization_id = flagship.current_organization_id()
+                 WHERE r.organization_id = org
                    AND r.customer_id = expire_reservations.customer_id
                    AND r.metric_id = expire_reservations.metric_id
                    AND r.state = 'held' AND r.expires_at <= now()

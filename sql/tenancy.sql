@@ -179,23 +179,32 @@ CREATE TRIGGER organizations_only_on_the_coordinator BEFORE INSERT ON flagship.o
 -- security answers false for any organization but the session's.
 CREATE FUNCTION flagship.has_permission(user_key text, permission text, organization_id uuid DEFAULT NULL)
 RETURNS boolean
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+-- PL/pgSQL, not SQL: its statement is planned once per session (a SQL
+-- function with its own search_path is planned at every call), and with
+-- the organization as a value in every table's condition Citus can send it
+-- to the one shard group that holds the organization (#21).
+DECLARE
+    org constant uuid := coalesce(has_permission.organization_id, flagship.current_organization_id());
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM flagship.members m
+          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
+          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
+         WHERE m.organization_id = org AND mr.organization_id = org AND rp.organization_id = org
+           AND m.user_key = has_permission.user_key
+           AND rp.permission = has_permission.permission) THEN
+        RETURN true;
+    END IF;
     -- On a Citus worker, where no member is stored, a false answer raises
     -- instead (#21): a call pushed down into a shard query would deny
     -- every row in silence.
-    SELECT CASE WHEN EXISTS (
-        SELECT FROM flagship.members m
-          JOIN flagship.member_roles mr ON mr.organization_id = m.organization_id AND mr.member_id = m.id
-          JOIN flagship.role_permissions rp ON rp.organization_id = mr.organization_id AND rp.role_id = mr.role_id
-         WHERE m.organization_id = coalesce(has_permission.organization_id, flagship.current_organization_id())
-           AND m.user_key = has_permission.user_key
-           AND rp.permission = has_permission.permission)
-    THEN true
-    ELSE (SELECT false FROM flagship.refuse_on_a_citus_worker())
-    END
+    PERFORM flagship.refuse_on_a_citus_worker();
+    RETURN false;
+END
 $fn$;
 
 -- Whether the session's actor may use a permission in the session's
@@ -326,7 +335,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'create organizations in a session without flagship.authenticate';
     END IF;
-    IF EXISTS (SELECT FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
+    IF EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
         RAISE EXCEPTION 'organization slug "%" is already taken', slug
             USING ERRCODE = 'unique_violation';
     END IF;
@@ -380,7 +389,7 @@ DECLARE
     position int := 0;
 BEGIN
     PERFORM flagship.require_permission('projects:write', 'create_project');
-    IF NOT EXISTS (SELECT FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
+    IF NOT EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.id = create_project.organization_id) THEN
         RAISE EXCEPTION 'organization "%" not found', create_project.organization_id
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'the organization must exist and match the session''s flagship.organization_id';
@@ -519,5 +528,50 @@ BEGIN
                   HINT = 'set flagship.organization_id or use ''<org>/<project>/<env>''';
     END IF;
     RETURN found[1];
+END
+$fn$;
+
+-- The row of the project or environment a name means (resolve_project's,
+-- resolve_environment's), read with its organization as a value when the
+-- session has one: Citus then reads it from that organization's shard
+-- (#21), where a call to resolve_project inside a query's WHERE would be
+-- sent to every shard along with the query.
+CREATE FUNCTION flagship.project_row(project text)
+RETURNS flagship.projects
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    wanted constant uuid := flagship.resolve_project(project);
+    org constant uuid := flagship.current_organization_id();
+    found flagship.projects;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO found FROM flagship.projects p WHERE p.id = wanted;
+    ELSE
+        SELECT * INTO found FROM flagship.projects p WHERE p.organization_id = org AND p.id = wanted;
+    END IF;
+    RETURN found;
+END
+$fn$;
+
+CREATE FUNCTION flagship.environment_row(environment text)
+RETURNS flagship.environments
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    wanted constant uuid := flagship.resolve_environment(environment);
+    org constant uuid := flagship.current_organization_id();
+    found flagship.environments;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO found FROM flagship.environments e WHERE e.id = wanted;
+    ELSE
+        SELECT * INTO found FROM flagship.environments e WHERE e.organization_id = org AND e.id = wanted;
+    END IF;
+    RETURN found;
 END
 $fn$;

@@ -381,7 +381,7 @@ BEGIN
     -- sees (and locks, still in order: they come after) slices another
     -- consumer created meanwhile when the metric's split was raised, which
     -- the first statement's snapshot may have missed. It alone counts.
-    PERFORM FROM flagship.usage_counters c
+    PERFORM 1 FROM flagship.usage_counters c
       WHERE c.organization_id = org AND c.customer_id = customer AND c.metric_id = metric
       ORDER BY c.slice
         FOR UPDATE;
@@ -629,7 +629,7 @@ BEGIN
         IF jsonb_typeof(item.value) <> 'boolean' THEN
             PERFORM flagship.refuse(field || '.' || item.key, 'must be true or false');
         END IF;
-        IF NOT EXISTS (SELECT FROM flagship.features f
+        IF NOT EXISTS (SELECT 1 FROM flagship.features f
                         WHERE f.organization_id = in_organization AND f.project_id = in_project
                           AND f.key = item.key) THEN
             PERFORM flagship.refuse(field || '.' || item.key, format('unknown flag "%s"', item.key));
@@ -765,7 +765,7 @@ AS $fn$
 DECLARE
     refused text;
     refused_hint text;
-    target_project uuid := flagship.resolve_project(project);
+    project_row flagship.projects := flagship.project_row(project);
     saved uuid;
     -- NULL: not given, which keeps an existing metric's split.
     slice_count smallint;
@@ -790,18 +790,20 @@ BEGIN
     -- would have to merge the rows of running periods under every
     -- consumer's feet. Fewer slices (at least 2) are fine: consumers use
     -- whichever rows exist.
-    IF slice_count = 1 AND EXISTS (SELECT FROM flagship.metrics m, flagship.projects p
-                               WHERE p.id = target_project AND m.organization_id = p.organization_id
-                                 AND m.project_id = p.id AND m.key = definition->>'key' AND m.slices > 1) THEN
+    IF slice_count = 1 AND EXISTS (SELECT 1 FROM flagship.metrics m
+                                    WHERE m.organization_id = project_row.organization_id
+                                      AND m.project_id = project_row.id AND m.key = definition->>'key'
+                                      AND m.slices > 1) THEN
         PERFORM flagship.refuse('slices', 'a sliced metric keeps at least 2 slices (to count in one row again, meter a new metric)');
     END IF;
+    -- DO UPDATE takes the time from the row it would have inserted: Citus
+    -- refuses a call there that is not IMMUTABLE, such as now() (#21).
     INSERT INTO flagship.metrics AS m (organization_id, project_id, key, name, unit, aggregation, slices)
-    SELECT p.organization_id, p.id, definition->>'key', definition->>'name', definition->>'unit',
-           coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1)
-      FROM flagship.projects p WHERE p.id = target_project
+    VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
+            definition->>'unit', coalesce(definition->>'aggregation', 'sum'), coalesce(slice_count, 1))
     ON CONFLICT ON CONSTRAINT metrics_key_unique DO UPDATE
        SET name = EXCLUDED.name, unit = EXCLUDED.unit, aggregation = EXCLUDED.aggregation,
-           slices = coalesce(slice_count, m.slices), updated_at = now()
+           slices = coalesce(slice_count, m.slices), updated_at = EXCLUDED.updated_at
     RETURNING m.id INTO saved;
     RETURN saved;
 EXCEPTION WHEN invalid_parameter_value THEN
@@ -822,7 +824,7 @@ DECLARE
     saved uuid;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_plan');
-    SELECT * INTO project_row FROM flagship.projects p WHERE p.id = flagship.resolve_project(project);
+    project_row := flagship.project_row(project);
     PERFORM flagship.require_object(definition, 'plan', '{key,name,features,limits,credits,rate_limits}');
     PERFORM flagship.check_key_format(definition->>'key', 'key');
     IF jsonb_typeof(coalesce(definition->'features', '{}')) <> 'object' THEN
@@ -839,7 +841,7 @@ BEGIN
     VALUES (project_row.organization_id, project_row.id, definition->>'key', definition->>'name',
             flagship.checked_rate_limits(definition->'rate_limits', 'rate_limits'))
     ON CONFLICT ON CONSTRAINT plans_key_unique DO UPDATE
-       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = now()
+       SET name = EXCLUDED.name, rate_limits = EXCLUDED.rate_limits, updated_at = EXCLUDED.updated_at
     RETURNING p.id INTO saved;
 
     DELETE FROM flagship.plan_features f WHERE f.organization_id = project_row.organization_id AND f.plan_id = saved;
@@ -884,8 +886,7 @@ DECLARE
     new_anchor timestamptz;
 BEGIN
     PERFORM flagship.require_permission('plans:write', 'put_customer');
-    SELECT * INTO environment_row FROM flagship.environments e
-     WHERE e.id = flagship.resolve_environment(environment);
+    environment_row := flagship.environment_row(environment);
     PERFORM flagship.require_object(definition, 'customer',
         '{key,name,plan,status,trial_ends_at,billing_anchor,overrides,attributes,environment}');
     -- export_project names each customer's environment: accepted when it is
@@ -933,7 +934,7 @@ BEGIN
     VALUES (environment_row.organization_id, environment_row.project_id, environment_row.id,
             definition->>'key', definition->>'name', coalesce(definition->'attributes', '{}'))
     ON CONFLICT ON CONSTRAINT customers_key_unique DO UPDATE
-       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = now()
+       SET name = EXCLUDED.name, attributes = EXCLUDED.attributes, updated_at = EXCLUDED.updated_at
     RETURNING c.id INTO saved;
 
     IF plan_row.id IS NULL THEN
@@ -947,7 +948,7 @@ BEGIN
         ON CONFLICT (organization_id, customer_id) DO UPDATE
            SET plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
                trial_ends_at = EXCLUDED.trial_ends_at,
-               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = now();
+               billing_anchor = coalesce(new_anchor, s.billing_anchor), updated_at = EXCLUDED.updated_at;
     END IF;
 
     DELETE FROM flagship.customer_feature_overrides o
@@ -990,50 +991,60 @@ AS $fn$
 $fn$;
 
 CREATE FUNCTION flagship.plan_document(plan flagship.plans) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
-        'key', plan.key, 'name', plan.name,
-        'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
-                                FROM flagship.plan_features f
-                               WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
-        'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
-                              FROM flagship.usage_limits l
-                              JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
-                             WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
-        -- Absent when the plan grants none (0.2.0 documents stay as they were).
-        'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
-                                                                     'rollover', jsonb_build_object('max', c.rollover_max)))
-                      FROM flagship.plan_credits c
-                      JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
-                     WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
-        'rate_limits', plan.rate_limits))
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+            'key', plan.key, 'name', plan.name,
+            'features', coalesce((SELECT jsonb_object_agg(f.feature_key, f.enabled)
+                                    FROM flagship.plan_features f
+                                   WHERE f.organization_id = plan.organization_id AND f.plan_id = plan.id), '{}'),
+            'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(l.usage_limit, l.period, l.enforcement))
+                                  FROM flagship.usage_limits l
+                                  JOIN flagship.metrics m ON m.organization_id = l.organization_id AND m.id = l.metric_id
+                                 WHERE l.organization_id = plan.organization_id AND l.plan_id = plan.id), '{}'),
+            -- Absent when the plan grants none (0.2.0 documents stay as they were).
+            'credits', (SELECT jsonb_object_agg(m.key, jsonb_build_object('amount', c.amount, 'period', c.period,
+                                                                         'rollover', jsonb_build_object('max', c.rollover_max)))
+                          FROM flagship.plan_credits c
+                          JOIN flagship.metrics m ON m.organization_id = c.organization_id AND m.id = c.metric_id
+                         WHERE c.organization_id = plan.organization_id AND c.plan_id = plan.id),
+            'rate_limits', plan.rate_limits)));
+END
 $fn$;
 
 CREATE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT flagship.jsonb_without_nulls(jsonb_build_object(
-        'key', customer.external_key, 'name', customer.name,
-        'plan', p.key, 'status', s.status, 'trial_ends_at', s.trial_ends_at,
-        'billing_anchor', s.billing_anchor,
-        'overrides', jsonb_build_object(
-            'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
-                                    FROM flagship.customer_feature_overrides o
-                                   WHERE o.organization_id = customer.organization_id
-                                     AND o.customer_id = customer.id), '{}'),
-            'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
-                                  FROM flagship.customer_limit_overrides o
-                                  JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
-                                 WHERE o.organization_id = customer.organization_id
-                                   AND o.customer_id = customer.id), '{}')),
-        'attributes', customer.attributes))
-      FROM (SELECT) AS one
-      LEFT JOIN flagship.subscriptions s
-        ON s.organization_id = customer.organization_id AND s.customer_id = customer.id
-      LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT flagship.jsonb_without_nulls(jsonb_build_object(
+            'key', customer.external_key, 'name', customer.name,
+            'plan', p.key, 'status', s.status, 'trial_ends_at', s.trial_ends_at,
+            'billing_anchor', s.billing_anchor,
+            'overrides', jsonb_build_object(
+                'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
+                                        FROM flagship.customer_feature_overrides o
+                                       WHERE o.organization_id = customer.organization_id
+                                         AND o.customer_id = customer.id), '{}'),
+                'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
+                                      FROM flagship.customer_limit_overrides o
+                                      JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
+                                     WHERE o.organization_id = customer.organization_id
+                                       AND o.customer_id = customer.id), '{}')),
+            'attributes', customer.attributes))
+          FROM (SELECT) AS one
+          LEFT JOIN flagship.subscriptions s
+            ON s.organization_id = customer.organization_id AND s.customer_id = customer.id
+          LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id);
+END
 $fn$;
 
 -- What plan-kind flags need to know about one customer, for the evaluation
@@ -1050,7 +1061,7 @@ AS $fn$
             SELECT jsonb_agg(k.feature_key) FROM (
                 SELECT f.feature_key FROM flagship.plan_features f
                  WHERE f.organization_id = c.organization_id AND f.plan_id = s.plan_id AND f.enabled
-                   AND NOT EXISTS (SELECT FROM flagship.customer_feature_overrides o
+                   AND NOT EXISTS (SELECT 1 FROM flagship.customer_feature_overrides o
                                     WHERE o.organization_id = c.organization_id AND o.customer_id = c.id
                                       AND o.feature_key = f.feature_key AND NOT o.enabled)
                 UNION

@@ -398,16 +398,17 @@ pub fn versioned() -> bool {
 }
 
 /// The SQL for the sum of the configuration versions of the environment
-/// whose id `environment` gives (its organization, project and itself), as
-/// the statement's snapshot sees them; NULL before 0.3.0's SQL is installed.
-pub fn configuration_version_sql(environment: &str) -> String {
+/// whose id `environment` gives, in the organization `organization` gives
+/// (its organization, project and itself), as the statement's snapshot
+/// sees them; NULL before 0.3.0's SQL is installed.
+pub fn configuration_version_sql(environment: &str, organization: &str) -> String {
     if versioned() {
         format!(
             "(SELECT coalesce(sum(v.configuration), 0)::bigint \
                 FROM flagship.environments ve \
                 JOIN flagship.cache_versions v ON v.organization_id = ve.organization_id \
                  AND v.scope IN (ve.organization_id, ve.project_id, ve.id) \
-               WHERE ve.id = {environment})"
+               WHERE ve.organization_id = {organization} AND ve.id = {environment})"
         )
     } else {
         "NULL::bigint".to_string()

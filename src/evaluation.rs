@@ -137,8 +137,10 @@ fn locate_and_compile(
             (located, checked)
         }
     };
-    let (environment_id, version) = match located {
-        Located::Found(environment_id, version, _) => (environment_id, version),
+    let (environment_id, version, organization) = match located {
+        Located::Found(environment_id, version, organization) => {
+            (environment_id, version, organization)
+        }
         Located::NotFound(message) => return Ok((Resolved::NotFound(message), checked)),
     };
     let key = CompiledKey {
@@ -146,7 +148,7 @@ fn locate_and_compile(
         organization: context::organization_id().map(|id| *id.as_bytes()),
         environment: *environment_id.as_bytes(),
     };
-    let snapshot = cache::compiled(key, version, || load(environment_id));
+    let snapshot = cache::compiled(key, version, || load(environment_id, organization));
     Ok((Resolved::Found(snapshot, environment_id), checked))
 }
 

@@ -355,7 +355,7 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                              VALUES ($1, $2, $3, $4, $5)
                              ON CONFLICT ({counter_key}) DO UPDATE
                                 SET used = EXCLUDED.used, period_start = EXCLUDED.period_start,
-                                    updated_at = now()
+                                    updated_at = EXCLUDED.updated_at
                           RETURNING c.used)
                          INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
                          SELECT $1, $2, $3, $4, 'set', $5, used, $7, $8, $9, $10 FROM gauge

@@ -17,21 +17,28 @@ use flagship_engine::rules::Snapshot;
 /// of the one it means, in one statement.
 pub(super) fn locate(environment: &str) -> Located {
     let query = || {
-        format!(
+        if cache::versioned() {
+            // One function whose reads each name the organization, so that
+            // Citus sends them to its shard group (#21).
             "SELECT coalesce(pg_catalog.to_regclass('flagship.configuration_signal'), \
-                             'flagship.features'::regclass)::oid, c.ids, \
-                    CASE WHEN cardinality(c.ids) = 1 THEN {} END, \
+                             'flagship.features'::regclass)::oid, \
+                    l.candidates, l.version, l.organization \
+               FROM flagship.locate_environment($1) l"
+                .to_string()
+        } else {
+            // Before 0.3.0's SQL: no versions, no locate_environment.
+            "SELECT 'flagship.features'::regclass::oid, c.ids, NULL::bigint, \
                     (SELECT e.organization_id FROM flagship.environments e \
                       WHERE e.id = c.ids[1] AND cardinality(c.ids) = 1) \
-               FROM (SELECT flagship.environment_candidates($1) AS ids) c",
-            cache::configuration_version_sql("c.ids[1]")
-        )
+               FROM (SELECT flagship.environment_candidates($1) AS ids) c"
+                .to_string()
+        }
     };
     let (watched, candidates, version, organization) = select_kept(
         &LOCATE_STATEMENT,
         query,
-        environment.into(),
-        pg_sys::TEXTOID,
+        &[environment.into()],
+        &[pg_sys::TEXTOID],
         |found| match found.row(0) {
             Some(row) => (
                 row.get::<pg_sys::Oid>(1).unwrap_or(pg_sys::InvalidOid),
@@ -58,8 +65,8 @@ pub(super) fn locate(environment: &str) -> Located {
     }
 }
 
-pub(super) fn load(environment_id: pgrx::Uuid) -> cache::Loaded {
-    let rows = load_rows(environment_id);
+pub(super) fn load(environment_id: pgrx::Uuid, organization: pgrx::Uuid) -> cache::Loaded {
+    let rows = load_rows(environment_id, organization);
     // The compiled form's size, roughly: its documents' text, twice over
     // for the parsed and compiled structures, plus a fixed cost per item.
     let bytes = 4096
@@ -210,8 +217,11 @@ fn select_list(tag: &str, filled: &[usize]) -> String {
     columns.join(", ")
 }
 
-/// Every row one environment's evaluation needs, and its versions, in one
-/// statement, so that all of it comes from one snapshot. Columns: `BLOCKS`.
+/// Every row one environment (`$1`, of organization `$2`) needs for its
+/// evaluation, and its versions, in one statement, so that all of it comes
+/// from one snapshot. Columns: `BLOCKS`. Every table is read with the
+/// organization as a value: Citus sends the statement to the shard group
+/// that holds it (#21).
 fn rows_query() -> String {
     format!(
         "SELECT {flag}, NULL::bigint \
@@ -219,18 +229,18 @@ fn rows_query() -> String {
            JOIN flagship.features f ON f.organization_id = e.organization_id AND f.project_id = e.project_id \
            LEFT JOIN flagship.feature_rules r \
              ON r.organization_id = f.organization_id AND r.feature_id = f.id AND r.environment_id = e.id \
-          WHERE e.id = $1 \
+          WHERE e.organization_id = $2 AND e.id = $1 \
          UNION ALL \
          SELECT {segment}, NULL::bigint \
            FROM flagship.environments e \
            JOIN flagship.segments s ON s.organization_id = e.organization_id AND s.project_id = e.project_id \
-          WHERE e.id = $1 \
+          WHERE e.organization_id = $2 AND e.id = $1 \
          UNION ALL \
          SELECT {version_row}, {version}",
         flag = select_list("flag", &[FLAG_BLOCK, HAS_CONFIG_BLOCK, CONFIG_BLOCK]),
         segment = select_list("segment", &[SEGMENT_BLOCK]),
         version_row = select_list("version", &[]),
-        version = cache::configuration_version_sql("$1")
+        version = cache::configuration_version_sql("$1", "$2")
     )
 }
 
@@ -251,8 +261,8 @@ thread_local! {
 fn select_kept<R>(
     kept: &'static std::thread::LocalKey<KeptStatement>,
     sql: impl FnOnce() -> String,
-    argument: pgrx::datum::DatumWithOid<'_>,
-    argument_type: pg_sys::Oid,
+    arguments: &[pgrx::datum::DatumWithOid<'_>],
+    argument_types: &[pg_sys::Oid],
     read: impl FnOnce(&statement_reads::Rows<'_>) -> R,
 ) -> R {
     let versioned = cache::versioned();
@@ -263,24 +273,21 @@ fn select_kept<R>(
                 .as_ref()
                 .is_none_or(|(for_versioned, _)| *for_versioned != versioned)
             {
-                *cell = Some((
-                    versioned,
-                    KeptPlan::prepare(client, &sql(), &[argument_type]),
-                ));
+                *cell = Some((versioned, KeptPlan::prepare(client, &sql(), argument_types)));
             }
             let (_, plan) = cell.as_ref().expect("prepared above");
-            let rows = statement_reads::select(client, Query::Kept(plan), &[argument], 0);
+            let rows = statement_reads::select(client, Query::Kept(plan), arguments, 0);
             read(&rows)
         })
     })
 }
 
-fn load_rows(environment_id: pgrx::Uuid) -> StoredRows {
+fn load_rows(environment_id: pgrx::Uuid, organization: pgrx::Uuid) -> StoredRows {
     select_kept(
         &ROWS_STATEMENT,
         rows_query,
-        environment_id.into(),
-        pg_sys::UUIDOID,
+        &[environment_id.into(), organization.into()],
+        &[pg_sys::UUIDOID, pg_sys::UUIDOID],
         |found| {
             let mut rows = StoredRows {
                 flags: Vec::new(),
