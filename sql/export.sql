@@ -20,6 +20,7 @@ DECLARE
     m flagship.metrics;
     pl flagship.plans;
     c flagship.customers;
+    environment_key text;
     segments jsonb := '[]';
     flags jsonb := '[]';
     metrics jsonb := '[]';
@@ -47,11 +48,12 @@ BEGIN
                    JOIN flagship.environments e ON e.organization_id = x.organization_id AND e.id = x.environment_id
                   WHERE x.organization_id = p.organization_id AND x.project_id = p.id
                   ORDER BY e.key, x.external_key LOOP
+            -- Read on its own: with the call in the same statement, Citus
+            -- would send the call into the shard query.
+            SELECT e.key INTO environment_key FROM flagship.environments e
+             WHERE e.organization_id = c.organization_id AND e.id = c.environment_id;
             customer_documents := customer_documents || jsonb_build_array(
-                flagship.customer_document(c)
-                || jsonb_build_object('environment', (SELECT e.key FROM flagship.environments e
-                                                       WHERE e.organization_id = c.organization_id
-                                                         AND e.id = c.environment_id)));
+                flagship.customer_document(c) || jsonb_build_object('environment', environment_key));
         END LOOP;
     END IF;
     RETURN jsonb_build_object(

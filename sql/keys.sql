@@ -452,8 +452,8 @@ BEGIN
         SELECT * INTO key_row FROM flagship.api_keys k WHERE k.key_hash = sha256(convert_to(key, 'UTF8'));
     END IF;
     IF key_row.id IS NULL THEN
-        -- On a Citus worker, where no key is stored, this raises instead.
-        PERFORM flagship.refuse_on_a_citus_worker();
+        -- Away from the organization's rows (Citus) this raises instead.
+        PERFORM flagship.refuse_away_from_the_organization();
         code := 'NOT_FOUND';
     -- An allow-list admits only the addresses it lists, and tells callers
     -- elsewhere nothing more (not even that the key was revoked); a

@@ -167,7 +167,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    PERFORM flagship.refuse_on_a_citus_worker();
+    PERFORM flagship.refuse_away_from_the_organization();
     RETURN NULL;
 END
 $fn$;
@@ -199,10 +199,10 @@ BEGIN
            AND rp.permission = has_permission.permission) THEN
         RETURN true;
     END IF;
-    -- On a Citus worker, where no member is stored, a false answer raises
-    -- instead (#21): a call pushed down into a shard query would deny
-    -- every row in silence.
-    PERFORM flagship.refuse_on_a_citus_worker();
+    -- Away from the organization's rows (Citus, #21) a false answer raises
+    -- instead: a call pushed down into a shard query would deny every row
+    -- in silence.
+    PERFORM flagship.refuse_away_from_the_organization();
     RETURN false;
 END
 $fn$;

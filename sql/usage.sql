@@ -1021,29 +1021,30 @@ CREATE FUNCTION flagship.customer_document(customer flagship.customers) RETURNS 
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
--- PL/pgSQL: Citus cannot plan a SQL function's statements that take
--- parameters, and here the organization is a value of each (#21).
+-- PL/pgSQL, each read naming the organization as a value: Citus plans
+-- each as a query on the organization's shards (#21).
+DECLARE
+    subscription record;
 BEGIN
-    RETURN (
-        SELECT flagship.jsonb_without_nulls(jsonb_build_object(
-            'key', customer.external_key, 'name', customer.name,
-            'plan', p.key, 'status', s.status, 'trial_ends_at', s.trial_ends_at,
-            'billing_anchor', s.billing_anchor,
-            'overrides', jsonb_build_object(
-                'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
-                                        FROM flagship.customer_feature_overrides o
-                                       WHERE o.organization_id = customer.organization_id
-                                         AND o.customer_id = customer.id), '{}'),
-                'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
-                                      FROM flagship.customer_limit_overrides o
-                                      JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
-                                     WHERE o.organization_id = customer.organization_id
-                                       AND o.customer_id = customer.id), '{}')),
-            'attributes', customer.attributes))
-          FROM (SELECT) AS one
-          LEFT JOIN flagship.subscriptions s
-            ON s.organization_id = customer.organization_id AND s.customer_id = customer.id
-          LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id);
+    SELECT s.status, s.trial_ends_at, s.billing_anchor, p.key AS plan_key INTO subscription
+      FROM flagship.subscriptions s
+      LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
+     WHERE s.organization_id = customer.organization_id AND s.customer_id = customer.id;
+    RETURN flagship.jsonb_without_nulls(jsonb_build_object(
+        'key', customer.external_key, 'name', customer.name,
+        'plan', subscription.plan_key, 'status', subscription.status,
+        'trial_ends_at', subscription.trial_ends_at, 'billing_anchor', subscription.billing_anchor,
+        'overrides', jsonb_build_object(
+            'features', coalesce((SELECT jsonb_object_agg(o.feature_key, o.enabled)
+                                    FROM flagship.customer_feature_overrides o
+                                   WHERE o.organization_id = customer.organization_id
+                                     AND o.customer_id = customer.id), '{}'),
+            'limits', coalesce((SELECT jsonb_object_agg(m.key, flagship.limit_document(o.usage_limit, o.period, o.enforcement))
+                                  FROM flagship.customer_limit_overrides o
+                                  JOIN flagship.metrics m ON m.organization_id = o.organization_id AND m.id = o.metric_id
+                                 WHERE o.organization_id = customer.organization_id
+                                   AND o.customer_id = customer.id), '{}')),
+        'attributes', customer.attributes));
 END
 $fn$;
 

@@ -83,7 +83,7 @@ fn snapshot_for(
 /// environment at all under row-level security (unless its role bypasses
 /// it), and is told that rather than that one name is missing.
 fn not_found(message: String) -> (ErrorCode, String) {
-    crate::citus::refuse_on_a_worker();
+    crate::citus::refuse_away_from_the_rows();
     if context::organization_id().is_some() || crate::postgres::backend::sees_every_organization() {
         return (ErrorCode::EnvironmentNotFound, message);
     }

@@ -39,7 +39,7 @@ extension_sql_file!(
         "bootstrap",
         context::current_organization_id,
         context::current_actor,
-        citus::refuse_on_a_citus_worker,
+        citus::refuse_away_from_the_organization,
         context::acting_role,
         context::current_key_id,
         context::key_grants
@@ -83,7 +83,7 @@ extension_sql_file!(
     requires = [
         "usage",
         rate_limits::rate_limit_hit,
-        citus::refuse_on_a_citus_worker
+        citus::refuse_away_from_the_organization
     ]
 );
 extension_sql_file!("../sql/events.sql", name = "events", requires = ["keys"]);
@@ -117,6 +117,11 @@ extension_sql_file!(
 );
 
 extension_sql_file!("../sql/erasure.sql", name = "erasure", requires = ["audit"]);
+extension_sql_file!(
+    "../sql/distribution.sql",
+    name = "distribution",
+    requires = ["erasure"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -1,0 +1,292 @@
+-- Distributing FlagShip over a Citus cluster (#21; README, "Citus"):
+-- every tenant table hash-distributed by organization, all of an
+-- organization's rows in one co-located shard group, so that FlagShip runs
+-- on the node holding that group as on a single server: each statement
+-- names the organization as a value and Citus executes it on the local
+-- shard, in the session's own backend, where row-level security, key mode
+-- and the cache signals work as they do on one server.
+
+-- What every node does to its copy of FlagShip's tables before they are
+-- distributed (each node's copy is the extension's own until then). Safe
+-- to run twice: distribute() runs it again after a failure.
+CREATE FUNCTION flagship.prepare_for_distribution(trigger_names text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    p record;
+    folded record;
+    folded_statements text[] := '{}';
+    statement text;
+    t record;
+BEGIN
+    -- Unique only within an organization once distributed: slugs are
+    -- checked by create_organization, key hashes are random.
+    ALTER TABLE flagship.organizations DROP CONSTRAINT IF EXISTS organizations_slug_key;
+    DROP INDEX IF EXISTS flagship.api_keys_hash;
+    -- Citus refuses subqueries in the policies of distributed tables: the
+    -- (SELECT f()) around each function call goes (PostgreSQL then calls
+    -- it per row instead of once per statement).
+    DROP TABLE IF EXISTS pg_temp.policies_before;
+    CREATE TEMPORARY TABLE policies_before ON COMMIT DROP AS
+    SELECT x.tablename, x.policyname, x.restrictive, x.cmd, x.using_clause, x.check_clause,
+           x.using_clause IS DISTINCT FROM x.qual OR x.check_clause IS DISTINCT FROM x.with_check AS changed
+      FROM (SELECT pol.tablename, pol.policyname, pol.permissive = 'RESTRICTIVE' AS restrictive, pol.cmd,
+                   pol.qual, pol.with_check,
+                   regexp_replace(pol.qual, subquery, '\1', 'g') AS using_clause,
+                   regexp_replace(pol.with_check, subquery, '\1', 'g') AS check_clause
+              FROM pg_catalog.pg_policies pol
+             CROSS JOIN (VALUES ('\(\s*SELECT\s+([a-z_.]+\([^()]*\))\s+AS\s+[a-z_]+\)')) AS pattern (subquery)
+             WHERE pol.schemaname = 'flagship') x;
+    -- Citus copies a restrictive policy to the shards as a permissive one
+    -- (13.2: CreatePolicyCommandForPolicy writes no AS RESTRICTIVE), which
+    -- would let any role write what only FlagShip's functions may. On a
+    -- table with restrictive policies, each command gets one permissive
+    -- policy instead, the restrictions folded in as PostgreSQL combines
+    -- them: (any permissive) AND (every restrictive).
+    FOR folded IN SELECT b.tablename, c.cmd,
+                         string_agg('(' || b.using_clause || ')', ' OR ')
+                             FILTER (WHERE NOT b.restrictive AND b.using_clause IS NOT NULL) AS permitted,
+                         string_agg('(' || coalesce(b.check_clause, b.using_clause) || ')', ' OR ')
+                             FILTER (WHERE NOT b.restrictive) AS permitted_writes,
+                         string_agg('(' || b.using_clause || ')', ' AND ')
+                             FILTER (WHERE b.restrictive AND b.using_clause IS NOT NULL) AS required,
+                         string_agg('(' || coalesce(b.check_clause, b.using_clause) || ')', ' AND ')
+                             FILTER (WHERE b.restrictive AND coalesce(b.check_clause, b.using_clause) IS NOT NULL)
+                             AS required_writes
+                    FROM policies_before b
+                    CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS c (cmd)
+                   WHERE b.cmd IN (c.cmd, 'ALL')
+                     AND b.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive)
+                   GROUP BY b.tablename, c.cmd
+                  HAVING bool_or(NOT b.restrictive) LOOP
+        statement := format('CREATE POLICY %I ON flagship.%I FOR %s TO public',
+                            folded.tablename || '_' || lower(folded.cmd) || '_folded', folded.tablename, folded.cmd);
+        IF folded.cmd <> 'INSERT' THEN
+            statement := statement || format(' USING ((%s)%s)', folded.permitted,
+                                             coalesce(' AND ' || folded.required, ''));
+        END IF;
+        IF folded.cmd IN ('INSERT', 'UPDATE') THEN
+            statement := statement || format(' WITH CHECK ((%s)%s)', folded.permitted_writes,
+                                             coalesce(' AND ' || folded.required_writes, ''));
+        END IF;
+        folded_statements := folded_statements || statement;
+    END LOOP;
+    FOR p IN SELECT * FROM policies_before b
+              WHERE b.changed OR b.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive) LOOP
+        EXECUTE format('DROP POLICY %I ON flagship.%I', p.policyname, p.tablename);
+        CONTINUE WHEN p.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive);
+        statement := format('CREATE POLICY %I ON flagship.%I FOR %s TO public', p.policyname, p.tablename, p.cmd);
+        IF p.using_clause IS NOT NULL THEN
+            statement := statement || format(' USING (%s)', p.using_clause);
+        END IF;
+        IF p.check_clause IS NOT NULL THEN
+            statement := statement || format(' WITH CHECK (%s)', p.check_clause);
+        END IF;
+        EXECUTE statement;
+    END LOOP;
+    FOREACH statement IN ARRAY folded_statements LOOP
+        EXECUTE statement;
+    END LOOP;
+    -- Copying the rows into the shards would fire the triggers:
+    -- distribute() creates them again afterwards.
+    FOR t IN SELECT tg.tgname, c.relname FROM pg_catalog.pg_trigger tg
+               JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+              WHERE c.relnamespace = 'flagship'::regnamespace AND NOT tg.tgisinternal
+                AND tg.tgname = ANY (trigger_names) LOOP
+        EXECUTE format('DROP TRIGGER %I ON flagship.%I', t.tgname, t.relname);
+    END LOOP;
+    -- A reference table takes no foreign key of a local table.
+    ALTER TABLE flagship.role_permissions DROP CONSTRAINT IF EXISTS role_permissions_permission_fkey;
+    ALTER TABLE flagship.builtin_role_permissions
+        DROP CONSTRAINT IF EXISTS builtin_role_permissions_permission_fkey;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
+
+-- Trigger and policy functions run inside the queries Citus executes on
+-- the shards, and those that read FlagShip's tables make distributed
+-- queries there, which Citus refuses unless allowed: allowed for them
+-- alone. It reads right: an organization's rows are all in one shard
+-- group, so the nested query reads the same node's shards, in the same
+-- transaction. Every node runs it, again after ALTER EXTENSION ... UPDATE
+-- (which defines the functions anew): flagship.distribute() does both.
+CREATE FUNCTION flagship.allow_nested_reads() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    fn record;
+    altered integer := 0;
+BEGIN
+    FOR fn IN SELECT p.oid::regprocedure AS signature
+                FROM pg_catalog.pg_proc p
+               WHERE p.pronamespace = 'flagship'::regnamespace
+                 AND p.prolang IN (SELECT l.oid FROM pg_catalog.pg_language l WHERE l.lanname IN ('sql', 'plpgsql'))
+                 AND (p.oid IN (SELECT tg.tgfoid FROM pg_catalog.pg_trigger tg
+                                  JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+                                 WHERE c.relnamespace = 'flagship'::regnamespace)
+                      OR p.proname IN (SELECT m[1] FROM pg_catalog.pg_policies pol,
+                                              regexp_matches(coalesce(pol.qual, '') || ' ' || coalesce(pol.with_check, ''),
+                                                             'flagship\.([a-z_]+)\(', 'g') AS m
+                                        WHERE pol.schemaname = 'flagship'))
+               ORDER BY 1 LOOP
+        EXECUTE format('ALTER FUNCTION %s SET citus.allow_nested_distributed_execution = on', fn.signature);
+        altered := altered + 1;
+    END LOOP;
+    RETURN altered;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.allow_nested_reads() FROM PUBLIC;
+
+-- Runs `command` here and on every worker (Citus's own connections, each
+-- in a transaction of its own), raising for the first node it fails on.
+CREATE FUNCTION flagship.on_every_node(command text, doing text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    worker record;
+BEGIN
+    EXECUTE command;
+    FOR worker IN SELECT * FROM pg_catalog.run_command_on_workers(command) LOOP
+        IF NOT worker.success THEN
+            RAISE EXCEPTION 'distribute: % on the worker %:% failed: %', doing,
+                worker.nodename, worker.nodeport, worker.result
+                USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+    END LOOP;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.on_every_node(text, text) FROM PUBLIC;
+
+CREATE FUNCTION flagship.distribute() RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    definitions text[];
+    names text[];
+    pending text[];
+    failed text[];
+    progress boolean := true;
+    t text;
+    definition text;
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'distribute: only a superuser distributes FlagShip''s tables'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'distribute: Citus is not installed in this database'
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'CREATE EXTENSION citus on every node, add the workers, then call flagship.distribute() on the coordinator';
+    END IF;
+    IF (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g) <> 0 THEN
+        RAISE EXCEPTION 'distribute: this is a Citus worker; call it on the coordinator'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
+                WHERE d.logicalrelid = 'flagship.organizations'::regclass) THEN
+        -- Already distributed: after ALTER EXTENSION ... UPDATE the
+        -- functions are new and need the nested reads allowed again.
+        PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
+        RETURN jsonb_build_object('already_distributed', true);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node n WHERE n.groupid <> 0 AND n.isactive) THEN
+        RAISE EXCEPTION 'distribute: the coordinator has no worker'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'add the workers first: SELECT citus_add_node(host, port)';
+    END IF;
+
+    -- The triggers as they are now (the coordinator's copy), but the one
+    -- that keeps organizations off the workers while FlagShip's tables are
+    -- the coordinator's alone.
+    SELECT array_agg(pg_catalog.pg_get_triggerdef(tg.oid) ORDER BY c.relname, tg.tgname),
+           array_agg(tg.tgname::text)
+      INTO definitions, names
+      FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+     WHERE c.relnamespace = 'flagship'::regnamespace AND NOT tg.tgisinternal;
+    PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
+    PERFORM flagship.on_every_node(format('SELECT flagship.prepare_for_distribution(%L)', names), 'preparing');
+
+    PERFORM pg_catalog.create_reference_table('flagship.permissions');
+    PERFORM pg_catalog.create_reference_table('flagship.builtin_role_permissions');
+    ALTER TABLE flagship.builtin_role_permissions ADD CONSTRAINT builtin_role_permissions_permission_fkey
+        FOREIGN KEY (permission) REFERENCES flagship.permissions (key);
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM pg_catalog.create_distributed_table('flagship.organizations', 'id');
+    SELECT array_agg(c.relname::text ORDER BY c.relname) INTO pending
+      FROM pg_catalog.pg_class c
+     WHERE c.relnamespace = 'flagship'::regnamespace AND c.relkind = 'r'
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = c.oid AND a.attname = 'organization_id' AND NOT a.attisdropped);
+    -- A table whose foreign keys name tables not yet distributed waits for
+    -- the next round.
+    WHILE progress AND cardinality(pending) > 0 LOOP
+        progress := false;
+        failed := '{}';
+        FOREACH t IN ARRAY pending LOOP
+            BEGIN
+                PERFORM pg_catalog.create_distributed_table('flagship.' || t, 'organization_id',
+                                                            colocate_with => 'flagship.organizations');
+                progress := true;
+            EXCEPTION WHEN OTHERS THEN
+                failed := failed || t;
+            END;
+        END LOOP;
+        pending := failed;
+    END LOOP;
+    IF cardinality(pending) > 0 THEN
+        -- Once more, to raise the first table's own error.
+        PERFORM pg_catalog.create_distributed_table('flagship.' || pending[1], 'organization_id',
+                                                    colocate_with => 'flagship.organizations');
+    END IF;
+    FOREACH definition IN ARRAY definitions LOOP
+        CONTINUE WHEN definition LIKE '% organizations_only_on_the_coordinator %';
+        EXECUTE definition;
+    END LOOP;
+
+    -- Citus gives an extension's sequences no per-node ranges: each worker
+    -- draws ledger and trail ids from its own block of 2^48.
+    PERFORM flagship.on_every_node(
+        'SELECT count(pg_catalog.setval(s, greatest(pg_catalog.nextval(s),
+                 (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)::bigint << 48)))
+           FROM unnest(ARRAY[''flagship.usage_ledger_id_seq'', ''flagship.audit_events_id_seq'']::regclass[]) s',
+        'setting id ranges');
+    RETURN jsonb_build_object(
+        'distributed', (SELECT count(*) FROM pg_catalog.pg_dist_partition d
+                         JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+                        WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'),
+        'reference', (SELECT count(*) FROM pg_catalog.pg_dist_partition d
+                       JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+                      WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'n'),
+        'workers', (SELECT count(*) FROM pg_catalog.pg_dist_node n WHERE n.groupid <> 0 AND n.isactive));
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.distribute() FROM PUBLIC;
+
+-- Where an organization's rows are (the session's when NULL): the node to
+-- call FlagShip on once its tables are distributed; no row before.
+CREATE FUNCTION flagship.organization_node(organization_id uuid DEFAULT NULL)
+RETURNS TABLE (host text, port integer)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    org constant uuid := coalesce(organization_node.organization_id, flagship.current_organization_id());
+BEGIN
+    IF org IS NULL OR pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL
+       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
+                       WHERE d.logicalrelid = 'flagship.organizations'::regclass) THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT n.nodename::text, n.nodeport::integer
+           FROM pg_catalog.pg_dist_placement pl
+           JOIN pg_catalog.pg_dist_node n ON n.groupid = pl.groupid
+          WHERE pl.shardid = pg_catalog.get_shard_id_for_distribution_column(''flagship.organizations'', $1)'
+        USING org;
+END
+$fn$;
