@@ -153,6 +153,10 @@ CREATE FUNCTION flagship.audit_events_append_only() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    -- On Citus the trigger fires on a shard, named <table>_<shard id>
+    -- (#21); no table of FlagShip's ends in digits.
+    table_name constant text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
 BEGIN
     IF flagship.audit_maintenance_declared() THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
@@ -162,7 +166,7 @@ BEGIN
     -- content and mark it erased by that erasure; nothing the chain
     -- hashes changes.
     -- (Nested: NEW has those columns only on audit_events.)
-    IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
+    IF table_name = 'audit_events' AND TG_OP = 'UPDATE' THEN
         IF current_setting('flagship.erasing', true) = NEW.erased_by::text
            AND current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship')
            AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
@@ -175,7 +179,7 @@ BEGIN
             RETURN NEW;
         END IF;
     END IF;
-    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+    RAISE EXCEPTION '% is append-only: % refused', table_name, TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
 END
@@ -272,8 +276,13 @@ BEGIN
     -- Any role may LISTEN to any channel, so the payload carries nothing
     -- row-level security would hide: only the event's database-wide id.
     -- A listener asks flagship.changes_since what changed in its own
-    -- organization.
-    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    -- organization. On Citus, a change sent from another node runs in a
+    -- connection of Citus's own, whose transaction may be prepared for a
+    -- two-phase commit, which a NOTIFY makes fail: there the change is
+    -- left unannounced, in changes_since for the next poll (#21).
+    IF current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
+        PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    END IF;
     RETURN position;
 END
 $fn$;
@@ -293,6 +302,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    -- On Citus the trigger fires on a shard, named <table>_<shard id>
+    -- (#21); no table of FlagShip's ends in digits.
+    table_name constant text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
     left_out text[] := TG_ARGV[2:];
     before jsonb;
     after jsonb;
@@ -327,7 +339,7 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
+    org := CASE table_name WHEN 'organizations' THEN subject->>'id'
                               ELSE subject->>'organization_id' END;
     resource := subject->>'id';
     IF resource IS NULL THEN
@@ -337,7 +349,7 @@ BEGIN
 
     -- The change feed names what an application caches: a flag, a plan,
     -- a customer, even when the row changed is one of their parts.
-    CASE TG_TABLE_NAME
+    CASE table_name
     WHEN 'feature_rules' THEN
         SELECT f.key INTO subject_key FROM flagship.features f
          WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
@@ -359,9 +371,9 @@ BEGIN
     subject_key := coalesce(subject_key, subject->>'key', subject->>'external_key',
                             subject->>'user_key', subject->>'slug', resource);
     environment := coalesce(environment, (subject->>'environment_id')::uuid,
-                            CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
+                            CASE table_name WHEN 'environments' THEN (subject->>'id')::uuid END);
 
-    PERFORM flagship.audit_append(org, lower(TG_OP), TG_TABLE_NAME, resource, changes,
+    PERFORM flagship.audit_append(org, lower(TG_OP), table_name, resource, changes,
                                   TG_ARGV[0], subject_key, environment);
     RETURN NULL;
 END

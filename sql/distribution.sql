@@ -104,6 +104,35 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
 
+-- Citus writes the rows of an INSERT ... SELECT it cannot push down, and
+-- of a COPY, into a shard on the same node with PostgreSQL's COPY
+-- machinery called directly, which checks no row-level security policy
+-- (13.2; on another node the shard's COPY refuses the table instead): an
+-- admin of one organization could then write rows of another whose shards
+-- share the node. distribute() puts this guard on every tenant table: the
+-- new row belongs to the session's organization, and the tables only
+-- FlagShip's functions write take rows only while they write. Superusers
+-- and roles with BYPASSRLS pass, as they pass row-level security.
+-- Arguments: the organization column, and whether usage writes must be open.
+CREATE FUNCTION flagship.guard_tenant_row() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RETURN NEW;
+    END IF;
+    IF (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS DISTINCT FROM flagship.current_organization_id()
+       OR (TG_ARGV[1]::boolean AND NOT flagship.usage_writes_open()) THEN
+        RAISE EXCEPTION 'new row violates row-level security policy for table "%"',
+            regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.guard_tenant_row() FROM PUBLIC;
+
 -- Trigger and policy functions run inside the queries Citus executes on
 -- the shards, and those that read FlagShip's tables make distributed
 -- queries there, which Citus refuses unless allowed: allowed for them
@@ -167,6 +196,9 @@ AS $fn$
 DECLARE
     definitions text[];
     names text[];
+    always text[];
+    guarded_column text;
+    usage_only boolean;
     pending text[];
     failed text[];
     progress boolean := true;
@@ -203,8 +235,10 @@ BEGIN
     -- that keeps organizations off the workers while FlagShip's tables are
     -- the coordinator's alone.
     SELECT array_agg(pg_catalog.pg_get_triggerdef(tg.oid) ORDER BY c.relname, tg.tgname),
-           array_agg(tg.tgname::text)
-      INTO definitions, names
+           array_agg(tg.tgname::text),
+           array_agg(format('ALTER TABLE flagship.%I ENABLE ALWAYS TRIGGER %I', c.relname, tg.tgname))
+               FILTER (WHERE tg.tgenabled = 'A')
+      INTO definitions, names, always
       FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
      WHERE c.relnamespace = 'flagship'::regnamespace AND NOT tg.tgisinternal;
     PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
@@ -244,6 +278,35 @@ BEGIN
     END IF;
     FOREACH definition IN ARRAY definitions LOOP
         CONTINUE WHEN definition LIKE '% organizations_only_on_the_coordinator %';
+        IF definition LIKE '% OR TRUNCATE ON %' THEN
+            -- Citus puts no trigger on the shards that has TRUNCATE among
+            -- its events (13.2: "we don't have truncate triggers on shard
+            -- relations"), so its other events would fire nowhere (the
+            -- cache signals did not): TRUNCATE gets a trigger of its own.
+            EXECUTE replace(definition, ' OR TRUNCATE ON ', ' ON ');
+            EXECUTE regexp_replace(definition, '^CREATE TRIGGER (\S+) (AFTER|BEFORE) [A-Z ]+ ON ',
+                                   'CREATE TRIGGER \1_truncate \2 TRUNCATE ON ');
+        ELSE
+            EXECUTE definition;
+        END IF;
+    END LOOP;
+    -- Row-level security as Citus's own writes into a local shard skip it.
+    FOR t, guarded_column, usage_only IN
+        SELECT c.relname::text, CASE c.relname WHEN 'organizations' THEN 'id' ELSE 'organization_id' END,
+               EXISTS (SELECT 1 FROM pg_catalog.pg_policies pol
+                        WHERE pol.schemaname = 'flagship' AND pol.tablename = c.relname
+                          AND pol.cmd IN ('INSERT', 'UPDATE', 'ALL')
+                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%')
+          FROM pg_catalog.pg_dist_partition d
+          JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+         WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'
+    LOOP
+        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON flagship.%I
+                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L)',
+                       t || '_tenant_guard', t, guarded_column, usage_only);
+    END LOOP;
+    -- The guards that fire under session_replication_role = replica too.
+    FOREACH definition IN ARRAY coalesce(always, '{}') LOOP
         EXECUTE definition;
     END LOOP;
 

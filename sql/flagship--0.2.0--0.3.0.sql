@@ -2168,20 +2168,25 @@ GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship
 CREATE FUNCTION flagship.plan_grant_amount(organization_id uuid, customer_id uuid, metric_id uuid,
                                            amount bigint, period_start timestamptz, rollover_max bigint)
 RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT plan_grant_amount.amount + coalesce((
-        SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
-                    THEN least(plan_grant_amount.rollover_max, g.remaining)
-                    ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
-          FROM flagship.credit_grants g
-         WHERE g.organization_id = plan_grant_amount.organization_id
-           AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
-           AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
-         ORDER BY g.period_start DESC
-         LIMIT 1), 0)
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT plan_grant_amount.amount + coalesce((
+            SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
+                        THEN least(plan_grant_amount.rollover_max, g.remaining)
+                        ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
+              FROM flagship.credit_grants g
+             WHERE g.organization_id = plan_grant_amount.organization_id
+               AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
+               AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
+             ORDER BY g.period_start DESC
+             LIMIT 1), 0));
+END
 $fn$;
 -- Applications insert only a plan's own grants, inside the usage
 -- functions (the insert policy); members with plans:write any grant.
@@ -4967,6 +4972,10 @@ CREATE OR REPLACE FUNCTION flagship.audit_events_append_only() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    -- On Citus the trigger fires on a shard, named <table>_<shard id>
+    -- (#21); no table of FlagShip's ends in digits.
+    table_name constant text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
 BEGIN
     IF flagship.audit_maintenance_declared() THEN
         RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
@@ -4976,7 +4985,7 @@ BEGIN
     -- content and mark it erased by that erasure; nothing the chain
     -- hashes changes.
     -- (Nested: NEW has those columns only on audit_events.)
-    IF TG_TABLE_NAME = 'audit_events' AND TG_OP = 'UPDATE' THEN
+    IF table_name = 'audit_events' AND TG_OP = 'UPDATE' THEN
         IF current_setting('flagship.erasing', true) = NEW.erased_by::text
            AND current_user::text::regrole = (SELECT x.extowner FROM pg_extension x WHERE x.extname = 'flagship')
            AND (NEW.organization_id, NEW.chain_seq, NEW.id, NEW.occurred_at, NEW.action, NEW.resource_type,
@@ -4989,7 +4998,7 @@ BEGIN
             RETURN NEW;
         END IF;
     END IF;
-    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+    RAISE EXCEPTION '% is append-only: % refused', table_name, TG_OP
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'a superuser may SET flagship.audit_maintenance = on first; verify_audit_chain will show the edit';
 END
@@ -5068,8 +5077,13 @@ BEGIN
     -- Any role may LISTEN to any channel, so the payload carries nothing
     -- row-level security would hide: only the event's database-wide id.
     -- A listener asks flagship.changes_since what changed in its own
-    -- organization.
-    PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    -- organization. On Citus, a change sent from another node runs in a
+    -- connection of Citus's own, whose transaction may be prepared for a
+    -- two-phase commit, which a NOTIFY makes fail: there the change is
+    -- left unannounced, in changes_since for the next poll (#21).
+    IF current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
+        PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
+    END IF;
     RETURN position;
 END
 $fn$;
@@ -5089,6 +5103,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    -- On Citus the trigger fires on a shard, named <table>_<shard id>
+    -- (#21); no table of FlagShip's ends in digits.
+    table_name constant text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
     left_out text[] := TG_ARGV[2:];
     before jsonb;
     after jsonb;
@@ -5123,7 +5140,7 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    org := CASE TG_TABLE_NAME WHEN 'organizations' THEN subject->>'id'
+    org := CASE table_name WHEN 'organizations' THEN subject->>'id'
                               ELSE subject->>'organization_id' END;
     resource := subject->>'id';
     IF resource IS NULL THEN
@@ -5133,7 +5150,7 @@ BEGIN
 
     -- The change feed names what an application caches: a flag, a plan,
     -- a customer, even when the row changed is one of their parts.
-    CASE TG_TABLE_NAME
+    CASE table_name
     WHEN 'feature_rules' THEN
         SELECT f.key INTO subject_key FROM flagship.features f
          WHERE f.organization_id = org AND f.id = (subject->>'feature_id')::uuid;
@@ -5155,9 +5172,9 @@ BEGIN
     subject_key := coalesce(subject_key, subject->>'key', subject->>'external_key',
                             subject->>'user_key', subject->>'slug', resource);
     environment := coalesce(environment, (subject->>'environment_id')::uuid,
-                            CASE TG_TABLE_NAME WHEN 'environments' THEN (subject->>'id')::uuid END);
+                            CASE table_name WHEN 'environments' THEN (subject->>'id')::uuid END);
 
-    PERFORM flagship.audit_append(org, lower(TG_OP), TG_TABLE_NAME, resource, changes,
+    PERFORM flagship.audit_append(org, lower(TG_OP), table_name, resource, changes,
                                   TG_ARGV[0], subject_key, environment);
     RETURN NULL;
 END
@@ -6150,10 +6167,31 @@ END
 $fn$;
 
 CREATE OR REPLACE FUNCTION flagship.customer_entitlements(environment_id uuid, external_key text) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT jsonb_build_object(
+-- PL/pgSQL, the customer read by the session's organization when it has
+-- one: Citus plans it as a query on that organization's shards (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    c flagship.customers;
+    s flagship.subscriptions;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO c FROM flagship.customers x
+         WHERE x.environment_id = customer_entitlements.environment_id
+           AND x.external_key = customer_entitlements.external_key;
+    ELSE
+        SELECT * INTO c FROM flagship.customers x
+         WHERE x.organization_id = org AND x.environment_id = customer_entitlements.environment_id
+           AND x.external_key = customer_entitlements.external_key;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO s FROM flagship.subscriptions x
+     WHERE x.organization_id = c.organization_id AND x.customer_id = c.id;
+    RETURN jsonb_build_object(
         'status', s.status,
         'trial_ends_at', extract(epoch FROM s.trial_ends_at),
         'features', coalesce((
@@ -6166,10 +6204,8 @@ AS $fn$
                 UNION
                 SELECT o.feature_key FROM flagship.customer_feature_overrides o
                  WHERE o.organization_id = c.organization_id AND o.customer_id = c.id AND o.enabled) k), '[]'),
-        'attributes', c.attributes)
-      FROM flagship.customers c
-      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
-     WHERE c.environment_id = customer_entitlements.environment_id AND c.external_key = customer_entitlements.external_key
+        'attributes', c.attributes);
+END
 $fn$;
 
 -- The row of the project or environment a name means (resolve_project's,
@@ -6463,6 +6499,35 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
 
+-- Citus writes the rows of an INSERT ... SELECT it cannot push down, and
+-- of a COPY, into a shard on the same node with PostgreSQL's COPY
+-- machinery called directly, which checks no row-level security policy
+-- (13.2; on another node the shard's COPY refuses the table instead): an
+-- admin of one organization could then write rows of another whose shards
+-- share the node. distribute() puts this guard on every tenant table: the
+-- new row belongs to the session's organization, and the tables only
+-- FlagShip's functions write take rows only while they write. Superusers
+-- and roles with BYPASSRLS pass, as they pass row-level security.
+-- Arguments: the organization column, and whether usage writes must be open.
+CREATE FUNCTION flagship.guard_tenant_row() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RETURN NEW;
+    END IF;
+    IF (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS DISTINCT FROM flagship.current_organization_id()
+       OR (TG_ARGV[1]::boolean AND NOT flagship.usage_writes_open()) THEN
+        RAISE EXCEPTION 'new row violates row-level security policy for table "%"',
+            regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+REVOKE ALL ON FUNCTION flagship.guard_tenant_row() FROM PUBLIC;
+
 -- Trigger and policy functions run inside the queries Citus executes on
 -- the shards, and those that read FlagShip's tables make distributed
 -- queries there, which Citus refuses unless allowed: allowed for them
@@ -6526,6 +6591,9 @@ AS $fn$
 DECLARE
     definitions text[];
     names text[];
+    always text[];
+    guarded_column text;
+    usage_only boolean;
     pending text[];
     failed text[];
     progress boolean := true;
@@ -6562,8 +6630,10 @@ BEGIN
     -- that keeps organizations off the workers while FlagShip's tables are
     -- the coordinator's alone.
     SELECT array_agg(pg_catalog.pg_get_triggerdef(tg.oid) ORDER BY c.relname, tg.tgname),
-           array_agg(tg.tgname::text)
-      INTO definitions, names
+           array_agg(tg.tgname::text),
+           array_agg(format('ALTER TABLE flagship.%I ENABLE ALWAYS TRIGGER %I', c.relname, tg.tgname))
+               FILTER (WHERE tg.tgenabled = 'A')
+      INTO definitions, names, always
       FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
      WHERE c.relnamespace = 'flagship'::regnamespace AND NOT tg.tgisinternal;
     PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
@@ -6603,6 +6673,35 @@ BEGIN
     END IF;
     FOREACH definition IN ARRAY definitions LOOP
         CONTINUE WHEN definition LIKE '% organizations_only_on_the_coordinator %';
+        IF definition LIKE '% OR TRUNCATE ON %' THEN
+            -- Citus puts no trigger on the shards that has TRUNCATE among
+            -- its events (13.2: "we don't have truncate triggers on shard
+            -- relations"), so its other events would fire nowhere (the
+            -- cache signals did not): TRUNCATE gets a trigger of its own.
+            EXECUTE replace(definition, ' OR TRUNCATE ON ', ' ON ');
+            EXECUTE regexp_replace(definition, '^CREATE TRIGGER (\S+) (AFTER|BEFORE) [A-Z ]+ ON ',
+                                   'CREATE TRIGGER \1_truncate \2 TRUNCATE ON ');
+        ELSE
+            EXECUTE definition;
+        END IF;
+    END LOOP;
+    -- Row-level security as Citus's own writes into a local shard skip it.
+    FOR t, guarded_column, usage_only IN
+        SELECT c.relname::text, CASE c.relname WHEN 'organizations' THEN 'id' ELSE 'organization_id' END,
+               EXISTS (SELECT 1 FROM pg_catalog.pg_policies pol
+                        WHERE pol.schemaname = 'flagship' AND pol.tablename = c.relname
+                          AND pol.cmd IN ('INSERT', 'UPDATE', 'ALL')
+                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%')
+          FROM pg_catalog.pg_dist_partition d
+          JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+         WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'
+    LOOP
+        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON flagship.%I
+                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L)',
+                       t || '_tenant_guard', t, guarded_column, usage_only);
+    END LOOP;
+    -- The guards that fire under session_replication_role = replica too.
+    FOREACH definition IN ARRAY coalesce(always, '{}') LOOP
         EXECUTE definition;
     END LOOP;
 

@@ -495,20 +495,25 @@ GRANT SELECT ON flagship.credit_grants TO flagship_admin, flagship_app, flagship
 CREATE FUNCTION flagship.plan_grant_amount(organization_id uuid, customer_id uuid, metric_id uuid,
                                            amount bigint, period_start timestamptz, rollover_max bigint)
 RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT plan_grant_amount.amount + coalesce((
-        SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
-                    THEN least(plan_grant_amount.rollover_max, g.remaining)
-                    ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
-          FROM flagship.credit_grants g
-         WHERE g.organization_id = plan_grant_amount.organization_id
-           AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
-           AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
-         ORDER BY g.period_start DESC
-         LIMIT 1), 0)
+-- PL/pgSQL: Citus cannot plan a SQL function's statements that take
+-- parameters, and here the organization is a value of each (#21).
+BEGIN
+    RETURN (
+        SELECT plan_grant_amount.amount + coalesce((
+            SELECT CASE WHEN g.expires_at = plan_grant_amount.period_start
+                        THEN least(plan_grant_amount.rollover_max, g.remaining)
+                        ELSE least(plan_grant_amount.rollover_max, plan_grant_amount.amount) END
+              FROM flagship.credit_grants g
+             WHERE g.organization_id = plan_grant_amount.organization_id
+               AND g.customer_id = plan_grant_amount.customer_id AND g.metric_id = plan_grant_amount.metric_id
+               AND g.source = 'plan' AND g.period_start < plan_grant_amount.period_start
+             ORDER BY g.period_start DESC
+             LIMIT 1), 0));
+END
 $fn$;
 -- Applications insert only a plan's own grants, inside the usage
 -- functions (the insert policy); members with plans:write any grant.
@@ -1052,10 +1057,31 @@ $fn$;
 -- cache: whether its subscription is live (and until when), the features
 -- its plan and overrides grant, and its attributes.
 CREATE FUNCTION flagship.customer_entitlements(environment_id uuid, external_key text) RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT jsonb_build_object(
+-- PL/pgSQL, the customer read by the session's organization when it has
+-- one: Citus plans it as a query on that organization's shards (#21).
+DECLARE
+    org constant uuid := flagship.current_organization_id();
+    c flagship.customers;
+    s flagship.subscriptions;
+BEGIN
+    IF org IS NULL THEN
+        SELECT * INTO c FROM flagship.customers x
+         WHERE x.environment_id = customer_entitlements.environment_id
+           AND x.external_key = customer_entitlements.external_key;
+    ELSE
+        SELECT * INTO c FROM flagship.customers x
+         WHERE x.organization_id = org AND x.environment_id = customer_entitlements.environment_id
+           AND x.external_key = customer_entitlements.external_key;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO s FROM flagship.subscriptions x
+     WHERE x.organization_id = c.organization_id AND x.customer_id = c.id;
+    RETURN jsonb_build_object(
         'status', s.status,
         'trial_ends_at', extract(epoch FROM s.trial_ends_at),
         'features', coalesce((
@@ -1068,10 +1094,8 @@ AS $fn$
                 UNION
                 SELECT o.feature_key FROM flagship.customer_feature_overrides o
                  WHERE o.organization_id = c.organization_id AND o.customer_id = c.id AND o.enabled) k), '[]'),
-        'attributes', c.attributes)
-      FROM flagship.customers c
-      LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
-     WHERE c.environment_id = customer_entitlements.environment_id AND c.external_key = customer_entitlements.external_key
+        'attributes', c.attributes);
+END
 $fn$;
 
 -- Limits ----------------------------------------------------------------------

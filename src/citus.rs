@@ -44,7 +44,19 @@ pub fn refuse_away_from_the_organization() {
     refuse_away_from_the_rows();
 }
 
+/// Whether the Citus library is loaded in this backend at all: without it
+/// nothing here needs a query.
+fn citus_loaded() -> bool {
+    crate::postgres::settings::text(c"citus.version").is_some()
+}
+
 fn node() -> Node {
+    if !citus_loaded() {
+        return Node {
+            group: 0,
+            distributed: false,
+        };
+    }
     let transaction = crate::postgres::backend::transaction_start();
     if let Some((looked_up_in, node)) = NODE.with(Cell::get) {
         if looked_up_in == transaction {
@@ -105,13 +117,31 @@ pub fn refuse_away_from_the_rows() {
     }
 }
 
+/// Called before loading what a cache keeps for `organization` (an
+/// environment's flags, a customer's terms): once FlagShip's tables are
+/// distributed, only the node that holds the organization's shards hears
+/// of its changes (their triggers fire there), so a copy kept on any other
+/// node could outlive a change. Such a load raises instead, and nothing is
+/// kept (a session there that sends its organization along, with SET
+/// LOCAL and citus.propagate_set_commands = 'local', could read the rows).
+/// Costs nothing without Citus, and runs on cache misses only.
+pub fn require_the_organizations_node(organization: pgrx::Uuid) {
+    let node = node();
+    if node.distributed {
+        refuse_unless_here(node.group, organization);
+    }
+}
+
 /// With FlagShip's tables distributed: raises unless the shards of the
 /// session's organization are on this node (a session with no
 /// organization finds nothing anywhere, rightly).
 fn refuse_away_from_the_shards(group: i32) {
-    let Some(organization) = crate::context::organization_id() else {
-        return;
-    };
+    if let Some(organization) = crate::context::organization_id() {
+        refuse_unless_here(group, organization);
+    }
+}
+
+fn refuse_unless_here(group: i32, organization: pgrx::Uuid) {
     let (holder, host, port) = Spi::connect(|client| {
         let found = statement_reads::select(
             client,

@@ -156,6 +156,10 @@ pub fn load_entitlement_document(
     function: &'static str,
     arguments: &[pgrx::datum::DatumWithOid<'_>],
 ) -> (Option<serde_json::Value>, Option<i64>) {
+    // Only the session's organization's rows are readable.
+    if let Some(organization) = crate::context::organization_id() {
+        crate::citus::require_the_organizations_node(organization);
+    }
     let versioned = versioned();
     let sql = || {
         let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();

@@ -69,9 +69,16 @@ fn add_subscription(entitlement: &mut Value, environment: pgrx::Uuid) {
                    LEFT JOIN flagship.subscriptions s
                      ON s.organization_id = c.organization_id AND s.customer_id = c.id
                    LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
-                  WHERE c.environment_id = $1 AND c.external_key = $2",
+                  WHERE c.environment_id = $1 AND c.external_key = $2
+                    AND ($3::uuid IS NULL OR c.organization_id = $3)",
             ),
-            &[environment.into(), customer.as_str().into()],
+            // The session's organization as a value, where it has one: on
+            // Citus the read then goes to that organization's shards (#21).
+            &[
+                environment.into(),
+                customer.as_str().into(),
+                crate::context::organization_id().into(),
+            ],
             1,
         )
         .get(0, 1)

@@ -50,6 +50,10 @@ pub(super) fn locate(environment: &str) -> Located {
         },
     );
     cache::watch_configuration(watched);
+    if let (Some(organization), [_]) = (organization, candidates.as_slice()) {
+        // What locate finds is kept too (the name cache).
+        crate::citus::require_the_organizations_node(organization);
+    }
     match candidates.as_slice() {
         [one] => match organization {
             Some(organization) => Located::Found(*one, version, organization),
@@ -66,6 +70,7 @@ pub(super) fn locate(environment: &str) -> Located {
 }
 
 pub(super) fn load(environment_id: pgrx::Uuid, organization: pgrx::Uuid) -> cache::Loaded {
+    crate::citus::require_the_organizations_node(organization);
     let rows = load_rows(environment_id, organization);
     // The compiled form's size, roughly: its documents' text, twice over
     // for the parsed and compiled structures, plus a fixed cost per item.

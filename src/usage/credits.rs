@@ -84,8 +84,9 @@ const LIVE: &str = "FROM flagship.credit_grants g
        AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > now())";
 
 struct Statements {
+    plan_grant_amount: OwnedPreparedStatement,
     plan_grant: OwnedPreparedStatement,
-    pending_plan_grant: OwnedPreparedStatement,
+    plan_grant_made: OwnedPreparedStatement,
     lock_live: OwnedPreparedStatement,
     balance: OwnedPreparedStatement,
     debit: OwnedPreparedStatement,
@@ -112,28 +113,33 @@ fn with_statements<R>(run: impl FnOnce(&mut pgrx::spi::SpiClient<'_>, &Statement
     Spi::connect_mut(|client| {
         STATEMENTS.with(|statements| {
             let statements = statements.get_or_init(|| Statements {
-                // The period's first consumption makes the plan's grant;
-                // racing ones meet in the unique index.
+                // The period's first consumption makes the plan's grant
+                // ($4: its amount, read first by plan_grant_amount; in the
+                // INSERT, Citus would send that call into the shard's
+                // query, #21); racing ones meet in the unique index.
+                plan_grant_amount: prepare(
+                    client,
+                    "SELECT flagship.plan_grant_amount($1, $2, $3, $4, $5, $7)",
+                    &plan,
+                ),
                 plan_grant: prepare(
                     client,
                     "INSERT INTO flagship.credit_grants
                          (organization_id, customer_id, metric_id, amount, remaining, expires_at,
                           source, period_start)
-                     SELECT $1, $2, $3, a.amount, a.amount, $6, 'plan', $5
-                       FROM (SELECT flagship.plan_grant_amount($1, $2, $3, $4, $5, $7) AS amount) a
+                     VALUES ($1, $2, $3, $4, $4, $6, 'plan', $5)
                      ON CONFLICT (organization_id, customer_id, metric_id, period_start)
                         WHERE source = 'plan' DO NOTHING",
-                    &plan,
+                    &plan[..6],
                 ),
-                // What that grant would hold, while nobody has consumed yet.
-                pending_plan_grant: prepare(
+                // 1 when the period's grant is made, or the period over.
+                plan_grant_made: prepare(
                     client,
-                    "SELECT CASE WHEN EXISTS (SELECT FROM flagship.credit_grants g
+                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM flagship.credit_grants g
                                                WHERE g.organization_id = $1 AND g.customer_id = $2
                                                  AND g.metric_id = $3 AND g.source = 'plan'
                                                  AND g.period_start = $5)
-                                 OR $6 <= now() THEN 0
-                                 ELSE flagship.plan_grant_amount($1, $2, $3, $4, $5, $7) END",
+                                 OR $6 <= now() THEN 1 ELSE 0 END::bigint",
                     &plan,
                 ),
                 lock_live: prepare(
@@ -197,14 +203,24 @@ pub(super) fn balance(account: &Account) -> i64 {
             &account.key(),
         )))
         .unwrap_or(0);
+        // What the period's grant would hold while nobody has consumed
+        // yet: two statements, as the grant is made (#21).
         let pending = match account.plan_arguments() {
-            Some(arguments) => first_i64(spi(client.select(
-                &statements.pending_plan_grant,
-                Some(1),
-                &arguments,
-            )))
-            .unwrap_or(0),
-            None => 0,
+            Some(arguments)
+                if first_i64(spi(client.select(
+                    &statements.plan_grant_made,
+                    Some(1),
+                    &arguments,
+                ))) == Some(0) =>
+            {
+                first_i64(spi(client.select(
+                    &statements.plan_grant_amount,
+                    Some(1),
+                    &arguments,
+                )))
+                .unwrap_or(0)
+            }
+            _ => 0,
         };
         granted + pending
     })
@@ -216,7 +232,18 @@ pub(super) fn balance(account: &Account) -> i64 {
 pub(super) fn consume(account: &Account, amount: i64, idempotency_key: Option<&str>) -> Value {
     with_statements(|client, statements| {
         if let Some(arguments) = account.plan_arguments() {
-            spi(client.update(&statements.plan_grant, None, &arguments));
+            let amount = first_i64(spi(client.select(
+                &statements.plan_grant_amount,
+                Some(1),
+                &arguments,
+            )))
+            .unwrap_or(0);
+            let [organization, customer, metric, _, start, end, _] = arguments;
+            spi(client.update(
+                &statements.plan_grant,
+                None,
+                &[organization, customer, metric, amount.into(), start, end],
+            ));
         }
         let grants = spi(client.update(&statements.lock_live, None, &account.key()));
         let mut live: Vec<(pgrx::Uuid, i64)> = Vec::new();

@@ -16,6 +16,8 @@ use std::process::Command;
 
 use postgres::{Client, NoTls};
 
+mod distributed;
+
 fn ports() -> Vec<u16> {
     std::env::var("FLAGSHIP_CITUS_PORTS")
         .unwrap_or_else(|_| "9700 9701 9702".into())
@@ -531,59 +533,13 @@ fn pg_dump_of_the_coordinator_restores_flagship_into_a_new_database() {
         )
         .unwrap();
     let orders = distributed_orders(&mut client, "dumped_orders", 40);
-    let bindir = text(
+    let target = dump_and_restore(
         &mut client,
-        "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
+        &database(),
+        // Not the tables another test creates and drops meanwhile: pg_dump
+        // fails on a table dropped between its listing and its lock.
+        &["--exclude-table=public.orders_*"],
     );
-    let port = ports()[0].to_string();
-    let target = unique("citus_restored");
-    let dump = std::env::temp_dir().join(format!("{target}.dump"));
-    let status = Command::new(format!("{bindir}/pg_dump"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            // Not the tables another test creates and drops meanwhile:
-            // pg_dump fails on a table dropped between its listing and
-            // its lock.
-            "--exclude-table=public.orders_*",
-            "-Fc",
-            "-f",
-        ])
-        .arg(&dump)
-        .arg(database())
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_dump failed");
-    client
-        .batch_execute(&format!("CREATE DATABASE {target}"))
-        .unwrap();
-    let output = Command::new(format!("{bindir}/pg_restore"))
-        .env("PGOPTIONS", "-c session_replication_role=replica")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "--exit-on-error",
-            "-d",
-            &target,
-        ])
-        .arg(&dump)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&dump);
-    assert!(
-        output.status.success(),
-        "pg_restore failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-
     let mut restored = connect_to_database(ports()[0], "postgres", &target);
     restored
         .batch_execute(&format!("SET flagship.organization_id = '{id}'"))
@@ -633,4 +589,51 @@ fn pg_dump_of_the_coordinator_restores_flagship_into_a_new_database() {
     client
         .batch_execute(&format!("DROP TABLE {orders}"))
         .unwrap();
+}
+
+/// `pg_dump -Fc` of `database` on the coordinator, restored as the README
+/// says (triggers off) into a new database there; its name.
+fn dump_and_restore(client: &mut Client, database: &str, options: &[&str]) -> String {
+    let bindir = text(
+        client,
+        "SELECT setting FROM pg_config WHERE name = 'BINDIR'",
+    );
+    let port = ports()[0].to_string();
+    let target = unique("citus_restored");
+    let dump = std::env::temp_dir().join(format!("{target}.dump"));
+    let status = Command::new(format!("{bindir}/pg_dump"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args(options)
+        .args(["-Fc", "-f"])
+        .arg(&dump)
+        .arg(database)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump failed");
+    client
+        .batch_execute(&format!("CREATE DATABASE {target}"))
+        .unwrap();
+    let output = Command::new(format!("{bindir}/pg_restore"))
+        .env("PGOPTIONS", "-c session_replication_role=replica")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--exit-on-error",
+            "-d",
+            &target,
+        ])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&dump);
+    assert!(
+        output.status.success(),
+        "pg_restore failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target
 }
