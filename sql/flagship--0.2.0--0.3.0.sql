@@ -4286,13 +4286,19 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 #variable_conflict use_variable
 DECLARE
+    -- The customer's organization as a value (the session's, else the
+    -- environment's): on Citus the read goes to its shards alone (#21).
+    org uuid := flagship.current_organization_id();
     customer_row record;
 BEGIN
+    IF org IS NULL THEN
+        SELECT e.organization_id INTO org FROM flagship.environments e WHERE e.id = environment_id;
+    END IF;
     SELECT c.organization_id, c.project_id, c.id, p.rate_limits INTO customer_row
       FROM flagship.customers c
       LEFT JOIN flagship.subscriptions s ON s.organization_id = c.organization_id AND s.customer_id = c.id
       LEFT JOIN flagship.plans p ON p.organization_id = s.organization_id AND p.id = s.plan_id
-     WHERE c.environment_id = environment_id AND c.external_key = subject;
+     WHERE c.organization_id = org AND c.environment_id = environment_id AND c.external_key = subject;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subject: no customer "%" in this environment', subject
             USING ERRCODE = 'invalid_parameter_value',
@@ -5557,8 +5563,14 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    -- The customer's organization as a value (the session's, else the
+    -- environment's): on Citus the read goes to its shards alone (#21).
+    org uuid := flagship.current_organization_id();
     facts jsonb;
 BEGIN
+    IF org IS NULL THEN
+        SELECT e.organization_id INTO org FROM flagship.environments e WHERE e.id = usage_facts.environment_id;
+    END IF;
     SELECT jsonb_build_object(
                'organization_id', c.organization_id, 'customer_id', c.id, 'metric_id', m.id,
                'aggregation', m.aggregation, 'slices', m.slices, 'status', s.status,
@@ -5584,7 +5596,8 @@ BEGIN
         ON l.organization_id = c.organization_id AND l.plan_id = s.plan_id AND l.metric_id = m.id
       LEFT JOIN flagship.plan_credits pc
         ON pc.organization_id = c.organization_id AND pc.plan_id = s.plan_id AND pc.metric_id = m.id
-     WHERE c.environment_id = usage_facts.environment_id AND c.external_key = usage_facts.customer;
+     WHERE c.organization_id = org AND c.environment_id = usage_facts.environment_id
+       AND c.external_key = usage_facts.customer;
     RETURN coalesce(facts, '{}');
 END
 $fn$;

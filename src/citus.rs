@@ -91,6 +91,12 @@ fn node() -> Node {
     node
 }
 
+/// Whether FlagShip's tables are distributed (cached for the transaction;
+/// no query without Citus).
+pub fn distributed() -> bool {
+    node().distributed
+}
+
 /// Raises feature_not_supported when this backend runs away from the
 /// session's organization's rows: called before answering that something
 /// was not found (evaluation, usage limits and metering look an

@@ -83,7 +83,7 @@ pub fn customer(environment: pgrx::Uuid, external_key: &str) -> Option<Rc<Custom
     cache::stamped(&CUSTOMERS, environment, key, || {
         let (document, version) = cache::load_entitlement_document(
             "customer_entitlements",
-            &[environment.into(), external_key.into()],
+            vec![environment.into(), external_key.into()],
         );
         (
             document.map(|document| Rc::new(Customer::from_document(&document))),

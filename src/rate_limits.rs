@@ -45,7 +45,7 @@ fn customer_terms(environment: pgrx::Uuid, subject: &str, name: &str) -> Rc<Valu
     cache::stamped(&CUSTOMER_TERMS, environment, key, || {
         let (document, version) = cache::load_entitlement_document(
             "customer_rate_limit",
-            &[environment.into(), subject.into(), name.into()],
+            vec![environment.into(), subject.into(), name.into()],
         );
         (Rc::new(document.unwrap_or(Value::Null)), version)
     })

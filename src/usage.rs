@@ -102,7 +102,7 @@ fn facts(environment: pgrx::Uuid, customer: &str, metric: &str) -> Rc<Facts> {
     cache::stamped(&FACTS, environment, key, || {
         let (document, version) = cache::load_entitlement_document(
             "usage_facts",
-            &[environment.into(), customer.into(), metric.into()],
+            vec![environment.into(), customer.into(), metric.into()],
         );
         (
             Rc::new(Facts::from_document(&document.unwrap_or(Value::Null))),
@@ -235,6 +235,12 @@ const LEDGER_COLUMNS: &str =
 struct Statements {
     sliced_schema: bool,
     consume: OwnedPreparedStatement,
+    /// When present, `consume` only moves the counter (returning its use)
+    /// and this writes the ledger row: once FlagShip's tables are
+    /// distributed, Citus runs the one statement that does both (an
+    /// INSERT ... SELECT from a modifying CTE) through intermediate
+    /// results, many times slower (#21). Decided when planned.
+    log_consumed: Option<OwnedPreparedStatement>,
     /// With 0.3.0's SQL only: consuming from a sliced counter.
     sliced: Option<SlicedStatements>,
     create_counter: OwnedPreparedStatement,
@@ -271,6 +277,7 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
     let sliced_schema = crate::cache::versioned();
+    let two_statements = crate::citus::distributed();
     // 0.2.0's counters have no slices: the same statements without them.
     // A row split for a limit (`split_limit`) belongs to a sliced counter:
     // the one-row path refuses it rather than ignore its caps (terms read
@@ -288,7 +295,17 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                 sliced_schema,
                 consume: prepare(
                     client,
-                    &format!(
+                    &if two_statements {
+                        format!(
+                            "UPDATE flagship.usage_counters c
+                                SET used = {USED} + $5, period_start = $4, updated_at = now()
+                              WHERE c.organization_id = $1 AND c.customer_id = $2
+                                AND c.metric_id = $3 {slice_zero}
+                                AND ($6::bigint IS NULL OR {USED} + $5 <= $6)
+                          RETURNING c.used"
+                        )
+                    } else {
+                        format!(
                         "WITH consumed AS (
                              UPDATE flagship.usage_counters c
                                 SET used = {USED} + $5, period_start = $4, updated_at = now()
@@ -299,9 +316,20 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
                          INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
                          SELECT $1, $2, $3, $4, 'record', $5, used, $7, $8, $9, $10 FROM consumed
                          RETURNING used_after"
-                    ),
+                        )
+                    },
                     &with(&change),
                 ),
+                log_consumed: two_statements.then(|| {
+                    prepare(
+                        client,
+                        &format!(
+                            "INSERT INTO flagship.usage_ledger ({LEDGER_COLUMNS})
+                             VALUES ($1, $2, $3, $4, 'record', $5, $11, $7, $8, $9, $10)"
+                        ),
+                        &with(&[&change[..], &[INT8OID]].concat()),
+                    )
+                }),
                 // A sliced counter: the first free slice with room within
                 // its cap (the backend's own, $11, first), never waiting
                 // for a locked one. The answer's use adds the other slices
@@ -710,6 +738,11 @@ fn record(
                 if let Some(used_after) =
                     first_i64(spi(client.update(&statements.consume, None, &change)))
                 {
+                    if let Some(log_consumed) = &statements.log_consumed {
+                        let mut logged = subject.change(amount, idempotency_key);
+                        logged.push(used_after.into());
+                        spi(client.update(log_consumed, None, &logged));
+                    }
                     return subject.granted(used_after);
                 }
                 // Either the hard limit denies, or there is no counter yet.

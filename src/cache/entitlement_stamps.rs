@@ -8,15 +8,23 @@ pub fn entitlement_signal() -> u64 {
     ENTITLEMENT_SIGNAL.with(Cell::get)
 }
 
-fn entitlement_version_sql() -> &'static str {
+/// The SQL for the entitlement version of the environment `$1`; with
+/// `organization` (a parameter), read in that organization only: on Citus
+/// the read then goes to its shards instead of every shard (#21).
+fn entitlement_version_sql(organization: Option<&str>) -> String {
     if versioned() {
-        "(SELECT coalesce(max(v.entitlements), 0)::bigint \
-            FROM flagship.environments ve \
-            JOIN flagship.cache_versions v ON v.organization_id = ve.organization_id \
-             AND v.scope = ve.organization_id \
-           WHERE ve.id = $1)"
+        format!(
+            "(SELECT coalesce(max(v.entitlements), 0)::bigint \
+                FROM flagship.environments ve \
+                JOIN flagship.cache_versions v ON v.organization_id = ve.organization_id \
+                 AND v.scope = ve.organization_id \
+               WHERE ve.id = $1{})",
+            organization.map_or(String::new(), |parameter| format!(
+                " AND ve.organization_id = {parameter}"
+            ))
+        )
     } else {
-        "NULL::bigint"
+        "NULL::bigint".to_string()
     }
 }
 
@@ -36,10 +44,16 @@ fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
     }
     // Taken before the query: a signal arriving during it is not vouched for.
     let checked = Checked::entitlements();
-    let version = read_one::<i64>(
-        &format!("SELECT {}", entitlement_version_sql()),
-        &[environment.into()],
-    );
+    let version = match crate::context::organization_id() {
+        Some(organization) => read_one::<i64>(
+            &format!("SELECT {}", entitlement_version_sql(Some("$2"))),
+            &[environment.into(), organization.into()],
+        ),
+        None => read_one::<i64>(
+            &format!("SELECT {}", entitlement_version_sql(None)),
+            &[environment.into()],
+        ),
+    };
     ENTITLEMENT_VERSIONS.with(|versions| {
         let mut versions = versions.borrow_mut();
         if versions.len() >= MAX_NAMES {
@@ -136,13 +150,18 @@ pub fn stamped<K: Hash + Eq, V: Clone>(
     loaded
 }
 
-/// The loading statement of each document function, planned once per
-/// backend (and again when the version table appears: its text depends on
-/// it). Planning it on every load cost more than running it.
+/// The loading statements of each document function, planned once per
+/// backend (and again when the version table appears: their text depends
+/// on it). Planning them on every load cost more than running them.
 struct KeptLoad {
     function: &'static str,
     versioned: bool,
-    plan: statement_reads::KeptPlan,
+    /// Whether the statements take the session's organization last.
+    by_organization: bool,
+    /// The watched relation and the entitlement version.
+    version: statement_reads::KeptPlan,
+    /// The document.
+    document: statement_reads::KeptPlan,
 }
 
 thread_local! {
@@ -151,59 +170,82 @@ thread_local! {
 
 /// Runs `function(arguments)`, a SQL function returning jsonb about plans
 /// and customers whose first argument is the environment, and reads the
-/// entitlement version in the same statement (one snapshot for both).
+/// entitlement version, in the session's organization when it has one.
+/// Two statements under one snapshot (the statement's: `statement_reads`):
+/// in one, Citus would send the function's call into the shard query that
+/// reads the version, where its own reads are refused (#21).
 pub fn load_entitlement_document(
     function: &'static str,
-    arguments: &[pgrx::datum::DatumWithOid<'_>],
+    mut arguments: Vec<pgrx::datum::DatumWithOid<'_>>,
 ) -> (Option<serde_json::Value>, Option<i64>) {
+    let function_arguments = arguments.len();
     // Only the session's organization's rows are readable.
-    if let Some(organization) = crate::context::organization_id() {
+    let organization = crate::context::organization_id();
+    if let Some(organization) = organization {
         crate::citus::require_the_organizations_node(organization);
+        arguments.push(organization.into());
     }
+    let by_organization = organization.is_some();
     let versioned = versioned();
-    let sql = || {
-        let placeholders: Vec<String> = (1..=arguments.len()).map(|n| format!("${n}")).collect();
-        format!(
-            "SELECT coalesce(pg_catalog.to_regclass('flagship.entitlement_signal'), \
-                             'flagship.customers'::regclass)::oid, \
-                    flagship.{function}({})::text, {}",
-            placeholders.join(", "),
-            entitlement_version_sql()
-        )
-    };
     let (watched, document, version) = Spi::connect(|client| {
         KEPT_LOADS.with(|kept| {
             let mut kept = kept.borrow_mut();
-            let found = kept
-                .iter()
-                .position(|load| load.function == function && load.versioned == versioned);
+            let found = kept.iter().position(|load| {
+                load.function == function
+                    && load.versioned == versioned
+                    && load.by_organization == by_organization
+            });
             let index = found.unwrap_or_else(|| {
                 kept.retain(|load| load.function != function);
                 let types: Vec<pg_sys::Oid> =
                     arguments.iter().map(|argument| argument.oid()).collect();
+                let placeholders: Vec<String> =
+                    (1..=function_arguments).map(|n| format!("${n}")).collect();
+                // Declares every argument's type, uses the environment ($1)
+                // and the organization (last) only.
+                let organization = format!("${}", function_arguments + 1);
+                let version = format!(
+                    "SELECT coalesce(pg_catalog.to_regclass('flagship.entitlement_signal'), \
+                                     'flagship.customers'::regclass)::oid, {}",
+                    entitlement_version_sql(by_organization.then_some(organization.as_str()))
+                );
+                let document = format!(
+                    "SELECT flagship.{function}({})::text",
+                    placeholders.join(", ")
+                );
                 kept.push(KeptLoad {
                     function,
                     versioned,
-                    plan: statement_reads::KeptPlan::prepare(client, &sql(), &types),
+                    by_organization,
+                    version: statement_reads::KeptPlan::prepare(client, &version, &types),
+                    document: statement_reads::KeptPlan::prepare(
+                        client,
+                        &document,
+                        &types[..function_arguments],
+                    ),
                 });
                 kept.len() - 1
             });
-            // Stays borrowed while it runs: the document functions are SQL
+            let load = &kept[index];
+            // Stays borrowed while they run: the document functions are SQL
             // and load nothing through here.
-            let rows = statement_reads::select(
+            let (watched, version) = {
+                let versions = statement_reads::select(
+                    client,
+                    statement_reads::Query::Kept(&load.version),
+                    &arguments,
+                    1,
+                );
+                (versions.get::<pg_sys::Oid>(0, 1), versions.get::<i64>(0, 2))
+            };
+            let document = statement_reads::select(
                 client,
-                statement_reads::Query::Kept(&kept[index].plan),
-                arguments,
+                statement_reads::Query::Kept(&load.document),
+                &arguments[..function_arguments],
                 1,
-            );
-            match rows.row(0) {
-                Some(row) => (
-                    row.get::<pg_sys::Oid>(1),
-                    row.get::<String>(2),
-                    row.get::<i64>(3),
-                ),
-                None => (None, None, None),
-            }
+            )
+            .get::<String>(0, 1);
+            (watched, document, version)
         })
     });
     if let Some(watched) = watched {

@@ -323,21 +323,7 @@ fn organizations_on_different_workers_see_only_their_own_rows() {
     }
     assert_eq!(placed.len(), 2, "two organizations on different workers");
     for (id, port) in &placed {
-        let mut owner = session(*port, "postgres", id);
-        owner
-            .batch_execute(&format!(
-                r#"SELECT flagship.put_segment('shop', '{{"key": "beta", "included": ["u"]}}');
-                   SELECT flagship.put_flag('shop', '{{"key": "f", "environments": {{"production": {{"enabled": true}}}}}}');
-                   INSERT INTO flagship.members (organization_id, user_key) VALUES ('{id}', 'alice');
-                   INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
-                   SELECT m.organization_id, m.id, r.id FROM flagship.members m
-                     JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
-                    WHERE m.organization_id = '{id}' AND m.user_key = 'alice';"#
-            ))
-            .unwrap();
-        owner
-            .batch_execute(include_str!("../fixtures/every_tenant_table.sql"))
-            .unwrap();
+        super::populate(&mut session(*port, "postgres", id), id);
     }
     let mut coordinator = connect(ports()[0], "postgres");
     let tables: Vec<String> = coordinator

@@ -357,6 +357,13 @@ fn count(client: &mut Client, sql: &str) -> i64 {
 /// member `alice` who owns it (so that the audit tables show rows too).
 fn populated_organization(client: &mut Client) -> (String, String) {
     let (id, slug) = organization(client);
+    populate(client, &id);
+    (id, slug)
+}
+
+/// Gives organization `id` (made by `organization`; the session acts for
+/// it) rows in every tenant table and an owner `alice`.
+fn populate(client: &mut Client, id: &str) {
     client
         .batch_execute(&format!(
             r#"SELECT flagship.put_segment('shop', '{{"key": "beta", "included": ["u"]}}');
@@ -371,7 +378,6 @@ fn populated_organization(client: &mut Client) -> (String, String) {
     client
         .batch_execute(include_str!("../fixtures/every_tenant_table.sql"))
         .unwrap();
-    (id, slug)
 }
 
 /// Row-level security on the coordinator, for login roles that are not
