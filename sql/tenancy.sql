@@ -335,6 +335,11 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'create organizations in a session without flagship.authenticate';
     END IF;
+    -- Two organizations created at once with one slug queue here: once
+    -- FlagShip's tables are distributed no unique index holds slugs (it
+    -- would have to contain the organization), and this check is all
+    -- there is (for creations made through one node: README, Citus).
+    PERFORM pg_advisory_xact_lock(hashtextextended('flagship slug ' || slug, 0));
     IF EXISTS (SELECT 1 FROM flagship.organizations o WHERE o.slug = create_organization.slug) THEN
         RAISE EXCEPTION 'organization slug "%" is already taken', slug
             USING ERRCODE = 'unique_violation';

@@ -434,6 +434,9 @@ fn api_keys_are_issued_verified_and_revoked_on_the_organizations_node() {
     assert_eq!(valid["code"], "VALID");
     assert_eq!(valid["organization_id"], id.as_str());
     assert_eq!(valid["scopes"], serde_json::json!(["features:read"]));
+    // Verified on any node (the key's hash is looked up on every shard),
+    // so that an application learns where the key's organization is.
+    assert_eq!(verified(&mut connect(elsewhere(port), "postgres")), valid);
     // Key mode on the organization's node.
     run_each(
         &mut client,
