@@ -277,7 +277,6 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
     let change = [INT8OID, INT8OID, TEXTOID, INT8OID, TEXTOID, TIMESTAMPTZOID];
     let with = |extra: &[pg_sys::Oid]| [&key[..], extra].concat();
     let sliced_schema = crate::cache::versioned();
-    let two_statements = crate::citus::distributed();
     // 0.2.0's counters have no slices: the same statements without them.
     // A row split for a limit (`split_limit`) belongs to a sliced counter:
     // the one-row path refuses it rather than ignore its caps (terms read
@@ -291,6 +290,8 @@ fn with_statements<R>(run: impl FnOnce(&mut SpiClient<'_>, &Statements) -> R) ->
         ("", "organization_id, customer_id, metric_id")
     };
     let plan = |client: &SpiClient<'_>| {
+        // Asked when planning only: on a Citus node the question is a query.
+        let two_statements = crate::citus::distributed();
         Statements {
                 sliced_schema,
                 consume: prepare(
