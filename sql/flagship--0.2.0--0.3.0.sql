@@ -6304,7 +6304,8 @@ BEGIN
 END
 $fn$;
 
--- FlagShip's tables stay on the Citus coordinator (#21): an organization
+-- While FlagShip's tables stay on the Citus coordinator (#21;
+-- flagship.distribute() does not keep this trigger): an organization
 -- created on a worker would be one the coordinator never sees, and that
 -- worker would answer from it. Every tenant row hangs off an organization,
 -- so new organizations are refused there (rows a node held before it

@@ -157,7 +157,8 @@ CREATE POLICY organizations_tenant ON flagship.organizations
     USING (id = (SELECT flagship.current_organization_id()))
     WITH CHECK (id = (SELECT flagship.current_organization_id()));
 
--- FlagShip's tables stay on the Citus coordinator (#21): an organization
+-- While FlagShip's tables stay on the Citus coordinator (#21;
+-- flagship.distribute() does not keep this trigger): an organization
 -- created on a worker would be one the coordinator never sees, and that
 -- worker would answer from it. Every tenant row hangs off an organization,
 -- so new organizations are refused there (rows a node held before it

@@ -1,10 +1,11 @@
 //! FlagShip on a real Citus 13.2.2 cluster: a coordinator and two workers
 //! on 127.0.0.1 (`scripts/citus-cluster start`), FlagShip created on every
-//! node, its tables local to the coordinator (not distributed: #21). What
-//! these tests hold: on the coordinator FlagShip behaves as on one server,
-//! with several sessions at once and for login roles of two organizations;
-//! an evaluation Citus pushes down into a shard query on a worker raises
-//! instead of answering false.
+//! node. Here its tables stay local to the coordinator, and these tests
+//! hold that FlagShip there behaves as on one server, with several sessions
+//! at once and for login roles of two organizations, and that an
+//! evaluation Citus pushes down into a shard query on a worker raises
+//! instead of answering false; `distributed` holds the same for a database
+//! distributed with `flagship.distribute()`.
 //!
 //! Ignored by a plain `cargo test` (they need the cluster); `scripts/test`
 //! starts the cluster and runs them with `--ignored`. The ports come from
