@@ -280,7 +280,8 @@ BEGIN
     -- connection of Citus's own, whose transaction may be prepared for a
     -- two-phase commit, which a NOTIFY makes fail: there the change is
     -- left unannounced, in changes_since for the next poll (#21).
-    IF current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
+    IF current_setting('citus.version', true) IS NULL
+       OR current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
         PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
     END IF;
     RETURN position;

@@ -24,6 +24,9 @@ BEGIN
     -- checked by create_organization, key hashes are random.
     ALTER TABLE flagship.organizations DROP CONSTRAINT IF EXISTS organizations_slug_key;
     DROP INDEX IF EXISTS flagship.api_keys_hash;
+    -- Still looked up by hash (verify_api_key): an index that need not be
+    -- unique.
+    CREATE INDEX IF NOT EXISTS api_keys_key_hash ON flagship.api_keys (key_hash);
     -- Citus refuses subqueries in the policies of distributed tables: the
     -- (SELECT f()) around each function call goes (PostgreSQL then calls
     -- it per row instead of once per statement).
@@ -104,26 +107,56 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
 
+-- The check PostgreSQL makes of a new row `command` (INSERT or UPDATE)
+-- writes to table `table_name`, from its policies: any permissive one's,
+-- and every restrictive one's (each WITH CHECK, else USING); false when no
+-- permissive policy lets the command write.
+CREATE FUNCTION flagship.policy_write_check(table_name text, command text) RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce('(' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' OR ')
+                              FILTER (WHERE pol.permissive = 'PERMISSIVE') || ')', 'false')
+           || coalesce(' AND ' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' AND ')
+                                      FILTER (WHERE pol.permissive = 'RESTRICTIVE'), '')
+      FROM pg_catalog.pg_policies pol
+     WHERE pol.schemaname = 'flagship' AND pol.tablename = policy_write_check.table_name
+       AND pol.cmd IN (policy_write_check.command, 'ALL')
+$fn$;
+REVOKE ALL ON FUNCTION flagship.policy_write_check(text, text) FROM PUBLIC;
+
 -- Citus writes the rows of an INSERT ... SELECT it cannot push down, and
 -- of a COPY, into a shard on the same node with PostgreSQL's COPY
 -- machinery called directly, which checks no row-level security policy
 -- (13.2; on another node the shard's COPY refuses the table instead): an
 -- admin of one organization could then write rows of another whose shards
--- share the node. distribute() puts this guard on every tenant table: the
--- new row belongs to the session's organization, and the tables only
--- FlagShip's functions write take rows only while they write. Superusers
--- and roles with BYPASSRLS pass, as they pass row-level security.
--- Arguments: the organization column, and whether usage writes must be open.
+-- share the node, and a member could give itself a role. distribute()
+-- puts this guard on every tenant table. Arguments: the organization
+-- column; whether only FlagShip's usage functions write the table (then
+-- the check is theirs: the row's organization and usage writes open);
+-- otherwise the write checks of the table's policies for INSERT and for
+-- UPDATE, evaluated on the new row. Superusers and roles with BYPASSRLS
+-- pass, as they pass row-level security.
 CREATE FUNCTION flagship.guard_tenant_row() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    allowed boolean;
 BEGIN
     IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
         RETURN NEW;
     END IF;
-    IF (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS DISTINCT FROM flagship.current_organization_id()
-       OR (TG_ARGV[1]::boolean AND NOT flagship.usage_writes_open()) THEN
+    allowed := (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS NOT DISTINCT FROM flagship.current_organization_id();
+    IF allowed AND TG_ARGV[1]::boolean THEN
+        allowed := flagship.usage_writes_open();
+    ELSIF allowed THEN
+        EXECUTE format('SELECT coalesce((%s), false) FROM (SELECT ($1).*) AS guarded',
+                       CASE TG_OP WHEN 'INSERT' THEN TG_ARGV[2] ELSE TG_ARGV[3] END)
+           INTO allowed USING NEW;
+    END IF;
+    IF NOT allowed THEN
         RAISE EXCEPTION 'new row violates row-level security policy for table "%"',
             regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '')
             USING ERRCODE = 'insufficient_privilege';
@@ -199,6 +232,8 @@ DECLARE
     always text[];
     guarded_column text;
     usage_only boolean;
+    insert_check text;
+    update_check text;
     pending text[];
     failed text[];
     progress boolean := true;
@@ -290,21 +325,27 @@ BEGIN
             EXECUTE definition;
         END IF;
     END LOOP;
-    -- Row-level security as Citus's own writes into a local shard skip it.
-    FOR t, guarded_column, usage_only IN
+    -- Row-level security as Citus's own writes into a local shard skip it:
+    -- each table's write checks, as PostgreSQL combines its policies.
+    FOR t, guarded_column, usage_only, insert_check, update_check IN
         SELECT c.relname::text, CASE c.relname WHEN 'organizations' THEN 'id' ELSE 'organization_id' END,
                EXISTS (SELECT 1 FROM pg_catalog.pg_policies pol
                         WHERE pol.schemaname = 'flagship' AND pol.tablename = c.relname
                           AND pol.cmd IN ('INSERT', 'UPDATE', 'ALL')
-                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%')
+                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%'),
+               flagship.policy_write_check(c.relname::text, 'INSERT'),
+               flagship.policy_write_check(c.relname::text, 'UPDATE')
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
          WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'
     LOOP
         EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON flagship.%I
-                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L)',
-                       t || '_tenant_guard', t, guarded_column, usage_only);
+                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L, %L, %L)',
+                       t || '_tenant_guard', t, guarded_column, usage_only, insert_check, update_check);
     END LOOP;
+    -- The guard reads tables inside shard queries too (a policy's
+    -- actor_may reads members).
+    PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
     -- The guards that fire under session_replication_role = replica too.
     FOREACH definition IN ARRAY coalesce(always, '{}') LOOP
         EXECUTE definition;

@@ -20,40 +20,41 @@ DECLARE
     m flagship.metrics;
     pl flagship.plans;
     c flagship.customers;
-    environment_key text;
-    segments jsonb := '[]';
-    flags jsonb := '[]';
-    metrics jsonb := '[]';
-    plans jsonb := '[]';
-    customer_documents jsonb := '[]';
+    -- Arrays, appended to in place (a jsonb would be copied whole at each
+    -- item), and the environments' keys by id, read once.
+    segments jsonb[] := '{}';
+    flags jsonb[] := '{}';
+    metrics jsonb[] := '{}';
+    plans jsonb[] := '{}';
+    customer_documents jsonb[] := '{}';
+    environment_keys jsonb;
 BEGIN
     FOR s IN SELECT * FROM flagship.segments x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        segments := segments || jsonb_build_array(flagship.segment_document(s));
+        segments := array_append(segments, flagship.segment_document(s));
     END LOOP;
     FOR f IN SELECT * FROM flagship.features x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        flags := flags || jsonb_build_array(flagship.flag_document(f));
+        flags := array_append(flags, flagship.flag_document(f));
     END LOOP;
     FOR m IN SELECT * FROM flagship.metrics x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        metrics := metrics || jsonb_build_array(flagship.metric_document(m));
+        metrics := array_append(metrics, flagship.metric_document(m));
     END LOOP;
     FOR pl IN SELECT * FROM flagship.plans x
                WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        plans := plans || jsonb_build_array(flagship.plan_document(pl));
+        plans := array_append(plans, flagship.plan_document(pl));
     END LOOP;
     IF export_project.customers THEN
+        SELECT jsonb_object_agg(e.id, e.key) INTO environment_keys FROM flagship.environments e
+         WHERE e.organization_id = p.organization_id AND e.project_id = p.id;
         FOR c IN SELECT x.* FROM flagship.customers x
                    JOIN flagship.environments e ON e.organization_id = x.organization_id AND e.id = x.environment_id
                   WHERE x.organization_id = p.organization_id AND x.project_id = p.id
                   ORDER BY e.key, x.external_key LOOP
-            -- Read on its own: with the call in the same statement, Citus
-            -- would send the call into the shard query.
-            SELECT e.key INTO environment_key FROM flagship.environments e
-             WHERE e.organization_id = c.organization_id AND e.id = c.environment_id;
-            customer_documents := customer_documents || jsonb_build_array(
-                flagship.customer_document(c) || jsonb_build_object('environment', environment_key));
+            customer_documents := array_append(customer_documents,
+                flagship.customer_document(c)
+                || jsonb_build_object('environment', environment_keys ->> c.environment_id::text));
         END LOOP;
     END IF;
     RETURN jsonb_build_object(
@@ -64,8 +65,9 @@ BEGIN
                                           ORDER BY NOT e.is_default, e.created_at, e.key)
                            FROM flagship.environments e
                           WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
-        'segments', segments, 'flags', flags, 'metrics', metrics, 'plans', plans)
-        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', customer_documents)
+        'segments', to_jsonb(segments), 'flags', to_jsonb(flags), 'metrics', to_jsonb(metrics),
+        'plans', to_jsonb(plans))
+        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', to_jsonb(customer_documents))
                 ELSE '{}'::jsonb END;
 END
 $fn$;

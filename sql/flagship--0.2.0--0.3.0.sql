@@ -848,40 +848,41 @@ DECLARE
     m flagship.metrics;
     pl flagship.plans;
     c flagship.customers;
-    environment_key text;
-    segments jsonb := '[]';
-    flags jsonb := '[]';
-    metrics jsonb := '[]';
-    plans jsonb := '[]';
-    customer_documents jsonb := '[]';
+    -- Arrays, appended to in place (a jsonb would be copied whole at each
+    -- item), and the environments' keys by id, read once.
+    segments jsonb[] := '{}';
+    flags jsonb[] := '{}';
+    metrics jsonb[] := '{}';
+    plans jsonb[] := '{}';
+    customer_documents jsonb[] := '{}';
+    environment_keys jsonb;
 BEGIN
     FOR s IN SELECT * FROM flagship.segments x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        segments := segments || jsonb_build_array(flagship.segment_document(s));
+        segments := array_append(segments, flagship.segment_document(s));
     END LOOP;
     FOR f IN SELECT * FROM flagship.features x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        flags := flags || jsonb_build_array(flagship.flag_document(f));
+        flags := array_append(flags, flagship.flag_document(f));
     END LOOP;
     FOR m IN SELECT * FROM flagship.metrics x
               WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        metrics := metrics || jsonb_build_array(flagship.metric_document(m));
+        metrics := array_append(metrics, flagship.metric_document(m));
     END LOOP;
     FOR pl IN SELECT * FROM flagship.plans x
                WHERE x.organization_id = p.organization_id AND x.project_id = p.id ORDER BY x.key LOOP
-        plans := plans || jsonb_build_array(flagship.plan_document(pl));
+        plans := array_append(plans, flagship.plan_document(pl));
     END LOOP;
     IF export_project.customers THEN
+        SELECT jsonb_object_agg(e.id, e.key) INTO environment_keys FROM flagship.environments e
+         WHERE e.organization_id = p.organization_id AND e.project_id = p.id;
         FOR c IN SELECT x.* FROM flagship.customers x
                    JOIN flagship.environments e ON e.organization_id = x.organization_id AND e.id = x.environment_id
                   WHERE x.organization_id = p.organization_id AND x.project_id = p.id
                   ORDER BY e.key, x.external_key LOOP
-            -- Read on its own: with the call in the same statement, Citus
-            -- would send the call into the shard query.
-            SELECT e.key INTO environment_key FROM flagship.environments e
-             WHERE e.organization_id = c.organization_id AND e.id = c.environment_id;
-            customer_documents := customer_documents || jsonb_build_array(
-                flagship.customer_document(c) || jsonb_build_object('environment', environment_key));
+            customer_documents := array_append(customer_documents,
+                flagship.customer_document(c)
+                || jsonb_build_object('environment', environment_keys ->> c.environment_id::text));
         END LOOP;
     END IF;
     RETURN jsonb_build_object(
@@ -892,8 +893,9 @@ BEGIN
                                           ORDER BY NOT e.is_default, e.created_at, e.key)
                            FROM flagship.environments e
                           WHERE e.organization_id = p.organization_id AND e.project_id = p.id),
-        'segments', segments, 'flags', flags, 'metrics', metrics, 'plans', plans)
-        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', customer_documents)
+        'segments', to_jsonb(segments), 'flags', to_jsonb(flags), 'metrics', to_jsonb(metrics),
+        'plans', to_jsonb(plans))
+        || CASE WHEN export_project.customers THEN jsonb_build_object('customers', to_jsonb(customer_documents))
                 ELSE '{}'::jsonb END;
 END
 $fn$;
@@ -4476,7 +4478,7 @@ BEGIN
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
-      FROM flagship.api_keys k WHERE k.organization_id = org AND k.id = key_id;
+      FROM flagship.api_keys k WHERE (org IS NULL OR k.organization_id = org) AND k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -4781,9 +4783,14 @@ DECLARE
 BEGIN
     -- Another organization's reservation is absent (row-level security
     -- would hide it too; named as a value, Citus locks it in the
-    -- organization's shard, #21).
-    SELECT * INTO held FROM flagship.usage_reservations r
-     WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
+    -- organization's shard, #21). A superuser without an organization
+    -- finds any.
+    IF org IS NULL THEN
+        SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
+    ELSE
+        SELECT * INTO held FROM flagship.usage_reservations r
+         WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
+    END IF;
     IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
             SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id
@@ -5092,7 +5099,8 @@ BEGIN
     -- connection of Citus's own, whose transaction may be prepared for a
     -- two-phase commit, which a NOTIFY makes fail: there the change is
     -- left unannounced, in changes_since for the next poll (#21).
-    IF current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
+    IF current_setting('citus.version', true) IS NULL
+       OR current_setting('application_name') NOT LIKE 'citus\_internal gpid=%' THEN
         PERFORM pg_notify('flagship_changes', jsonb_build_object('id', event_id)::text);
     END IF;
     RETURN position;
@@ -6033,7 +6041,7 @@ BEGIN
     -- sends the statement to the organization's shard, and refuses a
     -- function call inside coalesce (#21).
     UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, revoked)
-     WHERE k.organization_id = org AND k.id = key_id;
+     WHERE (org IS NULL OR k.organization_id = org) AND k.id = key_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -6438,6 +6446,9 @@ BEGIN
     -- checked by create_organization, key hashes are random.
     ALTER TABLE flagship.organizations DROP CONSTRAINT IF EXISTS organizations_slug_key;
     DROP INDEX IF EXISTS flagship.api_keys_hash;
+    -- Still looked up by hash (verify_api_key): an index that need not be
+    -- unique.
+    CREATE INDEX IF NOT EXISTS api_keys_key_hash ON flagship.api_keys (key_hash);
     -- Citus refuses subqueries in the policies of distributed tables: the
     -- (SELECT f()) around each function call goes (PostgreSQL then calls
     -- it per row instead of once per statement).
@@ -6518,26 +6529,56 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
 
+-- The check PostgreSQL makes of a new row `command` (INSERT or UPDATE)
+-- writes to table `table_name`, from its policies: any permissive one's,
+-- and every restrictive one's (each WITH CHECK, else USING); false when no
+-- permissive policy lets the command write.
+CREATE FUNCTION flagship.policy_write_check(table_name text, command text) RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce('(' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' OR ')
+                              FILTER (WHERE pol.permissive = 'PERMISSIVE') || ')', 'false')
+           || coalesce(' AND ' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' AND ')
+                                      FILTER (WHERE pol.permissive = 'RESTRICTIVE'), '')
+      FROM pg_catalog.pg_policies pol
+     WHERE pol.schemaname = 'flagship' AND pol.tablename = policy_write_check.table_name
+       AND pol.cmd IN (policy_write_check.command, 'ALL')
+$fn$;
+REVOKE ALL ON FUNCTION flagship.policy_write_check(text, text) FROM PUBLIC;
+
 -- Citus writes the rows of an INSERT ... SELECT it cannot push down, and
 -- of a COPY, into a shard on the same node with PostgreSQL's COPY
 -- machinery called directly, which checks no row-level security policy
 -- (13.2; on another node the shard's COPY refuses the table instead): an
 -- admin of one organization could then write rows of another whose shards
--- share the node. distribute() puts this guard on every tenant table: the
--- new row belongs to the session's organization, and the tables only
--- FlagShip's functions write take rows only while they write. Superusers
--- and roles with BYPASSRLS pass, as they pass row-level security.
--- Arguments: the organization column, and whether usage writes must be open.
+-- share the node, and a member could give itself a role. distribute()
+-- puts this guard on every tenant table. Arguments: the organization
+-- column; whether only FlagShip's usage functions write the table (then
+-- the check is theirs: the row's organization and usage writes open);
+-- otherwise the write checks of the table's policies for INSERT and for
+-- UPDATE, evaluated on the new row. Superusers and roles with BYPASSRLS
+-- pass, as they pass row-level security.
 CREATE FUNCTION flagship.guard_tenant_row() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    allowed boolean;
 BEGIN
     IF (SELECT r.rolsuper OR r.rolbypassrls FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
         RETURN NEW;
     END IF;
-    IF (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS DISTINCT FROM flagship.current_organization_id()
-       OR (TG_ARGV[1]::boolean AND NOT flagship.usage_writes_open()) THEN
+    allowed := (to_jsonb(NEW) ->> TG_ARGV[0])::uuid IS NOT DISTINCT FROM flagship.current_organization_id();
+    IF allowed AND TG_ARGV[1]::boolean THEN
+        allowed := flagship.usage_writes_open();
+    ELSIF allowed THEN
+        EXECUTE format('SELECT coalesce((%s), false) FROM (SELECT ($1).*) AS guarded',
+                       CASE TG_OP WHEN 'INSERT' THEN TG_ARGV[2] ELSE TG_ARGV[3] END)
+           INTO allowed USING NEW;
+    END IF;
+    IF NOT allowed THEN
         RAISE EXCEPTION 'new row violates row-level security policy for table "%"',
             regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '')
             USING ERRCODE = 'insufficient_privilege';
@@ -6613,6 +6654,8 @@ DECLARE
     always text[];
     guarded_column text;
     usage_only boolean;
+    insert_check text;
+    update_check text;
     pending text[];
     failed text[];
     progress boolean := true;
@@ -6704,21 +6747,27 @@ BEGIN
             EXECUTE definition;
         END IF;
     END LOOP;
-    -- Row-level security as Citus's own writes into a local shard skip it.
-    FOR t, guarded_column, usage_only IN
+    -- Row-level security as Citus's own writes into a local shard skip it:
+    -- each table's write checks, as PostgreSQL combines its policies.
+    FOR t, guarded_column, usage_only, insert_check, update_check IN
         SELECT c.relname::text, CASE c.relname WHEN 'organizations' THEN 'id' ELSE 'organization_id' END,
                EXISTS (SELECT 1 FROM pg_catalog.pg_policies pol
                         WHERE pol.schemaname = 'flagship' AND pol.tablename = c.relname
                           AND pol.cmd IN ('INSERT', 'UPDATE', 'ALL')
-                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%')
+                          AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%'),
+               flagship.policy_write_check(c.relname::text, 'INSERT'),
+               flagship.policy_write_check(c.relname::text, 'UPDATE')
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
          WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'
     LOOP
         EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON flagship.%I
-                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L)',
-                       t || '_tenant_guard', t, guarded_column, usage_only);
+                            FOR EACH ROW EXECUTE FUNCTION flagship.guard_tenant_row(%L, %L, %L, %L)',
+                       t || '_tenant_guard', t, guarded_column, usage_only, insert_check, update_check);
     END LOOP;
+    -- The guard reads tables inside shard queries too (a policy's
+    -- actor_may reads members).
+    PERFORM flagship.on_every_node('SELECT flagship.allow_nested_reads()', 'allowing nested reads');
     -- The guards that fire under session_replication_role = replica too.
     FOREACH definition IN ARRAY coalesce(always, '{}') LOOP
         EXECUTE definition;

@@ -557,7 +557,7 @@ BEGIN
       INTO old.organization_id, old.id, old.name, old.display_prefix, old.scopes, old.project_id,
            old.environment_id, old.expires_at, old.revoked_at, old.usage_limit, old.usage_count,
            old.customer_id, old.allowed_ips, old.uses_of, old.rate_limits
-      FROM flagship.api_keys k WHERE k.organization_id = org AND k.id = key_id;
+      FROM flagship.api_keys k WHERE (org IS NULL OR k.organization_id = org) AND k.id = key_id;
     IF old.id IS NULL THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -626,7 +626,7 @@ BEGIN
     -- sends the statement to the organization's shard, and refuses a
     -- function call inside coalesce (#21).
     UPDATE flagship.api_keys k SET revoked_at = coalesce(k.revoked_at, revoked)
-     WHERE k.organization_id = org AND k.id = key_id;
+     WHERE (org IS NULL OR k.organization_id = org) AND k.id = key_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'key_id: api key % not found', key_id USING ERRCODE = 'invalid_parameter_value';
     END IF;

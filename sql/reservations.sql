@@ -184,9 +184,14 @@ DECLARE
 BEGIN
     -- Another organization's reservation is absent (row-level security
     -- would hide it too; named as a value, Citus locks it in the
-    -- organization's shard, #21).
-    SELECT * INTO held FROM flagship.usage_reservations r
-     WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
+    -- organization's shard, #21). A superuser without an organization
+    -- finds any.
+    IF org IS NULL THEN
+        SELECT * INTO held FROM flagship.usage_reservations r WHERE r.id = reservation_id FOR UPDATE;
+    ELSE
+        SELECT * INTO held FROM flagship.usage_reservations r
+         WHERE r.organization_id = org AND r.id = reservation_id FOR UPDATE;
+    END IF;
     IF NOT FOUND OR ((acting_customer IS NOT NULL OR key_environment IS NOT NULL) AND NOT EXISTS (
             SELECT 1 FROM flagship.customers c
              WHERE c.organization_id = held.organization_id AND c.id = held.customer_id

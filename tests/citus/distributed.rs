@@ -690,7 +690,20 @@ fn an_insert_select_into_another_organization_on_the_same_node_is_refused() {
     let other = other.expect("two organizations on one node");
     let mut coordinator = connect(ports()[0], "postgres");
     let admin = login_role(&mut coordinator, "dist_intruder", Some("flagship_admin"));
+    // An owner of its own organization (alice), intruding on the other.
+    session(port, "postgres", &own)
+        .batch_execute(&format!(
+            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{own}', 'alice');
+             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT m.organization_id, m.id, r.id FROM flagship.members m
+               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
+              WHERE m.organization_id = '{own}' AND m.user_key = 'alice';"
+        ))
+        .unwrap();
     let mut intruder = session(port, &admin, &own);
+    intruder
+        .batch_execute("SET flagship.actor = 'alice'")
+        .unwrap();
     let project = text(
         &mut connect(port, "postgres"),
         &format!("SELECT id::text FROM flagship.projects WHERE organization_id = '{other}'"),
@@ -725,4 +738,102 @@ fn an_insert_select_into_another_organization_on_the_same_node_is_refused() {
              SELECT organization_id, id, 'copied' FROM flagship.projects WHERE organization_id = '{own}'"
         ))
         .unwrap();
+}
+
+/// Found by a review of the guard above: it checked only the row's
+/// organization, so a member could write, through the same copy path,
+/// what its organization's policies refuse it (a viewer giving itself the
+/// owner role). The guard now evaluates the table's policy write checks on
+/// the new row; through a statement Citus pushes down, row-level security
+/// refuses it as on one server.
+#[test]
+#[ignore = "needs the Citus cluster (scripts/test starts it)"]
+fn a_viewer_cannot_give_itself_a_role_through_either_path() {
+    let (id, port) = new_organization();
+    let mut owner = session(port, "postgres", &id);
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{id}', 'vic');
+             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT m.organization_id, m.id, r.id FROM flagship.members m
+               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'viewer'
+              WHERE m.organization_id = '{id}' AND m.user_key = 'vic';"
+        ))
+        .unwrap();
+    let mut coordinator = connect(ports()[0], "postgres");
+    let admin = login_role(&mut coordinator, "dist_viewer", Some("flagship_admin"));
+    let mut viewer = session(port, &admin, &id);
+    viewer.batch_execute("SET flagship.actor = 'vic'").unwrap();
+    let escalate = |from: &str| {
+        format!(
+            "INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT '{id}', m.id, r.id FROM {from}
+               JOIN flagship.members m ON m.organization_id = '{id}' AND m.user_key = 'vic'
+               JOIN flagship.roles r ON r.organization_id = '{id}' AND r.key = 'owner'"
+        )
+    };
+    // Pulled through intermediate results (VALUES): Citus's copy path.
+    let (code, message) = failure(&mut viewer, &escalate("(VALUES (1)) v"));
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("member_roles"), "{message}");
+    assert_eq!(
+        count(
+            &mut owner,
+            &format!(
+                "SELECT count(*) FROM flagship.member_roles mr JOIN flagship.roles r
+                   ON r.organization_id = mr.organization_id AND r.id = mr.role_id
+                  JOIN flagship.members m ON m.organization_id = mr.organization_id AND m.id = mr.member_id
+                 WHERE mr.organization_id = '{id}' AND m.user_key = 'vic' AND r.key = 'owner'"
+            )
+        ),
+        0
+    );
+}
+
+/// Two organizations whose shards share a node: there row-level security
+/// decides in the session's own backend (across nodes, Citus's connections
+/// carry no organization and answer nothing anyway).
+#[test]
+#[ignore = "needs the Citus cluster (scripts/test starts it)"]
+fn organizations_on_one_node_read_only_their_own_rows() {
+    let (own, port) = new_organization();
+    let mut other = None;
+    for _ in 0..40 {
+        let (id, other_port) = new_organization();
+        if other_port == port {
+            other = Some(id);
+            break;
+        }
+    }
+    let other = other.expect("two organizations on one node");
+    let mut coordinator = connect(ports()[0], "postgres");
+    let admin = login_role(&mut coordinator, "dist_neighbour", Some("flagship_admin"));
+    let mut reader = session(port, &admin, &own);
+    for table in [
+        "organizations",
+        "projects",
+        "environments",
+        "features",
+        "feature_rules",
+    ] {
+        let column = if table == "organizations" {
+            "id"
+        } else {
+            "organization_id"
+        };
+        let rows = |client: &mut Client, organization: &str| {
+            count(
+                client,
+                &format!("SELECT count(*) FROM flagship.{table} WHERE {column} = '{organization}'"),
+            )
+        };
+        let stored = rows(&mut connect(port, "postgres"), &own);
+        assert!(stored > 0, "{table}");
+        assert_eq!(rows(&mut reader, &own), stored, "{table}");
+        assert_eq!(
+            rows(&mut reader, &other),
+            0,
+            "{table}: the neighbour's rows"
+        );
+    }
 }
