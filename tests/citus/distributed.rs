@@ -50,24 +50,31 @@ fn distributed() -> &'static (String, String) {
             .batch_execute("CREATE EXTENSION flagship")
             .unwrap();
         let (before, _) = super::organization(&mut coordinator);
+        acme_on_pro(&mut coordinator);
         coordinator
             .batch_execute(
-                r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-                   SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100, "period": "month"}}}');
-                   SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');
-                   SELECT flagship.record_usage('acme', 'calls', 7, 'before', 'shop/production');"#,
+                "SELECT flagship.record_usage('acme', 'calls', 7, 'before', 'shop/production');",
             )
             .unwrap();
-        let answer = text(
-            &mut coordinator,
-            "SELECT flagship.distribute()::text",
-        );
+        let answer = text(&mut coordinator, "SELECT flagship.distribute()::text");
         assert_eq!(
             answer,
             r#"{"workers": 2, "reference": 2, "distributed": 30}"#
         );
         (before, "7".to_string())
     })
+}
+
+/// The metric `calls`, the plan `pro` (100 calls a month) and its customer
+/// `acme`, in the session's organization.
+fn acme_on_pro(client: &mut Client) {
+    client
+        .batch_execute(
+            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
+               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100, "period": "month"}}}');
+               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
+        )
+        .unwrap();
 }
 
 /// The port of the node holding `organization`'s shards.
@@ -257,13 +264,8 @@ fn a_change_is_seen_by_the_next_statement_and_other_nodes_are_refused() {
 #[ignore = "needs the Citus cluster (scripts/test starts it)"]
 fn eight_sessions_on_the_organizations_node_are_granted_exactly_the_limit() {
     let (id, port) = new_organization();
-    session(port, "postgres", &id)
-        .batch_execute(
-            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 100, "period": "month"}}}');
-               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
-        )
-        .unwrap();
+    let mut metering = session(port, "postgres", &id);
+    acme_on_pro(&mut metering);
     let sessions: Vec<_> = (0..8)
         .map(|_| {
             let id = id.clone();
@@ -517,13 +519,7 @@ fn the_audit_chain_stays_valid_after_concurrent_writes_on_the_organizations_node
 fn a_project_exported_and_imported_on_the_organizations_node_evaluates_the_same() {
     let (id, port) = new_organization();
     let mut client = session(port, "postgres", &id);
-    client
-        .batch_execute(
-            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 10}}}');
-               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
-        )
-        .unwrap();
+    acme_on_pro(&mut client);
     let exported = text(&mut client, "SELECT flagship.export_project('shop')::text");
     client
         .batch_execute(&format!(
@@ -554,12 +550,11 @@ fn a_project_exported_and_imported_on_the_organizations_node_evaluates_the_same(
 fn pg_dump_of_the_coordinator_restores_a_distributed_flagship_on_one_server() {
     let (before, used) = distributed();
     let (id, port) = new_organization();
-    session(port, "postgres", &id)
+    let mut metering = session(port, "postgres", &id);
+    acme_on_pro(&mut metering);
+    metering
         .batch_execute(
-            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 10}}}');
-               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');
-               SELECT flagship.record_usage('acme', 'calls', 3, 'dump-1', 'shop/production');"#,
+            "SELECT flagship.record_usage('acme', 'calls', 3, 'dump-1', 'shop/production');",
         )
         .unwrap();
     let mut coordinator = connect(ports()[0], "postgres");
@@ -609,13 +604,8 @@ fn pg_dump_of_the_coordinator_restores_a_distributed_flagship_on_one_server() {
 #[ignore = "needs the Citus cluster (scripts/test starts it)"]
 fn only_flagships_functions_write_usage_on_the_shards() {
     let (id, port) = new_organization();
-    session(port, "postgres", &id)
-        .batch_execute(
-            r#"SELECT flagship.put_metric('shop', '{"key": "calls"}');
-               SELECT flagship.put_plan('shop', '{"key": "pro", "limits": {"calls": {"limit": 10}}}');
-               SELECT flagship.put_customer('shop/production', '{"key": "acme", "plan": "pro"}');"#,
-        )
-        .unwrap();
+    let mut metering = session(port, "postgres", &id);
+    acme_on_pro(&mut metering);
     let mut coordinator = connect(ports()[0], "postgres");
     let app = login_role(&mut coordinator, "dist_app", Some("flagship_app"));
     let mut client = session(port, &app, &id);
