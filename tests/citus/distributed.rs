@@ -231,6 +231,7 @@ fn a_change_is_seen_by_the_next_statement_and_other_nodes_are_refused() {
         "SELECT flagship.flagship_evaluate('nordic', '{}', 'shop/production')",
         "SELECT flagship.record_usage('acme', 'calls', 1, NULL, 'shop/production')",
         "SELECT flagship.has_permission('nobody', 'features:write')",
+        "SELECT flagship.rate_limit('acme', 'requests', 1, 'shop/production')",
     ] {
         assert_refused_away(&mut away, call, port);
     }
