@@ -6428,6 +6428,29 @@ $fn$;
 -- shard, in the session's own backend, where row-level security, key mode
 -- and the cache signals work as they do on one server.
 
+-- The expression PostgreSQL applies for `command` on table `table_name`
+-- from its policies: any permissive one's and every restrictive one's
+-- USING, or, for the rows a command writes (`written`), each one's WITH
+-- CHECK, else its USING. NULL when no permissive policy allows the command.
+-- prepare_for_distribution folds restrictive policies with it, and the
+-- tenant guard checks written rows with it.
+CREATE FUNCTION flagship.policy_expression(table_name text, command text, written boolean) RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT '(' || string_agg('(' || e.expression || ')', ' OR ') FILTER (WHERE e.permissive = 'PERMISSIVE') || ')'
+           || coalesce(' AND ' || string_agg('(' || e.expression || ')', ' AND ')
+                                      FILTER (WHERE e.permissive = 'RESTRICTIVE'), '')
+      FROM (SELECT pol.permissive,
+                   CASE WHEN policy_expression.written THEN coalesce(pol.with_check, pol.qual) ELSE pol.qual END
+                       AS expression
+              FROM pg_catalog.pg_policies pol
+             WHERE pol.schemaname = 'flagship' AND pol.tablename = policy_expression.table_name
+               AND pol.cmd IN (policy_expression.command, 'ALL')) e
+$fn$;
+REVOKE ALL ON FUNCTION flagship.policy_expression(text, text, boolean) FROM PUBLIC;
+
 -- What every node does to its copy of FlagShip's tables before they are
 -- distributed (each node's copy is the extension's own until then). Safe
 -- to run twice: distribute() runs it again after a failure.
@@ -6437,8 +6460,8 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     p record;
-    folded record;
-    folded_statements text[] := '{}';
+    command text;
+    folded_statements text[];
     statement text;
     t record;
 BEGIN
@@ -6452,56 +6475,15 @@ BEGIN
     -- Citus refuses subqueries in the policies of distributed tables: the
     -- (SELECT f()) around each function call goes (PostgreSQL then calls
     -- it per row instead of once per statement).
-    DROP TABLE IF EXISTS pg_temp.policies_before;
-    CREATE TEMPORARY TABLE policies_before ON COMMIT DROP AS
-    SELECT x.tablename, x.policyname, x.restrictive, x.cmd, x.using_clause, x.check_clause,
-           x.using_clause IS DISTINCT FROM x.qual OR x.check_clause IS DISTINCT FROM x.with_check AS changed
-      FROM (SELECT pol.tablename, pol.policyname, pol.permissive = 'RESTRICTIVE' AS restrictive, pol.cmd,
-                   pol.qual, pol.with_check,
-                   regexp_replace(pol.qual, subquery, '\1', 'g') AS using_clause,
-                   regexp_replace(pol.with_check, subquery, '\1', 'g') AS check_clause
-              FROM pg_catalog.pg_policies pol
-             CROSS JOIN (VALUES ('\(\s*SELECT\s+([a-z_.]+\([^()]*\))\s+AS\s+[a-z_]+\)')) AS pattern (subquery)
-             WHERE pol.schemaname = 'flagship') x;
-    -- Citus copies a restrictive policy to the shards as a permissive one
-    -- (13.2: CreatePolicyCommandForPolicy writes no AS RESTRICTIVE), which
-    -- would let any role write what only FlagShip's functions may. On a
-    -- table with restrictive policies, each command gets one permissive
-    -- policy instead, the restrictions folded in as PostgreSQL combines
-    -- them: (any permissive) AND (every restrictive).
-    FOR folded IN SELECT b.tablename, c.cmd,
-                         string_agg('(' || b.using_clause || ')', ' OR ')
-                             FILTER (WHERE NOT b.restrictive AND b.using_clause IS NOT NULL) AS permitted,
-                         string_agg('(' || coalesce(b.check_clause, b.using_clause) || ')', ' OR ')
-                             FILTER (WHERE NOT b.restrictive) AS permitted_writes,
-                         string_agg('(' || b.using_clause || ')', ' AND ')
-                             FILTER (WHERE b.restrictive AND b.using_clause IS NOT NULL) AS required,
-                         string_agg('(' || coalesce(b.check_clause, b.using_clause) || ')', ' AND ')
-                             FILTER (WHERE b.restrictive AND coalesce(b.check_clause, b.using_clause) IS NOT NULL)
-                             AS required_writes
-                    FROM policies_before b
-                    CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS c (cmd)
-                   WHERE b.cmd IN (c.cmd, 'ALL')
-                     AND b.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive)
-                   GROUP BY b.tablename, c.cmd
-                  HAVING bool_or(NOT b.restrictive) LOOP
-        statement := format('CREATE POLICY %I ON flagship.%I FOR %s TO public',
-                            folded.tablename || '_' || lower(folded.cmd) || '_folded', folded.tablename, folded.cmd);
-        IF folded.cmd <> 'INSERT' THEN
-            statement := statement || format(' USING ((%s)%s)', folded.permitted,
-                                             coalesce(' AND ' || folded.required, ''));
-        END IF;
-        IF folded.cmd IN ('INSERT', 'UPDATE') THEN
-            statement := statement || format(' WITH CHECK ((%s)%s)', folded.permitted_writes,
-                                             coalesce(' AND ' || folded.required_writes, ''));
-        END IF;
-        folded_statements := folded_statements || statement;
-    END LOOP;
-    FOR p IN SELECT * FROM policies_before b
-              WHERE b.changed OR b.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive) LOOP
+    FOR p IN SELECT pol.*, regexp_replace(pol.qual, subquery, '\1', 'g') AS using_clause,
+                    regexp_replace(pol.with_check, subquery, '\1', 'g') AS check_clause
+               FROM pg_catalog.pg_policies pol
+              CROSS JOIN (VALUES ('\(\s*SELECT\s+([a-z_.]+\([^()]*\))\s+AS\s+[a-z_]+\)')) AS pattern (subquery)
+              WHERE pol.schemaname = 'flagship' LOOP
+        CONTINUE WHEN p.using_clause IS NOT DISTINCT FROM p.qual AND p.check_clause IS NOT DISTINCT FROM p.with_check;
         EXECUTE format('DROP POLICY %I ON flagship.%I', p.policyname, p.tablename);
-        CONTINUE WHEN p.tablename IN (SELECT r.tablename FROM policies_before r WHERE r.restrictive);
-        statement := format('CREATE POLICY %I ON flagship.%I FOR %s TO public', p.policyname, p.tablename, p.cmd);
+        statement := format('CREATE POLICY %I ON flagship.%I AS %s FOR %s TO public',
+                            p.policyname, p.tablename, p.permissive, p.cmd);
         IF p.using_clause IS NOT NULL THEN
             statement := statement || format(' USING (%s)', p.using_clause);
         END IF;
@@ -6510,8 +6492,38 @@ BEGIN
         END IF;
         EXECUTE statement;
     END LOOP;
-    FOREACH statement IN ARRAY folded_statements LOOP
-        EXECUTE statement;
+    -- Citus copies a restrictive policy to the shards as a permissive one
+    -- (13.2: CreatePolicyCommandForPolicy writes no AS RESTRICTIVE), which
+    -- would let any role write what only FlagShip's functions may. On a
+    -- table with restrictive policies, each command any permissive policy
+    -- allows gets one permissive policy instead, the restrictions folded in
+    -- as PostgreSQL combines them (policy_expression).
+    FOR t IN SELECT DISTINCT pol.tablename FROM pg_catalog.pg_policies pol
+              WHERE pol.schemaname = 'flagship' AND pol.permissive = 'RESTRICTIVE' LOOP
+        folded_statements := '{}';
+        FOREACH command IN ARRAY ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'] LOOP
+            -- No permissive policy allows the command (a written row's check
+            -- falls back to USING, so it is NULL only then).
+            CONTINUE WHEN flagship.policy_expression(t.tablename, command, true) IS NULL;
+            statement := format('CREATE POLICY %I ON flagship.%I FOR %s TO public',
+                                t.tablename || '_' || lower(command) || '_folded', t.tablename, command);
+            IF command <> 'INSERT' THEN
+                statement := statement
+                    || format(' USING (%s)', flagship.policy_expression(t.tablename, command, false));
+            END IF;
+            IF command IN ('INSERT', 'UPDATE') THEN
+                statement := statement
+                    || format(' WITH CHECK (%s)', flagship.policy_expression(t.tablename, command, true));
+            END IF;
+            folded_statements := folded_statements || statement;
+        END LOOP;
+        FOR p IN SELECT pol.policyname FROM pg_catalog.pg_policies pol
+                  WHERE pol.schemaname = 'flagship' AND pol.tablename = t.tablename LOOP
+            EXECUTE format('DROP POLICY %I ON flagship.%I', p.policyname, t.tablename);
+        END LOOP;
+        FOREACH statement IN ARRAY folded_statements LOOP
+            EXECUTE statement;
+        END LOOP;
     END LOOP;
     -- Copying the rows into the shards would fire the triggers:
     -- distribute() creates them again afterwards.
@@ -6528,25 +6540,6 @@ BEGIN
 END
 $fn$;
 REVOKE ALL ON FUNCTION flagship.prepare_for_distribution(text[]) FROM PUBLIC;
-
--- The check PostgreSQL makes of a new row `command` (INSERT or UPDATE)
--- writes to table `table_name`, from its policies: any permissive one's,
--- and every restrictive one's (each WITH CHECK, else USING); false when no
--- permissive policy lets the command write.
-CREATE FUNCTION flagship.policy_write_check(table_name text, command text) RETURNS text
-LANGUAGE sql
-STABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT coalesce('(' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' OR ')
-                              FILTER (WHERE pol.permissive = 'PERMISSIVE') || ')', 'false')
-           || coalesce(' AND ' || string_agg('(' || coalesce(pol.with_check, pol.qual) || ')', ' AND ')
-                                      FILTER (WHERE pol.permissive = 'RESTRICTIVE'), '')
-      FROM pg_catalog.pg_policies pol
-     WHERE pol.schemaname = 'flagship' AND pol.tablename = policy_write_check.table_name
-       AND pol.cmd IN (policy_write_check.command, 'ALL')
-$fn$;
-REVOKE ALL ON FUNCTION flagship.policy_write_check(text, text) FROM PUBLIC;
 
 -- Citus writes the rows of an INSERT ... SELECT it cannot push down, and
 -- of a COPY, into a shard on the same node with PostgreSQL's COPY
@@ -6755,8 +6748,8 @@ BEGIN
                         WHERE pol.schemaname = 'flagship' AND pol.tablename = c.relname
                           AND pol.cmd IN ('INSERT', 'UPDATE', 'ALL')
                           AND coalesce(pol.with_check, pol.qual) LIKE '%usage_writes_open()%'),
-               flagship.policy_write_check(c.relname::text, 'INSERT'),
-               flagship.policy_write_check(c.relname::text, 'UPDATE')
+               coalesce(flagship.policy_expression(c.relname::text, 'INSERT', true), 'false'),
+               coalesce(flagship.policy_expression(c.relname::text, 'UPDATE', true), 'false')
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
          WHERE c.relnamespace = 'flagship'::regnamespace AND d.partmethod = 'h'

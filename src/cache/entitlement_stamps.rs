@@ -44,16 +44,16 @@ fn entitlement_version(environment: pgrx::Uuid) -> Option<i64> {
     }
     // Taken before the query: a signal arriving during it is not vouched for.
     let checked = Checked::entitlements();
-    let version = match crate::context::organization_id() {
-        Some(organization) => read_one::<i64>(
-            &format!("SELECT {}", entitlement_version_sql(Some("$2"))),
-            &[environment.into(), organization.into()],
+    let organization = crate::context::organization_id();
+    let mut arguments = vec![environment.into()];
+    arguments.extend(organization.map(Into::into));
+    let version = read_one::<i64>(
+        &format!(
+            "SELECT {}",
+            entitlement_version_sql(organization.is_some().then_some("$2"))
         ),
-        None => read_one::<i64>(
-            &format!("SELECT {}", entitlement_version_sql(None)),
-            &[environment.into()],
-        ),
-    };
+        &arguments,
+    );
     ENTITLEMENT_VERSIONS.with(|versions| {
         let mut versions = versions.borrow_mut();
         if versions.len() >= MAX_NAMES {

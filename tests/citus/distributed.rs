@@ -421,8 +421,23 @@ fn organizations_on_different_workers_see_only_their_own_rows() {
 fn api_keys_are_issued_verified_and_revoked_on_the_organizations_node() {
     let (id, port) = new_organization();
     let mut client = session(port, "postgres", &id);
+    // Issued by an owner's login, which row-level security binds (the
+    // folded policies and the tenant guard of api_keys let it write).
+    client
+        .batch_execute(&format!(
+            "INSERT INTO flagship.members (organization_id, user_key) VALUES ('{id}', 'alice');
+             INSERT INTO flagship.member_roles (organization_id, member_id, role_id)
+             SELECT m.organization_id, m.id, r.id FROM flagship.members m
+               JOIN flagship.roles r ON r.organization_id = m.organization_id AND r.key = 'owner'
+              WHERE m.organization_id = '{id}' AND m.user_key = 'alice';"
+        ))
+        .unwrap();
+    let mut coordinator = connect(ports()[0], "postgres");
+    let admin = login_role(&mut coordinator, "dist_keys", Some("flagship_admin"));
+    let mut owner = session(port, &admin, &id);
+    owner.batch_execute("SET flagship.actor = 'alice'").unwrap();
     let key = text(
-        &mut client,
+        &mut owner,
         &format!("SELECT flagship.issue_api_key('{id}', 'ci', '{{features:read}}')"),
     );
     let verified = |client: &mut Client| -> serde_json::Value {
