@@ -6796,9 +6796,13 @@ AS $fn$
 DECLARE
     org constant uuid := coalesce(organization_node.organization_id, flagship.current_organization_id());
 BEGIN
-    IF org IS NULL OR pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL
-       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
-                       WHERE d.logicalrelid = 'flagship.organizations'::regclass) THEN
+    -- Two tests: the second names a catalog only Citus has, and PL/pgSQL
+    -- plans an expression whole, when first reached.
+    IF org IS NULL OR pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
+                    WHERE d.logicalrelid = 'flagship.organizations'::regclass) THEN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE

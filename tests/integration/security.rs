@@ -524,3 +524,37 @@ fn key_mode_evaluation_is_never_handed_to_a_parallel_worker() {
         ("STATIC", org.as_str())
     );
 }
+
+/// `flagship.distribute()` on a server without Citus raises 0A000 naming
+/// what is missing and changes nothing (policies, the unique slug); a role
+/// that is not a superuser may not call it; `organization_node` answers no
+/// row there.
+#[test]
+fn distribute_refuses_without_citus_and_for_other_roles() {
+    let mut su = connect();
+    let schema = "SELECT (SELECT count(*) FROM pg_policies WHERE schemaname = 'flagship')::text || ' ' \
+                  || (SELECT count(*) FROM pg_constraint WHERE conname = 'organizations_slug_key')::text";
+    let before = text(&mut su, schema);
+    let error = su
+        .batch_execute("SELECT flagship.distribute()")
+        .expect_err("distribute() without Citus");
+    let db = error.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "0A000");
+    assert_eq!(
+        db.message(),
+        "distribute: Citus is not installed in this database"
+    );
+    assert_eq!(text(&mut su, schema), before);
+    let (_, mut admin) = login_as(&mut su, "distributor", &["flagship_admin"]);
+    assert_eq!(
+        sqlstate(&mut admin, "SELECT flagship.distribute()"),
+        "42501"
+    );
+    assert_eq!(
+        text(
+            &mut su,
+            "SELECT count(*)::text FROM flagship.organization_node(gen_random_uuid())"
+        ),
+        "0"
+    );
+}
